@@ -107,10 +107,15 @@ class CellMatrix:
 
 
 def _canonical_csr(X) -> sp.csr_matrix:
+    """CSR float32 with sorted, unique column indices and no stored zeros.
+
+    Never modifies its argument (store reads hand out read-only Arrow buffers)."""
     X = sp.csr_matrix(X, dtype=np.float32)
-    X.sum_duplicates()
-    X.sort_indices()
-    X.eliminate_zeros()
+    if not (X.has_canonical_format and (X.data != 0).all()):
+        X = X.copy()
+        X.sum_duplicates()
+        X.sort_indices()
+        X.eliminate_zeros()
     return X
 
 

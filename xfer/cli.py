@@ -1,0 +1,187 @@
+"""The `xfer` command.
+
+    xfer simulate   write a simulated paired-multiome pair of cell lines
+    xfer ingest     validate input files and write them to the Parquet cell store
+    xfer store      list the datasets and embeddings in a store
+    xfer demo       the main job end to end on built-in simulated data
+
+Every subcommand that reads data takes the same data flags (see
+`xfer.data.inputs`). Errors in the user's input are reported as one line that
+names the file and the field, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .errors import XferError
+
+log = logging.getLogger("xfer")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- simulate
+
+def cmd_simulate(args) -> int:
+    from .data.simulate import SIZES, simulate_pair, write_simulation
+    from .data.store import CellStore
+
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    unknown = sorted(set(formats) - {"csv", "h5ad", "10x", "store"})
+    if unknown:
+        raise XferError(f"--formats: unknown format(s) {unknown}; choose from csv, h5ad, 10x, store")
+    if args.size not in SIZES:
+        raise XferError(f"--size: unknown size '{args.size}'; choose from {', '.join(SIZES)}")
+    t0 = time.perf_counter()
+    lines = simulate_pair(args.size, seed=args.seed)
+    log.info("simulated %s in %.1f s", ", ".join(f"{ln.name}: {ln.gex.n_cells} cells" for ln in lines),
+             time.perf_counter() - t0)
+    file_formats = tuple(f for f in formats if f != "store")
+    written = write_simulation(lines, args.out, formats=file_formats) if file_formats else {}
+    for fmt, paths in written.items():
+        for p in paths:
+            print(f"{fmt:5s} {p}")
+    if "store" in formats:
+        store = CellStore(args.store)
+        for ln in lines:
+            for ds in (ln.gex, ln.peak):
+                man = store.write(ds, overwrite=args.overwrite)
+                print(f"store store:{man.name}  ({man.n_cells} cells x {man.n_features} {man.modality} features) "
+                      f"in {store.root.uri}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- ingest
+
+def cmd_ingest(args) -> int:
+    from .data.inputs import ROLES, given_roles, load_inputs
+    from .data.store import CellStore
+
+    roles = given_roles(args)
+    if not roles:
+        raise XferError("ingest: give at least one input (--src_csv, --tgt_csv, --test_csv, --sup_peak_csv)")
+    data = load_inputs(args, roles)          # everything is read and validated before anything is written
+    names = {r: (getattr(args, "name", None) if len(roles) == 1 and getattr(args, "name", None) else ds.name)
+             for r, ds in data.items()}
+    if len(set(names.values())) < len(names):
+        raise XferError("ingest: two inputs would get the same dataset name "
+                        f"({names}); rename a file or ingest them one at a time with --name")
+    store = CellStore(args.store)
+    print(f"{'role':9s} {'dataset':24s} {'cells':>7s} {'features':>9s} {'nnz':>11s}  labels")
+    for r, ds in data.items():
+        man = store.write(ds, names[r], overwrite=args.overwrite)
+        counts = "/".join(f"{k}:{v}" for k, v in man.label_counts.items()) or "none"
+        print(f"{r:9s} store:{man.name:18s} {man.n_cells:7d} {man.n_features:9d} {man.nnz:11d}  {counts}")
+    print(f"store: {store.root.uri}  (use the datasets as e.g. {ROLES[roles[0]].flag} store:{names[roles[0]]})")
+    return 0
+
+
+# ----------------------------------------------------------------------------- store
+
+def cmd_store(args) -> int:
+    from .data.embed_store import EmbeddingStore
+    from .data.store import CellStore
+
+    store = CellStore(args.store)
+    names = store.names()
+    print(f"store {store.root.uri}: {len(names)} dataset(s)")
+    for n in names:
+        m = store.manifest(n)
+        counts = "/".join(f"{k}:{v}" for k, v in m.label_counts.items()) or "unlabelled"
+        print(f"  store:{n:24s} {m.modality:4s} {m.n_cells:7d} x {m.n_features:<7d} nnz {m.nnz:<11d} "
+              f"{counts:24s} hash {m.content_hash[:12]}")
+    entries = EmbeddingStore(args.store).entries()
+    if entries:
+        print(f"{len(entries)} embedding(s)")
+        for e in entries:
+            print(f"  {e.get('embedder', '?'):18s} dataset {e.get('dataset_hash', '?')[:12]} dim {e.get('dim', '?')} "
+                  f"cells {e.get('n_cells', '?')}{'  CORRUPTED' if e.get('corrupted') else ''}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- demo
+
+def cmd_demo(args) -> int:
+    from .data.simulate import simulate_pair, write_simulation
+    from .data.store import CellStore
+
+    out = Path(args.output_folder)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    lines = simulate_pair(args.size, seed=args.seed)
+    write_simulation(lines, out / "data", formats=("csv",))
+    store = CellStore(str(out / "store"))
+    for ln in lines:
+        for ds in (ln.gex, ln.peak):
+            store.write(ds, overwrite=True)
+    print(f"demo: simulated two cell lines ({args.size}) and ingested them in {time.perf_counter() - t0:.1f} s")
+    for ln in lines:
+        counts = ", ".join(f"{k} {v}" for k, v in ln.gex.label_counts().items())
+        print(f"  {ln.name}: {ln.gex.n_cells} cells, {ln.gex.n_features} genes, {ln.peak.n_features} peaks ({counts})")
+    print(f"  seed-layout CSVs: {out / 'data'}")
+    print(f"  Parquet store:    {store.root.uri} (datasets {', '.join(store.names())})")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    from .data.inputs import add_data_arguments, add_store_argument
+
+    p = argparse.ArgumentParser(prog="xfer", description=__doc__.split("\n\n")[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("simulate", help="write a simulated paired-multiome pair of cell lines")
+    s.add_argument("--size", default="small", help="tiny | small | medium | seed (default small)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="sim_data", help="output directory for files (default ./sim_data)")
+    s.add_argument("--formats", default="csv,h5ad,10x,store",
+                   help="comma list of csv, h5ad, 10x, store (default: all)")
+    s.add_argument("--overwrite", action="store_true", help="replace store datasets of the same name")
+    add_store_argument(s)
+    s.set_defaults(func=cmd_simulate)
+
+    s = sub.add_parser("ingest", help="validate inputs and write them to the Parquet cell store")
+    add_data_arguments(s)
+    s.add_argument("--name", help="dataset name when ingesting a single input (default: the file name's stem)")
+    s.add_argument("--overwrite", action="store_true", help="replace datasets of the same name")
+    s.set_defaults(func=cmd_ingest)
+
+    s = sub.add_parser("store", help="list the datasets and embeddings in a store")
+    add_store_argument(s)
+    s.set_defaults(func=cmd_store)
+
+    s = sub.add_parser("demo", help="run the main job end to end on simulated data")
+    s.add_argument("--size", default="small")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--output_folder", default="demo_output")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except XferError as e:
+        print(f"xfer {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Local paths and URIs (file://, s3://, ...) through pyarrow.fs, with atomic publication.
+
+Every store reads and writes through `resolve(...)`, so a store root may be a
+local directory, a file:// URI or an object-store URI that pyarrow supports.
+Publication is atomic: on a local file system files and directories are
+written under a temporary name beside the target and renamed into place
+(rename is atomic on POSIX); object stores publish an object only when its
+upload completes, and directories there are published manifest-last.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+
+
+@dataclass(frozen=True)
+class Location:
+    """A file system and a path inside it."""
+
+    fs: pafs.FileSystem
+    path: str
+    uri: str  # what the user gave, for messages
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def join(self, *parts: str) -> "Location":
+        path = posixpath.join(self.path, *parts)
+        uri = self.uri.rstrip("/") + "/" + "/".join(parts)
+        return Location(self.fs, path, uri)
+
+    def exists(self) -> bool:
+        return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
+
+    def is_dir(self) -> bool:
+        return self.fs.get_file_info(self.path).type == pafs.FileType.Directory
+
+    def read_bytes(self) -> bytes:
+        with self.fs.open_input_stream(self.path) as f:
+            return f.read()
+
+    def write_bytes_atomic(self, data: bytes) -> None:
+        """Write a whole file so that readers see either nothing or all of it."""
+        parent = posixpath.dirname(self.path)
+        if parent:
+            self.fs.create_dir(parent, recursive=True)
+        if self.is_local:
+            tmp = f"{self.path}.tmp-{uuid.uuid4().hex}"
+            try:
+                with self.fs.open_output_stream(tmp) as f:
+                    f.write(data)
+                os.replace(tmp, self.path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        else:
+            with self.fs.open_output_stream(self.path) as f:
+                f.write(data)
+
+    def listdir(self) -> list[str]:
+        if not self.is_dir():
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=False))
+        return sorted(posixpath.basename(i.path) for i in infos)
+
+
+def resolve(uri_or_path: str | os.PathLike) -> Location:
+    """Turn a local path or a URI into a Location (local paths made absolute)."""
+    text = os.fspath(uri_or_path)
+    if "://" in text:
+        fs, path = pafs.FileSystem.from_uri(text)
+        return Location(fs, path.rstrip("/") or path, text)
+    path = os.path.abspath(os.path.expanduser(text))
+    return Location(pafs.LocalFileSystem(), path, path)
+
+
+def tmp_sibling(loc: Location, tag: str = "tmp") -> Location:
+    """A fresh, hidden sibling path used to build something before publishing it."""
+    parent, base = posixpath.split(loc.path)
+    name = f".{tag}-{base}-{uuid.uuid4().hex[:12]}"
+    return Location(loc.fs, posixpath.join(parent, name), posixpath.join(posixpath.dirname(loc.uri), name))
