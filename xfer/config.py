@@ -1,0 +1,294 @@
+"""Frozen configuration dataclasses for the one training loop.
+
+A config is built once from defaults, a best_params.json / YAML file and
+command-line overrides, and never changes afterwards. Keys may be given flat
+(`{"lr": 1e-3, "beta": 1.7}`, the form best_params.json and the Ray Tune
+search space use: every key name is unique across sections) or nested
+(`{"optim": {"lr": 1e-3}}`). An unknown key, a wrong type or an out-of-range
+value is a ConfigError that names the key (with a close match when there is one).
+
+Architecture-specific keys (ARCH_PARAMS) are live only for their
+architecture: setting `beta` while `arch` is `dae` is an error, so no config
+carries an inert parameter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from .errors import ConfigError
+
+ARCHS = ("dae", "vae", "contrastive", "hybrid", "mlp")
+DIVERGENCES = ("mmd", "kl", "jensen", "coral")
+METRICS = ("balanced_accuracy", "accuracy", "macro_f1")
+SOURCE_MODELS_BUILTIN = ("pca",)
+MAPPER_METHODS = ("exact", "overlap", "overlap_50pct", "nearest")
+IMPUTE = ("zero", "mean")
+PEAK_TRANSFORMS = ("tfidf", "binary", "log1p")
+
+# Parameters that only mean something for one architecture.
+ARCH_PARAMS: dict[str, tuple[str, ...]] = {
+    "dae": ("corruption", "lambda_recon"),
+    "vae": ("beta", "lambda_recon"),
+    "contrastive": ("temperature", "proj_dim", "aug_dropout", "lambda_contrastive"),
+    "hybrid": ("n_blocks",),
+    "mlp": (),
+}
+ALL_ARCH_PARAMS = frozenset(p for ps in ARCH_PARAMS.values() for p in ps)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "dae"
+    latent_dim: int = 512          # shared space (projection head and peak encoder outputs)
+    hidden_dim: int = 1024         # peak encoder hidden width (hybrid: residual block width)
+    n_layers: int = 1              # peak encoder hidden layers (dae/vae/contrastive/mlp)
+    proj_hidden: int = 1024        # projection head hidden width (source embedding -> shared space)
+    cls_hidden: int = 256          # phase classifier hidden width
+    disc_hidden: int = 1024        # domain discriminator hidden width
+    dropout: float = 0.1
+    peak_dropout: float = 0.0      # dropout on the peak input (all archs)
+    randomized_dim: int = 1024     # CDAN randomised multilinear map width (used when C*latent > 4096)
+    # architecture-specific (live only for their arch; see ARCH_PARAMS)
+    corruption: float = 0.05       # dae: fraction of input entries zeroed
+    beta: float = 1.7              # vae: weight of KL(q(z|x) || N(0, I))
+    lambda_recon: float = 1.0      # dae / vae: weight of the reconstruction loss
+    temperature: float = 0.1       # contrastive: NT-Xent temperature
+    proj_dim: int = 128            # contrastive: projection size for NT-Xent
+    aug_dropout: float = 0.2       # contrastive: peak dropout augmentation of the accessibility view
+    lambda_contrastive: float = 1.0
+    n_blocks: int = 2              # hybrid: residual GELU blocks
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    divergence: str = "mmd"
+    lambda_class: float = 1.0         # source (expression) classification
+    lambda_target_class: float = 5.0  # training line's paired PEAK labels (semi-supervised)
+    lambda_domain: float = 0.3        # adversarial (CDANN) term
+    lambda_divergence: float = 1.0    # divergence between source and target latents
+    lambda_balance: float = 0.1       # KL(mean target prediction || training class prior)
+    lambda_entropy: float = 0.0       # entropy of target predictions
+    use_cdann: bool = True            # class-conditional adversary (False: plain DANN on features)
+    entropy_conditioning: bool = True  # CDAN+E sample weights
+    grl_gamma: float = 10.0           # GRL annealing: lambda_p = 2/(1+exp(-gamma p)) - 1
+    warmup_epochs: int = 10           # linear curriculum ramp of the adaptation weights
+    label_smoothing: float = 0.0
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 256
+    epochs: int = 100
+    patience: int = 20               # early stopping: epochs without improvement of the val metric
+    metric: str = "balanced_accuracy"  # on the training line's PEAK validation split
+    seed: int = 0
+    grad_clip: float = 5.0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source_model: str = "pca"
+    n_components: int = 64           # pca: embedding width
+    peak_filter: float = 0.05        # keep peaks non-zero in >= this fraction of training cells
+    val_fraction: float = 0.2        # stratified validation split of the training line
+    peak_transform: str = "tfidf"
+    line_norm: bool = True           # standardise each cell line's inputs with its own statistics
+    use_peak_mapper: bool = True
+    peak_mapper_method: str = "overlap_50pct"
+    peak_impute_strategy: str = "zero"
+    peak_max_distance: int = 1000
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    SECTIONS: typing.ClassVar[tuple[str, ...]] = ("model", "loss", "optim", "data")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dict(cls, d: dict | None = None, *, source: str | None = None,
+                  base: "TrainConfig | None" = None, allow_inert: bool = False) -> "TrainConfig":
+        """Build (or update `base`) from flat or nested keys; validates everything.
+
+        allow_inert: accept parameters of other architectures (a checkpoint's full
+        config holds every field); user-given configs keep the default (refuse)."""
+        base = base or cls()
+        d = dict(d or {})
+        updates: dict[str, dict] = {s: {} for s in cls.SECTIONS}
+        for key, value in d.items():
+            if key in cls.SECTIONS and isinstance(value, dict):
+                for k, v in value.items():
+                    if k not in _FIELD_TYPES[key]:
+                        raise ConfigError(f"{key}.{k}", _unknown_msg(k, _FIELD_TYPES[key]), source)
+                    updates[key][k] = v
+                continue
+            section = FLAT_KEYS.get(key)
+            if section is None:
+                raise ConfigError(key, _unknown_msg(key, FLAT_KEYS), source)
+            updates[section][ALIASES.get(key, key)] = value
+        given = {k for sec in updates.values() for k in sec}
+        sections = {}
+        for s in cls.SECTIONS:
+            cur = getattr(base, s)
+            vals = {k: _coerce(k, v, _FIELD_TYPES[s][k], source) for k, v in updates[s].items()}
+            sections[s] = dataclasses.replace(cur, **vals)
+        cfg = cls(**sections)
+        cfg.validate(source=source, given=set() if allow_inert else given)
+        return cfg
+
+    @classmethod
+    def from_file(cls, path, *, base: "TrainConfig | None" = None) -> "TrainConfig":
+        """A best_params.json (flat or nested) or a YAML file with the same keys.
+
+        A best_params.json written by `xfer tune` holds {"params": {...}, ...}; its
+        "params" are used."""
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError("config_path", f"file not found: {p}")
+        text = p.read_text()
+        try:
+            if p.suffix in (".yaml", ".yml"):
+                import yaml
+                d = yaml.safe_load(text)
+            else:
+                d = json.loads(text)
+        except Exception as e:  # json / yaml errors
+            raise ConfigError("config_path", f"{p} is not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'JSON'}: {e}") from None
+        if not isinstance(d, dict):
+            raise ConfigError("config_path", f"{p} must hold a mapping of config keys")
+        if "params" in d and isinstance(d["params"], dict):
+            d = d["params"]
+        return cls.from_dict(d, source=str(p), base=base)
+
+    # ------------------------------------------------------------------ views
+    def to_dict(self) -> dict:
+        """Nested dict of every value (what checkpoints store)."""
+        return {s: dataclasses.asdict(getattr(self, s)) for s in self.SECTIONS}
+
+    def to_flat(self, live_only: bool = True) -> dict:
+        """Flat dict; with live_only, architecture parameters of other archs are left out."""
+        out = {}
+        for s in self.SECTIONS:
+            for k, v in dataclasses.asdict(getattr(self, s)).items():
+                if live_only and k in ALL_ARCH_PARAMS and k not in ARCH_PARAMS[self.model.arch]:
+                    continue
+                out[k] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    def replace(self, **flat) -> "TrainConfig":
+        return TrainConfig.from_dict(flat, base=self)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, source: str | None = None, given: set[str] | None = None) -> None:
+        m, lo, o, d = self.model, self.loss, self.optim, self.data
+
+        def need(ok: bool, key: str, msg: str):
+            if not ok:
+                raise ConfigError(key, msg, source)
+
+        need(m.arch in ARCHS, "arch", f"unknown architecture {m.arch!r}; choose from {', '.join(ARCHS)}")
+        need(lo.divergence in DIVERGENCES, "divergence",
+             f"unknown divergence {lo.divergence!r}; choose from {', '.join(DIVERGENCES)}")
+        need(o.metric in METRICS, "metric", f"unknown metric {o.metric!r}; choose from {', '.join(METRICS)}")
+        need(d.peak_transform in PEAK_TRANSFORMS, "peak_transform",
+             f"unknown {d.peak_transform!r}; choose from {', '.join(PEAK_TRANSFORMS)}")
+        need(d.peak_mapper_method in MAPPER_METHODS, "peak_mapper_method",
+             f"unknown {d.peak_mapper_method!r}; choose from {', '.join(MAPPER_METHODS)}")
+        need(d.peak_impute_strategy in IMPUTE, "peak_impute_strategy",
+             f"unknown {d.peak_impute_strategy!r}; choose from {', '.join(IMPUTE)}")
+        for key in ("latent_dim", "hidden_dim", "n_layers", "proj_hidden", "cls_hidden", "disc_hidden",
+                    "randomized_dim", "proj_dim", "n_blocks"):
+            need(getattr(m, key) >= 1, key, f"must be >= 1, got {getattr(m, key)}")
+        for key in ("dropout", "peak_dropout", "corruption", "aug_dropout"):
+            v = getattr(m, key)
+            need(0.0 <= v < 1.0, key, f"must be in [0, 1), got {v}")
+        need(m.beta >= 0, "beta", f"must be >= 0, got {m.beta}")
+        need(m.temperature > 0, "temperature", f"must be > 0, got {m.temperature}")
+        for key in ("lambda_recon", "lambda_contrastive"):
+            need(getattr(m, key) >= 0, key, f"must be >= 0, got {getattr(m, key)}")
+        for f in fields(lo):
+            if f.name.startswith("lambda_"):
+                v = getattr(lo, f.name)
+                need(v >= 0 and math.isfinite(v), f.name, f"must be a finite number >= 0, got {v}")
+        need(lo.grl_gamma > 0, "grl_gamma", f"must be > 0, got {lo.grl_gamma}")
+        need(lo.warmup_epochs >= 0, "warmup_epochs", f"must be >= 0, got {lo.warmup_epochs}")
+        need(0 <= lo.label_smoothing < 1, "label_smoothing", f"must be in [0, 1), got {lo.label_smoothing}")
+        need(o.lr > 0, "lr", f"must be > 0, got {o.lr}")
+        need(o.weight_decay >= 0, "weight_decay", f"must be >= 0, got {o.weight_decay}")
+        need(o.batch_size >= 2, "batch_size", f"must be >= 2, got {o.batch_size}")
+        need(o.epochs >= 1, "epochs", f"must be >= 1, got {o.epochs}")
+        need(o.patience >= 1, "patience", f"must be >= 1, got {o.patience}")
+        need(o.grad_clip >= 0, "grad_clip", f"must be >= 0, got {o.grad_clip}")
+        need(d.n_components >= 2, "n_components", f"must be >= 2, got {d.n_components}")
+        need(0 <= d.peak_filter < 1, "peak_filter", f"must be in [0, 1), got {d.peak_filter}")
+        need(0 < d.val_fraction < 0.9, "val_fraction", f"must be in (0, 0.9), got {d.val_fraction}")
+        need(d.peak_max_distance >= 0, "peak_max_distance", f"must be >= 0, got {d.peak_max_distance}")
+        for key in sorted((given or set()) & ALL_ARCH_PARAMS):
+            owners = [a for a, ps in ARCH_PARAMS.items() if key in ps]
+            need(m.arch in owners, key, f"only used by arch {' / '.join(owners)}, but arch is '{m.arch}' "
+                 "(an inert parameter; remove it)")
+
+
+_FIELD_TYPES: dict[str, dict[str, type]] = {
+    s: {f.name: typing.get_type_hints(cls)[f.name] for f in fields(cls)}
+    for s, cls in (("model", ModelConfig), ("loss", LossConfig), ("optim", OptimConfig), ("data", DataConfig))
+}
+FLAT_KEYS: dict[str, str] = {k: s for s, ks in _FIELD_TYPES.items() for k in ks}
+assert len(FLAT_KEYS) == sum(len(v) for v in _FIELD_TYPES.values()), "config key names must be unique"
+# Seed spellings of the same settings.
+ALIASES = {"arch_type": "arch", "divergence_type": "divergence"}
+for _alias, _key in ALIASES.items():
+    FLAT_KEYS[_alias] = FLAT_KEYS[_key]
+
+
+def _unknown_msg(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return "unknown key" + (f" (did you mean '{close[0]}'?)" if close else "")
+
+
+def _coerce(key: str, value, typ, source):
+    """Check and convert one value to its field's type (ints accept integral floats)."""
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            if isinstance(value, (int, float)) and value in (0, 1):
+                return bool(value)
+            raise TypeError
+        if typ is int:
+            if isinstance(value, bool):
+                raise TypeError
+            if isinstance(value, float) and not value.is_integer():
+                raise TypeError
+            return int(value)
+        if typ is float:
+            if isinstance(value, bool):
+                raise TypeError
+            v = float(value)
+            if not math.isfinite(v):
+                raise TypeError
+            return v
+        if typ is str:
+            if not isinstance(value, str):
+                raise TypeError
+            return value
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    raise ConfigError(key, f"expected {typ.__name__}, got {value!r} ({type(value).__name__})", source)

@@ -1,0 +1,342 @@
+"""The one training loop: `fit(config, data, report)`.
+
+`xfer train` calls it directly; Ray Tune trials (the `tune` package) call the
+same function inside their workers, passing a `report(metrics, checkpoint)`
+callback. It sees only the training line (TrainData): the test line and its
+labels never reach it.
+
+Per epoch: shuffled mini-batches of the training cells of the training line;
+each batch's loss is the weighted sum of named parts (xfer.losses):
+
+    class_source   CE of the phase classifier on projected expression embeddings
+    class_target   CE on the paired PEAK encodings (lambda_target_class)
+    adversarial    CDANN: discriminator on the multilinear map of the detached
+                   class probabilities and the latents, behind gradient
+                   reversal with lambda_p = 2/(1+exp(-gamma p)) - 1
+    divergence     mmd / kl / jensen / coral between source and target latents
+    balance        KL(mean target prediction || training class prior)
+    entropy        mean entropy of target predictions
+    + the encoder's own objective (recon / kl / contrastive)
+
+The adaptation weights (adversarial, divergence, entropy) ramp up linearly
+over warmup_epochs. After each epoch the GEX and PEAK validation splits are
+scored and `report` is called exactly once; early stopping watches the PEAK
+validation metric with a patience counted in epochs.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from . import losses as L
+from .config import TrainConfig
+from .evaluate import METRIC_KEYS, classification_metrics
+from .model import CDANN, build_model
+from .prepare import LineInputs, TrainData
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "xfer.cdann/1"
+Report = Callable[[dict, Callable[[], dict]], None]
+
+
+# ----------------------------------------------------------------------------- device data
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from .errors import ConfigError
+        raise ConfigError("device", "CUDA was requested but no GPU is available")
+    return dev
+
+
+class Rows:
+    """Row access to a (sparse) matrix on a device: the whole matrix lives on the
+    device when it fits the memory budget, else rows are densified per batch."""
+
+    def __init__(self, X, device: torch.device, dtype: torch.dtype, budget_bytes: int | None = None):
+        self.device, self.dtype = device, dtype
+        self.shape = X.shape
+        nbytes = X.shape[0] * X.shape[1] * torch.tensor([], dtype=dtype).element_size()
+        if budget_bytes is None:
+            budget_bytes = _memory_budget(device)
+        self.resident = nbytes <= budget_bytes
+        if self.resident:
+            dense = X.toarray() if sp.issparse(X) else np.asarray(X)
+            self.full = torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)).to(device, dtype)
+            self.host = None
+        else:
+            self.full = None
+            self.host = sp.csr_matrix(X, dtype=np.float32)
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.resident:
+            return self.full.index_select(0, idx)
+        rows = self.host[idx.cpu().numpy()].toarray()
+        t = torch.from_numpy(rows)
+        if self.device.type == "cuda":
+            t = t.pin_memory()
+        return t.to(self.device, self.dtype, non_blocking=True)
+
+
+def _memory_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * 0.5)
+    return 6 << 30
+
+
+# ----------------------------------------------------------------------------- results
+
+@dataclass
+class FitResult:
+    model: CDANN                  # with the best epoch's weights loaded
+    best_epoch: int
+    best_metric: float
+    history: list[dict]
+    checkpoint: dict              # the best epoch's checkpoint (what best_model.pt holds)
+    stopped_early: bool = False
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def _np_to_torch(obj):
+    """Checkpoints hold tensors, not numpy arrays (torch.load(weights_only=True))."""
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, dict):
+        return {k: _np_to_torch(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_np_to_torch(v) for v in obj)
+    return obj
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def _set_line_stats(model: CDANN, stats: dict) -> None:
+    if "emb" in stats:
+        model.src_norm.set_stats(*(torch.as_tensor(a) for a in stats["emb"]))
+    if "peaks" in stats:
+        model.peak_norm.set_stats(*(torch.as_tensor(a) for a in stats["peaks"]))
+
+
+def line_stats_tensors(line: LineInputs, device) -> dict:
+    """Another line's own LineNorm statistics (label-free), as device tensors."""
+    return {k: tuple(torch.as_tensor(a, device=device) for a in v) for k, v in line.stats().items()}
+
+
+@torch.no_grad()
+def predict(model: CDANN, emb=None, peaks=None, stats: dict | None = None, device=None,
+            batch: int = 4096) -> dict[str, np.ndarray]:
+    """Class probabilities from expression embeddings and/or peaks (numpy / CSR in).
+    `stats`: another line's LineNorm statistics (None: the training line's)."""
+    device = device or next(model.parameters()).device
+    was = model.training
+    model.eval()
+    out = {}
+    amp = device.type == "cuda"
+    try:
+        for key, X in (("gex", emb), ("peak", peaks)):
+            if X is None:
+                continue
+            probs = []
+            for s in range(0, X.shape[0], batch):
+                chunk = X[s:s + batch]
+                chunk = chunk.toarray() if sp.issparse(chunk) else np.asarray(chunk)
+                t = torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32)).to(device)
+                st = None if stats is None else stats.get("emb" if key == "gex" else "peaks")
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    p = model.predict_source(t, st) if key == "gex" else model.predict_peaks(t, st)
+                probs.append(p.float().cpu().numpy())
+            out[key] = np.concatenate(probs) if probs else np.zeros((0, 3), np.float32)
+    finally:
+        model.train(was)
+    return out
+
+
+def fit(cfg: TrainConfig, data: TrainData, report: Report | None = None, *,
+        device: str | torch.device | None = None, resume: dict | None = None,
+        memory_budget: int | None = None) -> FitResult:
+    """Train the CDANN on the training line; report once per epoch; return the best model."""
+    t_start = time.perf_counter()
+    dev = resolve_device(device)
+    o, lo = cfg.optim, cfg.loss
+    torch.manual_seed(o.seed)
+    rng = np.random.default_rng(o.seed)
+    model = build_model(data.emb_dim, data.n_peaks, cfg.model, use_cdann=lo.use_cdann, seed=o.seed)
+    _set_line_stats(model, data.line_stats)
+    model.to(dev)
+    opt_kwargs = {"fused": True} if dev.type == "cuda" else {}
+    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, **opt_kwargs)
+
+    amp = dev.type == "cuda"
+    dtype = torch.bfloat16 if amp else torch.float32
+    line = data.line
+    tr = torch.as_tensor(data.train_idx, dtype=torch.long, device=dev)
+    E = Rows(line.emb, dev, torch.float32, memory_budget)
+    P = Rows(line.peaks, dev, dtype, memory_budget)
+    Y = torch.as_tensor(line.labels.astype(np.int64), device=dev)
+    prior = torch.as_tensor(data.class_prior, device=dev)
+    y_val = line.labels[data.val_idx]
+    emb_val, peaks_val = line.emb[data.val_idx], line.peaks[data.val_idx]
+    n_train, bs = len(data.train_idx), min(o.batch_size, len(data.train_idx))
+    steps = max(1, n_train // bs)  # drop the ragged last batch (BatchNorm-free, but MMD likes equal sizes)
+
+    history: list[dict] = []
+    best = {"metric": -math.inf, "epoch": 0, "state": None}
+    since_best, start_epoch = 0, 1
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        start_epoch = int(resume["epoch"]) + 1
+        history = list(resume.get("history", []))
+        best = {"metric": float(resume["best_metric"]), "epoch": int(resume["best_epoch"]),
+                "state": resume.get("best_model") or copy.deepcopy(resume["model"])}
+        since_best = int(resume.get("since_best", 0))
+        torch.set_rng_state(resume["rng"]["torch"])
+        rng.bit_generator.state = resume["rng"]["numpy"]
+
+    def make_checkpoint(epoch: int) -> Callable[[], dict]:
+        def build() -> dict:
+            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            return {
+                "format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "epoch": epoch,
+                "best_metric": float(best["metric"]), "best_epoch": int(best["epoch"]),
+                "metric_name": f"peak_val_{o.metric}", "model": state,
+                "best_model": None if best["epoch"] == epoch else best["state"],
+                "optimizer": opt.state_dict(), "since_best": since_best,
+                "dims": {"emb_dim": data.emb_dim, "n_peaks": data.n_peaks},
+                "preprocess": _np_to_torch(data.preprocess), "history": history,
+                "rng": {"torch": torch.get_rng_state(), "numpy": rng.bit_generator.state},
+            }
+        return build
+
+    stopped_early = False
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, o.epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        warm = L.warmup_factor(epoch - 1, lo.warmup_epochs)
+        perm = torch.as_tensor(rng.permutation(n_train), device=dev)
+        sums: dict[str, torch.Tensor] = {}
+        for s in range(steps):
+            progress = ((epoch - 1) * steps + s) / max(1, o.epochs * steps)
+            grl = L.grl_lambda(progress, lo.grl_gamma)
+            idx = tr[perm[s * bs:(s + 1) * bs]]
+            emb, x, y = E[idx], P[idx], Y[idx]
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                parts = _batch_loss(model, cfg, emb, x, y, prior, warm, grl)
+            opt.zero_grad(set_to_none=True)
+            parts.total.backward()
+            if o.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+            opt.step()
+            for k, v in parts.detached().items():
+                sums[k] = sums.get(k, 0) + v.float()
+        loss_means = {f"loss/{k}": v for k, v in zip(sums, (torch.stack(list(sums.values())) / steps).tolist())}
+
+        probs = predict(model, emb_val, peaks_val, device=dev)
+        m_gex = classification_metrics(y_val, probs["gex"].argmax(1))
+        m_peak = classification_metrics(y_val, probs["peak"].argmax(1))
+        objective = m_peak[o.metric]
+        improved = objective > best["metric"]
+        if improved:
+            best = {"metric": objective, "epoch": epoch,
+                    "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+            since_best = 0
+        else:
+            since_best += 1
+        metrics = {
+            "epoch": epoch, "objective": objective, "best_objective": best["metric"], "best_epoch": best["epoch"],
+            **{f"gex_val_{k}": m_gex[k] for k in METRIC_KEYS}, **{f"peak_val_{k}": m_peak[k] for k in METRIC_KEYS},
+            **loss_means, "warmup": warm, "grl_lambda": L.grl_lambda((epoch - 1) / o.epochs, lo.grl_gamma),
+            "epoch_seconds": time.perf_counter() - t0, "improved": improved,
+        }
+        history.append(metrics)
+        if not all(math.isfinite(v) for k, v in loss_means.items()):
+            from .errors import XferError
+            raise XferError(f"training diverged at epoch {epoch} (non-finite loss: "
+                            f"{ {k: v for k, v in loss_means.items() if not math.isfinite(v)} }); lower lr")
+        if since_best >= o.patience:
+            stopped_early = True
+            metrics["stopped_early"] = True
+        if report is not None:
+            report(metrics, make_checkpoint(epoch))
+        if stopped_early:
+            break
+
+    if best["state"] is None:  # resumed after the last epoch: nothing new
+        best["state"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    final_ckpt = make_checkpoint(epoch)()
+    model.load_state_dict(best["state"])
+    best_ckpt = {**final_ckpt, "model": best["state"], "best_model": None, "epoch": best["epoch"]}
+    model.eval()
+    return FitResult(model=model, best_epoch=best["epoch"], best_metric=best["metric"], history=history,
+                     checkpoint=best_ckpt, stopped_early=stopped_early, seconds=time.perf_counter() - t_start)
+
+
+def _batch_loss(model: CDANN, cfg: TrainConfig, emb, x, y, prior, warm: float, grl: float) -> L.LossParts:
+    lo = cfg.loss
+    z_s = model.source_latent(emb)
+    out_t = model.peak_latent(x)
+    z_t = out_t.z
+    logit_s, logit_t = model.classify(z_s), model.classify(z_t)
+    p_s, p_t = torch.softmax(logit_s.float(), -1), torch.softmax(logit_t.float(), -1)
+
+    def adversarial():
+        d_s = model.discriminate(z_s, p_s, grl)
+        d_t = model.discriminate(z_t, p_t, grl)
+        w_s = w_t = None
+        if lo.use_cdann and lo.entropy_conditioning:
+            w_s, w_t = L.entropy_weights(p_s.detach()), L.entropy_weights(p_t.detach())
+        return L.adversarial(d_s.float(), d_t.float(), weights_source=w_s, weights_target=w_t)
+
+    terms = {
+        "class_source": (lo.lambda_class, lambda: L.classification(logit_s.float(), y, label_smoothing=lo.label_smoothing)),
+        "class_target": (lo.lambda_target_class,
+                         lambda: L.classification(logit_t.float(), y, label_smoothing=lo.label_smoothing)),
+        "adversarial": (lo.lambda_domain * warm, adversarial),
+        "divergence": (lo.lambda_divergence * warm, lambda: L.divergence(lo.divergence, z_s, z_t)),
+        "balance": (lo.lambda_balance, lambda: L.class_balance(p_t, prior)),
+        "entropy": (lo.lambda_entropy * warm, lambda: L.entropy(p_t)),
+    }
+    terms.update(model.encoder.objective(x, out_t, z_s))
+    return L.combine(terms)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(ckpt: dict, path) -> None:
+    import os
+    tmp = f"{path}.tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu") -> tuple[CDANN, TrainConfig, dict]:
+    """Rebuild the model a checkpoint describes (torch.load with weights_only=True)."""
+    from .errors import StoreError
+
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise StoreError(path, f"not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise StoreError(path, f"not an xfer checkpoint (format {ckpt.get('format') if isinstance(ckpt, dict) else '?'})")
+    cfg = TrainConfig.from_dict(ckpt["config"], source=str(path), allow_inert=True)
+    model = build_model(ckpt["dims"]["emb_dim"], ckpt["dims"]["n_peaks"], cfg.model,
+                        use_cdann=cfg.loss.use_cdann, seed=cfg.optim.seed)
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    return model, cfg, ckpt
