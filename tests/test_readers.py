@@ -221,6 +221,13 @@ def test_error_no_label_column(tmp_path):
         read_labels(p)
 
 
+def test_error_malformed_peak_names(tmp_path, seed_files):
+    bad = PEAKS[:3] + ["chr2:1300-900", "chrX_10_x"]
+    p = write_csv(tmp_path / "badpeaks.csv", BARCODES, bad, seed_files["X_peak"])
+    with pytest.raises(InputError, match=r"badpeaks\.csv \[features\]: 2 of 5 peak names are malformed.*chr2:1300-900"):
+        read_matrix(p, modality="peak")
+
+
 def test_error_peak_file_given_as_expression(seed_files):
     with pytest.raises(InputError, match=r"L_PEAK\.csv \[features\].*looks like chromatin accessibility"):
         read_matrix(seed_files["peak"], modality="gex")

@@ -2,6 +2,8 @@
 
     xfer simulate   write a simulated paired-multiome pair of cell lines
     xfer ingest     validate input files and write them to the Parquet cell store
+    xfer train      train the CDANN and score it beside plain baselines
+    xfer baseline   the plain baselines alone
     xfer store      list the datasets and embeddings in a store
     xfer demo       the main job end to end on built-in simulated data
 
@@ -85,6 +87,29 @@ def cmd_ingest(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- train / baseline
+
+def cmd_train(args) -> int:
+    from .pipeline import format_table, run_train
+
+    metrics = run_train(args)
+    m = metrics["model"]
+    print(f"best epoch {m['best_epoch']} of {m['epochs_run']} ({m['metric']} {m['best_val_metric']:.3f}"
+          f"{', stopped early' if m['stopped_early'] else ''}), {m['train_seconds']:.1f} s training")
+    print(format_table(metrics))
+    print(f"outputs: {args.output_folder}/ (best_model.pt, metrics.json, training_history.json, predictions_*.csv)")
+    return 0
+
+
+def cmd_baseline(args) -> int:
+    from .pipeline import format_table, run_baseline
+
+    metrics = run_baseline(args)
+    print(format_table(metrics))
+    print(f"outputs: {args.output_folder}/metrics.json")
+    return 0
+
+
 # ----------------------------------------------------------------------------- store
 
 def cmd_store(args) -> int:
@@ -156,6 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", help="dataset name when ingesting a single input (default: the file name's stem)")
     s.add_argument("--overwrite", action="store_true", help="replace datasets of the same name")
     s.set_defaults(func=cmd_ingest)
+
+    from .pipeline import add_train_arguments
+
+    s = sub.add_parser("train", help="train the CDANN on the training line and score it (the seed's train script)")
+    add_data_arguments(s)
+    add_train_arguments(s)
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("baseline", help="plain baselines only (majority, LSI+LR, aligned LSI, CORAL, GEX LR, markers)")
+    add_data_arguments(s)
+    add_train_arguments(s)
+    s.set_defaults(func=cmd_baseline)
 
     s = sub.add_parser("store", help="list the datasets and embeddings in a store")
     add_store_argument(s)

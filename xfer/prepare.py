@@ -91,32 +91,34 @@ class PeakPreprocessor:
                  self.cfg.peak_filter, len(self.kept_idx), tgt.n_features)
         return self
 
-    def training_matrix(self, tgt: CellMatrix) -> sp.csr_matrix:
-        return transform_peaks(tgt.X[:, self.kept_idx].tocsr(), self.idf, self.cfg.peak_transform)
+    def transform(self, X: sp.csr_matrix) -> sp.csr_matrix:
+        """Raw counts on the kept peaks -> model input values (binary / tfidf / log1p)."""
+        return transform_peaks(X, self.idf, self.cfg.peak_transform)
 
-    def other_line_matrix(self, peaks: CellMatrix) -> sp.csr_matrix:
-        """Another line's peaks on the kept peak set: by coordinates (peak mapper)
-        or, without the mapper, by identical peak names (others are zero)."""
+    def training_counts(self, tgt: CellMatrix) -> sp.csr_matrix:
+        return tgt.X[:, self.kept_idx].tocsr()
+
+    def map_counts(self, peaks: CellMatrix) -> sp.csr_matrix:
+        """Another line's raw counts on the kept peaks: by coordinates (peak mapper) or,
+        without the mapper, by identical peak names (others are zero)."""
         if self.cfg.use_peak_mapper:
             ref = parse_peak_names(self.peak_names, "training line peaks", "features")
             mapped, mapping = map_dataset(peaks, ref, method=self.cfg.peak_mapper_method,
                                           impute=self.cfg.peak_impute_strategy, ref_fill=self.col_mean,
                                           max_distance=self.cfg.peak_max_distance)
             self.mapping_stats = dict(mapping.stats)
-            X = mapped.X
-        else:
-            pos = {n: i for i, n in enumerate(peaks.features)}
-            src = np.array([pos.get(n, -1) for n in self.peak_names])
-            found = src >= 0
-            if not found.any():
-                raise InputError(peaks.source, "features", "shares no peak name with the training line; "
-                                 "use --use_peak_mapper to map peaks by genomic coordinates")
-            cols = np.flatnonzero(found)
-            M = sp.csr_matrix((np.ones(len(cols), np.float32), (src[found], cols)),
-                              shape=(peaks.n_features, len(self.peak_names)))
-            X = (peaks.X @ M).tocsr()
-            self.mapping_stats = {"method": "name", "fraction_ref_mapped": float(found.mean())}
-        return transform_peaks(X, self.idf, self.cfg.peak_transform)
+            return mapped.X
+        pos = {n: i for i, n in enumerate(peaks.features)}
+        src = np.array([pos.get(n, -1) for n in self.peak_names])
+        found = src >= 0
+        if not found.any():
+            raise InputError(peaks.source, "features", "shares no peak name with the training line; "
+                             "use --use_peak_mapper to map peaks by genomic coordinates")
+        cols = np.flatnonzero(found)
+        M = sp.csr_matrix((np.ones(len(cols), np.float32), (src[found], cols)),
+                          shape=(peaks.n_features, len(self.peak_names)))
+        self.mapping_stats = {"method": "name", "fraction_ref_mapped": float(found.mean())}
+        return (peaks.X @ M).tocsr()
 
     def state(self) -> dict:
         return {"peak_names": list(map(str, self.peak_names)), "idf": self.idf, "col_mean": self.col_mean,
@@ -187,7 +189,7 @@ def prepare_training(src: CellMatrix, tgt: CellMatrix, src_emb: np.ndarray, cfg:
         raise InputError(tgt.source, "barcode", "GEX and PEAK of the training line are not paired cell by cell")
     train_idx, val_idx = make_split(src.barcodes, src.labels, cfg.val_fraction, seed)
     pre = PeakPreprocessor(cfg).fit(tgt, train_idx)
-    peaks = pre.training_matrix(tgt)
+    peaks = pre.transform(pre.training_counts(tgt))
     line = LineInputs(name=src.name, barcodes=src.barcodes, emb=np.asarray(src_emb, np.float32), peaks=peaks,
                       labels=src.labels)
     prior = np.bincount(src.labels[train_idx], minlength=N_PHASES).astype(np.float32)
@@ -201,11 +203,15 @@ def prepare_training(src: CellMatrix, tgt: CellMatrix, src_emb: np.ndarray, cfg:
 
 
 def prepare_line(name: str, pre: PeakPreprocessor, gex: CellMatrix | None = None, emb: np.ndarray | None = None,
-                 peaks: CellMatrix | None = None) -> LineInputs:
-    """Another line's inputs on the training line's feature spaces (labels attached
-    only so that the final evaluation can score; nothing in training reads them)."""
-    barcodes = (gex if gex is not None else peaks).barcodes
-    labels = (gex if gex is not None else peaks).labels
-    P = pre.other_line_matrix(peaks) if peaks is not None else None
-    return LineInputs(name=name, barcodes=barcodes, emb=None if emb is None else np.asarray(emb, np.float32),
-                      peaks=P, labels=labels)
+                 peak_counts: sp.csr_matrix | None = None, peaks: CellMatrix | None = None) -> LineInputs:
+    """Another line's inputs on the training line's feature spaces. Peaks come as a
+    CellMatrix (mapped here) or as counts already mapped with `pre.map_counts`.
+    Labels are attached only so that the final evaluation can score; nothing in
+    training reads them."""
+    ref = gex if gex is not None else peaks
+    if peak_counts is None and peaks is not None:
+        peak_counts = pre.map_counts(peaks)
+    return LineInputs(name=name, barcodes=ref.barcodes if ref is not None else None,
+                      emb=None if emb is None else np.asarray(emb, np.float32),
+                      peaks=None if peak_counts is None else pre.transform(peak_counts),
+                      labels=None if ref is None else ref.labels)

@@ -27,6 +27,7 @@ import scipy.sparse as sp
 from ..errors import InputError
 from ..phases import UNLABELLED, encode_phases
 from .dataset import CellMatrix, make_matrix
+from .peaks import parse_peak_names
 
 log = logging.getLogger(__name__)
 
@@ -481,9 +482,11 @@ def _check_modality(ds: CellMatrix) -> None:
     if ds.modality == "gex" and peaky > 0.9:
         raise InputError(ds.source, "features", "looks like chromatin accessibility (peak coordinates as "
                          "features) but was given as expression; check which flag this file was passed to")
-    if ds.modality == "peak" and peaky < 0.5:
-        raise InputError(ds.source, "features", "was given as accessibility peaks but its feature names are not "
-                         f"peak coordinates like chr1:100-200 (e.g. '{sample[0]}')")
+    if ds.modality == "peak":
+        if peaky < 0.5:
+            raise InputError(ds.source, "features", "was given as accessibility peaks but its feature names are not "
+                             f"peak coordinates like chr1:100-200 (e.g. '{sample[0]}')")
+        parse_peak_names(ds.features, ds.source, "features")  # every name must parse
 
 
 def count_unlabelled(ds: CellMatrix) -> int:

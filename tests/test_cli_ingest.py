@@ -1,0 +1,97 @@
+"""`xfer ingest` / `xfer store` end to end: exit codes, messages, nothing half-written."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import BARCODES, GENES, PHASES_OF, write_csv, write_labels
+from xfer.cli import main
+from xfer.data.store import CellStore
+
+
+def _ingest(store, *args):
+    return main(["ingest", "--store", str(store), *map(str, args)])
+
+
+def test_ingest_pair_then_use_store_names(tmp_path, seed_files, capsys):
+    store = tmp_path / "store"
+    rc = _ingest(store, "--src_csv", seed_files["gex"], "--src_label_csv", seed_files["labels"],
+                 "--tgt_csv", seed_files["peak"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "store:L_GEX" in out and "store:L_PEAK" in out
+    s = CellStore(str(store))
+    assert sorted(s.names()) == ["L_GEX", "L_PEAK"]
+    peak = s.read("L_PEAK")
+    assert list(peak.phase_names()) == PHASES_OF  # labels propagated to the paired modality
+    np.testing.assert_array_equal(peak.X.toarray(), seed_files["X_peak"])
+    # store datasets are accepted by the same flags
+    from xfer.cli import build_parser
+    from xfer.data.inputs import load_inputs
+    args = build_parser().parse_args(["ingest", "--store", str(store), "--src_csv", "store:L_GEX",
+                                      "--tgt_csv", "store:L_PEAK"])
+    data = load_inputs(args)
+    assert data["src"].n_cells == len(BARCODES) and data["tgt"].modality == "peak"
+    assert main(["store", "--store", str(store)]) == 0
+    assert "store:L_GEX" in capsys.readouterr().out
+
+
+def test_ingest_store_dataset_of_wrong_modality(tmp_path, seed_files, capsys):
+    store = tmp_path / "store"
+    assert _ingest(store, "--tgt_csv", seed_files["peak"], "--tgt_label_csv", seed_files["labels"]) == 0
+    assert _ingest(store, "--src_csv", "store:L_PEAK") == 2
+    assert "store dataset is peak, but --src_csv expects gex" in capsys.readouterr().err
+
+
+def test_error_gex_and_peak_share_no_barcodes(tmp_path, seed_files, capsys):
+    other = [b.replace("-1", "-9") for b in BARCODES]
+    peak = write_csv(tmp_path / "OTHER_PEAK.csv", other, ["chr1:1-100", "chr1:200-300"],
+                     np.ones((len(other), 2)))
+    store = tmp_path / "store"
+    rc = _ingest(store, "--src_csv", seed_files["gex"], "--src_label_csv", seed_files["labels"], "--tgt_csv", peak)
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "OTHER_PEAK.csv [barcode]: shares no barcode with the paired expression matrix" in err
+    assert not os.path.exists(store / "datasets") or os.listdir(store / "datasets") == []
+
+
+def test_bad_second_input_writes_nothing(tmp_path, seed_files, capsys):
+    """All inputs are validated before anything is written."""
+    bad_labels = write_labels(tmp_path / "bad_labels.csv", BARCODES, ["G1", "S", "G7", "G1"] * 3)
+    store = tmp_path / "store"
+    rc = _ingest(store, "--src_csv", seed_files["gex"], "--src_label_csv", seed_files["labels"],
+                 "--test_csv", seed_files["gex"].parent / "L_GEX.csv", "--test_label_csv", bad_labels)
+    assert rc == 2
+    assert "bad_labels.csv [phase]: unknown phase name(s) 'G7' (3 cells)" in capsys.readouterr().err
+    assert not os.path.exists(store / "datasets") or os.listdir(store / "datasets") == []
+
+
+def test_ingest_conflicting_paired_labels(tmp_path, seed_files, capsys):
+    other = write_labels(tmp_path / "other.csv", BARCODES, ["S"] * len(BARCODES))
+    rc = _ingest(tmp_path / "s", "--src_csv", seed_files["gex"], "--src_label_csv", seed_files["labels"],
+                 "--tgt_csv", seed_files["peak"], "--tgt_label_csv", other)
+    assert rc == 2
+    assert "paired cells have different phase labels" in capsys.readouterr().err
+
+
+def test_ingest_needs_an_input(tmp_path, capsys):
+    assert _ingest(tmp_path / "s") == 2
+    assert "give at least one input" in capsys.readouterr().err
+
+
+def test_ingest_missing_file(tmp_path, capsys):
+    assert _ingest(tmp_path / "s", "--src_csv", tmp_path / "nope.csv") == 2
+    assert "nope.csv: file not found" in capsys.readouterr().err
+
+
+def test_ingest_real_h5ad(tmp_path, capsys):
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "real", "hsiao2020_ipsc_fucci_888x101.h5ad")
+    if not os.path.exists(path):
+        pytest.skip("shared real data not present")
+    assert _ingest(tmp_path / "s", "--src_csv", path) == 0
+    ds = CellStore(str(tmp_path / "s")).read("hsiao2020_ipsc_fucci_888x101")
+    assert ds.n_cells == 888 and ds.label_counts() == {"G1": 384, "S": 172, "G2M": 332}

@@ -1,0 +1,899 @@
+"""A paired 10x-Multiome-like simulator of two cycling cell lines with known phases.
+
+No public single-cell ATAC data set comes with lab-measured cell-cycle phases,
+so this module stands in for one.  It simulates two cell lines ("simA" plays
+the training line, e.g. REH; "simB" the test line, e.g. SUP-B15), each with a
+gene-expression (GEX) and a chromatin-accessibility (PEAK) count matrix over
+the same cells, plus the ground truth behind them.
+
+Generative model
+================
+
+Cells and the cycle
+-------------------
+Each cell gets a cycle position ``t`` drawn uniformly from [0, 1).  ``t`` is a
+population quantile (pseudotime), so the phase boundaries are the cumulative
+phase proportions of the line: G1 = [0, g1), S = [g1, g1 + s), G2M = the rest.
+The lines are G1-heavy with different proportions (simA 50/28/22 %, simB
+60/22/18 %).  S progress ``p = (t - g1) / s`` is 0 in G1, 1 in G2M.  Cells are
+written in barcode order, as Cell Ranger does, never in phase order.
+
+Replication and DNA content
+---------------------------
+The synthetic genome (chr1..chr22, chrX with hg38 lengths) is cut into 1 Mb
+bins; a smooth random field along each chromosome, squashed by a logistic,
+gives every bin a replication time ``rt`` in (0, 1) (early ~ 0, late ~ 1) with
+Mb-scale early and late domains.  The lines share most of the profile
+(correlation ~0.9) but some domains switch timing between them.  In an S cell
+a site is replicated when ``p > rt + jitter`` (jitter: per cell and bin,
+sd 0.06), doubling its copy number; G1 cells have copy number 1 everywhere and
+G2M cells 2.  ``dna_content`` (1..2) is 1 + the replicated fraction of the
+line's sites.
+
+Expression (GEX)
+----------------
+Genes are the 97 Tirosh et al. (2016) markers (43 S, 54 G2/M) plus synthetic
+genes (``SIMG00001``...) up to ``n_genes``; ids are fake Ensembl ids
+(``ENSG9`` + 10 digits); features are in genomic order.  Each gene has a TSS on
+a regulatory site (its promoter).  The expected UMI count of gene g in cell c::
+
+    mu = L_c * size(t) * m_g * exp(line_g + aS_g * S(t) + aG_g * G(t) + z_c . w_g)
+
+* ``m_g``: baseline mean UMIs per cell, lognormal across genes (markers drawn
+  higher: they are well expressed in proliferating cells);
+* ``L_c``: capture/library factor, lognormal (sd 0.35), line-specific median;
+* ``size(t) = 1 + 0.8 t``: mRNA content grows through the cycle;
+* ``S(t)``, ``G(t)``: periodic (von Mises) programs in [0, 1].  S peaks mid-S
+  and starts rising in late G1; G2/M rises in late S, peaks in G2M and decays
+  into early G1 (daughter cells inherit G2/M transcripts);
+* ``aS``, ``aG``: per-gene log-amplitudes.  S markers: aS ~ Gamma (mean ~1.0,
+  a ~2.7x fold) plus a little G2/M; G2/M markers: aG (mean ~1.3) plus a little
+  S.  About 4 % of synthetic genes follow one program weakly (mean 0.3);
+* ``line_g``: per-gene line offset (sd 0.35 for simB relative to simA) and 4 %
+  of genes strongly line-specific (on in one line only); simB's program
+  amplitudes are also jittered per gene;
+* ``z_c . w_g``: three non-cycle cell states (e.g. metabolic / stress) that
+  load on ~10 % of genes and sites, with line-specific means.
+
+Counts are negative binomial with per-gene dispersion (phi 0.05..0.5).
+
+Accessibility (PEAK)
+--------------------
+Regulatory sites are spread along the genome (min spacing 4 kb); promoter
+sites carry the genes.  The expected number of Tn5 fragments at site j::
+
+    lam = D_c * b_j * o_jl * cn_cj(t) * k(phase) * exp(gamma * (aS_g S(t) + aG_g G(t)) + z_c . v_j)
+
+* ``b_j``: baseline accessibility, Beta-distributed (distal sites mostly
+  closed; promoters more open, and more so for better-expressed genes); sites
+  in early-replicating domains are more open (active compartment);
+* ``o_jl``: per-line site offset (sd 0.35) and ~3 % of sites open in one line
+  only (x0.05 in the other);
+* ``cn_cj``: copy number 1 or 2 (replication, above) - total accessibility
+  grows with DNA content, the weak, real S-phase signal (early domains double
+  before late ones);
+* ``k(phase)``: 0.85 per copy in G2M (chromatin compaction);
+* ``gamma = 0.25``: promoters of cycle genes follow their gene's programs
+  weakly (a 4x expression swing is ~1.4x in accessibility);
+* ``D_c``: per-cell depth, lognormal (sd 0.45), line-specific median,
+  correlated (rho 0.4) with the GEX library factor as in Multiome data.
+
+Fragments are Poisson; each fragment in a peak adds 1 or 2 Tn5 insertions
+(both cut sites fall in the peak half the time), so counts are mostly 0/1/2
+with ~92 % zeros.
+
+Peak calling
+------------
+Each line calls its own peak set from the shared sites: the ~n_peaks sites
+with the highest (noisy) line-specific accessibility.  Most sites are called in
+both lines, some in one only.  15 % of the shared sites get identical
+coordinates in both lines; for the rest each line jitters both boundaries
+(sd ~50 bp, widths differ), so exact name matching fails for most peaks while
+a >= 1 bp overlap finds nearly all shared ones.  In simB ~2 % of the sites are
+called as two adjacent sub-peaks (their insertions split between them).
+Peaks are named ``chr1:1000-1500`` (start 0-based, end exclusive, as in BED)
+and sorted by position; simA calls ``n_peaks`` peaks, simB ~3 % more.
+
+Everything is deterministic given ``seed``: every random step draws from its
+own child of ``numpy.random.SeedSequence(seed)``; cells are generated in
+fixed chunks of 256 so the seed-size data never needs a dense cells x peaks
+array.
+
+Honesty
+-------
+Plain baselines are deliberately not near-perfect: phases blend at their
+boundaries, G2/M transcripts linger into early G1, depths vary more than the
+cycle changes them, and the lines differ in depth, baseline expression and
+accessibility, replication timing and phase proportions.
+``bench/sim_difficulty.py`` prints the within-line and cross-line baseline
+accuracies.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ..phases import PHASES
+from .dataset import CellMatrix, make_matrix
+
+__all__ = [
+    "SIZES",
+    "SimSize",
+    "SimulatedLine",
+    "LineSpec",
+    "LINE_SPECS",
+    "tirosh_genes",
+    "simulate_pair",
+    "write_simulation",
+]
+
+# --------------------------------------------------------------------------- sizes
+
+
+@dataclass(frozen=True)
+class SimSize:
+    """How big a simulated pair is.  Line A calls ``n_peaks`` peaks, line B ~3 % more."""
+
+    n_cells_a: int
+    n_cells_b: int
+    n_genes: int
+    n_peaks: int
+
+    def __post_init__(self) -> None:
+        if min(self.n_cells_a, self.n_cells_b) < 30:
+            raise ValueError("SimSize needs at least 30 cells per line")
+        if self.n_genes < N_TIROSH:
+            raise ValueError(f"SimSize.n_genes must be >= {N_TIROSH} (the Tirosh markers)")
+        if self.n_peaks < 200:
+            raise ValueError("SimSize.n_peaks must be >= 200")
+        if self.n_genes > 0.9 * self.n_sites:
+            raise ValueError(
+                f"SimSize: {self.n_genes} genes need promoter sites but n_peaks={self.n_peaks} "
+                f"gives only {self.n_sites} sites; use n_peaks >= ~{math.ceil(self.n_genes * 1.03)}"
+            )
+
+    @property
+    def n_peaks_a(self) -> int:
+        return self.n_peaks
+
+    @property
+    def n_peaks_b(self) -> int:
+        return int(round(self.n_peaks * PEAKS_B_RATIO))
+
+    @property
+    def n_sites(self) -> int:
+        """Shared regulatory sites the two peak sets are called from."""
+        return int(math.ceil(max(self.n_peaks_a, self.n_peaks_b) / CALLED_FRACTION))
+
+
+N_TIROSH = 97
+PEAKS_B_RATIO = 1.03
+CALLED_FRACTION = 0.92  # each line calls about this fraction of the sites
+
+SIZES: dict[str, SimSize] = {
+    "tiny": SimSize(300, 320, 600, 2_000),
+    "small": SimSize(1_500, 1_600, 3_000, 10_000),
+    "medium": SimSize(3_000, 3_200, 8_000, 30_000),
+    "seed": SimSize(7_432, 7_728, 28_105, 92_328),
+}
+
+# ------------------------------------------------------------------- line specs
+
+
+@dataclass(frozen=True)
+class LineSpec:
+    """The line-level knobs of the generative model (see the module docstring)."""
+
+    name: str
+    phase_props: tuple[float, float, float]  # G1, S, G2M
+    gex_median_factor: float  # median library factor L_c
+    atac_median_depth: float  # median fragment-depth factor D_c
+    atac_background: float  # share of in-peak fragments that are background (not accessibility)
+    promoter_enrichment: float  # mean log promoter (TSS) enrichment of the library
+    state_means: tuple[float, float, float]  # means of the 3 non-cycle cell states
+
+
+LINE_SPECS: tuple[LineSpec, LineSpec] = (
+    LineSpec("simA", (0.50, 0.28, 0.22), 1.00, 1.00, 0.15, 0.0, (0.0, 0.0, 0.0)),
+    LineSpec("simB", (0.60, 0.22, 0.18), 0.75, 0.60, 0.35, 0.3, (0.6, -0.4, 0.3)),
+)
+
+# ----------------------------------------------------------- model constants
+
+CHROMOSOMES: tuple[tuple[str, int], ...] = (
+    ("chr1", 248_956_422), ("chr2", 242_193_529), ("chr3", 198_295_559),
+    ("chr4", 190_214_555), ("chr5", 181_538_259), ("chr6", 170_805_979),
+    ("chr7", 159_345_973), ("chr8", 145_138_636), ("chr9", 138_394_717),
+    ("chr10", 133_797_422), ("chr11", 135_086_622), ("chr12", 133_275_309),
+    ("chr13", 114_364_328), ("chr14", 107_043_718), ("chr15", 101_991_189),
+    ("chr16", 90_338_345), ("chr17", 83_257_441), ("chr18", 80_373_285),
+    ("chr19", 58_617_616), ("chr20", 64_444_167), ("chr21", 46_709_983),
+    ("chr22", 50_818_468), ("chrX", 156_040_895),
+)
+RT_BIN = 1_000_000  # replication-timing bin (bp)
+RT_SMOOTH_BINS = 2.5  # correlation length of the timing field, in bins
+RT_LINE_CORR = 0.9  # correlation of the two lines' timing fields
+RT_JITTER = 0.12  # per cell and bin replication-time jitter (in S-progress units)
+NASCENT_ACCESS = 0.6  # accessibility of a freshly replicated copy, relative to a mature one
+ATAC_SCALE = 0.6  # fragments per unit of b_j at median depth (sets the ~92 % zeros)
+TSS_ENRICHMENT_SD = 0.25
+PROGRAM_TIME_SD = 0.04  # transcriptional clock vs the DNA-defined phase (cycle fraction)
+COMPARTMENT_SD = 0.4  # per-cell early-vs-late (active compartment) accessibility swing  # per-cell log promoter enrichment (library quality)
+MIN_SITE_GAP = 4_000
+SIZE_GROWTH = 0.8  # mRNA content: 1 -> 1.8 over the cycle
+GEX_LIB_SD = 0.35
+ATAC_DEPTH_SD = 0.45
+DEPTH_CORR = 0.4
+G2M_PER_COPY = 0.85
+PROMOTER_COUPLING = 0.25
+INSERT_BOTH_ENDS = 0.5
+SHARED_IDENTICAL = 0.15
+SITE_LINE_SD = 0.35  # sd of simB's per-site log accessibility offset
+SITE_LINE_ONLY = 0.03  # share of sites open only in simA (and again only in simB)
+BOUNDARY_JITTER_SD = 50.0
+SPLIT_FRACTION_B = 0.02
+N_STATES = 3
+CHUNK_CELLS = 256  # fixed, so the output does not depend on memory settings
+_LARGE_MEAN = 30.0  # above this, counts come from numpy's own samplers
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class SimulatedLine:
+    """One simulated cell line: paired GEX and PEAK matrices and the truth behind them.
+
+    truth  one row per cell (same order as the matrices): barcode, line, phase,
+           cycle_position (0..1), s_progress (0..1), dna_content (1..2),
+           gex_library_factor, atac_depth_factor, gex_total_counts,
+           peak_total_counts, state_1..state_3
+    genes  one row per gene (matrix column order): gene_id, symbol, chrom,
+           start, end, strand, interval, tirosh ('S' / 'G2M' / ''), amp_s,
+           amp_g2m (this line's log-amplitudes), base_mean, promoter_site
+    peaks  one row per peak (matrix column order): name, chrom, start, end,
+           site (shared site index, the key for cross-line truth), part
+           (0, or 1/2 for the halves of a split site), replication_time,
+           promoter_of (gene symbol or '')
+    """
+
+    name: str
+    gex: CellMatrix
+    peak: CellMatrix
+    truth: pd.DataFrame
+    genes: pd.DataFrame | None = None
+    peaks: pd.DataFrame | None = None
+
+
+# ------------------------------------------------------------ random streams
+
+
+class _Streams:
+    """Named, independent random generators derived from one seed."""
+
+    _NAMES = ("genome", "genes", "sites", "calls", "barcodes", "lineA", "lineB")
+
+    def __init__(self, seed: int):
+        children = np.random.SeedSequence(seed).spawn(len(self._NAMES))
+        self.seqs = dict(zip(self._NAMES, children))
+
+    def rng(self, name: str) -> np.random.Generator:
+        return np.random.default_rng(self.seqs[name])
+
+    def line_seq(self, index: int) -> np.random.SeedSequence:
+        return self.seqs["lineA" if index == 0 else "lineB"]
+
+
+# ---------------------------------------------------------------- markers
+
+
+def tirosh_genes() -> tuple[list[str], list[str]]:
+    """The Tirosh et al. (2016) markers shipped with the package: (S genes, G2/M genes)."""
+    text = resources.files("xfer").joinpath("resources/tirosh2016_cell_cycle_genes.txt").read_text()
+    genes = [g.strip() for g in text.splitlines() if g.strip()]
+    if len(genes) != N_TIROSH:
+        raise RuntimeError(f"expected {N_TIROSH} Tirosh genes, found {len(genes)}")
+    return genes[:43], genes[43:]
+
+
+# ----------------------------------------------------------------- genome
+
+
+@dataclass(frozen=True)
+class _Sites:
+    """Shared regulatory sites, sorted by (chromosome, centre)."""
+
+    chrom: np.ndarray  # int16 index into CHROMOSOMES
+    centre: np.ndarray  # int64
+    width: np.ndarray  # int64
+    rt_bin: np.ndarray  # int64 global bin index
+    rt: tuple[np.ndarray, np.ndarray]  # replication time per global bin, per line
+    n_bins: int
+
+
+def _smooth_field(rng: np.random.Generator, n: int) -> np.ndarray:
+    """A unit-variance random field along n bins, Gaussian-smoothed (periodic padding avoided)."""
+    half = int(4 * RT_SMOOTH_BINS) + 1
+    x = np.arange(-half, half + 1)
+    kernel = np.exp(-0.5 * (x / RT_SMOOTH_BINS) ** 2)
+    noise = rng.standard_normal(n + 2 * half)
+    field = np.convolve(noise, kernel, mode="valid")[:n]
+    return field / np.sqrt((kernel**2).sum())
+
+
+def _replication_timing(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-bin replication times for both lines and the first bin of each chromosome."""
+    n_bins = [length // RT_BIN + 1 for _, length in CHROMOSOMES]
+    offsets = np.concatenate([[0], np.cumsum(n_bins)])
+    z_a = np.concatenate([_smooth_field(rng, n) for n in n_bins])
+    z_other = np.concatenate([_smooth_field(rng, n) for n in n_bins])
+    z_b = RT_LINE_CORR * z_a + math.sqrt(1 - RT_LINE_CORR**2) * z_other
+
+    def squash(z: np.ndarray) -> np.ndarray:
+        return np.clip(1.0 / (1.0 + np.exp(-2.0 * z)), 0.02, 0.98)
+
+    return squash(z_a), squash(z_b), offsets
+
+
+def _make_sites(rng: np.random.Generator, n_sites: int) -> _Sites:
+    lengths = np.array([length for _, length in CHROMOSOMES], dtype=np.float64)
+    per_chrom = np.floor(n_sites * lengths / lengths.sum()).astype(np.int64)
+    per_chrom[np.argsort(-lengths)[: n_sites - per_chrom.sum()]] += 1
+    rt_a, rt_b, bin_offsets = _replication_timing(rng)
+
+    chrom, centre = [], []
+    for ci, ((_, length), n) in enumerate(zip(CHROMOSOMES, per_chrom)):
+        margin = 20_000
+        free = length - 2 * margin - n * MIN_SITE_GAP
+        gaps = rng.exponential(1.0, n + 1)
+        gaps *= free / gaps.sum()
+        pos = margin + np.cumsum(gaps[:n] + MIN_SITE_GAP).astype(np.int64)
+        chrom.append(np.full(n, ci, dtype=np.int16))
+        centre.append(pos)
+    chrom_arr = np.concatenate(chrom)
+    centre_arr = np.concatenate(centre)
+    width = np.clip(rng.lognormal(math.log(600), 0.45, n_sites), 200, 2_500).astype(np.int64)
+    rt_bin = bin_offsets[chrom_arr] + centre_arr // RT_BIN
+    return _Sites(chrom_arr, centre_arr, width, rt_bin, (rt_a, rt_b), int(bin_offsets[-1]))
+
+
+# ------------------------------------------------------------------ genes
+
+
+@dataclass(frozen=True)
+class _Genes:
+    table: pd.DataFrame  # genomic order; columns as SimulatedLine.genes (line-free ones)
+    log_mean: np.ndarray  # log baseline mean UMIs (line A)
+    line_offset: np.ndarray  # log offset of line B relative to A
+    amp_s: tuple[np.ndarray, np.ndarray]  # per line
+    amp_g: tuple[np.ndarray, np.ndarray]
+    inv_dispersion: np.ndarray  # NB size r = 1 / phi
+    state_loadings: np.ndarray  # N_STATES x genes
+
+
+def _make_genes(rng: np.random.Generator, n_genes: int, sites: _Sites) -> _Genes:
+    s_genes, g2m_genes = tirosh_genes()
+    n_syn = n_genes - N_TIROSH
+    symbols = np.array(s_genes + g2m_genes + [f"SIMG{i + 1:05d}" for i in range(n_syn)], dtype=object)
+    tirosh = np.array(["S"] * len(s_genes) + ["G2M"] * len(g2m_genes) + [""] * n_syn, dtype=object)
+
+    # Promoter sites: distinct, then genes are put in genomic order.
+    promoter = np.sort(rng.choice(len(sites.centre), size=n_genes, replace=False))
+    order = rng.permutation(n_genes)  # which gene sits on which promoter
+    symbols, tirosh = symbols[order], tirosh[order]
+    is_s, is_g = tirosh == "S", tirosh == "G2M"
+
+    log_mean = rng.normal(math.log(0.07), 1.6, n_genes)
+    log_mean[is_s | is_g] = rng.normal(math.log(0.8), 0.8, int((is_s | is_g).sum()))
+
+    amp_s = np.zeros(n_genes)
+    amp_g = np.zeros(n_genes)
+    amp_s[is_s] = rng.gamma(4.0, 0.25, is_s.sum())
+    amp_g[is_s] = rng.gamma(2.0, 0.12, is_s.sum())
+    amp_g[is_g] = rng.gamma(4.0, 0.33, is_g.sum())
+    amp_s[is_g] = rng.gamma(2.0, 0.12, is_g.sum())
+    synthetic = np.flatnonzero(tirosh == "")
+    weak = rng.random(synthetic.size) < 0.04
+    weak_idx = synthetic[weak]
+    to_s = rng.random(weak_idx.size) < 0.5
+    amp_s[weak_idx[to_s]] = rng.gamma(2.0, 0.15, to_s.sum())
+    amp_g[weak_idx[~to_s]] = rng.gamma(2.0, 0.15, (~to_s).sum())
+
+    # Line B: per-gene offsets, a few line-specific genes, jittered amplitudes.
+    line_offset = rng.normal(0.0, 0.35, n_genes)
+    specific = rng.random(n_genes) < 0.04
+    line_offset[specific] = rng.choice([-1.0, 1.0], specific.sum()) * rng.normal(2.5, 0.5, specific.sum())
+    jitter = np.exp(rng.normal(0.0, 0.15, (2, n_genes)))
+    amp_s_b, amp_g_b = amp_s * jitter[0], amp_g * jitter[1]
+
+    phi = np.exp(rng.uniform(math.log(0.05), math.log(0.5), n_genes))
+    loadings = rng.normal(0.0, 0.3, (N_STATES, n_genes)) * (rng.random((N_STATES, n_genes)) < 0.1)
+
+    chrom = sites.chrom[promoter]
+    tss = sites.centre[promoter]
+    strand = np.where(rng.random(n_genes) < 0.5, "+", "-")
+    length = np.clip(rng.lognormal(math.log(25_000), 1.0, n_genes), 1_000, 1_500_000).astype(np.int64)
+    chrom_len = np.array([length for _, length in CHROMOSOMES])[chrom]
+    start = np.where(strand == "+", tss, np.maximum(tss - length, 1))
+    end = np.where(strand == "+", np.minimum(tss + length, chrom_len), tss)
+    names = np.array([c for c, _ in CHROMOSOMES], dtype=object)[chrom]
+    table = pd.DataFrame(
+        {
+            "gene_id": [f"ENSG9{i + 1:010d}" for i in range(n_genes)],
+            "symbol": symbols,
+            "chrom": names,
+            "start": start,
+            "end": end,
+            "strand": strand,
+            "interval": [f"{c}:{s}-{e}" for c, s, e in zip(names, start, end)],
+            "tirosh": tirosh,
+            "promoter_site": promoter,
+        }
+    )
+    return _Genes(table, log_mean, line_offset, (amp_s, amp_s_b), (amp_g, amp_g_b), 1.0 / phi, loadings)
+
+
+# ------------------------------------------------------------ site effects
+
+
+@dataclass(frozen=True)
+class _SiteModel:
+    base: tuple[np.ndarray, np.ndarray]  # b_j * o_jl per line (fragments, G1, median depth)
+    amp_s: tuple[np.ndarray, np.ndarray]  # promoter coupling (gamma * gene amplitude), per line
+    amp_g: tuple[np.ndarray, np.ndarray]
+    state_loadings: np.ndarray  # N_STATES x sites
+    promoter_of: np.ndarray  # gene symbol or '' per site
+
+
+def _make_site_model(rng: np.random.Generator, sites: _Sites, genes: _Genes) -> _SiteModel:
+    n = len(sites.centre)
+    base = rng.beta(0.6, 12.0, n)
+    prom = genes.table["promoter_site"].to_numpy()
+    expr_z = (genes.log_mean - genes.log_mean.mean()) / genes.log_mean.std()
+    base[prom] = rng.beta(1.5, 5.0, prom.size) * np.exp(np.clip(0.35 * expr_z, -1.0, 1.0))
+    base *= np.exp(0.6 * (0.5 - sites.rt[0][sites.rt_bin]))  # early domains are more open
+
+    offset_b = rng.normal(0.0, SITE_LINE_SD, n)
+    base_a, base_b = base.copy(), base * np.exp(offset_b)
+    only = rng.random(n)
+    base_b[only < SITE_LINE_ONLY] *= 0.05  # open in A only
+    base_a[(only >= SITE_LINE_ONLY) & (only < 2 * SITE_LINE_ONLY)] *= 0.05  # open in B only
+
+    amps_s, amps_g = [], []
+    for li in range(2):
+        a_s, a_g = np.zeros(n), np.zeros(n)
+        a_s[prom] = PROMOTER_COUPLING * genes.amp_s[li]
+        a_g[prom] = PROMOTER_COUPLING * genes.amp_g[li]
+        amps_s.append(a_s)
+        amps_g.append(a_g)
+
+    loadings = rng.normal(0.0, 0.2, (N_STATES, n)) * (rng.random((N_STATES, n)) < 0.1)
+    promoter_of = np.full(n, "", dtype=object)
+    promoter_of[prom] = genes.table["symbol"].to_numpy()
+    return _SiteModel((base_a, base_b), tuple(amps_s), tuple(amps_g), loadings, promoter_of)
+
+
+# ------------------------------------------------------------ peak calling
+
+
+@dataclass(frozen=True)
+class _PeakSet:
+    """One line's called peaks: columns of its PEAK matrix, in genomic order."""
+
+    table: pd.DataFrame  # as SimulatedLine.peaks
+    sites: np.ndarray  # distinct called sites (simulation columns), sorted
+    col_of_site: np.ndarray  # for each simulated site, its first peak column
+    split_frac: np.ndarray  # for each simulated site: 0 (not split) or part-1 share
+
+
+def _call_peaks(rng: np.random.Generator, sites: _Sites, model: _SiteModel,
+                size: SimSize) -> tuple[_PeakSet, _PeakSet]:
+    n = len(sites.centre)
+    n_split_b = int(round(size.n_peaks_b * SPLIT_FRACTION_B))
+    called = []
+    for li, n_sites_called in enumerate((size.n_peaks_a, size.n_peaks_b - n_split_b)):
+        score = np.log(model.base[li]) + rng.normal(0.0, 0.7, n)
+        called.append(np.sort(np.argsort(-score)[:n_sites_called]))
+
+    identical = rng.random(n) < SHARED_IDENTICAL
+    shared_start = sites.centre - sites.width // 2
+    shared_end = shared_start + sites.width
+    peak_sets = []
+    for li, chosen in enumerate(called):
+        w = np.clip(sites.width[chosen] * np.exp(rng.normal(0.0, 0.15, chosen.size)), 150, 3_000)
+        jit = rng.normal(0.0, BOUNDARY_JITTER_SD, (2, chosen.size))
+        start = np.round(sites.centre[chosen] - w / 2 + jit[0]).astype(np.int64)
+        end = np.round(sites.centre[chosen] + w / 2 + jit[1]).astype(np.int64)
+        same = identical[chosen]
+        start[same], end[same] = shared_start[chosen][same], shared_end[chosen][same]
+        end = np.maximum(end, start + 100)
+        split = np.zeros(chosen.size, dtype=bool)
+        if li == 1:  # exactly n_split_b wide-enough sites become two sub-peaks
+            wide = np.flatnonzero(end - start > 300)
+            split[rng.choice(wide, size=min(n_split_b, wide.size), replace=False)] = True
+        peak_sets.append(_build_peak_set(rng, sites, model, li, chosen, start, end, split))
+    return peak_sets[0], peak_sets[1]
+
+
+def _build_peak_set(rng, sites: _Sites, model: _SiteModel, li: int, chosen: np.ndarray,
+                    start: np.ndarray, end: np.ndarray, split: np.ndarray) -> _PeakSet:
+    """Expand split sites into two sub-peaks and lay out the peak table."""
+    rows_site, rows_start, rows_end, rows_part = [], [], [], []
+    frac = np.zeros(chosen.size)
+    cut = rng.uniform(0.35, 0.65, chosen.size)
+    gap = rng.integers(40, 160, chosen.size)
+    for k in range(chosen.size):
+        s, e = int(start[k]), int(end[k])
+        if split[k]:
+            m = s + int((e - s) * cut[k])
+            g = int(gap[k]) // 2
+            rows_site += [chosen[k], chosen[k]]
+            rows_start += [s, m + g]
+            rows_end += [m - g, e]
+            rows_part += [1, 2]
+            frac[k] = (m - g - s) / ((m - g - s) + (e - m - g))
+        else:
+            rows_site.append(chosen[k])
+            rows_start.append(s)
+            rows_end.append(e)
+            rows_part.append(0)
+    site_arr = np.array(rows_site, dtype=np.int64)
+    chrom_names = np.array([c for c, _ in CHROMOSOMES], dtype=object)[sites.chrom[site_arr]]
+    start_arr, end_arr = np.array(rows_start, np.int64), np.array(rows_end, np.int64)
+    table = pd.DataFrame(
+        {
+            "name": [f"{c}:{s}-{e}" for c, s, e in zip(chrom_names, start_arr, end_arr)],
+            "chrom": chrom_names,
+            "start": start_arr,
+            "end": end_arr,
+            "site": site_arr,
+            "part": np.array(rows_part, dtype=np.int8),
+            "replication_time": sites.rt[li][sites.rt_bin[site_arr]],
+            "promoter_of": model.promoter_of[site_arr],
+        }
+    )
+    col_of_site = np.searchsorted(site_arr, chosen)  # first column of each chosen site
+    return _PeakSet(table, chosen, col_of_site, frac)
+
+
+# ------------------------------------------------------------------- cells
+
+
+def _von_mises_bump(t: np.ndarray, centre: float, half_width: float) -> np.ndarray:
+    """A periodic bump on [0, 1): 1 at centre, 0.5 at +-half_width, 0 opposite."""
+    kappa = math.log(2.0) / (1.0 - math.cos(2.0 * math.pi * half_width))
+    raw = np.exp(kappa * (np.cos(2.0 * math.pi * (t - centre)) - 1.0))
+    floor = math.exp(-2.0 * kappa)
+    return (raw - floor) / (1.0 - floor)
+
+
+def _programs(t: np.ndarray, spec: LineSpec) -> tuple[np.ndarray, np.ndarray]:
+    """S and G2/M program activities (0..1) at cycle positions t."""
+    g1, s, g2m = spec.phase_props
+    s_prog = _von_mises_bump(t, g1 + 0.45 * s, 0.5 * s + 0.04)
+    g_prog = _von_mises_bump(t, g1 + s + 0.5 * g2m, 0.5 * g2m + 0.06)
+    return s_prog, g_prog
+
+
+def _make_barcodes(rng: np.random.Generator, n: int) -> np.ndarray:
+    """n unique 10x-like barcodes (16 nt + '-1')."""
+    letters = np.frombuffer(b"ACGT", dtype=np.uint8)
+    seqs: np.ndarray = np.empty(0, dtype="S16")
+    while seqs.size < n:
+        codes = rng.integers(0, 4, (n - seqs.size + 16, 16))
+        new = letters[codes].view("S16").ravel()
+        seqs = np.concatenate([seqs, new])
+        _, first = np.unique(seqs, return_index=True)
+        seqs = seqs[np.sort(first)]
+    return np.array([s.decode() + "-1" for s in seqs[:n]], dtype=object)
+
+
+def _make_cells(rng: np.random.Generator, spec: LineSpec, barcodes: np.ndarray) -> pd.DataFrame:
+    """The per-cell truth except the count totals and DNA content; sorted by barcode."""
+    n = barcodes.size
+    g1, s, _ = spec.phase_props
+    t = rng.random(n)
+    phase = np.where(t < g1, 0, np.where(t < g1 + s, 1, 2)).astype(np.int8)
+    progress = np.clip((t - g1) / s, 0.0, 1.0)
+    z = rng.multivariate_normal([0.0, 0.0], [[1.0, DEPTH_CORR], [DEPTH_CORR, 1.0]], n)
+    states = rng.standard_normal((n, N_STATES)) + np.asarray(spec.state_means)
+    cells = pd.DataFrame(
+        {
+            "barcode": barcodes,
+            "line": spec.name,
+            "phase": np.array(PHASES, dtype=object)[phase],
+            "phase_code": phase,
+            "cycle_position": t,
+            "s_progress": progress,
+            "program_time": np.mod(t + rng.normal(0.0, PROGRAM_TIME_SD, n), 1.0),
+            "gex_library_factor": spec.gex_median_factor * np.exp(GEX_LIB_SD * z[:, 0]),
+            "atac_depth_factor": spec.atac_median_depth * np.exp(ATAC_DEPTH_SD * z[:, 1]),
+            "tss_enrichment": np.exp(rng.normal(spec.promoter_enrichment, TSS_ENRICHMENT_SD, n)),
+            "compartment": rng.normal(0.0, COMPARTMENT_SD, n),
+        }
+    )
+    for k in range(N_STATES):
+        cells[f"state_{k + 1}"] = states[:, k]
+    return cells.sort_values("barcode", kind="stable").reset_index(drop=True)
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def _sample_counts(rng: np.random.Generator, mu: np.ndarray, size: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Exact Poisson (size None) or negative-binomial draws for a dense float32 mean block.
+
+    Uses the inverse CDF: one uniform and one exp per entry decides zero / non-zero
+    (most entries are zero), then a short recursion over the non-zero entries only.
+    ``size`` (NB size r = 1/phi) broadcasts over the last axis.  Returns the flat
+    indices of the non-zero entries (ascending) and their counts.
+    """
+    u = rng.random(mu.shape, dtype=np.float32)
+    if size is None:
+        p0 = np.exp(-mu)
+    else:
+        p0 = np.exp(-size * np.log1p(mu / size)).astype(np.float32)
+    flat = np.flatnonzero(u > p0)
+    del p0
+    m = mu.ravel()[flat].astype(np.float64)
+    uu = u.ravel()[flat].astype(np.float64)
+    del u
+    counts = np.zeros(flat.size, dtype=np.int64)
+    r = None if size is None else np.asarray(size, dtype=np.float64)[flat % mu.shape[-1]]
+
+    large = m > _LARGE_MEAN
+    if large.any():
+        lm = m[large]
+        lam = lm if r is None else rng.gamma(r[large], lm / r[large])
+        counts[large] = np.maximum(rng.poisson(lam), 1)
+
+    active = np.flatnonzero(~large)
+    ma, ua = m[active], uu[active]
+    if r is None:
+        p = np.exp(-ma)
+        ra = q = None
+    else:
+        ra = r[active]
+        q = ma / (ma + ra)
+        p = np.exp(-ra * np.log1p(ma / ra))
+    cdf = p.copy()
+    k = 0
+    while active.size:
+        p = p * ma / (k + 1) if ra is None else p * (k + ra) / (k + 1) * q
+        cdf += p
+        k += 1
+        done = (ua <= cdf) | (k >= 400)
+        counts[active[done]] = k
+        keep = ~done
+        active, ma, ua, p, cdf = active[keep], ma[keep], ua[keep], p[keep], cdf[keep]
+        if ra is not None:
+            ra, q = ra[keep], q[keep]
+    return flat, counts
+
+
+def _coo_block_to_csr(flat: np.ndarray, counts: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
+    rows, cols = np.divmod(flat, shape[1])
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=shape[0]))])
+    return sp.csr_matrix((counts.astype(np.float32), cols.astype(np.int32), indptr), shape=shape)
+
+
+def _chunks(n: int) -> Iterable[slice]:
+    for start in range(0, n, CHUNK_CELLS):
+        yield slice(start, min(start + CHUNK_CELLS, n))
+
+
+def _simulate_gex(seq: np.random.SeedSequence, cells: pd.DataFrame, spec: LineSpec, li: int,
+                  genes: _Genes) -> sp.csr_matrix:
+    t = cells["cycle_position"].to_numpy()
+    s_prog, g_prog = _programs(cells["program_time"].to_numpy(), spec)
+    log_lib = np.log(cells["gex_library_factor"].to_numpy() * (1.0 + SIZE_GROWTH * t))
+    states = cells[[f"state_{k + 1}" for k in range(N_STATES)]].to_numpy()
+    base = genes.log_mean + (genes.line_offset if li == 1 else 0.0)
+    amp_s, amp_g = genes.amp_s[li], genes.amp_g[li]
+    r = genes.inv_dispersion.astype(np.float32)
+    blocks = []
+    chunk_slices = list(_chunks(len(cells)))
+    for sl, child in zip(chunk_slices, seq.spawn(len(chunk_slices))):
+        rng = np.random.default_rng(child)
+        log_mu = (base[None, :] + log_lib[sl, None] + np.outer(s_prog[sl], amp_s)
+                  + np.outer(g_prog[sl], amp_g) + states[sl] @ genes.state_loadings).astype(np.float32)
+        mu = np.exp(log_mu, out=log_mu)
+        flat, counts = _sample_counts(rng, mu, r)
+        blocks.append(_coo_block_to_csr(flat, counts, mu.shape))
+    return sp.vstack(blocks, format="csr")
+
+
+def _simulate_peaks(seq: np.random.SeedSequence, cells: pd.DataFrame, spec: LineSpec, li: int,
+                    sites: _Sites, model: _SiteModel, peaks: _PeakSet) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Insertion counts over the line's peak columns, and each cell's DNA content."""
+    cols = peaks.sites
+    t = cells["cycle_position"].to_numpy()
+    phase = cells["phase_code"].to_numpy()
+    progress = cells["s_progress"].to_numpy()
+    s_prog, g_prog = _programs(cells["program_time"].to_numpy(), spec)
+    compartment = cells["compartment"].to_numpy()
+    depth = cells["atac_depth_factor"].to_numpy()
+    states = cells[[f"state_{k + 1}" for k in range(N_STATES)]].to_numpy()
+    base = model.base[li][cols].astype(np.float32)
+    amp_s, amp_g = model.amp_s[li][cols], model.amp_g[li][cols]
+    loadings = model.state_loadings[:, cols]
+    rt = sites.rt[li][sites.rt_bin[cols]]
+    bins = sites.rt_bin[cols]
+    promoter_cols = np.flatnonzero(model.promoter_of[cols] != "")
+    tss = cells["tss_enrichment"].to_numpy()
+    # Background fragments land anywhere in proportion to peak width, not accessibility.
+    width = sites.width[cols]
+    bg_level = spec.atac_background / (1.0 - spec.atac_background) * float(base.mean())
+    background = (bg_level * width / width.mean()).astype(np.float32)
+    n_peak_cols = len(peaks.table)
+    dna = np.ones(len(cells))
+
+    blocks = []
+    chunk_slices = list(_chunks(len(cells)))
+    for sl, child in zip(chunk_slices, seq.spawn(len(chunk_slices))):
+        rng = np.random.default_rng(child)
+        cn, dna[sl] = _copy_number(rng, phase[sl], progress[sl], rt, bins, sites.n_bins)
+        per_copy = np.where(phase[sl] == 2, G2M_PER_COPY, 1.0)
+        log_mod = (np.outer(s_prog[sl], amp_s) + np.outer(g_prog[sl], amp_g)
+                   + states[sl] @ loadings + np.outer(compartment[sl], 0.5 - rt)).astype(np.float32)
+        lam = np.exp(log_mod, out=log_mod)
+        lam *= base[None, :]
+        lam *= per_copy[:, None].astype(np.float32)
+        lam += background[None, :]
+        lam *= (ATAC_SCALE * depth[sl, None]).astype(np.float32)
+        lam[:, promoter_cols] *= tss[sl, None].astype(np.float32)
+        lam *= cn
+        flat, fragments = _sample_counts(rng, lam)
+        insertions = fragments + rng.binomial(fragments, INSERT_BOTH_ENDS)
+        blocks.append(_split_to_peaks(rng, flat, insertions, lam.shape, peaks, n_peak_cols))
+    return sp.vstack(blocks, format="csr"), dna
+
+
+def _copy_number(rng: np.random.Generator, phase: np.ndarray, progress: np.ndarray,
+                 rt: np.ndarray, bins: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Accessible copies (float32 cells x sites) and DNA content (1..2) per cell.
+
+    In S a replicated site has 1 + NASCENT_ACCESS accessible copies (nascent
+    chromatin is still maturing); G2M cells have two mature copies everywhere.
+    """
+    cn = np.where(phase == 2, 2.0, 1.0).astype(np.float32)[:, None].repeat(rt.size, axis=1)
+    dna = np.where(phase == 2, 2.0, 1.0)
+    in_s = np.flatnonzero(phase == 1)
+    if in_s.size:
+        jitter = rng.normal(0.0, RT_JITTER, (in_s.size, n_bins)).astype(np.float32)
+        replicated = progress[in_s, None] > (rt[None, :] + jitter[:, bins])
+        dna[in_s] = 1.0 + replicated.mean(axis=1)
+        cn[in_s] += np.float32(NASCENT_ACCESS) * replicated
+    return cn, dna
+
+
+def _split_to_peaks(rng: np.random.Generator, flat: np.ndarray, counts: np.ndarray,
+                    shape: tuple[int, int], peaks: _PeakSet, n_cols: int) -> sp.csr_matrix:
+    """Site-level counts -> peak columns; split sites share their insertions binomially."""
+    rows, site_col = np.divmod(flat, shape[1])
+    col = peaks.col_of_site[site_col]
+    frac = peaks.split_frac[site_col]
+    is_split = frac > 0
+    if is_split.any():
+        first = rng.binomial(counts[is_split], frac[is_split])
+        second = counts[is_split] - first
+        rows = np.concatenate([rows[~is_split], rows[is_split], rows[is_split]])
+        col = np.concatenate([col[~is_split], col[is_split], col[is_split] + 1])
+        counts = np.concatenate([counts[~is_split], first, second])
+    X = sp.csr_matrix((counts.astype(np.float32), (rows, col)), shape=(shape[0], n_cols))
+    X.eliminate_zeros()
+    return X
+
+
+# ------------------------------------------------------------------- public
+
+
+def _resolve_size(size: str | SimSize) -> SimSize:
+    if isinstance(size, SimSize):
+        return size
+    try:
+        return SIZES[size]
+    except KeyError:
+        raise ValueError(f"unknown simulation size {size!r}; choose one of {sorted(SIZES)} "
+                         "or pass a SimSize") from None
+
+
+def simulate_pair(size: str | SimSize = "tiny", seed: int = 0) -> tuple[SimulatedLine, SimulatedLine]:
+    """Simulate the training line (simA) and the test line (simB); see the module docstring."""
+    size = _resolve_size(size)
+    streams = _Streams(seed)
+    sites = _make_sites(streams.rng("genome"), size.n_sites)
+    genes = _make_genes(streams.rng("genes"), size.n_genes, sites)
+    model = _make_site_model(streams.rng("sites"), sites, genes)
+    peak_sets = _call_peaks(streams.rng("calls"), sites, model, size)
+    barcodes = _make_barcodes(streams.rng("barcodes"), size.n_cells_a + size.n_cells_b)
+    split_bc = (barcodes[: size.n_cells_a], barcodes[size.n_cells_a:])
+
+    lines = []
+    for li, spec in enumerate(LINE_SPECS):
+        cells_seq, gex_seq, peak_seq = streams.line_seq(li).spawn(3)
+        cells = _make_cells(np.random.default_rng(cells_seq), spec, split_bc[li])
+        X_gex = _simulate_gex(gex_seq, cells, spec, li, genes)
+        X_peak, dna = _simulate_peaks(peak_seq, cells, spec, li, sites, model, peak_sets[li])
+        lines.append(_assemble_line(spec, li, cells, genes, peak_sets[li], X_gex, X_peak, dna, seed))
+    return lines[0], lines[1]
+
+
+def _assemble_line(spec: LineSpec, li: int, cells: pd.DataFrame, genes: _Genes, peaks: _PeakSet,
+                   X_gex: sp.csr_matrix, X_peak: sp.csr_matrix, dna: np.ndarray, seed: int) -> SimulatedLine:
+    labels = cells["phase_code"].to_numpy().astype(np.int8)
+    meta = {"simulated": True, "seed": int(seed), "line": spec.name}
+    gex = make_matrix(X_gex, cells["barcode"], genes.table["symbol"], labels, modality="gex",
+                      name=f"{spec.name}_gex", source=f"simulate:{spec.name}",
+                      feature_ids=genes.table["gene_id"], meta=meta)
+    peak = make_matrix(X_peak, cells["barcode"], peaks.table["name"], labels, modality="peak",
+                       name=f"{spec.name}_peak", source=f"simulate:{spec.name}", meta=meta)
+    truth = cells.drop(columns="phase_code").copy()
+    truth.insert(truth.columns.get_loc("s_progress") + 1, "dna_content", dna)
+    truth["gex_total_counts"] = np.asarray(X_gex.sum(axis=1)).ravel().astype(np.int64)
+    truth["peak_total_counts"] = np.asarray(X_peak.sum(axis=1)).ravel().astype(np.int64)
+    gene_table = genes.table.copy()
+    gene_table["amp_s"] = genes.amp_s[li]
+    gene_table["amp_g2m"] = genes.amp_g[li]
+    gene_table["base_mean"] = np.exp(genes.log_mean + (genes.line_offset if li == 1 else 0.0))
+    return SimulatedLine(spec.name, gex, peak, truth, gene_table, peaks.table.copy())
+
+
+def write_simulation(lines: Iterable[SimulatedLine], out_dir: str | Path,
+                     formats: Iterable[str] = ("csv", "h5ad", "10x")) -> dict[str, list[Path]]:
+    """Write simulated lines in the users' formats; returns {kind: [paths]}.
+
+    Per line ``<name>``:
+      csv   ``<name>_gex.csv``, ``<name>_peak.csv`` (seed layout: cells as rows)
+      h5ad  ``<name>_gex.h5ad``, ``<name>_peak.h5ad`` (labels in obs['phase'])
+      10x   ``<name>_filtered_feature_bc_matrix.h5`` (Cell Ranger ARC layout, no labels)
+    and always ``<name>_labels.csv`` (barcode,phase) under "labels" and
+    ``<name>_truth.csv`` under "truth".
+    """
+    from .writers import write_10x_h5, write_h5ad, write_seed_csv
+
+    formats = tuple(formats)
+    unknown = set(formats) - {"csv", "h5ad", "10x"}
+    if unknown:
+        raise ValueError(f"unknown format(s) {sorted(unknown)}; choose from csv, h5ad, 10x")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, list[Path]] = {kind: [] for kind in (*formats, "labels", "truth")}
+    for line in lines:
+        labels_path = out / f"{line.name}_labels.csv"
+        if "csv" in formats:
+            for ds in (line.gex, line.peak):
+                path = out / f"{line.name}_{ds.modality}.csv"
+                write_seed_csv(ds, path)
+                written["csv"].append(path)
+        if "h5ad" in formats:
+            for ds in (line.gex, line.peak):
+                path = out / f"{line.name}_{ds.modality}.h5ad"
+                write_h5ad(ds, path)
+                written["h5ad"].append(path)
+        if "10x" in formats:
+            path = out / f"{line.name}_filtered_feature_bc_matrix.h5"
+            intervals = None if line.genes is None else line.genes["interval"].to_numpy()
+            write_10x_h5(line.gex, line.peak, path, gene_intervals=intervals)
+            written["10x"].append(path)
+        _write_labels(line, labels_path)
+        written["labels"].append(labels_path)
+        truth_path = out / f"{line.name}_truth.csv"
+        line.truth.to_csv(truth_path, index=False)
+        written["truth"].append(truth_path)
+    return written
+
+
+def _write_labels(line: SimulatedLine, path: Path) -> None:
+    from .writers import write_labels_csv
+
+    write_labels_csv(line.gex, path)

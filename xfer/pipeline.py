@@ -1,0 +1,246 @@
+"""`xfer train` and `xfer baseline`: inputs -> embeddings -> the one loop -> honest evaluation.
+
+The test line (--test_csv / --sup_peak_csv) is read only to be scored at the
+end: its features are mapped onto the training line's feature spaces and
+standardised with its own (label-free) statistics, and its labels are read by
+the final evaluation alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .baselines import run_baselines
+from .config import TrainConfig
+from .data.dataset import CellMatrix
+from .data.embed_store import EmbeddingStore
+from .data.inputs import load_inputs
+from .embed import embed_lines, make_embedder
+from .errors import ConfigError
+from .evaluate import METRIC_KEYS, classification_metrics, predictions_table
+from .prepare import LineInputs, PeakPreprocessor, TrainData, prepare_line, prepare_training
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("gex_val", "gex_test", "peak_val", "peak_test")  # the seed's four table columns
+
+# command-line flags that set config keys (seed spellings where the seed had them)
+CONFIG_FLAGS = {
+    "arch_type": "arch", "divergence_type": "divergence", "epochs": "epochs", "seed": "seed",
+    "source_model": "source_model", "peak_filter": "peak_filter", "use_peak_mapper": "use_peak_mapper",
+    "peak_mapper_method": "peak_mapper_method", "peak_impute_strategy": "peak_impute_strategy",
+    "use_cdann": "use_cdann", "batch_size": "batch_size", "lr": "lr", "patience": "patience",
+    "lambda_balance": "lambda_balance", "lambda_entropy": "lambda_entropy",
+    "lambda_target_class": "lambda_target_class", "metric": "metric",
+}
+
+
+def add_train_arguments(parser) -> None:
+    import argparse
+
+    g = parser.add_argument_group("model and training (override --config_path)")
+    g.add_argument("--config_path", help="best_params.json from `xfer tune` (or a JSON/YAML of config keys)")
+    g.add_argument("--source_model", help="expression embedder (default pca)")
+    g.add_argument("--n_components", type=int, help="pca: embedding width (default 64)")
+    g.add_argument("--arch_type", help="peak encoder: dae | vae | contrastive | hybrid | mlp")
+    g.add_argument("--divergence_type", help="mmd | kl | jensen | coral")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch_size", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--patience", type=int, help="early stopping patience in epochs")
+    g.add_argument("--metric", help="validation metric: balanced_accuracy | accuracy | macro_f1")
+    g.add_argument("--lambda_balance", type=float)
+    g.add_argument("--lambda_entropy", type=float)
+    g.add_argument("--lambda_target_class", type=float)
+    g.add_argument("--use_cdann", action=argparse.BooleanOptionalAction, default=None,
+                   help="class-conditional adversary (default on); --no-use_cdann: plain DANN")
+    g.add_argument("--use_peak_mapper", action=argparse.BooleanOptionalAction, default=None,
+                   help="map the test line's peaks by genomic coordinates (default on)")
+    g.add_argument("--peak_mapper_method", help="exact | overlap | overlap_50pct | nearest")
+    g.add_argument("--peak_impute_strategy", help="zero | mean")
+    g.add_argument("--peak_filter", type=float, help="keep peaks non-zero in >= this fraction of training cells")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other config key (repeatable), e.g. --set lambda_domain=0.5")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--output_folder", required=True)
+
+
+def build_config(args) -> TrainConfig:
+    cfg = TrainConfig.from_file(args.config_path) if getattr(args, "config_path", None) else TrainConfig()
+    over = {}
+    for flag, key in CONFIG_FLAGS.items():
+        v = getattr(args, flag, None)
+        if v is not None:
+            over[key] = v
+    if getattr(args, "n_components", None) is not None:
+        over["n_components"] = args.n_components
+    for item in getattr(args, "set", []) or []:
+        if "=" not in item:
+            raise ConfigError(item, "--set takes KEY=VALUE")
+        k, v = item.split("=", 1)
+        over[k.strip()] = _parse_value(v.strip())
+    # an --arch_type that differs from the config file's drops that arch's own parameters
+    if "arch" in over and over["arch"] != cfg.model.arch:
+        cfg = TrainConfig.from_dict({**{k: v for k, v in cfg.to_flat().items()
+                                        if k not in _arch_only(cfg.model.arch)}, "arch": over["arch"]})
+    return TrainConfig.from_dict(over, base=cfg, source="command line")
+
+
+def _arch_only(arch: str) -> set:
+    from .config import ARCH_PARAMS
+    return set(ARCH_PARAMS[arch])
+
+
+def _parse_value(v: str):
+    for conv in (int, float):
+        try:
+            return conv(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(v.lower(), v)
+
+
+# ----------------------------------------------------------------------------- preparation
+
+@dataclass
+class Prepared:
+    cfg: TrainConfig
+    inputs: dict[str, CellMatrix]
+    train: TrainData
+    pre: PeakPreprocessor
+    test: LineInputs | None
+    test_peak_counts: object  # the test line's raw peak counts on the kept peaks (or None)
+    embeddings: dict
+
+
+def prepare(args, cfg: TrainConfig) -> Prepared:
+    inputs = load_inputs(args, require=("src", "tgt"))
+    src, tgt = inputs["src"], inputs["tgt"]
+    test_gex, test_peak = inputs.get("test"), inputs.get("sup_peak")
+    embedder = make_embedder(cfg.data.source_model, n_components=cfg.data.n_components)
+    store = EmbeddingStore(args.store)
+    embs = embed_lines(embedder, src, {"test": test_gex} if test_gex is not None else {}, store=store)
+    train, pre = prepare_training(src, tgt, embs["train"], cfg.data, cfg.optim.seed, embedder_state=embedder.state()
+                                  if hasattr(embedder, "components_") and embedder.components_ is not None else
+                                  {"name": embedder.name, "settings": embedder.settings()})
+    test, counts = None, None
+    if test_gex is not None or test_peak is not None:
+        counts = pre.map_counts(test_peak) if test_peak is not None else None
+        test = prepare_line((test_gex or test_peak).name, pre, gex=test_gex, emb=embs.get("test"), peak_counts=counts)
+    return Prepared(cfg=cfg, inputs=inputs, train=train, pre=pre, test=test, test_peak_counts=counts,
+                    embeddings=embs)
+
+
+def baselines_for(p: Prepared) -> dict:
+    t = p.test
+    return run_baselines(
+        peaks_a=p.pre.training_counts(p.inputs["tgt"]), y_a=p.train.line.labels,
+        train_idx=p.train.train_idx, val_idx=p.train.val_idx,
+        peaks_b=p.test_peak_counts, y_b=None if t is None else t.labels,
+        emb_a=p.train.line.emb, emb_b=None if t is None else t.emb,
+        gex_a=p.inputs["src"], gex_b=p.inputs.get("test"), seed=p.cfg.optim.seed)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o).__name__)
+
+
+def format_table(metrics: dict, key: str = "balanced_accuracy") -> str:
+    """The seed's four columns for the model and every baseline (one metric)."""
+    rows = [("model", {s: metrics.get(s, {}) for s in SPLITS})]
+    rows += [(f"  {name}", res) for name, res in metrics.get("baselines", {}).items()]
+    lines = [f"{key:24s}" + "".join(f"{s:>11s}" for s in SPLITS)]
+    for name, res in rows:
+        cells = "".join(f"{res[s][key]:11.3f}" if s in res and key in res[s] else f"{'-':>11s}" for s in SPLITS)
+        lines.append(f"{name:24s}{cells}")
+    maj = {s: metrics[s]["majority_rate"] for s in SPLITS if s in metrics and "majority_rate" in metrics[s]}
+    lines.append(f"{'majority-class rate':24s}" + "".join(f"{maj[s]:11.3f}" if s in maj else f"{'-':>11s}" for s in SPLITS))
+    return "\n".join(lines)
+
+
+def evaluate_model(model, p: Prepared, out: Path | None = None) -> dict:
+    """Score the final model on the four splits and write predictions_<split>.csv."""
+    from .train import line_stats_tensors, predict
+
+    device = next(model.parameters()).device
+    line, va = p.train.line, p.train.val_idx
+    res = {}
+    preds = predict(model, line.emb[va], line.peaks[va], device=device)
+    splits = {"gex_val": (line.barcodes[va], line.labels[va], preds["gex"]),
+              "peak_val": (line.barcodes[va], line.labels[va], preds["peak"])}
+    if p.test is not None:
+        t = p.test
+        tp = predict(model, t.emb, t.peaks, stats=line_stats_tensors(t, device) if p.cfg.data.line_norm else None,
+                     device=device)
+        if "gex" in tp:
+            splits["gex_test"] = (t.barcodes, t.labels, tp["gex"])
+        if "peak" in tp:
+            splits["peak_test"] = (t.barcodes, t.labels, tp["peak"])
+    for split, (bc, y, probs) in splits.items():
+        if y is not None:
+            res[split] = classification_metrics(y, probs.argmax(1))
+        if out is not None:
+            predictions_table(bc, y, probs).to_csv(out / f"predictions_{split}.csv", index=False)
+    return res
+
+
+def run_train(args) -> dict:
+    from .train import fit, save_checkpoint
+
+    t0 = time.perf_counter()
+    cfg = build_config(args)
+    out = Path(args.output_folder)
+    out.mkdir(parents=True, exist_ok=True)
+    p = prepare(args, cfg)
+    log.info("training line: %d cells (%d train / %d val), %d peaks after the filter, %d-D %s embedding",
+             p.train.line.barcodes.shape[0], len(p.train.train_idx), len(p.train.val_idx), p.train.n_peaks,
+             p.train.emb_dim, cfg.data.source_model)
+
+    def report(m, _ckpt):
+        if m["epoch"] == 1 or m["epoch"] % 10 == 0 or m.get("improved") or m.get("stopped_early"):
+            log.info("epoch %3d  loss %.3f  gex_val %.3f  peak_val %.3f%s", m["epoch"], m["loss/total"],
+                     m[f"gex_val_{cfg.optim.metric}"], m[f"peak_val_{cfg.optim.metric}"],
+                     "  *" if m.get("improved") else "")
+
+    result = fit(cfg, p.train, report, device=args.device)
+    save_checkpoint(result.checkpoint, out / "best_model.pt")
+    _write_json(out / "training_history.json", result.history)
+    metrics = evaluate_model(result.model, p, out)
+    metrics["baselines"] = baselines_for(p)
+    metrics["model"] = {"best_epoch": result.best_epoch, "best_val_metric": result.best_metric,
+                        "metric": f"peak_val_{cfg.optim.metric}", "stopped_early": result.stopped_early,
+                        "epochs_run": len(result.history), "train_seconds": round(result.seconds, 2),
+                        "config": cfg.to_flat(), "peak_mapping": p.pre.mapping_stats,
+                        "n_peaks": p.train.n_peaks, "wall_seconds": round(time.perf_counter() - t0, 2)}
+    _write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def run_baseline(args) -> dict:
+    cfg = build_config(args)
+    out = Path(args.output_folder)
+    out.mkdir(parents=True, exist_ok=True)
+    p = prepare(args, cfg)
+    metrics = {"baselines": baselines_for(p)}
+    _write_json(out / "metrics.json", metrics)
+    return metrics
