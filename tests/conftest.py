@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+# Tests run two xdist workers on two cores: one thread each, or OpenMP spin-waits
+# make small torch ops ~20x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,6 +20,11 @@ BARCODES = [f"AAACGT{''.join('ACGT'[(i >> (2 * k)) & 3] for k in range(6))}CA-1"
 GENES = ["MCM5", "PCNA", "TOP2A", "MKI67", "GAPDH", "ACTB"]
 PEAKS = ["chr1:100-600", "chr1:1000-1500", "chr2:50-400", "chr2:900-1300", "chrX:10-300"]
 PHASES_OF = ["G1", "S", "G2M", "G1"] * 3
+
+
+def pytest_configure(config):
+    import torch
+    torch.set_num_threads(1)
 
 
 def _counts(n, m, seed, density=0.4):
@@ -60,3 +72,30 @@ def seed_files(tmp_path):
         "labels": write_labels(tmp_path / "L_labels.csv", BARCODES, PHASES_OF),
         "X_gex": gx, "X_peak": pk, "dir": tmp_path,
     }
+
+
+# ----------------------------------------------------------------------------- training fixtures
+
+SMALL_MODEL = {"hidden_dim": 64, "latent_dim": 32, "proj_hidden": 64, "cls_hidden": 32, "disc_hidden": 64,
+               "batch_size": 64, "epochs": 3, "n_components": 16, "warmup_epochs": 1}
+
+
+@pytest.fixture(scope="session")
+def tiny_pair():
+    from xfer.data.simulate import simulate_pair
+    return simulate_pair("tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_train(tiny_pair):
+    """(cfg, TrainData, PeakPreprocessor, test LineInputs) on the tiny simulated pair."""
+    from xfer.config import TrainConfig
+    from xfer.embed import PCAEmbedder, embed_lines
+    from xfer.prepare import prepare_line, prepare_training
+
+    A, B = tiny_pair
+    cfg = TrainConfig.from_dict(SMALL_MODEL)
+    emb = embed_lines(PCAEmbedder(cfg.data.n_components), A.gex, {"test": B.gex})
+    data, pre = prepare_training(A.gex, A.peak, emb["train"], cfg.data, cfg.optim.seed)
+    test = prepare_line("B", pre, gex=B.gex, emb=emb["test"], peaks=B.peak)
+    return cfg, data, pre, test

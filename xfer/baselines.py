@@ -128,8 +128,10 @@ def run_baselines(*, peaks_a: sp.csr_matrix, y_a: np.ndarray, train_idx: np.ndar
         out.setdefault(name, {})[split] = classification_metrics(y_true, y_pred)
 
     major = int(np.bincount(ya_tr, minlength=N_PHASES).argmax())
-    for split, y in (("gex_val", ya_va), ("peak_val", ya_va), ("gex_test", y_b), ("peak_test", y_b)):
-        if y is not None:
+    has_gex_b = emb_b is not None or gex_b is not None
+    for split, y, present in (("gex_val", ya_va, True), ("peak_val", ya_va, True),
+                              ("gex_test", y_b, has_gex_b), ("peak_test", y_b, peaks_b is not None)):
+        if y is not None and present:
             score("majority", split, y, np.full(len(y), major))
 
     # naive LSI + LR, fitted on the training cells of the training line

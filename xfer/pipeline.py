@@ -134,7 +134,8 @@ def prepare(args, cfg: TrainConfig) -> Prepared:
     test, counts = None, None
     if test_gex is not None or test_peak is not None:
         counts = pre.map_counts(test_peak) if test_peak is not None else None
-        test = prepare_line((test_gex or test_peak).name, pre, gex=test_gex, emb=embs.get("test"), peak_counts=counts)
+        test = prepare_line((test_gex or test_peak).name, pre, gex=test_gex, emb=embs.get("test"), peaks=test_peak,
+                            peak_counts=counts)
     return Prepared(cfg=cfg, inputs=inputs, train=train, pre=pre, test=test, test_peak_counts=counts,
                     embeddings=embs)
 

@@ -74,7 +74,7 @@ class Rows:
         self.resident = nbytes <= budget_bytes
         if self.resident:
             dense = X.toarray() if sp.issparse(X) else np.asarray(X)
-            self.full = torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)).to(device, dtype)
+            self.full = torch.tensor(dense, dtype=torch.float32).to(device, dtype)
             self.host = None
         else:
             self.full = None
@@ -109,6 +109,18 @@ class FitResult:
     stopped_early: bool = False
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+
+
+def _cpu_copy(obj):
+    """A detached CPU copy of a (nested) state dict: later training steps must not
+    change a checkpoint that was already handed out."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return copy.deepcopy(obj)
 
 
 def _np_to_torch(obj):
@@ -215,9 +227,9 @@ def fit(cfg: TrainConfig, data: TrainData, report: Report | None = None, *,
                 "best_metric": float(best["metric"]), "best_epoch": int(best["epoch"]),
                 "metric_name": f"peak_val_{o.metric}", "model": state,
                 "best_model": None if best["epoch"] == epoch else best["state"],
-                "optimizer": opt.state_dict(), "since_best": since_best,
+                "optimizer": _cpu_copy(opt.state_dict()), "since_best": since_best,
                 "dims": {"emb_dim": data.emb_dim, "n_peaks": data.n_peaks},
-                "preprocess": _np_to_torch(data.preprocess), "history": history,
+                "preprocess": _np_to_torch(data.preprocess), "history": list(history),
                 "rng": {"torch": torch.get_rng_state(), "numpy": rng.bit_generator.state},
             }
         return build

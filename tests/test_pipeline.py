@@ -1,0 +1,99 @@
+"""`xfer train` / `xfer baseline` end to end on the tiny simulated pair, and the no-leakage proof."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import SMALL_MODEL
+from xfer.cli import main
+from xfer.data.store import CellStore
+
+SETS = [f"--set={k}={v}" for k, v in SMALL_MODEL.items() if k not in ("epochs", "batch_size")]
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory, tiny_pair):
+    root = tmp_path_factory.mktemp("store")
+    store = CellStore(str(root))
+    A, B = tiny_pair
+    for ds, name in ((A.gex, "A_GEX"), (A.peak, "A_PEAK"), (B.gex, "B_GEX"), (B.peak, "B_PEAK")):
+        store.write(ds, name)
+    # the test line again, with every label changed (G1->S->G2M->G1)
+    for ds, name in ((B.gex, "B_GEX_relabelled"), (B.peak, "B_PEAK_relabelled")):
+        store.write(ds.with_labels((ds.labels + 1) % 3), name)
+    return root
+
+
+def _train(store, out, test_suffix="", extra=()):
+    args = ["train", "--store", str(store), "--src_csv", "store:A_GEX", "--tgt_csv", "store:A_PEAK",
+            "--test_csv", f"store:B_GEX{test_suffix}", "--sup_peak_csv", f"store:B_PEAK{test_suffix}",
+            "--epochs", "3", "--batch_size", "64", "--output_folder", str(out), "--device", "cpu", *SETS, *extra]
+    assert main(args) == 0
+
+
+def test_train_writes_every_output(tmp_path, tiny_store, capsys):
+    out = tmp_path / "run"
+    _train(tiny_store, out)
+    printed = capsys.readouterr().out
+    assert "peak_test" in printed and "lsi_aligned" in printed and "majority-class rate" in printed
+    m = json.loads((out / "metrics.json").read_text())
+    for split in ("gex_val", "gex_test", "peak_val", "peak_test"):
+        for key in ("accuracy", "balanced_accuracy", "macro_f1", "majority_rate", "n", "confusion"):
+            assert key in m[split], (split, key)
+        assert np.array(m[split]["confusion"]).shape == (3, 3)
+        assert np.array(m[split]["confusion"]).sum() == m[split]["n"]
+    assert set(m["baselines"]) == {"majority", "lsi_lr", "lsi_aligned", "lsi_coral", "gex_lr", "marker_score"}
+    assert m["baselines"]["lsi_aligned"]["peak_test"]["n"] == m["peak_test"]["n"]
+    pred = pd.read_csv(out / "predictions_peak_test.csv")
+    assert list(pred.columns) == ["barcode", "true", "predicted", "prob_G1", "prob_S", "prob_G2M"]
+    np.testing.assert_allclose(pred[["prob_G1", "prob_S", "prob_G2M"]].sum(1), 1.0, atol=1e-4)
+    hist = json.loads((out / "training_history.json").read_text())
+    assert [h["epoch"] for h in hist] == [1, 2, 3] and "loss/recon" in hist[0]
+    ck = torch.load(out / "best_model.pt", weights_only=True)
+    assert ck["config"]["optim"]["epochs"] == 3 and ck["epoch"] == m["model"]["best_epoch"]
+
+
+def test_no_test_label_reaches_training(tmp_path, tiny_store):
+    """Changing every test label leaves the weights and every training decision identical."""
+    _train(tiny_store, tmp_path / "a")
+    _train(tiny_store, tmp_path / "b", "_relabelled")
+    wa = torch.load(tmp_path / "a" / "best_model.pt", weights_only=True)
+    wb = torch.load(tmp_path / "b" / "best_model.pt", weights_only=True)
+    assert wa["epoch"] == wb["epoch"] and wa["best_metric"] == wb["best_metric"]
+    assert all(torch.equal(wa["model"][k], wb["model"][k]) for k in wa["model"])
+    strip = lambda h: [{k: v for k, v in e.items() if k != "epoch_seconds"} for e in h]
+    ha = json.loads((tmp_path / "a" / "training_history.json").read_text())
+    hb = json.loads((tmp_path / "b" / "training_history.json").read_text())
+    assert strip(ha) == strip(hb)
+    pa = pd.read_csv(tmp_path / "a" / "predictions_peak_test.csv")
+    pb = pd.read_csv(tmp_path / "b" / "predictions_peak_test.csv")
+    assert (pa["predicted"] == pb["predicted"]).all() and (pa["true"] != pb["true"]).all()
+    ma = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    mb = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert ma["peak_val"] == mb["peak_val"]  # validation is the training line's: unchanged
+
+
+def test_baseline_command(tmp_path, tiny_store, capsys):
+    out = tmp_path / "bl"
+    assert main(["baseline", "--store", str(tiny_store), "--src_csv", "store:A_GEX", "--tgt_csv", "store:A_PEAK",
+                 "--sup_peak_csv", "store:B_PEAK", "--output_folder", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["baselines"]["lsi_aligned"]["peak_test"]["n"] > 0
+    assert "gex_test" not in m["baselines"]["majority"]  # no --test_csv given
+
+
+def test_train_bad_config_names_the_key(tmp_path, tiny_store, capsys):
+    rc = main(["train", "--store", str(tiny_store), "--src_csv", "store:A_GEX", "--tgt_csv", "store:A_PEAK",
+               "--set", "lamda_domain=1", "--output_folder", str(tmp_path / "x")])
+    assert rc == 2
+    assert "config key 'lamda_domain': unknown key (did you mean 'lambda_domain'?)" in capsys.readouterr().err
+
+
+def test_train_requires_the_training_line(tmp_path, capsys):
+    assert main(["train", "--output_folder", str(tmp_path / "x")]) == 2
+    assert "--src_csv" in capsys.readouterr().err

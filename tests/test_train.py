@@ -1,0 +1,90 @@
+"""The one training loop: report cadence, reproducibility, resume, checkpoints, early stopping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from xfer.config import DIVERGENCES
+from xfer.train import fit, line_stats_tensors, load_checkpoint, predict, save_checkpoint
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_reports_once_per_epoch_with_named_metrics(tiny_train):
+    cfg, data, _, _ = tiny_train
+    seen = []
+    res = fit(cfg, data, lambda m, ck: seen.append((m, ck)))
+    assert [m["epoch"] for m, _ in seen] == [1, 2, 3]
+    m = seen[-1][0]
+    for key in ("objective", "peak_val_balanced_accuracy", "peak_val_accuracy", "peak_val_macro_f1",
+                "gex_val_balanced_accuracy", "loss/total", "loss/class_source", "loss/class_target",
+                "loss/adversarial", "loss/divergence", "loss/recon"):
+        assert key in m, key
+    assert m["objective"] == m["peak_val_balanced_accuracy"]
+    ck = seen[0][1]()  # lazy checkpoint of epoch 1
+    assert ck["epoch"] == 1 and ck["format"] == "xfer.cdann/1"
+    assert res.best_metric == max(m["objective"] for m, _ in seen)
+
+
+def test_reproducible_on_cpu(tiny_train):
+    cfg, data, _, _ = tiny_train
+    a, b = fit(cfg, data), fit(cfg, data)
+    assert _same_state(a.checkpoint["model"], b.checkpoint["model"])
+    assert [h["loss/total"] for h in a.history] == [h["loss/total"] for h in b.history]
+    c = fit(cfg.replace(seed=1), data)
+    assert not _same_state(a.checkpoint["model"], c.checkpoint["model"])
+
+
+def test_resume_continues_exactly(tiny_train):
+    cfg, data, _, _ = tiny_train
+    cfg = cfg.replace(epochs=4, patience=10)
+    ckpts = {}
+    full = fit(cfg, data, lambda m, ck: ckpts.__setitem__(m["epoch"], ck()))
+    resumed = fit(cfg, data, resume=ckpts[2])
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
+    assert _same_state(full.checkpoint["model"], resumed.checkpoint["model"])
+    assert resumed.best_epoch == full.best_epoch
+
+
+def test_early_stopping_counts_epochs(tiny_train):
+    cfg, data, _, _ = tiny_train
+    res = fit(cfg.replace(lr=1e-12, epochs=20, patience=2), data)  # nothing can improve after epoch 1
+    assert res.stopped_early and len(res.history) == 3 and res.best_epoch == 1
+    assert res.history[-1]["stopped_early"]
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("arch", ["vae", "contrastive", "hybrid"])
+def test_every_arch_and_divergence_trains(tiny_train, arch, divergence):
+    cfg, data, _, _ = tiny_train
+    res = fit(cfg.replace(arch=arch, divergence=divergence, epochs=2), data)
+    assert all(np.isfinite(h["loss/total"]) for h in res.history)
+
+
+def test_checkpoint_rebuilds_model(tmp_path, tiny_train):
+    cfg, data, _, test = tiny_train
+    res = fit(cfg, data)
+    save_checkpoint(res.checkpoint, tmp_path / "best_model.pt")
+    model, cfg2, ck = load_checkpoint(tmp_path / "best_model.pt")  # weights_only=True inside
+    assert cfg2 == cfg and ck["epoch"] == res.best_epoch
+    st = line_stats_tensors(test, "cpu")
+    a = predict(res.model, test.emb, test.peaks, stats=st)
+    b = predict(model, test.emb, test.peaks, stats=st)
+    np.testing.assert_allclose(a["peak"], b["peak"], rtol=1e-5, atol=1e-6)
+    assert ck["preprocess"]["peaks"]["peak_names"][:3] == list(data.preprocess["peaks"]["peak_names"][:3])
+
+
+def test_checkpoint_rejects_foreign_pickle(tmp_path):
+    import pickle
+    from xfer.errors import StoreError
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"x": Evil()}))
+    with pytest.raises(StoreError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "evil.pt")
