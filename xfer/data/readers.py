@@ -290,7 +290,7 @@ def read_csv_matrix(path, *, modality: str, label_path=None, label_column: str |
             n_rows += batch.num_rows
     except pa.ArrowInvalid as e:
         msg = str(e)
-        m = re.search(r"In CSV column #(\d+): CSV conversion error to float: invalid value '(.*)'", msg)
+        m = re.search(r"In CSV column #(\d+): (?:Row #\d+: )?CSV conversion error to float: invalid value '(.*)'", msg)
         if m:
             ci, val = int(m.group(1)), m.group(2)
             row = _locate_bad_value(path, delim, names, ci, val)

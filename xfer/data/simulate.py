@@ -4,19 +4,24 @@ No public single-cell ATAC data set comes with lab-measured cell-cycle phases,
 so this module stands in for one.  It simulates two cell lines ("simA" plays
 the training line, e.g. REH; "simB" the test line, e.g. SUP-B15), each with a
 gene-expression (GEX) and a chromatin-accessibility (PEAK) count matrix over
-the same cells, plus the ground truth behind them.
+the same cells, plus the ground truth behind them.  All numbers below are the
+module constants / ``LINE_SPECS``.
 
 Generative model
 ================
 
 Cells and the cycle
 -------------------
-Each cell gets a cycle position ``t`` drawn uniformly from [0, 1).  ``t`` is a
-population quantile (pseudotime), so the phase boundaries are the cumulative
-phase proportions of the line: G1 = [0, g1), S = [g1, g1 + s), G2M = the rest.
-The lines are G1-heavy with different proportions (simA 50/28/22 %, simB
-60/22/18 %).  S progress ``p = (t - g1) / s`` is 0 in G1, 1 in G2M.  Cells are
-written in barcode order, as Cell Ranger does, never in phase order.
+Each cell gets a cycle position ``t`` in [0, 1) (stratified uniform draws, so
+the realised phase proportions equal the line's).  ``t`` is a population
+quantile (pseudotime): the phase boundaries are the cumulative proportions,
+G1 = [0, g1), S = [g1, g1 + s), G2M = the rest.  The lines are G1-heavy with
+different proportions (simA 50/28/22 %, simB 60/22/18 %).  S progress
+``p = (t - g1) / s`` is 0 in G1 and 1 in G2M.  The label is the DNA-defined
+phase; the transcriptional programs run on a per-cell clock ``t + e``
+(e ~ N(0, 0.03)), so expression and phase disagree a little near boundaries,
+as with lab-measured labels.  Cells are written in barcode order, as Cell
+Ranger does, never in phase order.
 
 Replication and DNA content
 ---------------------------
@@ -24,89 +29,102 @@ The synthetic genome (chr1..chr22, chrX with hg38 lengths) is cut into 1 Mb
 bins; a smooth random field along each chromosome, squashed by a logistic,
 gives every bin a replication time ``rt`` in (0, 1) (early ~ 0, late ~ 1) with
 Mb-scale early and late domains.  The lines share most of the profile
-(correlation ~0.9) but some domains switch timing between them.  In an S cell
-a site is replicated when ``p > rt + jitter`` (jitter: per cell and bin,
-sd 0.06), doubling its copy number; G1 cells have copy number 1 everywhere and
-G2M cells 2.  ``dna_content`` (1..2) is 1 + the replicated fraction of the
-line's sites.
+(correlation 0.9); some domains switch timing between them.  In an S cell a
+site is replicated when ``p > rt + jitter`` (jitter per cell and bin, sd 0.12
+of S).  ``dna_content`` (1..2) is 1 in G1, 2 in G2M and 1 + the replicated
+fraction of the line's sites in S.
 
 Expression (GEX)
 ----------------
 Genes are the 97 Tirosh et al. (2016) markers (43 S, 54 G2/M) plus synthetic
 genes (``SIMG00001``...) up to ``n_genes``; ids are fake Ensembl ids
-(``ENSG9`` + 10 digits); features are in genomic order.  Each gene has a TSS on
-a regulatory site (its promoter).  The expected UMI count of gene g in cell c::
+(``ENSG9`` + 10 digits); features are in genomic order.  Each gene's TSS sits
+on a regulatory site (its promoter).  The mean UMI count of gene g in cell c::
 
-    mu = L_c * size(t) * m_g * exp(line_g + aS_g * S(t) + aG_g * G(t) + z_c . w_g)
+    mu = L_c * (1 + 0.8 t) * m_g * exp(line_g + aS_g S(t') + aG_g G(t') + z_c . w_g)
 
-* ``m_g``: baseline mean UMIs per cell, lognormal across genes (markers drawn
-  higher: they are well expressed in proliferating cells);
+* ``m_g``: baseline mean UMIs, lognormal over genes (median 0.04, log-sd 1.9;
+  markers drawn higher, median 0.8) - ~85 % zeros and ~4k genes per cell at
+  the seed size;
 * ``L_c``: capture/library factor, lognormal (sd 0.35), line-specific median;
-* ``size(t) = 1 + 0.8 t``: mRNA content grows through the cycle;
-* ``S(t)``, ``G(t)``: periodic (von Mises) programs in [0, 1].  S peaks mid-S
-  and starts rising in late G1; G2/M rises in late S, peaks in G2M and decays
-  into early G1 (daughter cells inherit G2/M transcripts);
-* ``aS``, ``aG``: per-gene log-amplitudes.  S markers: aS ~ Gamma (mean ~1.0,
-  a ~2.7x fold) plus a little G2/M; G2/M markers: aG (mean ~1.3) plus a little
-  S.  About 4 % of synthetic genes follow one program weakly (mean 0.3);
-* ``line_g``: per-gene line offset (sd 0.35 for simB relative to simA) and 4 %
-  of genes strongly line-specific (on in one line only); simB's program
-  amplitudes are also jittered per gene;
-* ``z_c . w_g``: three non-cycle cell states (e.g. metabolic / stress) that
-  load on ~10 % of genes and sites, with line-specific means.
+  ``1 + 0.8 t``: mRNA content grows through the cycle;
+* ``S``, ``G``: periodic (von Mises) programs in [0, 1] at the program clock
+  ``t'``.  S peaks mid-S and starts rising in late G1; G2/M rises in late S,
+  peaks in G2M and decays into early G1 (daughters inherit G2/M transcripts);
+* ``aS``, ``aG``: per-gene log-amplitudes.  S markers: aS ~ Gamma(4, 0.25)
+  (mean 1.0, a ~2.7x swing) plus a little G2/M; G2/M markers: aG ~
+  Gamma(4, 0.33) (mean 1.3) plus a little S.  About 4 % of synthetic genes
+  follow one program weakly (mean 0.3): real data has more cycle genes than
+  the markers;
+* ``line_g``: simB's per-gene offset (sd 0.35; 4 % of genes strongly
+  line-specific, +-2.5 on the log scale), recentred so simB's total
+  expression is unchanged; simB's amplitudes are jittered per gene (sd 0.15);
+* ``z_c . w_g``: three non-cycle cell states loading on ~10 % of genes and
+  sites, with line-specific means.
 
-Counts are negative binomial with per-gene dispersion (phi 0.05..0.5).
+Counts are negative binomial with per-gene dispersion phi in 0.05..0.5.
 
 Accessibility (PEAK)
 --------------------
-Regulatory sites are spread along the genome (min spacing 4 kb); promoter
-sites carry the genes.  The expected number of Tn5 fragments at site j::
+Regulatory sites are spread along the genome (>= 4 kb apart); about 28 % are
+gene promoters at the seed size.  The mean number of Tn5 fragments at site j
+in cell c::
 
-    lam = D_c * b_j * o_jl * cn_cj(t) * k(phase) * exp(gamma * (aS_g S(t) + aG_g G(t)) + z_c . v_j)
+    lam = s * D_c * cn_cj * [k * b_j * o_jl * exp(gamma (aS_g S + aG_g G) + z_c . v_j
+                                                  + q_c (0.5 - rt_j) + e_c [promoter]) + bg_j]
 
-* ``b_j``: baseline accessibility, Beta-distributed (distal sites mostly
-  closed; promoters more open, and more so for better-expressed genes); sites
-  in early-replicating domains are more open (active compartment);
-* ``o_jl``: per-line site offset (sd 0.35) and ~3 % of sites open in one line
-  only (x0.05 in the other);
-* ``cn_cj``: copy number 1 or 2 (replication, above) - total accessibility
-  grows with DNA content, the weak, real S-phase signal (early domains double
-  before late ones);
-* ``k(phase)``: 0.85 per copy in G2M (chromatin compaction);
+* ``b_j``: baseline accessibility, Beta(0.6, 12) for distal sites, Beta(1.5, 5)
+  for promoters (more for better-expressed genes); early-replicating sites are
+  more open (active compartment);
+* ``o_jl``: simB's per-site offset (log-sd 0.7, mean factor 1) and 8 % of the
+  sites open only in simA, 8 % only in simB (x0.05 in the other line);
+* ``cn_cj``: accessible copies - 1 in G1, 2 in G2M; in S a replicated site has
+  1.6 (nascent chromatin is less accessible until it matures).  Total
+  accessibility grows with DNA content, and early domains gain before late
+  ones: the real, weak S-phase signal;
+* ``k``: 0.85 per copy in G2M (chromatin compaction), else 1;
 * ``gamma = 0.25``: promoters of cycle genes follow their gene's programs
   weakly (a 4x expression swing is ~1.4x in accessibility);
-* ``D_c``: per-cell depth, lognormal (sd 0.45), line-specific median,
-  correlated (rho 0.4) with the GEX library factor as in Multiome data.
+* ``q_c`` ~ N(0, 0.2): per-cell early-vs-late (compartment) swing, a nuisance
+  that mimics replication; ``e_c`` ~ N(line, 0.25): per-cell promoter (TSS)
+  enrichment, library quality (simB +0.3);
+* ``bg_j``: background fragments in proportion to peak width (15 % of
+  in-peak fragments in simA, 35 % in simB: different FRiP);
+* ``D_c``: per-cell depth, lognormal (sd 0.45), line-specific median (simB
+  0.6x simA), correlated (rho 0.4) with the GEX library factor as in Multiome
+  data; ``s`` = 0.6 sets the overall sparsity.
 
-Fragments are Poisson; each fragment in a peak adds 1 or 2 Tn5 insertions
-(both cut sites fall in the peak half the time), so counts are mostly 0/1/2
-with ~92 % zeros.
+Fragments are Poisson; each adds 1 or 2 Tn5 insertions (both cut sites fall in
+the peak half the time), so counts are mostly 1 and 2 with ~91-92 % zeros.
 
 Peak calling
 ------------
-Each line calls its own peak set from the shared sites: the ~n_peaks sites
-with the highest (noisy) line-specific accessibility.  Most sites are called in
-both lines, some in one only.  15 % of the shared sites get identical
-coordinates in both lines; for the rest each line jitters both boundaries
-(sd ~50 bp, widths differ), so exact name matching fails for most peaks while
-a >= 1 bp overlap finds nearly all shared ones.  In simB ~2 % of the sites are
-called as two adjacent sub-peaks (their insertions split between them).
-Peaks are named ``chr1:1000-1500`` (start 0-based, end exclusive, as in BED)
-and sorted by position; simA calls ``n_peaks`` peaks, simB ~3 % more.
+Each line calls its own peak set from the shared sites: the sites with the
+highest (noisy, sd 0.7 on the log scale) line-specific accessibility.  Most
+sites are called in both lines, some in one only.  15 % of the shared sites
+get identical coordinates in both lines; otherwise each line jitters both
+boundaries (sd 50 bp) and widths differ, so exact name matching finds ~14 %
+of the peaks while a >= 1 bp overlap finds ~95 %.  In simB 2 % of the peaks
+are the two halves of a split site (insertions shared binomially), giving
+many-to-one matches.  Peaks are named ``chr1:1000-1500`` (start 0-based, end
+exclusive, as in BED), sorted and non-overlapping; simA calls ``n_peaks``
+peaks, simB 3 % more.
 
 Everything is deterministic given ``seed``: every random step draws from its
-own child of ``numpy.random.SeedSequence(seed)``; cells are generated in
-fixed chunks of 256 so the seed-size data never needs a dense cells x peaks
-array.
+own child of ``numpy.random.SeedSequence(seed)``.  Cells are generated in
+fixed chunks of 256, so the seed size (2 x ~7.5k cells, 28k genes, 92k peaks)
+never needs a dense cells x peaks array (about 2 minutes, < 3 GB on 2 cores).
 
 Honesty
 -------
 Plain baselines are deliberately not near-perfect: phases blend at their
-boundaries, G2/M transcripts linger into early G1, depths vary more than the
-cycle changes them, and the lines differ in depth, baseline expression and
-accessibility, replication timing and phase proportions.
-``bench/sim_difficulty.py`` prints the within-line and cross-line baseline
-accuracies.
+boundaries, the transcriptional clock is noisy, G2/M transcripts linger into
+early G1, depths vary more than the cycle changes them, compartment noise
+mimics replication, and the lines differ in depth, FRiP, TSS enrichment,
+baseline expression and accessibility, replication timing and phase
+proportions.  ``bench/sim_difficulty.py`` prints within-line and cross-line
+baseline accuracies (at size "small": expression LR ~0.8, peak LSI + LR
+~0.6-0.65, naive peak transfer A -> B ~0.47, per-line-aligned ~0.66).
 """
 
 from __future__ import annotations
@@ -137,6 +155,10 @@ __all__ = [
 
 # --------------------------------------------------------------------------- sizes
 
+N_TIROSH = 97
+PEAKS_B_RATIO = 1.03  # simB calls this many times simA's peaks
+CALLED_FRACTION = 0.92  # each line calls about this fraction of the shared sites
+
 
 @dataclass(frozen=True)
 class SimSize:
@@ -157,7 +179,7 @@ class SimSize:
         if self.n_genes > 0.9 * self.n_sites:
             raise ValueError(
                 f"SimSize: {self.n_genes} genes need promoter sites but n_peaks={self.n_peaks} "
-                f"gives only {self.n_sites} sites; use n_peaks >= ~{math.ceil(self.n_genes * 1.03)}"
+                f"gives only {self.n_sites} sites; use n_peaks >= n_genes"
             )
 
     @property
@@ -173,10 +195,6 @@ class SimSize:
         """Shared regulatory sites the two peak sets are called from."""
         return int(math.ceil(max(self.n_peaks_a, self.n_peaks_b) / CALLED_FRACTION))
 
-
-N_TIROSH = 97
-PEAKS_B_RATIO = 1.03
-CALLED_FRACTION = 0.92  # each line calls about this fraction of the sites
 
 SIZES: dict[str, SimSize] = {
     "tiny": SimSize(300, 320, 600, 2_000),
@@ -223,24 +241,26 @@ RT_SMOOTH_BINS = 2.5  # correlation length of the timing field, in bins
 RT_LINE_CORR = 0.9  # correlation of the two lines' timing fields
 RT_JITTER = 0.12  # per cell and bin replication-time jitter (in S-progress units)
 NASCENT_ACCESS = 0.6  # accessibility of a freshly replicated copy, relative to a mature one
-ATAC_SCALE = 0.6  # fragments per unit of b_j at median depth (sets the ~92 % zeros)
-TSS_ENRICHMENT_SD = 0.25
-PROGRAM_TIME_SD = 0.04  # transcriptional clock vs the DNA-defined phase (cycle fraction)
-COMPARTMENT_SD = 0.4  # per-cell early-vs-late (active compartment) accessibility swing  # per-cell log promoter enrichment (library quality)
-MIN_SITE_GAP = 4_000
+MIN_SITE_GAP = 4_000  # bp between site centres (called peaks never overlap)
+GENE_MEDIAN_UMI = 0.04  # median over genes of the mean UMIs per cell (G1, median library)
+GENE_LOG_SD = 1.9  # sd over genes of the log mean
 SIZE_GROWTH = 0.8  # mRNA content: 1 -> 1.8 over the cycle
-GEX_LIB_SD = 0.35
-ATAC_DEPTH_SD = 0.45
-DEPTH_CORR = 0.4
-G2M_PER_COPY = 0.85
-PROMOTER_COUPLING = 0.25
-INSERT_BOTH_ENDS = 0.5
-SHARED_IDENTICAL = 0.15
-SITE_LINE_SD = 0.35  # sd of simB's per-site log accessibility offset
-SITE_LINE_ONLY = 0.03  # share of sites open only in simA (and again only in simB)
-BOUNDARY_JITTER_SD = 50.0
-SPLIT_FRACTION_B = 0.02
-N_STATES = 3
+PROGRAM_TIME_SD = 0.03  # transcriptional clock vs the DNA-defined phase (cycle fraction)
+GEX_LIB_SD = 0.35  # per-cell log library factor
+ATAC_DEPTH_SD = 0.45  # per-cell log fragment depth
+DEPTH_CORR = 0.4  # correlation of the two log depths of a cell
+ATAC_SCALE = 0.6  # fragments per unit of b_j at median depth (sets the ~91 % zeros)
+TSS_ENRICHMENT_SD = 0.25  # per-cell log promoter enrichment (library quality)
+COMPARTMENT_SD = 0.2  # per-cell early-vs-late (active compartment) accessibility swing
+G2M_PER_COPY = 0.85  # chromatin compaction in G2/M
+PROMOTER_COUPLING = 0.25  # gamma: promoter accessibility per unit of gene log-amplitude
+INSERT_BOTH_ENDS = 0.5  # chance a fragment puts both its Tn5 insertions in the peak
+SITE_LINE_SD = 0.7  # sd of simB's per-site log accessibility offset
+SITE_LINE_ONLY = 0.08  # share of sites open only in simA (and again only in simB)
+SHARED_IDENTICAL = 0.15  # shared sites both lines call with identical boundaries
+BOUNDARY_JITTER_SD = 50.0  # bp, per peak boundary and line
+SPLIT_FRACTION_B = 0.02  # simB peaks that are halves of a split site
+N_STATES = 3  # non-cycle cell states
 CHUNK_CELLS = 256  # fixed, so the output does not depend on memory settings
 _LARGE_MEAN = 30.0  # above this, counts come from numpy's own samplers
 
@@ -254,8 +274,9 @@ class SimulatedLine:
 
     truth  one row per cell (same order as the matrices): barcode, line, phase,
            cycle_position (0..1), s_progress (0..1), dna_content (1..2),
-           gex_library_factor, atac_depth_factor, gex_total_counts,
-           peak_total_counts, state_1..state_3
+           program_time (the transcriptional clock), gex_library_factor,
+           atac_depth_factor, tss_enrichment, compartment, state_1..state_3,
+           gex_total_counts, peak_total_counts
     genes  one row per gene (matrix column order): gene_id, symbol, chrom,
            start, end, strand, interval, tirosh ('S' / 'G2M' / ''), amp_s,
            amp_g2m (this line's log-amplitudes), base_mean, promoter_site
@@ -391,7 +412,7 @@ def _make_genes(rng: np.random.Generator, n_genes: int, sites: _Sites) -> _Genes
     symbols, tirosh = symbols[order], tirosh[order]
     is_s, is_g = tirosh == "S", tirosh == "G2M"
 
-    log_mean = rng.normal(math.log(0.07), 1.6, n_genes)
+    log_mean = rng.normal(math.log(GENE_MEDIAN_UMI), GENE_LOG_SD, n_genes)
     log_mean[is_s | is_g] = rng.normal(math.log(0.8), 0.8, int((is_s | is_g).sum()))
 
     amp_s = np.zeros(n_genes)
@@ -411,6 +432,8 @@ def _make_genes(rng: np.random.Generator, n_genes: int, sites: _Sites) -> _Genes
     line_offset = rng.normal(0.0, 0.35, n_genes)
     specific = rng.random(n_genes) < 0.04
     line_offset[specific] = rng.choice([-1.0, 1.0], specific.sum()) * rng.normal(2.5, 0.5, specific.sum())
+    # Keep simB's total expression comparable, so its library factor means what it says.
+    line_offset -= np.log(np.exp(log_mean + line_offset).sum() / np.exp(log_mean).sum())
     jitter = np.exp(rng.normal(0.0, 0.15, (2, n_genes)))
     amp_s_b, amp_g_b = amp_s * jitter[0], amp_g * jitter[1]
 
@@ -461,7 +484,7 @@ def _make_site_model(rng: np.random.Generator, sites: _Sites, genes: _Genes) -> 
     base[prom] = rng.beta(1.5, 5.0, prom.size) * np.exp(np.clip(0.35 * expr_z, -1.0, 1.0))
     base *= np.exp(0.6 * (0.5 - sites.rt[0][sites.rt_bin]))  # early domains are more open
 
-    offset_b = rng.normal(0.0, SITE_LINE_SD, n)
+    offset_b = rng.normal(-0.5 * SITE_LINE_SD**2, SITE_LINE_SD, n)  # mean factor 1
     base_a, base_b = base.copy(), base * np.exp(offset_b)
     only = rng.random(n)
     base_b[only < SITE_LINE_ONLY] *= 0.05  # open in A only
@@ -517,7 +540,7 @@ def _call_peaks(rng: np.random.Generator, sites: _Sites, model: _SiteModel,
         end = np.maximum(end, start + 100)
         split = np.zeros(chosen.size, dtype=bool)
         if li == 1:  # exactly n_split_b wide-enough sites become two sub-peaks
-            wide = np.flatnonzero(end - start > 300)
+            wide = np.flatnonzero(end - start > 500)
             split[rng.choice(wide, size=min(n_split_b, wide.size), replace=False)] = True
         peak_sets.append(_build_peak_set(rng, sites, model, li, chosen, start, end, split))
     return peak_sets[0], peak_sets[1]
@@ -600,7 +623,7 @@ def _make_cells(rng: np.random.Generator, spec: LineSpec, barcodes: np.ndarray) 
     """The per-cell truth except the count totals and DNA content; sorted by barcode."""
     n = barcodes.size
     g1, s, _ = spec.phase_props
-    t = rng.random(n)
+    t = (rng.permutation(n) + rng.random(n)) / n  # stratified: proportions come out as specified
     phase = np.where(t < g1, 0, np.where(t < g1 + s, 1, 2)).astype(np.int8)
     progress = np.clip((t - g1) / s, 0.0, 1.0)
     z = rng.multivariate_normal([0.0, 0.0], [[1.0, DEPTH_CORR], [DEPTH_CORR, 1.0]], n)
@@ -693,19 +716,26 @@ def _chunks(n: int) -> Iterable[slice]:
 
 def _simulate_gex(seq: np.random.SeedSequence, cells: pd.DataFrame, spec: LineSpec, li: int,
                   genes: _Genes) -> sp.csr_matrix:
+    """UMI counts, cells x genes, generated in chunks of CHUNK_CELLS cells."""
     t = cells["cycle_position"].to_numpy()
     s_prog, g_prog = _programs(cells["program_time"].to_numpy(), spec)
-    log_lib = np.log(cells["gex_library_factor"].to_numpy() * (1.0 + SIZE_GROWTH * t))
-    states = cells[[f"state_{k + 1}" for k in range(N_STATES)]].to_numpy()
-    base = genes.log_mean + (genes.line_offset if li == 1 else 0.0)
+    log_lib = np.log(cells["gex_library_factor"].to_numpy() * (1.0 + SIZE_GROWTH * t)).astype(np.float32)
+    states = cells[[f"state_{k + 1}" for k in range(N_STATES)]].to_numpy(np.float32)
+    base = (genes.log_mean + (genes.line_offset if li == 1 else 0.0)).astype(np.float32)
     amp_s, amp_g = genes.amp_s[li], genes.amp_g[li]
+    cyc = np.flatnonzero((amp_s > 0) | (amp_g > 0))  # genes with a cycle program
+    amp_s, amp_g = amp_s[cyc].astype(np.float32), amp_g[cyc].astype(np.float32)
+    loadings = genes.state_loadings.astype(np.float32)
     r = genes.inv_dispersion.astype(np.float32)
     blocks = []
     chunk_slices = list(_chunks(len(cells)))
     for sl, child in zip(chunk_slices, seq.spawn(len(chunk_slices))):
         rng = np.random.default_rng(child)
-        log_mu = (base[None, :] + log_lib[sl, None] + np.outer(s_prog[sl], amp_s)
-                  + np.outer(g_prog[sl], amp_g) + states[sl] @ genes.state_loadings).astype(np.float32)
+        log_mu = states[sl] @ loadings
+        log_mu += base[None, :]
+        log_mu += log_lib[sl, None]
+        log_mu[:, cyc] += np.outer(s_prog[sl].astype(np.float32), amp_s) + np.outer(
+            g_prog[sl].astype(np.float32), amp_g)
         mu = np.exp(log_mu, out=log_mu)
         flat, counts = _sample_counts(rng, mu, r)
         blocks.append(_coo_block_to_csr(flat, counts, mu.shape))
@@ -714,26 +744,43 @@ def _simulate_gex(seq: np.random.SeedSequence, cells: pd.DataFrame, spec: LineSp
 
 def _simulate_peaks(seq: np.random.SeedSequence, cells: pd.DataFrame, spec: LineSpec, li: int,
                     sites: _Sites, model: _SiteModel, peaks: _PeakSet) -> tuple[sp.csr_matrix, np.ndarray]:
-    """Insertion counts over the line's peak columns, and each cell's DNA content."""
+    """Insertion counts over the line's peak columns, and each cell's DNA content.
+
+    Sites are simulated in a working order (cycle-gene promoters, other
+    promoters, distal sites) so the per-cell promoter terms touch contiguous
+    column blocks; ``_split_to_peaks`` maps them back to peak columns.
+    """
     cols = peaks.sites
-    t = cells["cycle_position"].to_numpy()
+    is_prom = model.promoter_of[cols] != ""
+    is_cyc = (model.amp_s[li][cols] > 0) | (model.amp_g[li][cols] > 0)
+    order = np.lexsort((np.arange(cols.size), ~is_prom, ~is_cyc))
+    cols = cols[order]
+    n_cyc, n_prom = int(is_cyc.sum()), int(is_prom.sum())
+    col_map, frac_map = peaks.col_of_site[order], peaks.split_frac[order]
+
+    f32 = np.float32
     phase = cells["phase_code"].to_numpy()
     progress = cells["s_progress"].to_numpy()
-    s_prog, g_prog = _programs(cells["program_time"].to_numpy(), spec)
-    compartment = cells["compartment"].to_numpy()
-    depth = cells["atac_depth_factor"].to_numpy()
-    states = cells[[f"state_{k + 1}" for k in range(N_STATES)]].to_numpy()
-    base = model.base[li][cols].astype(np.float32)
-    amp_s, amp_g = model.amp_s[li][cols], model.amp_g[li][cols]
-    loadings = model.state_loadings[:, cols]
+    s_prog, g_prog = (p.astype(f32) for p in _programs(cells["program_time"].to_numpy(), spec))
+    log_tss = np.log(cells["tss_enrichment"].to_numpy()).astype(f32)
+    compartment = cells["compartment"].to_numpy().astype(f32)
+    states = cells[[f"state_{k + 1}" for k in range(N_STATES)]].to_numpy(f32)
+    # Per-cell scale: depth, copies (G1 1, G2M 2; S handled per site below), compaction.
+    per_copy = np.where(phase == 2, G2M_PER_COPY, 1.0)
+    copies = np.where(phase == 2, 2.0, 1.0) * per_copy
+    row_scale = (ATAC_SCALE * cells["atac_depth_factor"].to_numpy()).astype(f32)
+
+    base = model.base[li][cols].astype(f32)
+    amp_s = model.amp_s[li][cols[:n_cyc]].astype(f32)
+    amp_g = model.amp_g[li][cols[:n_cyc]].astype(f32)
+    loadings = model.state_loadings[:, cols].astype(f32)
     rt = sites.rt[li][sites.rt_bin[cols]]
+    early = (0.5 - rt).astype(f32)
     bins = sites.rt_bin[cols]
-    promoter_cols = np.flatnonzero(model.promoter_of[cols] != "")
-    tss = cells["tss_enrichment"].to_numpy()
     # Background fragments land anywhere in proportion to peak width, not accessibility.
     width = sites.width[cols]
     bg_level = spec.atac_background / (1.0 - spec.atac_background) * float(base.mean())
-    background = (bg_level * width / width.mean()).astype(np.float32)
+    background = (bg_level * width / width.mean()).astype(f32)
     n_peak_cols = len(peaks.table)
     dna = np.ones(len(cells))
 
@@ -741,47 +788,49 @@ def _simulate_peaks(seq: np.random.SeedSequence, cells: pd.DataFrame, spec: Line
     chunk_slices = list(_chunks(len(cells)))
     for sl, child in zip(chunk_slices, seq.spawn(len(chunk_slices))):
         rng = np.random.default_rng(child)
-        cn, dna[sl] = _copy_number(rng, phase[sl], progress[sl], rt, bins, sites.n_bins)
-        per_copy = np.where(phase[sl] == 2, G2M_PER_COPY, 1.0)
-        log_mod = (np.outer(s_prog[sl], amp_s) + np.outer(g_prog[sl], amp_g)
-                   + states[sl] @ loadings + np.outer(compartment[sl], 0.5 - rt)).astype(np.float32)
+        log_mod = states[sl] @ loadings
+        log_mod += np.outer(compartment[sl], early)
+        log_mod[:, :n_prom] += log_tss[sl, None]
+        log_mod[:, :n_cyc] += np.outer(s_prog[sl], amp_s) + np.outer(g_prog[sl], amp_g)
         lam = np.exp(log_mod, out=log_mod)
         lam *= base[None, :]
-        lam *= per_copy[:, None].astype(np.float32)
-        lam += background[None, :]
-        lam *= (ATAC_SCALE * depth[sl, None]).astype(np.float32)
-        lam[:, promoter_cols] *= tss[sl, None].astype(np.float32)
-        lam *= cn
+        lam += background[None, :] / per_copy[sl, None].astype(f32)  # compaction spares background
+        lam *= (row_scale[sl] * copies[sl]).astype(f32)[:, None]
+        in_s, gain, dna[sl] = _replication(rng, phase[sl], progress[sl], rt, bins, sites.n_bins)
+        if in_s.size:
+            lam[in_s] *= gain
         flat, fragments = _sample_counts(rng, lam)
         insertions = fragments + rng.binomial(fragments, INSERT_BOTH_ENDS)
-        blocks.append(_split_to_peaks(rng, flat, insertions, lam.shape, peaks, n_peak_cols))
+        blocks.append(_split_to_peaks(rng, flat, insertions, lam.shape, col_map, frac_map, n_peak_cols))
     return sp.vstack(blocks, format="csr"), dna
 
 
-def _copy_number(rng: np.random.Generator, phase: np.ndarray, progress: np.ndarray,
-                 rt: np.ndarray, bins: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
-    """Accessible copies (float32 cells x sites) and DNA content (1..2) per cell.
+def _replication(rng: np.random.Generator, phase: np.ndarray, progress: np.ndarray, rt: np.ndarray,
+                 bins: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """S-phase replication: the S rows, their per-site accessibility gain, and DNA content.
 
-    In S a replicated site has 1 + NASCENT_ACCESS accessible copies (nascent
-    chromatin is still maturing); G2M cells have two mature copies everywhere.
+    A replicated site has 1 + NASCENT_ACCESS accessible copies (nascent chromatin
+    is still maturing); G1 cells have DNA content 1, G2M cells 2 (their two mature
+    copies are part of the per-cell scale).
     """
-    cn = np.where(phase == 2, 2.0, 1.0).astype(np.float32)[:, None].repeat(rt.size, axis=1)
     dna = np.where(phase == 2, 2.0, 1.0)
     in_s = np.flatnonzero(phase == 1)
-    if in_s.size:
-        jitter = rng.normal(0.0, RT_JITTER, (in_s.size, n_bins)).astype(np.float32)
-        replicated = progress[in_s, None] > (rt[None, :] + jitter[:, bins])
-        dna[in_s] = 1.0 + replicated.mean(axis=1)
-        cn[in_s] += np.float32(NASCENT_ACCESS) * replicated
-    return cn, dna
+    if not in_s.size:
+        return in_s, np.empty((0, rt.size), dtype=np.float32), dna
+    jitter = rng.normal(0.0, RT_JITTER, (in_s.size, n_bins)).astype(np.float32)
+    replicated = progress[in_s, None].astype(np.float32) > (rt.astype(np.float32)[None, :] + jitter[:, bins])
+    dna[in_s] = 1.0 + replicated.mean(axis=1)
+    gain = 1.0 + np.float32(NASCENT_ACCESS) * replicated.astype(np.float32)
+    return in_s, gain, dna
 
 
 def _split_to_peaks(rng: np.random.Generator, flat: np.ndarray, counts: np.ndarray,
-                    shape: tuple[int, int], peaks: _PeakSet, n_cols: int) -> sp.csr_matrix:
+                    shape: tuple[int, int], col_map: np.ndarray, frac_map: np.ndarray,
+                    n_cols: int) -> sp.csr_matrix:
     """Site-level counts -> peak columns; split sites share their insertions binomially."""
     rows, site_col = np.divmod(flat, shape[1])
-    col = peaks.col_of_site[site_col]
-    frac = peaks.split_frac[site_col]
+    col = col_map[site_col]
+    frac = frac_map[site_col]
     is_split = frac > 0
     if is_split.any():
         first = rng.binomial(counts[is_split], frac[is_split])

@@ -103,6 +103,8 @@ class _TokenTable:
         for i, b in enumerate(encoded):
             self.bytes[i, : len(b)] = np.frombuffer(b, dtype=np.uint8)
         self.integral = self._uniq is None
+        longer = np.flatnonzero(self.length > 1)
+        self.short_prefix = int(longer[0]) if longer.size else len(encoded)  # codes below: 1 byte
 
     def codes(self, block: np.ndarray) -> np.ndarray:
         """Token index of every value of a dense block."""
@@ -144,7 +146,7 @@ def _format_rows(codes: np.ndarray, table: _TokenTable, prefixes: Sequence[bytes
 def _write_block(fh: BinaryIO, block: np.ndarray, table: _TokenTable,
                  prefixes: Sequence[bytes], suffixes: Sequence[bytes]) -> None:
     codes = table.codes(block)
-    if table.max_len == 1 or int(table.length[codes].max(initial=1)) == 1:
+    if codes.size == 0 or int(codes.max()) < table.short_prefix:
         # All single-character tokens: a fixed layout, no offsets needed.
         body = np.empty((codes.shape[0], 2 * codes.shape[1]), dtype=np.uint8)
         body[:, 0::2] = table.bytes[codes, 0]
@@ -185,6 +187,8 @@ def write_seed_csv(ds: CellMatrix, path: str | Path, *, label_path: str | Path |
         raise ValueError(f"orient must be 'cells_rows' or 'features_rows', got {orient!r}")
     if phase_column and orient != "cells_rows":
         raise ValueError("phase_column needs orient='cells_rows'")
+    if ds.n_features == 0:
+        raise ValueError(f"{ds.name or 'dataset'} has no features to write")
     target = Path(path)
     phases = _phase_strings(ds) if phase_column else None
     with contextlib.ExitStack() as stack:
@@ -314,7 +318,7 @@ def write_10x_h5(gex: CellMatrix, peak: CellMatrix, path: str | Path, *, genome:
         "genome": [genome] * (gex.n_features + peak.n_features),
         "interval": [*map(str, gene_intervals), *peak_intervals],
     }
-    opts = {"compression": "gzip", "compression_opts": 4}
+    opts = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["filetype"] = "matrix"
         f.attrs["version"] = 2

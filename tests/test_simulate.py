@@ -1,0 +1,182 @@
+"""The simulator carries the biology it claims (tiny size, a few seconds in all)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from xfer.data.simulate import SIZES, SimSize, SimulatedLine, simulate_pair, tirosh_genes
+from xfer.phases import PHASES
+
+BARCODE = re.compile(r"^[ACGT]{16}-1$")
+PEAK = re.compile(r"^(chr(?:\d+|X)):(\d+)-(\d+)$")
+
+
+@pytest.fixture(scope="module")
+def pair() -> tuple[SimulatedLine, SimulatedLine]:
+    return simulate_pair("tiny", seed=0)
+
+
+def log_cp10k(X: sp.csr_matrix) -> np.ndarray:
+    totals = np.asarray(X.sum(axis=1)).ravel()
+    return np.log1p(X.toarray() / totals[:, None] * 1e4)
+
+
+def parse_peaks(names) -> pd.DataFrame:
+    rows = [PEAK.match(n) for n in names]
+    assert all(rows), "every peak name is chrom:start-end"
+    return pd.DataFrame({"chrom": [m[1] for m in rows], "start": [int(m[2]) for m in rows],
+                         "end": [int(m[3]) for m in rows]})
+
+
+def test_shapes_features_and_barcodes(pair):
+    a, b = pair
+    size = SIZES["tiny"]
+    assert a.gex.X.shape == (size.n_cells_a, size.n_genes)
+    assert b.gex.X.shape == (size.n_cells_b, size.n_genes)
+    assert a.peak.X.shape == (size.n_cells_a, size.n_peaks_a)
+    assert b.peak.X.shape == (size.n_cells_b, size.n_peaks_b)
+    s_genes, g2m_genes = tirosh_genes()
+    assert len(s_genes) == 43 and len(g2m_genes) == 54
+    for line in pair:
+        assert set(s_genes + g2m_genes) <= set(line.gex.features)
+        assert all(re.fullmatch(r"ENSG9\d{10}", g) for g in line.gex.feature_ids)
+        assert len(set(line.gex.feature_ids)) == line.gex.n_features
+        assert all(BARCODE.match(bc) for bc in line.gex.barcodes)
+        assert list(line.gex.barcodes) == sorted(line.gex.barcodes)  # Cell Ranger order, not phase order
+        np.testing.assert_array_equal(line.gex.barcodes, line.peak.barcodes)
+        np.testing.assert_array_equal(line.gex.labels, line.peak.labels)
+        assert line.gex.modality == "gex" and line.peak.modality == "peak"
+        assert line.gex.X.dtype == np.float32
+        assert np.all(line.gex.X.data == np.round(line.gex.X.data))  # counts
+    assert not set(a.gex.barcodes) & set(b.gex.barcodes)
+
+
+def test_truth_table_matches_matrices(pair):
+    for line in pair:
+        t = line.truth
+        assert list(t["barcode"]) == list(line.gex.barcodes)
+        assert list(t["phase"]) == list(line.gex.phase_names())
+        assert {"cycle_position", "dna_content", "s_progress"} <= set(t.columns)
+        assert t["cycle_position"].between(0, 1).all()
+        np.testing.assert_array_equal(t["peak_total_counts"], np.asarray(line.peak.X.sum(axis=1)).ravel())
+        np.testing.assert_array_equal(t["gex_total_counts"], np.asarray(line.gex.X.sum(axis=1)).ravel())
+        assert list(line.genes["symbol"]) == list(line.gex.features)
+        assert list(line.peaks["name"]) == list(line.peak.features)
+
+
+def test_deterministic_for_a_seed(pair):
+    again = simulate_pair("tiny", seed=0)
+    other = simulate_pair("tiny", seed=1)
+    for first, second, third in zip(pair, again, other):
+        for mod in ("gex", "peak"):
+            assert getattr(first, mod).content_hash() == getattr(second, mod).content_hash()
+            assert getattr(first, mod).content_hash() != getattr(third, mod).content_hash()
+        pd.testing.assert_frame_equal(first.truth, second.truth)
+
+
+def test_peaks_are_sparse_small_counts(pair):
+    for line in pair:
+        X = line.peak.X
+        zeros = 1 - X.nnz / (X.shape[0] * X.shape[1])
+        assert 0.85 < zeros < 0.99
+        assert np.isin(X.data, [1, 2]).mean() > 0.75
+
+
+def test_phase_proportions_g1_heavy_and_line_specific(pair):
+    a, b = pair
+    shares = [np.bincount(line.gex.labels, minlength=3) / line.gex.n_cells for line in pair]
+    for share in shares:
+        assert share.argmax() == PHASES.index("G1")
+        assert share.min() > 0.1
+    assert shares[1][0] - shares[0][0] > 0.03  # simB is more G1-heavy than simA
+
+
+def test_dna_content_follows_phase(pair):
+    for line in pair:
+        t = line.truth
+        assert (t.loc[t.phase == "G1", "dna_content"] == 1).all()
+        assert (t.loc[t.phase == "G2M", "dna_content"] == 2).all()
+        s = t[t.phase == "S"]
+        assert s["dna_content"].between(1, 2).all()
+        assert s["dna_content"].std() > 0.1
+        assert s["dna_content"].corr(s["s_progress"], method="spearman") > 0.9
+
+
+def test_total_accessibility_grows_with_dna_content(pair):
+    for line in pair:
+        totals = line.truth.groupby("phase")["peak_total_counts"].mean()
+        assert totals["G2M"] > 1.2 * totals["G1"]
+        assert totals["S"] > totals["G1"]
+
+
+def test_early_replicating_peaks_gain_in_s_phase(pair):
+    """The replication-timing signal: S cells carry relatively more early-domain insertions."""
+    for line in pair:
+        X = line.peak.X
+        early = (line.peaks["replication_time"] < 0.5).to_numpy()
+        frac_early = np.asarray(X[:, early].sum(axis=1)).ravel() / np.asarray(X.sum(axis=1)).ravel()
+        phase = line.truth["phase"].to_numpy()
+        assert frac_early[phase == "S"].mean() > frac_early[phase == "G1"].mean() + 0.01
+        assert frac_early[phase == "S"].mean() > frac_early[phase == "G2M"].mean() + 0.01
+
+
+def test_marker_genes_follow_their_programs(pair):
+    s_genes, g2m_genes = tirosh_genes()
+    for line in pair:
+        expr = pd.DataFrame(log_cp10k(line.gex.X), columns=line.gex.features)
+        by_phase = expr.groupby(line.truth["phase"].to_numpy()).mean()
+        s_diff = by_phase.loc["S", s_genes] - by_phase.loc["G1", s_genes]
+        g_diff = by_phase.loc["G2M", g2m_genes] - by_phase.loc["G1", g2m_genes]
+        assert s_diff.mean() > 0.2 and (s_diff > 0).mean() > 0.8
+        assert g_diff.mean() > 0.3 and (g_diff > 0).mean() > 0.8
+
+
+def test_lines_differ_in_depth_and_expression(pair):
+    a, b = pair
+    assert a.truth["atac_depth_factor"].median() > 1.3 * b.truth["atac_depth_factor"].median()
+    mean_a = np.log1p(np.asarray(a.gex.X.mean(axis=0)).ravel())
+    mean_b = np.log1p(np.asarray(b.gex.X.mean(axis=0)).ravel())
+    assert 0.5 < np.corrcoef(mean_a, mean_b)[0, 1] < 0.99
+
+
+def test_peak_sets_differ_but_overlap(pair):
+    a, b = pair
+    pa, pb = parse_peaks(a.peak.features), parse_peaks(b.peak.features)
+    for p in (pa, pb):  # sorted, non-overlapping within a line
+        for _, g in p.groupby("chrom"):
+            assert (g["start"].to_numpy() < g["end"].to_numpy()).all()
+            assert (g["start"].to_numpy()[1:] >= g["end"].to_numpy()[:-1]).all()
+    exact = len(set(a.peak.features) & set(b.peak.features)) / b.peak.n_features
+    assert exact < 0.5
+    overlapping = 0
+    for chrom, g in pb.groupby("chrom"):
+        ref = pa[pa.chrom == chrom].sort_values("start")
+        i = np.searchsorted(ref["end"].to_numpy(), g["start"].to_numpy(), side="right")
+        ok = i < len(ref)
+        starts = ref["start"].to_numpy()[np.where(ok, i, 0)]
+        overlapping += int((ok & (starts < g["end"].to_numpy())).sum())
+    assert overlapping / b.peak.n_features > 0.7
+    # The shared-site key agrees with what overlap finds.
+    shared_sites = set(a.peaks["site"]) & set(b.peaks["site"])
+    assert 0.7 < len(shared_sites) / b.peaks["site"].nunique() < 1.0
+
+
+def test_size_validation():
+    assert SIZES["seed"] == SimSize(7_432, 7_728, 28_105, 92_328)
+    with pytest.raises(ValueError, match="Tirosh"):
+        SimSize(100, 100, 50, 1_000)
+    with pytest.raises(ValueError, match="promoter"):
+        SimSize(100, 100, 5_000, 1_000)
+    with pytest.raises(ValueError, match="unknown simulation size"):
+        simulate_pair("huge")
+
+
+def test_custom_size_runs():
+    a, b = simulate_pair(SimSize(40, 50, 120, 400), seed=3)
+    assert a.gex.X.shape == (40, 120) and b.peak.n_cells == 50
+    assert a.peak.n_features == 400
