@@ -261,7 +261,7 @@ def test_10x_h5_refuses_non_counts(pair, tmp_path):
 def test_write_simulation_all_formats(pair, tmp_path):
     out = write_simulation(pair, tmp_path)
     assert set(out) == {"csv", "h5ad", "10x", "labels", "truth"}
-    assert [p.name for p in out["csv"]] == ["simA_gex.csv", "simA_peak.csv", "simB_gex.csv", "simB_peak.csv"]
+    assert [p.name for p in out["csv"]] == ["simA_GEX.csv", "simA_PEAK.csv", "simB_GEX.csv", "simB_PEAK.csv"]
     assert [p.name for p in out["10x"]] == ["simA_filtered_feature_bc_matrix.h5",
                                             "simB_filtered_feature_bc_matrix.h5"]
     for paths in out.values():
@@ -276,9 +276,9 @@ def test_write_simulation_all_formats(pair, tmp_path):
 
 def test_write_simulation_subset_of_formats(pair, tmp_path):
     out = write_simulation(pair[:1], tmp_path, formats=("h5ad",))
-    assert [p.name for p in out["h5ad"]] == ["simA_gex.h5ad", "simA_peak.h5ad"]
+    assert [p.name for p in out["h5ad"]] == ["simA_GEX.h5ad", "simA_PEAK.h5ad"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "simA_gex.h5ad", "simA_labels.csv", "simA_peak.h5ad", "simA_truth.csv"]
+        "simA_GEX.h5ad", "simA_PEAK.h5ad", "simA_labels.csv", "simA_truth.csv"]
     with pytest.raises(ValueError, match="unknown format"):
         write_simulation(pair, tmp_path, formats=("loom",))
 

@@ -882,10 +882,10 @@ def _assemble_line(spec: LineSpec, li: int, cells: pd.DataFrame, genes: _Genes, 
     labels = cells["phase_code"].to_numpy().astype(np.int8)
     meta = {"simulated": True, "seed": int(seed), "line": spec.name}
     gex = make_matrix(X_gex, cells["barcode"], genes.table["symbol"], labels, modality="gex",
-                      name=f"{spec.name}_gex", source=f"simulate:{spec.name}",
+                      name=f"{spec.name}_GEX", source=f"simulate:{spec.name}",
                       feature_ids=genes.table["gene_id"], meta=meta)
     peak = make_matrix(X_peak, cells["barcode"], peaks.table["name"], labels, modality="peak",
-                       name=f"{spec.name}_peak", source=f"simulate:{spec.name}", meta=meta)
+                       name=f"{spec.name}_PEAK", source=f"simulate:{spec.name}", meta=meta)
     truth = cells.drop(columns="phase_code").copy()
     truth.insert(truth.columns.get_loc("s_progress") + 1, "dna_content", dna)
     truth["gex_total_counts"] = np.asarray(X_gex.sum(axis=1)).ravel().astype(np.int64)
@@ -902,8 +902,8 @@ def write_simulation(lines: Iterable[SimulatedLine], out_dir: str | Path,
     """Write simulated lines in the users' formats; returns {kind: [paths]}.
 
     Per line ``<name>``:
-      csv   ``<name>_gex.csv``, ``<name>_peak.csv`` (seed layout: cells as rows)
-      h5ad  ``<name>_gex.h5ad``, ``<name>_peak.h5ad`` (labels in obs['phase'])
+      csv   ``<name>_GEX.csv``, ``<name>_PEAK.csv`` (seed layout: cells as rows)
+      h5ad  ``<name>_GEX.h5ad``, ``<name>_PEAK.h5ad`` (labels in obs['phase'])
       10x   ``<name>_filtered_feature_bc_matrix.h5`` (Cell Ranger ARC layout, no labels)
     and always ``<name>_labels.csv`` (barcode,phase) under "labels" and
     ``<name>_truth.csv`` under "truth".
@@ -921,12 +921,12 @@ def write_simulation(lines: Iterable[SimulatedLine], out_dir: str | Path,
         labels_path = out / f"{line.name}_labels.csv"
         if "csv" in formats:
             for ds in (line.gex, line.peak):
-                path = out / f"{line.name}_{ds.modality}.csv"
+                path = out / f"{ds.name}.csv"
                 write_seed_csv(ds, path)
                 written["csv"].append(path)
         if "h5ad" in formats:
             for ds in (line.gex, line.peak):
-                path = out / f"{line.name}_{ds.modality}.h5ad"
+                path = out / f"{ds.name}.h5ad"
                 write_h5ad(ds, path)
                 written["h5ad"].append(path)
         if "10x" in formats:
