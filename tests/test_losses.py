@@ -302,26 +302,34 @@ def test_classification_all_unlabelled_is_zero_with_graph():
 
 
 def test_adversarial_values_and_domain_balance():
-    zero = L.adversarial(torch.zeros(3), torch.zeros(7))
+    zero = L.adversarial([torch.zeros(3, 2), torch.zeros(7, 2)])
     assert zero.item() == pytest.approx(math.log(2), rel=1e-6)
-    perfect = L.adversarial(torch.full((4, 1), 30.0), torch.full((9, 1), -30.0))
+    assert L.adversarial([torch.zeros(2, 3)] * 3).item() == pytest.approx(math.log(3), rel=1e-6)
+    perfect = L.adversarial([torch.tensor([[30.0, -30.0]] * 4), torch.tensor([[-30.0, 30.0]] * 9)])
     assert perfect.item() < 1e-10
+    # two domains: the binary DANN loss on the logit difference
     ls = torch.tensor([1.0, -2.0])
     lt = torch.tensor([0.5, 0.0, -1.0, 3.0, 2.0])
+    as_pair = lambda l: torch.stack([l, torch.zeros_like(l)], 1)
     expected = 0.5 * (F.softplus(-ls).mean() + F.softplus(lt).mean())
-    assert L.adversarial(ls, lt).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert L.adversarial([as_pair(ls), as_pair(lt)]).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_adversarial_per_sample_weights():
     ls = torch.tensor([1.0, -2.0, 0.3])
     lt = torch.tensor([0.5, -1.0])
+    as_pair = lambda l: torch.stack([l, torch.zeros_like(l)], 1)
     ws = torch.tensor([1.0, 3.0, 0.0])
     wt = torch.tensor([2.0, 2.0])
     expected = 0.5 * ((ws * F.softplus(-ls)).sum() / ws.sum() + F.softplus(lt).mean())
-    assert L.adversarial(ls, lt, ws, wt).item() == pytest.approx(expected.item(), rel=1e-6)
-    assert L.adversarial(ls, lt, torch.ones(3), None).item() == pytest.approx(L.adversarial(ls, lt).item())
+    got = L.adversarial([as_pair(ls), as_pair(lt)], [ws, wt])
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert L.adversarial([as_pair(ls), as_pair(lt)], [torch.ones(3), None]).item() == \
+        pytest.approx(L.adversarial([as_pair(ls), as_pair(lt)]).item())
     with pytest.raises(ValueError):
-        L.adversarial(ls, lt, torch.ones(2), None)
+        L.adversarial([as_pair(ls), as_pair(lt)], [torch.ones(2), None])
+    with pytest.raises(ValueError):
+        L.adversarial([torch.zeros(3, 3), torch.zeros(3, 3)])  # K=2 domains need 2 logits
 
 
 def test_reconstruction_losses():

@@ -74,10 +74,11 @@ def test_gradient_reversal():
 def test_discriminator_input(use_cdann, latent, expect):
     cfg = _cfg("mlp", latent_dim=latent)
     m = build_model(16, 50, cfg.model, use_cdann=use_cdann)
+    assert build_model(16, 50, cfg.model, n_domains=3).discriminator[-1].out_features == 3
     assert m.discriminator[0].in_features == expect
     z = torch.randn(5, latent, requires_grad=True)
     p = torch.softmax(torch.randn(5, 3), -1)
     d = m.discriminate(z, p, grl=1.0)
-    assert d.shape == (5,)
+    assert d.shape == (5, 2)
     d.sum().backward()
     assert z.grad is not None

@@ -34,6 +34,7 @@ from .data.dataset import CellMatrix
 from .embed.pca import align_genes, log_normalise
 from .evaluate import classification_metrics
 from .phases import N_PHASES, PHASES
+from .prepare import log_tfidf
 
 log = logging.getLogger(__name__)
 N_LSI = 50
@@ -44,23 +45,8 @@ def _lr(seed: int):
                                                              random_state=seed))
 
 
-def tfidf(X: sp.csr_matrix, idf: np.ndarray | None = None) -> tuple[sp.csr_matrix, np.ndarray]:
-    """Signac-style log TF-IDF of binarised peaks: log1p(x / rowsum * N / df * 1e4)."""
-    B = sp.csr_matrix(X, dtype=np.float32, copy=True)
-    B.data[:] = 1.0
-    if idf is None:
-        df = np.asarray(B.sum(axis=0)).ravel()
-        idf = (B.shape[0] / np.maximum(df, 1)).astype(np.float32)
-    rs = np.asarray(B.sum(axis=1)).ravel()
-    rs[rs == 0] = 1
-    B = sp.diags((1e4 / rs).astype(np.float32)) @ B @ sp.diags(idf)
-    B = sp.csr_matrix(B)
-    B.data = np.log1p(B.data)
-    return B, idf
-
-
 def _lsi_fit(X, seed):
-    T, idf = tfidf(X)
+    T, idf = log_tfidf(X)
     k = max(2, min(N_LSI, min(T.shape) - 1))
     svd = TruncatedSVD(k, random_state=seed, algorithm="randomized", n_iter=7).fit(T)
     return idf, svd
@@ -136,15 +122,15 @@ def run_baselines(*, peaks_a: sp.csr_matrix, y_a: np.ndarray, train_idx: np.ndar
 
     # naive LSI + LR, fitted on the training cells of the training line
     idf, svd = _lsi_fit(peaks_a[train_idx], seed)
-    Za = svd.transform(tfidf(peaks_a, idf)[0])
+    Za = svd.transform(log_tfidf(peaks_a, idf)[0])
     clf = _lr(seed).fit(Za[train_idx], ya_tr)
     score("lsi_lr", "peak_val", ya_va, clf.predict(Za[val_idx]))
     if peaks_b is not None:
-        score("lsi_lr", "peak_test", y_b, clf.predict(svd.transform(tfidf(peaks_b, idf)[0])))
+        score("lsi_lr", "peak_test", y_b, clf.predict(svd.transform(log_tfidf(peaks_b, idf)[0])))
 
         # label-free aligned: LSI on both lines' peaks, per-line standardisation
         both = sp.vstack([peaks_a, peaks_b]).tocsr()
-        T, _ = tfidf(both)
+        T, _ = log_tfidf(both)
         k = max(2, min(N_LSI, min(T.shape) - 1))
         Z = TruncatedSVD(k, random_state=seed, algorithm="randomized", n_iter=7).fit_transform(T)
         Za2, Zb2 = _standardise(Z[: peaks_a.shape[0]]), _standardise(Z[peaks_a.shape[0]:])

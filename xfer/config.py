@@ -31,6 +31,7 @@ SOURCE_MODELS_BUILTIN = ("pca",)
 MAPPER_METHODS = ("exact", "overlap", "overlap_50pct", "nearest")
 IMPUTE = ("zero", "mean")
 PEAK_TRANSFORMS = ("tfidf", "binary", "log1p")
+PEAK_REPRS = ("peaks", "lsi", "none")
 
 # Parameters that only mean something for one architecture.
 ARCH_PARAMS: dict[str, tuple[str, ...]] = {
@@ -80,6 +81,7 @@ class LossConfig:
     grl_gamma: float = 10.0           # GRL annealing: lambda_p = 2/(1+exp(-gamma p)) - 1
     warmup_epochs: int = 10           # linear curriculum ramp of the adaptation weights
     label_smoothing: float = 0.0
+    class_weighted: bool = True       # CE weighted by inverse training class frequency (balanced accuracy)
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,14 @@ class DataConfig:
     n_components: int = 64           # pca: embedding width
     peak_filter: float = 0.05        # keep peaks non-zero in >= this fraction of training cells
     val_fraction: float = 0.2        # stratified validation split of the training line
-    peak_transform: str = "tfidf"
+    # What the peak encoder reads (channels are concatenated, then standardised per line):
+    peak_repr: str = "lsi"           # peaks: the filtered peaks themselves | lsi: LSI components | none
+    peak_transform: str = "tfidf"    # peaks channel: tfidf (binary x IDF, no depth normalisation) | binary | log1p
+    lsi_components: int = 50         # lsi channel: log TF-IDF -> truncated SVD fitted on training cells
+    bin_size: int = 1_000_000        # coverage channel: fragments in genomic bins of this many bp (0 = off)
+    bin_components: int = 20         # coverage channel: PCA components of the binned profile (0 = every bin)
     line_norm: bool = True           # standardise each cell line's inputs with its own statistics
+    adapt_test_peaks: bool = True    # xfer train: align to the test line's unlabelled peaks (never its labels)
     use_peak_mapper: bool = True
     peak_mapper_method: str = "overlap_50pct"
     peak_impute_strategy: str = "zero"
@@ -203,6 +211,12 @@ class TrainConfig:
         need(lo.divergence in DIVERGENCES, "divergence",
              f"unknown divergence {lo.divergence!r}; choose from {', '.join(DIVERGENCES)}")
         need(o.metric in METRICS, "metric", f"unknown metric {o.metric!r}; choose from {', '.join(METRICS)}")
+        need(d.peak_repr in PEAK_REPRS, "peak_repr", f"unknown {d.peak_repr!r}; choose from {', '.join(PEAK_REPRS)}")
+        need(d.peak_repr != "none" or d.bin_size > 0, "peak_repr",
+             "'none' needs the coverage channel (bin_size > 0): the encoder would have no input")
+        need(d.lsi_components >= 2, "lsi_components", f"must be >= 2, got {d.lsi_components}")
+        need(d.bin_size == 0 or d.bin_size >= 1000, "bin_size", f"must be 0 (off) or >= 1000 bp, got {d.bin_size}")
+        need(d.bin_components >= 0, "bin_components", f"must be >= 0, got {d.bin_components}")
         need(d.peak_transform in PEAK_TRANSFORMS, "peak_transform",
              f"unknown {d.peak_transform!r}; choose from {', '.join(PEAK_TRANSFORMS)}")
         need(d.peak_mapper_method in MAPPER_METHODS, "peak_mapper_method",

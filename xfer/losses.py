@@ -338,42 +338,47 @@ def classification(
     return per_cell.sum() / denom.clamp_min(torch.finfo(torch.float32).tiny)
 
 
-def _weighted_bce(logits: Tensor, target: float, weights: Tensor | None) -> Tensor:
-    """Mean (or weights-normalised mean) binary cross-entropy of ``logits`` against a constant label."""
-    logits = logits.float().reshape(-1)
-    labels = torch.full_like(logits, target)
-    per_cell = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+def _weighted_mean(per_cell: Tensor, weights: Tensor | None) -> Tensor:
     if weights is None:
         return per_cell.mean()
-    w = weights.to(device=logits.device, dtype=torch.float32).reshape(-1)
+    w = weights.to(device=per_cell.device, dtype=torch.float32).reshape(-1)
     if w.shape != per_cell.shape:
         raise ValueError(f"adversarial: {w.numel()} weights for {per_cell.numel()} domain logits")
     return (w * per_cell).sum() / w.sum()
 
 
 def adversarial(
-    domain_logits_source: Tensor,
-    domain_logits_target: Tensor,
-    weights_source: Tensor | None = None,
-    weights_target: Tensor | None = None,
+    domain_logits: Sequence[Tensor],
+    weights: Sequence[Tensor | None] | None = None,
 ) -> Tensor:
-    r"""Domain-discriminator loss: binary cross-entropy with logits, source = 1, target = 0.
+    r"""Domain-discriminator loss over K domains: cross-entropy of each domain's
+    discriminator logits (n_k, K) against its own domain index k.
 
-        L = 0.5 * [ \sum_i w^s_i BCE(l^s_i, 1) / \sum_i w^s_i
-                  + \sum_j w^t_j BCE(l^t_j, 0) / \sum_j w^t_j ]
+        L = (1/K) \sum_k  \sum_i w^k_i CE(l^k_i, k) / \sum_i w^k_i
 
-    with BCE(l, 1) = softplus(-l) and BCE(l, 0) = softplus(l). Each domain is
-    averaged on its own and the two averages are weighted equally, so the
-    loss does not depend on the source / target batch sizes. Optional
-    per-sample weights (e.g. :func:`entropy_weights`, CDAN+E) give weighted
-    means within each domain (w = 1 when ``None``).
-
-    Logits may be ``(n,)`` or ``(n, 1)``. The gradient reversal is applied in
-    the model, not here. Float32; scalar.
+    Each domain is averaged on its own and the K averages are weighted equally,
+    so the loss does not depend on the batch sizes. Optional per-sample weights
+    (e.g. :func:`entropy_weights`, CDAN+E) give weighted means within a domain
+    (w = 1 when ``None``). With K = 2 this is the usual binary DANN / CDAN loss
+    (softmax over two logits = a sigmoid of their difference); log K when the
+    discriminator cannot tell the domains apart. The gradient reversal is
+    applied in the model, not here. Float32; scalar.
     """
-    loss_s = _weighted_bce(domain_logits_source, 1.0, weights_source)
-    loss_t = _weighted_bce(domain_logits_target, 0.0, weights_target)
-    return 0.5 * (loss_s + loss_t)
+    K = len(domain_logits)
+    if K < 2:
+        raise ValueError("adversarial: needs logits of at least two domains")
+    weights = list(weights) if weights is not None else [None] * K
+    if len(weights) != K:
+        raise ValueError(f"adversarial: {len(weights)} weight entries for {K} domains")
+    total = None
+    for k, (logits, w) in enumerate(zip(domain_logits, weights)):
+        logits = logits.float()
+        if logits.ndim != 2 or logits.shape[1] != K:
+            raise ValueError(f"adversarial: domain {k} logits must be (n, {K}), got {tuple(logits.shape)}")
+        target = torch.full((logits.shape[0],), k, dtype=torch.long, device=logits.device)
+        term = _weighted_mean(F.cross_entropy(logits, target, reduction="none"), w)
+        total = term if total is None else total + term
+    return total / K
 
 
 def reconstruction_bce(logits: Tensor, target_binary: Tensor, pos_weight: Tensor | None = None) -> Tensor:

@@ -223,7 +223,11 @@ def run_train(args) -> dict:
                      m[f"gex_val_{cfg.optim.metric}"], m[f"peak_val_{cfg.optim.metric}"],
                      "  *" if m.get("improved") else "")
 
-    result = fit(cfg, p.train, report, device=args.device)
+    train = p.train.with_adaptation(p.test) if cfg.data.adapt_test_peaks else p.train
+    if train.adapt is not None:
+        log.info("adapting to the test line's %d unlabelled PEAK cells (its labels are not read)",
+                 train.adapt.peaks.shape[0])
+    result = fit(cfg, train, report, device=args.device)
     save_checkpoint(result.checkpoint, out / "best_model.pt")
     _write_json(out / "training_history.json", result.history)
     metrics = evaluate_model(result.model, p, out)

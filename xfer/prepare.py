@@ -3,15 +3,31 @@
     make_split        stratified 80/20 validation split of the training line, made
                       once by barcode and shared by its GEX and PEAK modalities
     PeakPreprocessor  fitted on the training line's training cells: the peak
-                      frequency filter, IDF weights; maps another line's peaks onto
-                      the kept peaks by coordinates (the peak mapper) or by name
+                      frequency filter, IDF, LSI and the coverage-channel PCA;
+                      puts another line's peaks on the same features
     prepare_training  -> TrainData for the one training loop (training line only)
     prepare_line      -> LineInputs of another line (e.g. the test line) for scoring
 
-Peaks are binarised and IDF-weighted, but not depth-normalised per cell:
-total accessibility grows with DNA content through S phase, and dividing it
-out would erase a real cell-cycle signal. Line-level differences are removed
-by per-line standardisation inside the model (CDANN.LineNorm).
+What the peak encoder reads is configurable (DataConfig) and built from up to
+two channels, concatenated:
+
+    peak_repr="peaks"  the filtered peaks, binarised x IDF (`peak_transform`);
+                       deliberately not divided by the cell's total: total
+                       accessibility grows with DNA content through S phase
+    peak_repr="lsi"    LSI components: log TF-IDF -> truncated SVD fitted on the
+                       training cells (Signac / GLUE-style input)
+    bin_size > 0       the coverage channel: fragments summed in genomic bins
+                       (1 Mb by default), log of the share of the cell's total,
+                       standardised with the line's own bin statistics and
+                       projected on a PCA fitted on the training cells. S-phase
+                       cells have replicated early-replicating domains but not
+                       yet late ones, so their coverage shifts between Mb-scale
+                       domains; bins need coordinates only, so another line needs
+                       no peak mapping for this channel.
+
+Another line's peaks reach the peak channels through the coordinate peak
+mapper (or identical names). Each line's final features are standardised with
+that line's own statistics inside the model (CDANN.LineNorm).
 """
 
 from __future__ import annotations
@@ -25,7 +41,7 @@ import scipy.sparse as sp
 from .config import DataConfig
 from .data.dataset import CellMatrix
 from .data.mapper import map_dataset
-from .data.peaks import parse_peak_names, peak_frequency_mask
+from .data.peaks import genomic_bins, parse_peak_names, peak_frequency_mask
 from .errors import InputError
 from .phases import N_PHASES, UNLABELLED
 
@@ -49,10 +65,11 @@ def make_split(barcodes: np.ndarray, labels: np.ndarray, val_fraction: float, se
     return np.sort(tr), np.sort(va)
 
 
-# ----------------------------------------------------------------------------- peaks
+# ----------------------------------------------------------------------------- peak channels
 
 def transform_peaks(X: sp.csr_matrix, idf: np.ndarray | None, how: str) -> sp.csr_matrix:
-    """binary / tfidf (binary x IDF) / log1p counts; no per-cell depth normalisation."""
+    """Raw counts -> peak-channel values: binary (x > 0), tfidf (binary x IDF) or
+    log1p(counts). No per-cell depth normalisation."""
     X = sp.csr_matrix(X, dtype=np.float32, copy=True)
     if how == "log1p":
         X.data = np.log1p(X.data)
@@ -63,37 +80,98 @@ def transform_peaks(X: sp.csr_matrix, idf: np.ndarray | None, how: str) -> sp.cs
     return X
 
 
+def log_tfidf(X: sp.csr_matrix, idf: np.ndarray | None = None) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Signac-style log TF-IDF of binarised peaks: log1p(b / rowsum x N / df x 1e4).
+    Returns the matrix and the IDF (computed from X when not given)."""
+    B = sp.csr_matrix(X, dtype=np.float32, copy=True)
+    B.data[:] = 1.0
+    if idf is None:
+        df = np.asarray(B.sum(axis=0)).ravel()
+        idf = (B.shape[0] / np.maximum(df, 1)).astype(np.float32)
+    rs = np.asarray(B.sum(axis=1)).ravel()
+    rs[rs == 0] = 1
+    B = sp.csr_matrix(sp.diags((1e4 / rs).astype(np.float32)) @ B @ sp.diags(idf))
+    B.data = np.log1p(B.data)
+    return B, idf
+
+
+def _standardise(Z: np.ndarray) -> np.ndarray:
+    return (Z - Z.mean(0)) / np.maximum(Z.std(0), 1e-6)
+
+
 @dataclass
 class PeakPreprocessor:
-    """Peak filter + IDF fitted on the training line's training cells."""
+    """Every peak-side transform, fitted on the training line's training cells."""
 
     cfg: DataConfig
     peak_names: np.ndarray | None = None      # kept peaks of the training line
     kept_idx: np.ndarray | None = None
-    idf: np.ndarray | None = None
+    idf: np.ndarray | None = None             # peaks channel (log1p(N / (1 + df)))
     col_mean: np.ndarray | None = None        # raw column means of kept peaks (for 'mean' imputation)
+    lsi_idf: np.ndarray | None = None
+    lsi_components: np.ndarray | None = None  # (k, n_kept)
+    bin_keys: np.ndarray | None = None
+    bin_components: np.ndarray | None = None  # (k, n_bins) or None for raw bins
     n_peaks_before: int = 0
     mapping_stats: dict = field(default_factory=dict)
 
     def fit(self, tgt: CellMatrix, train_idx: np.ndarray) -> "PeakPreprocessor":
+        from sklearn.decomposition import PCA, TruncatedSVD
+
+        c = self.cfg
         Xtr = tgt.X[train_idx]
-        mask = peak_frequency_mask(Xtr, self.cfg.peak_filter, key="peak_filter")
+        mask = peak_frequency_mask(Xtr, c.peak_filter, key="peak_filter")
         if not mask.any():
-            raise InputError(tgt.source, "peak_filter", f"no peak is non-zero in >= {self.cfg.peak_filter:.1%} "
+            raise InputError(tgt.source, "peak_filter", f"no peak is non-zero in >= {c.peak_filter:.1%} "
                              "of the training cells; lower --peak_filter")
         self.kept_idx = np.flatnonzero(mask)
         self.peak_names = np.asarray(tgt.features[mask], dtype=object)
         self.n_peaks_before = tgt.n_features
-        df = np.asarray((Xtr[:, self.kept_idx] > 0).sum(axis=0)).ravel()
+        kept = Xtr[:, self.kept_idx]
+        df = np.asarray((kept > 0).sum(axis=0)).ravel()
         self.idf = np.log1p(Xtr.shape[0] / (1.0 + df)).astype(np.float32)
-        self.col_mean = np.asarray(Xtr[:, self.kept_idx].mean(axis=0)).ravel().astype(np.float32)
-        log.info("peak filter %.3f kept %d of %d peaks (training cells only)",
-                 self.cfg.peak_filter, len(self.kept_idx), tgt.n_features)
+        self.col_mean = np.asarray(kept.mean(axis=0)).ravel().astype(np.float32)
+        log.info("peak filter %.3f kept %d of %d peaks (training cells only)", c.peak_filter, len(self.kept_idx),
+                 tgt.n_features)
+        if c.peak_repr == "lsi":
+            T, self.lsi_idf = log_tfidf(kept)
+            k = min(c.lsi_components, min(T.shape) - 1)
+            svd = TruncatedSVD(k, random_state=0, algorithm="randomized", n_iter=7).fit(T)
+            self.lsi_components = svd.components_.astype(np.float32)
+        if c.bin_size > 0:
+            _, self.bin_keys = genomic_bins(parse_peak_names(tgt.features, tgt.source, "features"), c.bin_size)
+            prof = self._bin_profile(tgt)
+            if c.bin_components > 0:
+                k = min(c.bin_components, len(self.bin_keys) - 1, len(train_idx) - 1)
+                self.bin_components = PCA(k, random_state=0).fit(prof[train_idx]).components_.astype(np.float32)
+            log.info("coverage channel: %d bins of %d bp%s", len(self.bin_keys), c.bin_size,
+                     f" -> {self.bin_components.shape[0]} PCA components" if self.bin_components is not None else "")
         return self
 
-    def transform(self, X: sp.csr_matrix) -> sp.csr_matrix:
-        """Raw counts on the kept peaks -> model input values (binary / tfidf / log1p)."""
-        return transform_peaks(X, self.idf, self.cfg.peak_transform)
+    def _bin_profile(self, peaks: CellMatrix) -> np.ndarray:
+        """log share of the cell's fragments per bin, standardised with the line's own statistics."""
+        M, _ = genomic_bins(parse_peak_names(peaks.features, peaks.source, "features"), self.cfg.bin_size,
+                            self.bin_keys)
+        counts = np.asarray((peaks.X @ M).todense(), dtype=np.float64)
+        total = np.asarray(peaks.X.sum(axis=1)).ravel()
+        return _standardise(np.log((counts + 1.0) / (total[:, None] + 1.0) * 1e4)).astype(np.float32)
+
+    def features(self, kept_counts: sp.csr_matrix, peaks: CellMatrix):
+        """Encoder input for one line: its raw counts on the kept peaks (for the peak
+        channels) and its own peaks (for the coverage channel). Sparse when only the
+        peaks channel is on, else dense float32."""
+        c = self.cfg
+        parts = []
+        if c.peak_repr == "peaks":
+            parts.append(transform_peaks(kept_counts, self.idf, c.peak_transform))
+        elif c.peak_repr == "lsi":
+            parts.append(np.asarray(log_tfidf(kept_counts, self.lsi_idf)[0] @ self.lsi_components.T, np.float32))
+        if c.bin_size > 0:
+            prof = self._bin_profile(peaks)
+            parts.append(prof @ self.bin_components.T if self.bin_components is not None else prof)
+        if len(parts) == 1:
+            return parts[0]
+        return np.hstack([p.toarray() if sp.issparse(p) else p for p in parts]).astype(np.float32)
 
     def training_counts(self, tgt: CellMatrix) -> sp.csr_matrix:
         return tgt.X[:, self.kept_idx].tocsr()
@@ -121,8 +199,16 @@ class PeakPreprocessor:
         return (peaks.X @ M).tocsr()
 
     def state(self) -> dict:
-        return {"peak_names": list(map(str, self.peak_names)), "idf": self.idf, "col_mean": self.col_mean,
-                "n_peaks_before": self.n_peaks_before}
+        """Everything needed to featurise new cells (numpy arrays; checkpoints convert them)."""
+        out = {"peak_names": list(map(str, self.peak_names)), "idf": self.idf, "col_mean": self.col_mean,
+               "n_peaks_before": self.n_peaks_before}
+        if self.lsi_components is not None:
+            out.update(lsi_idf=self.lsi_idf, lsi_components=self.lsi_components)
+        if self.bin_keys is not None:
+            out["bin_keys"] = list(map(str, self.bin_keys))
+            if self.bin_components is not None:
+                out["bin_components"] = self.bin_components
+        return out
 
 
 # ----------------------------------------------------------------------------- model inputs
@@ -134,7 +220,7 @@ class LineInputs:
     name: str
     barcodes: np.ndarray
     emb: np.ndarray | None = None          # (n, E) expression embedding
-    peaks: sp.csr_matrix | None = None     # (n, P) transformed peaks on the training line's kept peaks
+    peaks: object = None                   # (n, P) encoder input (CSR or dense), see PeakPreprocessor.features
     labels: np.ndarray | None = None       # int8 codes; for a test line only the evaluation reads them
 
     def stats(self) -> dict:
@@ -169,6 +255,14 @@ class TrainData:
     class_prior: np.ndarray
     line_stats: dict                       # LineNorm statistics from the training cells
     preprocess: dict                       # state for checkpoints (peaks, embedder)
+    adapt: LineInputs | None = None        # another line's unlabelled peaks to adapt to (labels stripped)
+
+    def with_adaptation(self, line: LineInputs | None) -> "TrainData":
+        """Add a line's peaks as an unlabelled adaptation domain; its labels are dropped here."""
+        import dataclasses
+        if line is None or line.peaks is None:
+            return self
+        return dataclasses.replace(self, adapt=LineInputs(name=line.name, barcodes=line.barcodes, peaks=line.peaks))
 
     @property
     def emb_dim(self) -> int:
@@ -189,7 +283,7 @@ def prepare_training(src: CellMatrix, tgt: CellMatrix, src_emb: np.ndarray, cfg:
         raise InputError(tgt.source, "barcode", "GEX and PEAK of the training line are not paired cell by cell")
     train_idx, val_idx = make_split(src.barcodes, src.labels, cfg.val_fraction, seed)
     pre = PeakPreprocessor(cfg).fit(tgt, train_idx)
-    peaks = pre.transform(pre.training_counts(tgt))
+    peaks = pre.features(pre.training_counts(tgt), tgt)
     line = LineInputs(name=src.name, barcodes=src.barcodes, emb=np.asarray(src_emb, np.float32), peaks=peaks,
                       labels=src.labels)
     prior = np.bincount(src.labels[train_idx], minlength=N_PHASES).astype(np.float32)
@@ -203,15 +297,16 @@ def prepare_training(src: CellMatrix, tgt: CellMatrix, src_emb: np.ndarray, cfg:
 
 
 def prepare_line(name: str, pre: PeakPreprocessor, gex: CellMatrix | None = None, emb: np.ndarray | None = None,
-                 peak_counts: sp.csr_matrix | None = None, peaks: CellMatrix | None = None) -> LineInputs:
-    """Another line's inputs on the training line's feature spaces. Peaks come as a
-    CellMatrix (mapped here) or as counts already mapped with `pre.map_counts`.
-    Labels are attached only so that the final evaluation can score; nothing in
-    training reads them."""
+                 peaks: CellMatrix | None = None, peak_counts: sp.csr_matrix | None = None) -> LineInputs:
+    """Another line's inputs on the training line's feature spaces. `peak_counts`:
+    its counts already mapped onto the kept peaks with `pre.map_counts` (mapped here
+    when not given). Labels are attached only so that the final evaluation can
+    score; nothing in training reads them."""
     ref = gex if gex is not None else peaks
-    if peak_counts is None and peaks is not None:
-        peak_counts = pre.map_counts(peaks)
-    return LineInputs(name=name, barcodes=ref.barcodes if ref is not None else None,
-                      emb=None if emb is None else np.asarray(emb, np.float32),
-                      peaks=None if peak_counts is None else pre.transform(peak_counts),
-                      labels=None if ref is None else ref.labels)
+    X = None
+    if peaks is not None:
+        if peak_counts is None:
+            peak_counts = pre.map_counts(peaks)
+        X = pre.features(peak_counts, peaks)
+    return LineInputs(name=name, barcodes=ref.barcodes, emb=None if emb is None else np.asarray(emb, np.float32),
+                      peaks=X, labels=ref.labels)

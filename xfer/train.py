@@ -186,7 +186,10 @@ def fit(cfg: TrainConfig, data: TrainData, report: Report | None = None, *,
     o, lo = cfg.optim, cfg.loss
     torch.manual_seed(o.seed)
     rng = np.random.default_rng(o.seed)
-    model = build_model(data.emb_dim, data.n_peaks, cfg.model, use_cdann=lo.use_cdann, seed=o.seed)
+    adapt = data.adapt
+    n_domains = 3 if adapt is not None else 2
+    model = build_model(data.emb_dim, data.n_peaks, cfg.model, use_cdann=lo.use_cdann, seed=o.seed,
+                        n_domains=n_domains)
     _set_line_stats(model, data.line_stats)
     model.to(dev)
     opt_kwargs = {"fused": True} if dev.type == "cuda" else {}
@@ -200,9 +203,17 @@ def fit(cfg: TrainConfig, data: TrainData, report: Report | None = None, *,
     P = Rows(line.peaks, dev, dtype, memory_budget)
     Y = torch.as_tensor(line.labels.astype(np.int64), device=dev)
     prior = torch.as_tensor(data.class_prior, device=dev)
+    class_weight = None
+    if lo.class_weighted:
+        w = 1.0 / np.maximum(data.class_prior, 1e-3)
+        class_weight = torch.as_tensor(w / (w * data.class_prior).sum(), dtype=torch.float32, device=dev)
     y_val = line.labels[data.val_idx]
     emb_val, peaks_val = line.emb[data.val_idx], line.peaks[data.val_idx]
     n_train, bs = len(data.train_idx), min(o.batch_size, len(data.train_idx))
+    if adapt is not None:
+        PB = Rows(adapt.peaks, dev, dtype, memory_budget)
+        stats_b = line_stats_tensors(adapt, dev)["peaks"] if cfg.data.line_norm else None
+        n_b = adapt.peaks.shape[0]
     steps = max(1, n_train // bs)  # drop the ragged last batch (BatchNorm-free, but MMD likes equal sizes)
 
     history: list[dict] = []
@@ -228,7 +239,7 @@ def fit(cfg: TrainConfig, data: TrainData, report: Report | None = None, *,
                 "metric_name": f"peak_val_{o.metric}", "model": state,
                 "best_model": None if best["epoch"] == epoch else best["state"],
                 "optimizer": _cpu_copy(opt.state_dict()), "since_best": since_best,
-                "dims": {"emb_dim": data.emb_dim, "n_peaks": data.n_peaks},
+                "dims": {"emb_dim": data.emb_dim, "n_peaks": data.n_peaks, "n_domains": n_domains},
                 "preprocess": _np_to_torch(data.preprocess), "history": list(history),
                 "rng": {"torch": torch.get_rng_state(), "numpy": rng.bit_generator.state},
             }
@@ -247,8 +258,12 @@ def fit(cfg: TrainConfig, data: TrainData, report: Report | None = None, *,
             grl = L.grl_lambda(progress, lo.grl_gamma)
             idx = tr[perm[s * bs:(s + 1) * bs]]
             emb, x, y = E[idx], P[idx], Y[idx]
+            xb = None
+            if adapt is not None:
+                xb = PB[torch.as_tensor(rng.integers(0, n_b, size=bs), device=dev)]
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                parts = _batch_loss(model, cfg, emb, x, y, prior, warm, grl)
+                parts = _batch_loss(model, cfg, emb, x, y, prior, warm, grl, class_weight,
+                                    xb, stats_b if adapt is not None else None)
             opt.zero_grad(set_to_none=True)
             parts.total.backward()
             if o.grad_clip > 0:
@@ -298,32 +313,52 @@ def fit(cfg: TrainConfig, data: TrainData, report: Report | None = None, *,
                      checkpoint=best_ckpt, stopped_early=stopped_early, seconds=time.perf_counter() - t_start)
 
 
-def _batch_loss(model: CDANN, cfg: TrainConfig, emb, x, y, prior, warm: float, grl: float) -> L.LossParts:
+def _batch_loss(model: CDANN, cfg: TrainConfig, emb, x, y, prior, warm: float, grl: float,
+                class_weight=None, xb=None, stats_b=None) -> L.LossParts:
+    """One batch's loss. Domains: training-line expression (emb), training-line peaks
+    (x, paired with emb, labels y) and, when adapting, test-line peaks (xb, unlabelled)."""
     lo = cfg.loss
     z_s = model.source_latent(emb)
-    out_t = model.peak_latent(x)
+    x_norm = model.normalise_peaks(x)
+    out_t = model.peak_latent(x, normalised=x_norm)
     z_t = out_t.z
     logit_s, logit_t = model.classify(z_s), model.classify(z_t)
     p_s, p_t = torch.softmax(logit_s.float(), -1), torch.softmax(logit_t.float(), -1)
+    latents, probs = [z_s, z_t], [p_s, p_t]
+    if xb is not None:
+        xb_norm = model.normalise_peaks(xb, stats_b)
+        out_b = model.peak_latent(xb, normalised=xb_norm)
+        latents.append(out_b.z)
+        probs.append(torch.softmax(model.classify(out_b.z).float(), -1))
+    p_unl = probs[-1]  # the predictions the entropy and balance terms act on
 
     def adversarial():
-        d_s = model.discriminate(z_s, p_s, grl)
-        d_t = model.discriminate(z_t, p_t, grl)
-        w_s = w_t = None
+        logits = [model.discriminate(z, p, grl).float() for z, p in zip(latents, probs)]
+        weights = None
         if lo.use_cdann and lo.entropy_conditioning:
-            w_s, w_t = L.entropy_weights(p_s.detach()), L.entropy_weights(p_t.detach())
-        return L.adversarial(d_s.float(), d_t.float(), weights_source=w_s, weights_target=w_t)
+            weights = [L.entropy_weights(p.detach()) for p in probs]
+        return L.adversarial(logits, weights)
+
+    def divergence():
+        d = L.divergence(lo.divergence, z_s, z_t)
+        if xb is not None:
+            d = d + L.divergence(lo.divergence, z_t, latents[2])
+        return d
 
     terms = {
-        "class_source": (lo.lambda_class, lambda: L.classification(logit_s.float(), y, label_smoothing=lo.label_smoothing)),
+        "class_source": (lo.lambda_class, lambda: L.classification(logit_s.float(), y, class_weight,
+                                                                   label_smoothing=lo.label_smoothing)),
         "class_target": (lo.lambda_target_class,
-                         lambda: L.classification(logit_t.float(), y, label_smoothing=lo.label_smoothing)),
+                         lambda: L.classification(logit_t.float(), y, class_weight,
+                                                  label_smoothing=lo.label_smoothing)),
         "adversarial": (lo.lambda_domain * warm, adversarial),
-        "divergence": (lo.lambda_divergence * warm, lambda: L.divergence(lo.divergence, z_s, z_t)),
-        "balance": (lo.lambda_balance, lambda: L.class_balance(p_t, prior)),
-        "entropy": (lo.lambda_entropy * warm, lambda: L.entropy(p_t)),
+        "divergence": (lo.lambda_divergence * warm, divergence),
+        "balance": (lo.lambda_balance, lambda: L.class_balance(p_unl, prior)),
+        "entropy": (lo.lambda_entropy * warm, lambda: L.entropy(p_unl)),
     }
-    terms.update(model.encoder.objective(x, out_t, z_s))
+    terms.update(model.encoder.objective(x_norm, out_t, z_s))
+    if xb is not None:
+        terms.update({f"{k}_adapt": v for k, v in model.encoder.objective(xb_norm, out_b, None).items()})
     return L.combine(terms)
 
 
@@ -347,8 +382,9 @@ def load_checkpoint(path, device="cpu") -> tuple[CDANN, TrainConfig, dict]:
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise StoreError(path, f"not an xfer checkpoint (format {ckpt.get('format') if isinstance(ckpt, dict) else '?'})")
     cfg = TrainConfig.from_dict(ckpt["config"], source=str(path), allow_inert=True)
-    model = build_model(ckpt["dims"]["emb_dim"], ckpt["dims"]["n_peaks"], cfg.model,
-                        use_cdann=cfg.loss.use_cdann, seed=cfg.optim.seed)
+    dims = ckpt["dims"]
+    model = build_model(dims["emb_dim"], dims["n_peaks"], cfg.model, use_cdann=cfg.loss.use_cdann,
+                        seed=cfg.optim.seed, n_domains=dims.get("n_domains", 2))
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
     return model, cfg, ckpt

@@ -220,3 +220,27 @@ def peak_frequency_mask(X, min_fraction: float, *, key: str = "peak_min_fraction
         raise ValueError("peak_frequency_mask: X has no rows")
     # counts / n_rows is correctly rounded, so e.g. 3 of 10 rows passes 0.3.
     return counts / n_rows >= frac
+
+
+def genomic_bins(peaks: PeakSet, bin_size: int, keys: np.ndarray | None = None) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Assign each peak to the genomic bin of `bin_size` bp holding its start.
+
+    Returns (M, keys): M is n_peaks x n_bins (0/1, CSR) so that `X @ M` sums a
+    cells x peaks count matrix into bins; keys are the bin names "chrom:index".
+    Pass the keys of another dataset to get its bins in the same order (peaks
+    in bins that the keys lack are dropped; bins without peaks stay zero).
+    Bins are defined by coordinates alone, so two lines with independently
+    called peaks give comparable bin profiles without any peak mapping.
+    """
+    if bin_size <= 0:
+        raise ValueError("bin_size must be > 0")
+    idx = (peaks.start // int(bin_size)).astype(np.int64)
+    key = np.char.add(np.char.add(peaks.chrom.astype(str), ":"), idx.astype(str))
+    if keys is None:
+        keys = np.unique(key)
+    keys = np.asarray(keys).astype(str)
+    col = pd.Index(keys).get_indexer(key)
+    ok = col >= 0
+    M = sp.csr_matrix((np.ones(int(ok.sum()), np.float32), (np.flatnonzero(ok), col[ok])),
+                      shape=(len(key), len(keys)))
+    return M, keys

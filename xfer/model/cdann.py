@@ -42,10 +42,11 @@ class LineNorm(nn.Module):
 
 
 class CDANN(nn.Module):
-    def __init__(self, emb_dim: int, n_peaks: int, cfg: ModelConfig, use_cdann: bool = True, seed: int = 0):
+    def __init__(self, emb_dim: int, n_peaks: int, cfg: ModelConfig, use_cdann: bool = True, seed: int = 0,
+                 n_domains: int = 2):
         super().__init__()
         self.cfg = cfg
-        self.emb_dim, self.n_peaks = emb_dim, n_peaks
+        self.emb_dim, self.n_peaks, self.n_domains = emb_dim, n_peaks, n_domains
         self.src_norm = LineNorm(emb_dim)
         self.peak_norm = LineNorm(n_peaks)
         self.projection = mlp([emb_dim, cfg.proj_hidden, cfg.latent_dim], cfg.dropout)
@@ -62,23 +63,31 @@ class CDANN(nn.Module):
             self.register_buffer("R_g", R_g)
         else:
             disc_in = N_PHASES * cfg.latent_dim
-        self.discriminator = mlp([disc_in, cfg.disc_hidden, cfg.disc_hidden, 1], 0.5 if cfg.dropout > 0 else 0.0)
+        # domains: 0 training-line expression, 1 training-line peaks, (2 test-line peaks, unlabelled)
+        self.discriminator = mlp([disc_in, cfg.disc_hidden, cfg.disc_hidden, n_domains],
+                                 0.5 if cfg.dropout > 0 else 0.0)
 
     # ------------------------------------------------------------------ encoders
     def source_latent(self, emb: Tensor, stats=None) -> Tensor:
         return self.projection(self.src_norm(emb, stats))
 
-    def peak_latent(self, x: Tensor, stats=None) -> EncoderOutput:
+    def normalise_peaks(self, x: Tensor, stats=None) -> Tensor:
+        """The encoder's clean input: the line-standardised features (also the
+        reconstruction target of the DAE / VAE)."""
+        return self.peak_norm(x, stats)
+
+    def peak_latent(self, x: Tensor, stats=None, normalised: Tensor | None = None) -> EncoderOutput:
+        h = self.normalise_peaks(x, stats) if normalised is None else normalised
         if self.training:
-            x = self.encoder.perturb(x)
-        return self.encoder(self.peak_norm(x, stats))
+            h = self.encoder.perturb(h)
+        return self.encoder(h)
 
     # ------------------------------------------------------------------ heads
     def classify(self, z: Tensor) -> Tensor:
         return self.classifier(z)
 
     def discriminate(self, z: Tensor, probs: Tensor, grl: float) -> Tensor:
-        """Domain logits for latents z conditioned on (detached) class probabilities."""
+        """Domain logits (n, n_domains) for latents z conditioned on (detached) class probabilities."""
         probs = probs.detach()
         if not self.use_cdann:
             h = z
@@ -86,7 +95,7 @@ class CDANN(nn.Module):
             h = L.randomized_multilinear_map(z, probs.to(z.dtype), self.R_f, self.R_g)
         else:
             h = L.multilinear_map(z, probs.to(z.dtype))
-        return self.discriminator(grad_reverse(h, grl)).squeeze(-1)
+        return self.discriminator(grad_reverse(h, grl))
 
     # ------------------------------------------------------------------ prediction
     @torch.no_grad()
@@ -98,5 +107,6 @@ class CDANN(nn.Module):
         return torch.softmax(self.classify(self.peak_latent(x, stats).z).float(), -1)
 
 
-def build_model(emb_dim: int, n_peaks: int, cfg: ModelConfig, use_cdann: bool = True, seed: int = 0) -> CDANN:
-    return CDANN(emb_dim, n_peaks, cfg, use_cdann=use_cdann, seed=seed)
+def build_model(emb_dim: int, n_peaks: int, cfg: ModelConfig, use_cdann: bool = True, seed: int = 0,
+                n_domains: int = 2) -> CDANN:
+    return CDANN(emb_dim, n_peaks, cfg, use_cdann=use_cdann, seed=seed, n_domains=n_domains)

@@ -9,10 +9,12 @@ and owns its objective, trained and weighted by config:
     hybrid       residual GELU blocks (2,048 hidden units by default)
     mlp          plain feed-forward baseline
 
-Interface: `perturb(x)` (training-time input corruption, applied before input
-normalisation, zeroing entries as lost fragments would), `forward(x) ->
-EncoderOutput`, and `objective(x_clean, out, z_source) -> {name: (weight, term)}`
-whose terms the loop adds to its loss.
+Interface: `perturb(x)` (training-time corruption of the line-standardised
+input: masking noise, a masked entry set to 0 = the line's mean), `forward(x)
+-> EncoderOutput`, and `objective(x_clean, out, z_source) -> {name: (weight,
+term)}` whose terms the loop adds to its loss. Reconstruction is the mean
+squared error against the clean standardised input, whatever the input
+representation (peaks, LSI, coverage bins).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ class EncoderOutput:
 
 
 def _drop_entries(x: Tensor, p: float) -> Tensor:
-    """Zero each entry with probability p (no rescaling: mimics losing fragments)."""
+    """Masking noise: zero each entry with probability p (no rescaling)."""
     if p <= 0:
         return x
     return x * (torch.rand_like(x, dtype=torch.float32) >= p).to(x.dtype)
@@ -84,8 +86,7 @@ class DAEEncoder(MLPEncoder):
         return _drop_entries(super().perturb(x), self.cfg.corruption)
 
     def objective(self, x_clean, out, z_source):
-        target = (x_clean > 0).to(out.z.dtype)
-        return {"recon": (self.cfg.lambda_recon, lambda: L.reconstruction_bce(self.decoder(out.z).float(), target.float()))}
+        return {"recon": (self.cfg.lambda_recon, lambda: L.reconstruction_mse(self.decoder(out.z).float(), x_clean.float()))}
 
 
 class VAEEncoder(PeakEncoder):
@@ -109,9 +110,8 @@ class VAEEncoder(PeakEncoder):
         return EncoderOutput(z, {"mu": mu, "logvar": logvar})
 
     def objective(self, x_clean, out, z_source):
-        target = (x_clean > 0).float()
         return {
-            "recon": (self.cfg.lambda_recon, lambda: L.reconstruction_bce(self.decoder(out.z).float(), target)),
+            "recon": (self.cfg.lambda_recon, lambda: L.reconstruction_mse(self.decoder(out.z).float(), x_clean.float())),
             "kl": (self.cfg.lambda_recon * self.cfg.beta,
                    lambda: L.gaussian_kl_standard(out.extras["mu"].float(), out.extras["logvar"].float())
                    / self.cfg.latent_dim),
