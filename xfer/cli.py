@@ -198,12 +198,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_store_argument(s)
     s.set_defaults(func=cmd_store)
 
+    for ep in _plugins():
+        ep.load()(sub)  # e.g. `xfer tune` from the tune package (Ray stays out of xfer)
+
     s = sub.add_parser("demo", help="run the main job end to end on simulated data")
     s.add_argument("--size", default="small")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--output_folder", default="demo_output")
     s.set_defaults(func=cmd_demo)
     return p
+
+
+def _plugins():
+    from importlib.metadata import entry_points
+
+    return sorted(entry_points(group="xfer.commands"), key=lambda e: e.name)
 
 
 def main(argv: list[str] | None = None) -> int:

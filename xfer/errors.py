@@ -10,6 +10,10 @@ from __future__ import annotations
 class XferError(Exception):
     """Base class: a problem with the user's input, config or store."""
 
+    def __reduce__(self):
+        # rebuild from the constructor's arguments (Ray pickles and copies trial errors)
+        return (type(self), getattr(self, "_args", self.args))
+
 
 class InputError(XferError):
     """A malformed or inconsistent input file."""
@@ -17,6 +21,7 @@ class InputError(XferError):
     def __init__(self, path, field: str | None, message: str):
         self.path = str(path)
         self.field = field
+        self._args = (path, field, message)
         where = f"{self.path}" + (f" [{field}]" if field else "")
         super().__init__(f"{where}: {message}")
 
@@ -27,6 +32,7 @@ class StoreError(XferError):
     def __init__(self, path, message: str, field: str | None = None):
         self.path = str(path)
         self.field = field
+        self._args = (path, message, field)
         where = f"{self.path}" + (f" [{field}]" if field else "")
         super().__init__(f"{where}: {message}")
 
@@ -37,5 +43,6 @@ class ConfigError(XferError):
     def __init__(self, key: str, message: str, source: str | None = None):
         self.key = key
         self.source = source
+        self._args = (key, message, source)
         where = f"{source}: " if source else ""
         super().__init__(f"{where}config key '{key}': {message}")

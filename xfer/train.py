@@ -134,6 +134,32 @@ def _np_to_torch(obj):
     return obj
 
 
+# ----------------------------------------------------------------------------- data parallelism
+
+def _distributed() -> tuple[int, int]:
+    """(world size, rank) when a torch.distributed process group is up (Ray Train
+    workers), else (1, 0)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _allreduce_grads(model: torch.nn.Module, world: int) -> None:
+    """Average gradients over ranks (every rank starts from the same seeded weights
+    and applies the same averaged update, so the replicas stay identical)."""
+    import torch.distributed as dist
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset:offset + n].view_as(g))
+        offset += n
+
+
 # ----------------------------------------------------------------------------- the loop
 
 def _set_line_stats(model: CDANN, stats: dict) -> None:
@@ -166,7 +192,7 @@ def predict(model: CDANN, emb=None, peaks=None, stats: dict | None = None, devic
             for s in range(0, X.shape[0], batch):
                 chunk = X[s:s + batch]
                 chunk = chunk.toarray() if sp.issparse(chunk) else np.asarray(chunk)
-                t = torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32)).to(device)
+                t = torch.tensor(chunk, dtype=torch.float32, device=device)
                 st = None if stats is None else stats.get("emb" if key == "gex" else "peaks")
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     p = model.predict_source(t, st) if key == "gex" else model.predict_peaks(t, st)
@@ -214,7 +240,10 @@ def fit(cfg: TrainConfig, data: TrainData, report: Report | None = None, *,
         PB = Rows(adapt.peaks, dev, dtype, memory_budget)
         stats_b = line_stats_tensors(adapt, dev)["peaks"] if cfg.data.line_norm else None
         n_b = adapt.peaks.shape[0]
-    steps = max(1, n_train // bs)  # drop the ragged last batch (BatchNorm-free, but MMD likes equal sizes)
+    world, rank = _distributed()
+    # drop the ragged last batch (MMD likes equal sizes); with several data-parallel
+    # ranks each takes its own shard of every step's cells
+    steps = max(1, n_train // (bs * world))
 
     history: list[dict] = []
     best = {"metric": -math.inf, "epoch": 0, "state": None}
@@ -256,7 +285,8 @@ def fit(cfg: TrainConfig, data: TrainData, report: Report | None = None, *,
         for s in range(steps):
             progress = ((epoch - 1) * steps + s) / max(1, o.epochs * steps)
             grl = L.grl_lambda(progress, lo.grl_gamma)
-            idx = tr[perm[s * bs:(s + 1) * bs]]
+            lo_i = (s * world + rank) * bs
+            idx = tr[perm[lo_i:lo_i + bs]]
             emb, x, y = E[idx], P[idx], Y[idx]
             xb = None
             if adapt is not None:
@@ -266,6 +296,8 @@ def fit(cfg: TrainConfig, data: TrainData, report: Report | None = None, *,
                                     xb, stats_b if adapt is not None else None)
             opt.zero_grad(set_to_none=True)
             parts.total.backward()
+            if world > 1:
+                _allreduce_grads(model, world)
             if o.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
             opt.step()

@@ -1,0 +1,60 @@
+"""The `xfer tune` subcommand (registered with the xfer command through the
+"xfer.commands" entry point, so that xfer itself never imports Ray)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def register(sub) -> None:
+    from xfer.data.inputs import add_data_arguments
+    from xfer.pipeline import add_train_arguments
+
+    p = sub.add_parser("tune", help="hyperparameter sweep: Ray Tune + OptunaSearch + ASHA over Ray Train workers",
+                       description=__import__("tune.sweep", fromlist=["x"]).__doc__.split("\n\n")[0])
+    add_data_arguments(p)
+    add_train_arguments(p)
+    g = p.add_argument_group("sweep")
+    g.add_argument("--n_trials", type=int, default=20, help="trials to run (default 20)")
+    g.add_argument("--search_epochs", type=int, default=50, help="epochs per trial; ASHA's max_t (default 50)")
+    g.add_argument("--space", help="search space file (YAML/JSON, see tune/space.py); default: the built-in space")
+    g.add_argument("--grace_period", type=int, default=0, help="ASHA grace period in epochs (default search_epochs/8)")
+    g.add_argument("--reduction_factor", type=int, default=2, help="ASHA reduction factor (default 2)")
+    g.add_argument("--checkpoint_every", type=int, default=5, help="checkpoint every N epochs (and at each best)")
+    g.add_argument("--max_failures", type=int, default=2, help="retries of a failed trial (default 2)")
+    g.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
+    g.add_argument("--num_cpus", type=int, help="CPUs of the local cluster (default: all)")
+    g.add_argument("--num_gpus", type=int, help="GPUs of the local cluster (default: all)")
+    g.add_argument("--cpus_per_trial", type=float, default=1.0)
+    g.add_argument("--gpus_per_trial", type=float, default=0.0, help="GPU share per trial, e.g. 0.25 = 4 trials per GPU")
+    g.add_argument("--num_workers", type=int, default=1, help="Ray Train workers per trial (data parallel)")
+    g.add_argument("--trainer", choices=("auto", "function", "torch"), default="auto",
+                   help="function: the loop inside the Tune trial (fast path); torch: a Ray Train TorchTrainer "
+                        "per trial; auto: torch only when --num_workers > 1")
+    g.add_argument("--resume", action="store_true", help="finish the sweep in --output_folder after a crash")
+    g.add_argument("--name", default="sweep", help="sweep name (Tune experiment and Optuna study)")
+    p.set_defaults(func=cmd_tune)
+
+
+def cmd_tune(args) -> int:
+    from xfer.pipeline import format_table
+
+    from .sweep import run
+
+    res = run(args)
+    sw, df, best = res["sweep"], res["table"], res["best"]
+    counts = df["status"].value_counts().to_dict()
+    print(f"\nsweep '{sw.name}': {len(df)} trials in {res['wall_seconds']:.0f} s "
+          f"({', '.join(f'{v} {k}' for k, v in counts.items())})")
+    print(f"best trial {best['trial_id']}: {best['objective']} {best['value']:.3f} at epoch {best['best_epoch']} "
+          f"(arch {best['params']['arch']}, divergence {best['params']['divergence']})")
+    if res["metrics"] is not None:
+        print(format_table(res["metrics"]))
+    print(f"results: {sw.output}/ (best_params.json, trials.csv, trials.parquet, optuna_study.db, best_model.pt"
+          f"{', metrics.json' if res['metrics'] is not None else ''}); TensorBoard: tensorboard --logdir {sw.storage}")
+    if res["dashboard"]:
+        print(f"Ray dashboard: http://{res['dashboard']} (while this process runs; token: `ray get-auth-token`)")
+    return 0

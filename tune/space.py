@@ -1,0 +1,245 @@
+"""The one search-space file: every live parameter of a sweep.
+
+Keys are the flat config keys of `xfer.config.TrainConfig`, so a trial's
+parameters are a valid config and `best_params.json` loads straight into
+`xfer train --config_path`. The space is define-by-run: the architecture is
+sampled first and each architecture's own parameters (`xfer.config.ARCH_PARAMS`)
+are sampled only when it is chosen, so no trial carries an inert parameter.
+
+A space is a mapping key -> spec, where a spec is one of
+
+    {"type": "float", "low": 1e-4, "high": 3e-3, "log": true}
+    {"type": "int", "low": 1, "high": 3}            (optional "step", "log")
+    {"type": "categorical", "choices": ["dae", "vae"]}
+    a plain value (JSON/YAML scalar or list)         -> fixed, not searched
+
+Users replace or extend the default with a YAML/JSON file (`xfer tune
+--space FILE`) and fix single keys from the command line (`--arch_type`,
+`--divergence_type`, `--set KEY=VALUE`). `validate_space` checks everything
+before any trial starts: unknown keys, bad types and ranges, architecture
+parameters for an architecture the space cannot choose.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from xfer.config import ALIASES, ALL_ARCH_PARAMS, ARCH_PARAMS, ARCHS, FLAT_KEYS, TrainConfig
+from xfer.errors import ConfigError
+
+# The default space. Ranges follow the seed's (λ_target_class 1-15, log) and
+# what trained well on the simulator; widen them in a space file.
+DEFAULT_SPACE: dict[str, Any] = {
+    # optimisation
+    "lr": {"type": "float", "low": 1e-4, "high": 3e-3, "log": True},
+    "weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
+    "batch_size": {"type": "categorical", "choices": [128, 256, 512]},
+    # loss weights
+    "lambda_class": {"type": "float", "low": 0.3, "high": 3.0, "log": True},
+    "lambda_target_class": {"type": "float", "low": 1.0, "high": 15.0, "log": True},
+    "lambda_domain": {"type": "float", "low": 0.01, "high": 1.0, "log": True},
+    "lambda_divergence": {"type": "float", "low": 0.01, "high": 3.0, "log": True},
+    "lambda_balance": {"type": "float", "low": 0.01, "high": 1.0, "log": True},
+    "lambda_entropy": {"type": "float", "low": 0.001, "high": 0.3, "log": True},
+    "grl_gamma": {"type": "float", "low": 1.0, "high": 20.0, "log": True},
+    "warmup_epochs": {"type": "int", "low": 0, "high": 20},
+    # architecture
+    "arch": {"type": "categorical", "choices": list(ARCHS)},
+    "divergence": {"type": "categorical", "choices": ["mmd", "kl", "jensen", "coral"]},
+    "dropout": {"type": "float", "low": 0.0, "high": 0.5},
+    "peak_dropout": {"type": "float", "low": 0.0, "high": 0.3},
+    "hidden_dim": {"type": "categorical", "choices": [256, 512, 1024, 2048]},
+    "n_layers": {"type": "int", "low": 1, "high": 3},
+    "latent_dim": {"type": "categorical", "choices": [64, 128, 256, 512]},
+    "proj_hidden": {"type": "categorical", "choices": [256, 512, 1024]},
+    # architecture-specific (sampled only for their arch)
+    "corruption": {"type": "float", "low": 0.0, "high": 0.3},                      # dae
+    "beta": {"type": "float", "low": 0.1, "high": 4.0, "log": True},                # vae
+    "lambda_recon": {"type": "float", "low": 0.1, "high": 3.0, "log": True},        # dae, vae
+    "temperature": {"type": "float", "low": 0.03, "high": 0.5, "log": True},        # contrastive
+    "proj_dim": {"type": "categorical", "choices": [64, 128, 256]},                 # contrastive
+    "aug_dropout": {"type": "float", "low": 0.05, "high": 0.5},                     # contrastive
+    "lambda_contrastive": {"type": "float", "low": 0.1, "high": 3.0, "log": True},  # contrastive
+    "n_blocks": {"type": "int", "low": 1, "high": 4},                               # hybrid
+}
+
+# Keys that never belong in a search space (they are sweep settings, not trial parameters).
+NOT_SEARCHABLE = {"epochs", "seed", "metric"}
+
+
+@dataclass(frozen=True)
+class Param:
+    key: str
+    kind: str                   # float | int | categorical | fixed
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple | None = None
+    value: Any = None
+
+    def sample(self, trial):
+        if self.kind == "fixed":
+            return self.value
+        if self.kind == "float":
+            return trial.suggest_float(self.key, self.low, self.high, log=self.log,
+                                       **({"step": self.step} if self.step else {}))
+        if self.kind == "int":
+            return trial.suggest_int(self.key, int(self.low), int(self.high), log=self.log,
+                                     **({"step": int(self.step)} if self.step else {}))
+        return trial.suggest_categorical(self.key, list(self.choices))
+
+    def values(self) -> tuple:
+        """The values this parameter can take (for categorical / fixed)."""
+        if self.kind == "fixed":
+            return (self.value,)
+        return tuple(self.choices or ())
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    params: dict[str, Param]
+    source: str = "default space"
+
+    def archs(self) -> tuple[str, ...]:
+        p = self.params.get("arch")
+        return p.values() if p is not None else (TrainConfig().model.arch,)
+
+    def __call__(self, trial) -> dict:
+        """Define-by-run: sample one trial's parameters (used by OptunaSearch)."""
+        out: dict[str, Any] = {}
+        arch = self.params["arch"].sample(trial) if "arch" in self.params else TrainConfig().model.arch
+        out["arch"] = arch
+        for key, p in self.params.items():
+            if key == "arch":
+                continue
+            if key in ALL_ARCH_PARAMS and key not in ARCH_PARAMS[arch]:
+                continue  # not live for this architecture: never sampled
+            out[key] = p.sample(trial)
+        return out
+
+    def searched(self) -> list[str]:
+        return [k for k, p in self.params.items() if p.kind != "fixed"]
+
+    def with_fixed(self, fixed: dict) -> "SearchSpace":
+        """Fix keys (from the command line) to single values; validated again."""
+        fixed = {ALIASES.get(k, k): v for k, v in fixed.items()}
+        raw = {k: _unparse(p) for k, p in self.params.items()}
+        raw.update(fixed)
+        if "arch" in fixed:  # the base space's parameters of architectures no longer chosen drop out
+            archs = set(fixed["arch"]) if isinstance(fixed["arch"], list) else {fixed["arch"]}
+            raw = {k: v for k, v in raw.items() if k in fixed or k not in ALL_ARCH_PARAMS
+                   or any(k in ARCH_PARAMS.get(a, ()) for a in archs)}
+        return parse_space(raw, source=f"{self.source} + command line")
+
+    def describe(self) -> dict:
+        return {k: _unparse(p) for k, p in self.params.items()}
+
+
+def _unparse(p: Param):
+    if p.kind == "fixed":
+        return p.value
+    if p.kind == "categorical":
+        return {"type": "categorical", "choices": list(p.choices)}
+    d = {"type": p.kind, "low": p.low, "high": p.high, "log": p.log}
+    if p.step:
+        d["step"] = p.step
+    return d
+
+
+def _number(source, key, spec, name):
+    v = spec.get(name)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ConfigError(key, f"'{name}' must be a finite number, got {v!r}", source)
+    return v
+
+
+def parse_space(raw: dict, source: str = "search space") -> SearchSpace:
+    """Parse and validate a space mapping; every error names the key."""
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError("space", "a search space must be a non-empty mapping of config keys", source)
+    params: dict[str, Param] = {}
+    for key0, spec in raw.items():
+        key = ALIASES.get(key0, key0)
+        if key not in FLAT_KEYS:
+            import difflib
+            close = difflib.get_close_matches(key, list(FLAT_KEYS), n=1)
+            raise ConfigError(key0, "not a config key" + (f" (did you mean '{close[0]}'?)" if close else ""), source)
+        if key in NOT_SEARCHABLE and isinstance(spec, dict):
+            raise ConfigError(key, "is a sweep setting, not a searchable parameter (set it with its own flag)", source)
+        if isinstance(spec, dict):
+            kind = spec.get("type")
+            extra = set(spec) - {"type", "low", "high", "log", "step", "choices"}
+            if extra:
+                raise ConfigError(key, f"unknown spec field(s) {sorted(extra)}", source)
+            if kind in ("float", "int"):
+                low, high = _number(source, key, spec, "low"), _number(source, key, spec, "high")
+                if not low < high:
+                    raise ConfigError(key, f"needs low < high, got low={low}, high={high}", source)
+                log = bool(spec.get("log", False))
+                if log and low <= 0:
+                    raise ConfigError(key, f"a log range needs low > 0, got {low}", source)
+                if kind == "int" and (float(low) != int(low) or float(high) != int(high)):
+                    raise ConfigError(key, "an int range needs integer bounds", source)
+                step = spec.get("step")
+                if step is not None and (not isinstance(step, (int, float)) or step <= 0 or log):
+                    raise ConfigError(key, "'step' must be > 0 and cannot be combined with log", source)
+                p = Param(key, kind, low=low, high=high, log=log, step=step)
+                _check_values(key, [low, high], source)
+            elif kind == "categorical":
+                choices = spec.get("choices")
+                if not isinstance(choices, list) or not choices:
+                    raise ConfigError(key, "'choices' must be a non-empty list", source)
+                _check_values(key, choices, source)
+                p = Param(key, "categorical", choices=tuple(choices))
+            else:
+                raise ConfigError(key, f"unknown spec type {kind!r}; use float, int or categorical", source)
+        else:
+            _check_values(key, [spec], source)
+            p = Param(key, "fixed", value=spec)
+        params[key] = p
+    space = SearchSpace(params, source)
+    archs = space.archs()
+    for key in params:
+        if key in ALL_ARCH_PARAMS:
+            owners = [a for a, ps in ARCH_PARAMS.items() if key in ps]
+            if not set(owners) & set(archs):
+                raise ConfigError(key, f"only used by arch {' / '.join(owners)}, which this space never chooses "
+                                  f"(arch choices: {', '.join(archs)})", source)
+    return space
+
+
+def _check_values(key: str, values: list, source: str) -> None:
+    """Each value must make a valid config on its own (type and range)."""
+    for v in values:
+        cfg = {key: v}
+        if key in ALL_ARCH_PARAMS:
+            cfg["arch"] = next(a for a, ps in ARCH_PARAMS.items() if key in ps)
+        try:
+            TrainConfig.from_dict(cfg)
+        except ConfigError as e:
+            raise ConfigError(key, f"value {v!r} is invalid: {str(e).split(': ', 2)[-1]}", source) from None
+
+
+def load_space(path: str | Path | None, fixed: dict | None = None) -> SearchSpace:
+    """The default space, or a YAML/JSON file's; then command-line fixes."""
+    if path is None:
+        space = parse_space(DEFAULT_SPACE, "default space")
+    else:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError("space", f"file not found: {p}")
+        try:
+            if p.suffix in (".yaml", ".yml"):
+                import yaml
+                raw = yaml.safe_load(p.read_text())
+            else:
+                raw = json.loads(p.read_text())
+        except Exception as e:
+            raise ConfigError("space", f"{p} is not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'JSON'}: {e}") from None
+        space = parse_space(raw, str(p))
+    return space.with_fixed(fixed) if fixed else space

@@ -1,0 +1,408 @@
+"""`xfer tune`: OptunaSearch proposes, ASHA stops the weak, Ray runs the trials.
+
+    driver                                         every trial (actor or Train workers)
+    ------                                         ------------------------------------
+    validate the space and config (no trial yet)
+    ingest file inputs into the cell store
+    embed the training line into the embedding store
+    prepare the training data once (node cache)
+    Tuner(OptunaSearch(TPE, SQLite) + ASHA)  --->  read stores by path, fit(), report each epoch
+    export trials.csv / .parquet, best_params.json,
+    mark ASHA-stopped Optuna trials PRUNED (live),
+    score the best trial on the test line
+
+The objective is the training line's PEAK validation metric; the test line
+(--test_csv / --sup_peak_csv) is read only after the search, to score the
+best trial's model. Everything a resume needs is in <output_folder>/sweep.json;
+`xfer tune --resume --output_folder DIR` restores the Tuner and finishes the
+sweep without repeating finished trials.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from argparse import Namespace
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from xfer.config import ALL_ARCH_PARAMS, TrainConfig
+from xfer.errors import ConfigError, XferError
+
+from .space import SearchSpace, load_space, parse_space
+
+log = logging.getLogger(__name__)
+
+SETTINGS_FILE = "sweep.json"
+DATA_FLAGS = ("src_csv", "src_label_csv", "tgt_csv", "tgt_label_csv", "test_csv", "test_label_csv",
+              "sup_peak_csv", "sup_peak_label_csv", "label_column", "orient", "store")
+TRIAL_STATUSES = ("completed", "stopped_by_asha", "errored")
+
+
+def ray_environment() -> None:
+    """Environment Ray must see before it is imported (inherited by trial processes)."""
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # snapshot the sweep state every second (resume)
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+@dataclass
+class Sweep:
+    """Everything the driver needs, also after a restart (saved as sweep.json)."""
+
+    name: str
+    output: Path
+    spec: dict
+    base: dict
+    space: dict
+    n_trials: int
+    search_epochs: int
+    metric: str
+    cpus_per_trial: float
+    gpus_per_trial: float
+    num_workers: int
+    trainer: str
+    grace_period: int
+    reduction_factor: int
+    checkpoint_every: int
+    max_failures: int
+    seed: int
+    data_args: dict
+
+    @property
+    def storage(self) -> Path:
+        return self.output / "ray_results"
+
+    @property
+    def study_db(self) -> Path:
+        return self.output / "optuna_study.db"
+
+    def save(self) -> None:
+        d = {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+        tmp = self.output / (SETTINGS_FILE + ".tmp")
+        tmp.write_text(json.dumps(d, indent=1, sort_keys=True))
+        os.replace(tmp, self.output / SETTINGS_FILE)
+
+    @classmethod
+    def load(cls, output: Path) -> "Sweep":
+        p = output / SETTINGS_FILE
+        if not p.exists():
+            raise XferError(f"--resume: {p} not found (no sweep was started in {output})")
+        d = json.loads(p.read_text())
+        d["output"] = Path(d["output"])
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------- set-up
+
+def _split_fixed(args) -> tuple[Namespace, dict]:
+    """Command-line settings that fix search parameters (seed flags and --set) go to the
+    space; the rest build the base config."""
+    from xfer.pipeline import _parse_value
+
+    fixed = {}
+    for flag, key in (("arch_type", "arch"), ("divergence_type", "divergence")):
+        v = getattr(args, flag, None)
+        if v is not None:
+            choices = [c.strip() for c in v.split(",") if c.strip()]
+            fixed[key] = choices[0] if len(choices) == 1 else {"type": "categorical", "choices": choices}
+    for item in getattr(args, "set", []) or []:
+        if "=" not in item:
+            raise ConfigError(item, "--set takes KEY=VALUE")
+        k, v = item.split("=", 1)
+        fixed[k.strip()] = _parse_value(v.strip())
+    rest = Namespace(**{k: v for k, v in vars(args).items() if k not in ("arch_type", "divergence_type", "set")})
+    return rest, fixed
+
+
+def build_space(args, fixed: dict) -> SearchSpace:
+    space = load_space(getattr(args, "space", None))
+    if fixed:
+        space = _with_fixed_specs(space, fixed)
+    return space
+
+
+def _with_fixed_specs(space: SearchSpace, fixed: dict) -> SearchSpace:
+    """Like SearchSpace.with_fixed, but a value may itself be a spec (a list of choices)."""
+    plain = {k: v for k, v in fixed.items() if not isinstance(v, dict)}
+    specs = {k: v for k, v in fixed.items() if isinstance(v, dict)}
+    space = space.with_fixed(plain) if plain else space
+    if specs:
+        raw = space.describe()
+        raw.update(specs)
+        if "arch" in specs:
+            archs = set(specs["arch"]["choices"])
+            from xfer.config import ARCH_PARAMS
+            raw = {k: v for k, v in raw.items() if k not in ALL_ARCH_PARAMS or k in fixed
+                   or any(k in ARCH_PARAMS[a] for a in archs if a in ARCH_PARAMS)}
+        space = parse_space(raw, f"{space.source} + command line")
+    return space
+
+
+def base_config(args) -> dict:
+    """Non-searched settings (flat): --config_path and flags, epochs = --search_epochs.
+    Architecture parameters are left out: they come from the space, for the arch a trial draws."""
+    from xfer.pipeline import build_config
+
+    cfg = build_config(args)
+    flat = {k: v for k, v in cfg.to_flat(live_only=True).items() if k not in ALL_ARCH_PARAMS}
+    flat["epochs"] = args.search_epochs
+    TrainConfig.from_dict(flat)  # validates
+    return flat
+
+
+def ingest_for_trials(args) -> dict:
+    """Put the training line into the store (file inputs are ingested) and return the DataSpec."""
+    from xfer.data.inputs import STORE_PREFIX, load_inputs
+    from xfer.data.store import CellStore
+
+    from .data import DataSpec
+
+    data = load_inputs(args, ["src", "tgt"], require=("src", "tgt"))
+    store = CellStore(args.store)
+    names = {}
+    for role in ("src", "tgt"):
+        given = getattr(args, f"{role}_csv")
+        ds = data[role]
+        if given.startswith(STORE_PREFIX) and not getattr(args, f"{role}_label_csv", None):
+            names[role] = given[len(STORE_PREFIX):]
+        else:
+            names[role] = store.write(ds, ds.name).name
+    return DataSpec(store=store.root.uri, src=names["src"], tgt=names["tgt"],
+                    src_hash=store.manifest(names["src"]).content_hash,
+                    tgt_hash=store.manifest(names["tgt"]).content_hash).to_dict()
+
+
+def new_sweep(args) -> Sweep:
+    out = Path(args.output_folder).resolve()
+    if (out / SETTINGS_FILE).exists():
+        raise XferError(f"{out} already holds a sweep; use --resume to finish it or choose another --output_folder")
+    rest, fixed = _split_fixed(args)
+    space = build_space(args, fixed)          # a malformed space fails here, before anything starts
+    base = base_config(rest)
+    if args.n_trials < 1 or args.search_epochs < 1:
+        raise ConfigError("n_trials" if args.n_trials < 1 else "search_epochs", "must be >= 1")
+    # every value a trial can get must make a valid config with the base
+    TrainConfig.from_dict({**base, **{k: p.value for k, p in space.params.items() if p.kind == "fixed"
+                                      and k not in ALL_ARCH_PARAMS and k != "arch"}})
+    if args.store and "://" not in args.store:
+        args.store = str(Path(args.store).resolve())
+    spec = ingest_for_trials(args)
+    out.mkdir(parents=True, exist_ok=True)
+    return Sweep(
+        name=args.name, output=out, spec=spec, base=base, space=space.describe(),
+        n_trials=args.n_trials, search_epochs=args.search_epochs, metric=base["metric"],
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, num_workers=args.num_workers,
+        trainer=_pick_trainer(args.trainer, args.num_workers), grace_period=args.grace_period or
+        max(1, args.search_epochs // 8), reduction_factor=args.reduction_factor,
+        checkpoint_every=args.checkpoint_every, max_failures=args.max_failures, seed=base["seed"],
+        data_args={k: getattr(args, k, None) for k in DATA_FLAGS})
+
+
+def _pick_trainer(choice: str, num_workers: int) -> str:
+    """function (fast path) unless several workers per trial are asked for; see README."""
+    if choice == "auto":
+        return "torch" if num_workers > 1 else "function"
+    if choice == "function" and num_workers > 1:
+        raise ConfigError("num_workers", "several workers per trial need --trainer torch (or auto)")
+    return choice
+
+
+# ----------------------------------------------------------------------------- ray
+
+def start_ray(address: str | None, num_cpus: int | None, num_gpus: int | None):
+    import ray
+
+    if ray.is_initialized():
+        return ray.get_runtime_context()
+    if address:
+        return ray.init(address=address, log_to_driver=False)
+    # The dashboard stays on: without it Ray Train never frees the placement groups of
+    # stopped trials (measured with ray 2.60) and a sweep hangs.
+    return ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                    log_to_driver=False)
+
+
+def slots(sw: Sweep) -> int:
+    """Concurrent trials the cluster can hold."""
+    import ray
+
+    res = ray.cluster_resources()
+    n = math.floor(res.get("CPU", 1) / max(sw.cpus_per_trial, 1e-9) + 1e-9)
+    if sw.gpus_per_trial > 0:
+        n = min(n, math.floor(res.get("GPU", 0) / sw.gpus_per_trial + 1e-9))
+    if n < 1:
+        raise XferError(f"the cluster ({res.get('CPU', 0)} CPUs, {res.get('GPU', 0)} GPUs) cannot hold one trial of "
+                        f"{sw.cpus_per_trial} CPUs and {sw.gpus_per_trial} GPUs")
+    return n
+
+
+def make_trainable(sw: Sweep):
+    from ray import tune
+
+    from .trainable import function_trial, trainer_trial
+
+    if sw.trainer == "function":
+        fn = partial(function_trial, spec=sw.spec, base=sw.base, checkpoint_every=sw.checkpoint_every)
+        return tune.with_resources(fn, {"cpu": sw.cpus_per_trial, "gpu": sw.gpus_per_trial})
+    per_worker = {"CPU": max(0.01, sw.cpus_per_trial / sw.num_workers - 0.01)}
+    if sw.gpus_per_trial > 0:
+        per_worker["GPU"] = sw.gpus_per_trial / sw.num_workers
+    fn = partial(trainer_trial, spec=sw.spec, base=sw.base, checkpoint_every=sw.checkpoint_every,
+                 num_workers=sw.num_workers, resources_per_worker=per_worker,
+                 train_storage=str(sw.output / "ray_train"))
+    return tune.with_resources(fn, {"cpu": 0.01})
+
+
+def make_tuner(sw: Sweep, restore: bool):
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+
+    from .searcher import EpochAwareOptunaSearch
+
+    trainable = make_trainable(sw)
+    path = sw.storage / sw.name
+    if restore:
+        if not tune.Tuner.can_restore(str(path)):
+            raise XferError(f"--resume: no restorable sweep state under {path}")
+        return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                  restart_errored=False)
+    space = parse_space(sw.space, "sweep.json")
+    searcher = EpochAwareOptunaSearch(
+        space=space, metric="objective", mode="max", max_t=sw.search_epochs,
+        sampler=optuna.samplers.TPESampler(seed=sw.seed, n_startup_trials=min(10, max(2, sw.n_trials // 3))),
+        study_name=sw.name, storage=optuna.storages.RDBStorage(f"sqlite:///{sw.study_db}"))
+    n_slots = slots(sw)
+    log.info("%d concurrent trial slot(s); %s trials", n_slots,
+             "function (fast path)" if sw.trainer == "function" else f"TorchTrainer x{sw.num_workers}")
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=n_slots),
+            scheduler=ASHAScheduler(time_attr="epoch", max_t=sw.search_epochs, grace_period=sw.grace_period,
+                                    reduction_factor=sw.reduction_factor),
+            metric="objective", mode="max", num_samples=sw.n_trials,
+            reuse_actors=sw.trainer == "function",
+            trial_dirname_creator=lambda t: t.trial_id,
+        ),
+        run_config=tune.RunConfig(
+            name=sw.name, storage_path=str(sw.storage), verbose=1,
+            failure_config=tune.FailureConfig(max_failures=sw.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+
+
+# ----------------------------------------------------------------------------- results
+
+def trial_table(grid, sw: Sweep):
+    import pandas as pd
+
+    rows = []
+    for r in grid:
+        m = r.metrics or {}
+        params = {k: v for k, v in (r.config or {}).items()}
+        epochs = int(m.get("epoch", 0) or 0)
+        if r.error is not None:
+            status = "errored"
+        elif epochs >= sw.search_epochs or m.get("stopped_early"):
+            status = "completed"
+        else:
+            status = "stopped_by_asha"
+        rows.append({
+            "trial_id": m.get("trial_id") or Path(r.path).name, "status": status, "epochs_run": epochs,
+            "early_stopped": bool(m.get("stopped_early", False)),
+            f"best_{sw.metric}": m.get("best_objective"), f"last_{sw.metric}": m.get("objective"),
+            "best_epoch": m.get("best_epoch"), "node": m.get("hostname") or m.get("node_ip"),
+            "node_ip": m.get("node_ip"), "wall_seconds": m.get("time_total_s"),
+            "error": None if r.error is None else str(r.error).splitlines()[0][:300],
+            **{f"param.{k}": v for k, v in params.items()},
+        })
+    df = pd.DataFrame(rows)
+    if len(df):
+        df = df.sort_values(f"best_{sw.metric}", ascending=False, na_position="last").reset_index(drop=True)
+    return df
+
+
+def export(grid, sw: Sweep) -> dict:
+    """trials.csv / trials.parquet, best_params.json, best_model.pt (the best trial's best epoch)."""
+    import torch
+
+    df = trial_table(grid, sw)
+    df.to_csv(sw.output / "trials.csv", index=False)
+    df.astype({c: "string" for c in df.columns if df[c].dtype == object}).to_parquet(sw.output / "trials.parquet",
+                                                                                     index=False)
+    ok = df[df["status"] != "errored"].dropna(subset=[f"best_{sw.metric}"])
+    if ok.empty:
+        raise XferError(f"no trial finished without error; see {sw.output / 'trials.csv'} and the logs under "
+                        f"{sw.storage / sw.name}")
+    best = ok.iloc[0]
+    result = next(r for r in grid if (r.metrics or {}).get("trial_id", Path(r.path).name) == best["trial_id"])
+    params = {**result.config}
+    full = TrainConfig.from_dict({**sw.base, **params})
+    best_params = {
+        "params": {**{k: v for k, v in full.to_flat().items() if k != "epochs"}},
+        "searched": params, "objective": f"peak_val_{sw.metric}", "value": float(best[f"best_{sw.metric}"]),
+        "trial_id": best["trial_id"], "best_epoch": int(best["best_epoch"]), "epochs_run": int(best["epochs_run"]),
+        "search_epochs": sw.search_epochs,
+    }
+    (sw.output / "best_params.json").write_text(json.dumps(best_params, indent=1, default=str))
+    ckpt_file = None
+    ck = result.checkpoint
+    if ck is not None:
+        with ck.as_directory() as d:
+            state = torch.load(Path(d) / "checkpoint.pt", map_location="cpu", weights_only=True)
+        if state.get("best_model") is not None:
+            state = {**state, "model": state["best_model"], "best_model": None, "epoch": state["best_epoch"]}
+        ckpt_file = sw.output / "best_model.pt"
+        torch.save(state, ckpt_file)
+    return {"table": df, "best": best_params, "checkpoint": ckpt_file}
+
+
+def score_best(sw: Sweep, checkpoint: Path) -> dict | None:
+    """The best trial's model on the four splits (test line only here) + baselines."""
+    from xfer.pipeline import _write_json, baselines_for, evaluate_model, prepare
+    from xfer.train import load_checkpoint
+
+    model, cfg, _ = load_checkpoint(checkpoint)
+    args = Namespace(**sw.data_args)
+    p = prepare(args, cfg)
+    metrics = evaluate_model(model, p, sw.output)
+    metrics["baselines"] = baselines_for(p)
+    metrics["model"] = {"source": "best trial of the sweep", "config": cfg.to_flat()}
+    _write_json(sw.output / "metrics.json", metrics)
+    return metrics
+
+
+def run(args) -> dict:
+    """Start (or resume) a sweep, wait for it, export and score. Returns a summary."""
+    ray_environment()
+    out = Path(args.output_folder).resolve()
+    sw = Sweep.load(out) if args.resume else new_sweep(args)
+    if not args.resume:
+        # validates and prepares the training data once before any trial (and warms this node's cache)
+        from xfer.config import TrainConfig as _TC
+
+        from .data import DataSpec, load_trial_data
+        load_trial_data(DataSpec(**sw.spec), _TC.from_dict(sw.base))
+        sw.save()
+    ctx = start_ray(getattr(args, "address", None), getattr(args, "num_cpus", None), getattr(args, "num_gpus", None))
+    dashboard = getattr(ctx, "dashboard_url", None)
+    if dashboard:
+        log.info("Ray dashboard: http://%s", dashboard)
+    t0 = time.perf_counter()
+    grid = make_tuner(sw, restore=args.resume).fit()
+    wall = time.perf_counter() - t0
+    exported = export(grid, sw)
+    metrics = None
+    if exported["checkpoint"] is not None and (sw.data_args.get("test_csv") or sw.data_args.get("sup_peak_csv")):
+        metrics = score_best(sw, exported["checkpoint"])
+    return {"sweep": sw, "table": exported["table"], "best": exported["best"], "metrics": metrics,
+            "dashboard": dashboard, "wall_seconds": wall}
