@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(VENV)/bin/xfer demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 bench-store: $(STAMP)
 	$(PY) bench/bench_store.py

@@ -88,3 +88,33 @@ def test_checkpoint_rejects_foreign_pickle(tmp_path):
     (tmp_path / "evil.pt").write_bytes(pickle.dumps({"x": Evil()}))
     with pytest.raises(StoreError, match="not a readable checkpoint"):
         load_checkpoint(tmp_path / "evil.pt")
+
+
+def _ddp_rank(rank, world, port, data, cfg, out):
+    import os
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        res = fit(cfg, data)
+        torch.save(res.checkpoint["model"], out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_ranks_stay_identical(tmp_path, tiny_train):
+    """With a process group up (as in Ray Train workers) each rank trains on its shard
+    and the all-reduced updates keep the replicas identical."""
+    import socket
+    import torch.multiprocessing as tmp
+    cfg, data, _, _ = tiny_train
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tmp.spawn(_ddp_rank, args=(2, port, data, cfg.replace(epochs=2), tmp_path), nprocs=2, join=True)
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert _same_state(a, b)
+    single = fit(cfg.replace(epochs=2), data).checkpoint["model"]
+    assert not _same_state(a, single)  # the shards did change what was learnt

@@ -355,15 +355,33 @@ def export(grid, sw: Sweep) -> dict:
     }
     (sw.output / "best_params.json").write_text(json.dumps(best_params, indent=1, default=str))
     ckpt_file = None
-    ck = result.checkpoint
-    if ck is not None:
-        with ck.as_directory() as d:
-            state = torch.load(Path(d) / "checkpoint.pt", map_location="cpu", weights_only=True)
+    ckpt_path = _checkpoint_file(result, sw, best["trial_id"])
+    if ckpt_path is not None:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         if state.get("best_model") is not None:
             state = {**state, "model": state["best_model"], "best_model": None, "epoch": state["best_epoch"]}
         ckpt_file = sw.output / "best_model.pt"
         torch.save(state, ckpt_file)
     return {"table": df, "best": best_params, "checkpoint": ckpt_file}
+
+
+def _checkpoint_file(result, sw: Sweep, trial_id: str) -> Path | None:
+    """The trial's latest checkpoint.pt: Tune's own for function trials; for TorchTrainer
+    trials Tune never sees them, they live in the Train run `train-<trial id>`."""
+    from .trainable import CHECKPOINT_FILE
+
+    if result.checkpoint is not None and result.checkpoint.filesystem.type_name == "local":
+        p = Path(result.checkpoint.path) / CHECKPOINT_FILE
+        if p.exists():
+            return p
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as d:  # remote storage: download once
+            local = sw.output / ".best_checkpoint.pt"
+            local.write_bytes((Path(d) / CHECKPOINT_FILE).read_bytes())
+            return local
+    found = sorted((sw.output / "ray_train" / f"train-{trial_id}").glob(f"checkpoint_*/{CHECKPOINT_FILE}"),
+                   key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
 
 
 def score_best(sw: Sweep, checkpoint: Path) -> dict | None:

@@ -5,7 +5,9 @@
     xfer train      train the CDANN and score it beside plain baselines
     xfer baseline   the plain baselines alone
     xfer store      list the datasets and embeddings in a store
-    xfer demo       the main job end to end on built-in simulated data
+
+Commands of installed plugins join these: the tune package adds `xfer tune`
+(Ray Tune sweeps) and `xfer demo` (simulation + a local sweep).
 
 Every subcommand that reads data takes the same data flags (see
 `xfer.data.inputs`). Errors in the user's input are reported as one line that
@@ -133,30 +135,6 @@ def cmd_store(args) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- demo
-
-def cmd_demo(args) -> int:
-    from .data.simulate import simulate_pair, write_simulation
-    from .data.store import CellStore
-
-    out = Path(args.output_folder)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    lines = simulate_pair(args.size, seed=args.seed)
-    write_simulation(lines, out / "data", formats=("csv",))
-    store = CellStore(str(out / "store"))
-    for ln in lines:
-        for ds in (ln.gex, ln.peak):
-            store.write(ds, overwrite=True)
-    print(f"demo: simulated two cell lines ({args.size}) and ingested them in {time.perf_counter() - t0:.1f} s")
-    for ln in lines:
-        counts = ", ".join(f"{k} {v}" for k, v in ln.gex.label_counts().items())
-        print(f"  {ln.name}: {ln.gex.n_cells} cells, {ln.gex.n_features} genes, {ln.peak.n_features} peaks ({counts})")
-    print(f"  seed-layout CSVs: {out / 'data'}")
-    print(f"  Parquet store:    {store.root.uri} (datasets {', '.join(store.names())})")
-    return 0
-
-
 # ----------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,11 +179,6 @@ def build_parser() -> argparse.ArgumentParser:
     for ep in _plugins():
         ep.load()(sub)  # e.g. `xfer tune` from the tune package (Ray stays out of xfer)
 
-    s = sub.add_parser("demo", help="run the main job end to end on simulated data")
-    s.add_argument("--size", default="small")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--output_folder", default="demo_output")
-    s.set_defaults(func=cmd_demo)
     return p
 
 

@@ -1,0 +1,97 @@
+"""The search space: define-by-run without inert parameters, and bad spaces fail before any trial."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+
+from tune.space import DEFAULT_SPACE, load_space, parse_space
+from tune.sweep import _split_fixed, build_space
+from xfer.config import ALL_ARCH_PARAMS, ARCH_PARAMS, ARCHS, TrainConfig
+from xfer.errors import ConfigError
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _sample(space, n, seed=0):
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    for _ in range(n):
+        yield space(study.ask())
+
+
+def test_define_by_run_never_yields_an_inert_parameter():
+    space = load_space(None)
+    seen = set()
+    for params in _sample(space, 300):
+        arch = params["arch"]
+        seen.add(arch)
+        arch_keys = set(params) & ALL_ARCH_PARAMS
+        assert arch_keys == set(ARCH_PARAMS[arch]), (arch, arch_keys)
+        TrainConfig.from_dict(params)  # raises on an inert parameter or a bad value
+    assert seen == set(ARCHS)
+
+
+def test_default_space_covers_every_live_parameter():
+    for key in ("lr", "weight_decay", "lambda_domain", "lambda_class", "lambda_target_class", "lambda_divergence",
+                "lambda_balance", "lambda_entropy", "grl_gamma", "warmup_epochs", "dropout", "peak_dropout",
+                "hidden_dim", "n_layers", "batch_size", "arch", "divergence", "beta", "corruption", "temperature",
+                "proj_dim"):
+        assert key in DEFAULT_SPACE, key
+    assert DEFAULT_SPACE["lambda_target_class"] == {"type": "float", "low": 1.0, "high": 15.0, "log": True}
+
+
+def test_command_line_fixes_parameters():
+    from argparse import Namespace
+    args = Namespace(arch_type="vae", divergence_type="mmd,coral", set=["lr=0.001", "beta=2.0"], space=None)
+    rest, fixed = _split_fixed(args)
+    space = build_space(args, fixed)
+    assert not hasattr(rest, "arch_type")
+    for params in _sample(space, 20):
+        assert params["arch"] == "vae" and params["lr"] == 0.001 and params["beta"] == 2.0
+        assert params["divergence"] in ("mmd", "coral")
+        assert "corruption" not in params and "temperature" not in params
+
+
+def test_space_file_yaml_and_json(tmp_path):
+    (tmp_path / "s.yaml").write_text("lr: {type: float, low: 0.0001, high: 0.01, log: true}\n"
+                                     "arch: {type: categorical, choices: [dae, hybrid]}\n"
+                                     "corruption: {type: float, low: 0.0, high: 0.2}\n"
+                                     "n_blocks: {type: int, low: 1, high: 3}\n"
+                                     "lambda_domain: 0.5\n")
+    space = load_space(tmp_path / "s.yaml")
+    (tmp_path / "s.json").write_text(json.dumps(space.describe()))
+    assert load_space(tmp_path / "s.json").describe() == space.describe()
+    for params in _sample(space, 30):
+        assert params["lambda_domain"] == 0.5
+        assert ("corruption" in params) == (params["arch"] == "dae")
+        assert ("n_blocks" in params) == (params["arch"] == "hybrid")
+
+
+@pytest.mark.parametrize("raw, key, msg", [
+    ({"learning_rate": {"type": "float", "low": 0.1, "high": 1}}, "learning_rate", "not a config key"),
+    ({"lr": {"type": "float", "low": 0.1, "high": 0.01}}, "lr", "needs low < high"),
+    ({"lr": {"type": "float", "low": 0.0, "high": 0.01, "log": True}}, "lr", "log range needs low > 0"),
+    ({"lr": {"type": "gaussian", "low": 0.0, "high": 1.0}}, "lr", "unknown spec type"),
+    ({"lr": {"type": "float", "low": "a", "high": 1.0}}, "lr", "'low' must be a finite number"),
+    ({"n_layers": {"type": "int", "low": 1.5, "high": 3}}, "n_layers", "integer bounds"),
+    ({"arch": {"type": "categorical", "choices": ["dae", "transformer"]}}, "arch", "value 'transformer' is invalid"),
+    ({"arch": "dae", "beta": {"type": "float", "low": 0.1, "high": 2}}, "beta", "never chooses"),
+    ({"dropout": {"type": "float", "low": 0.1, "high": 1.5}}, "dropout", "value 1.5 is invalid"),
+    ({"lr": {"type": "float", "low": 0.1, "high": 0.2, "stepp": 1}}, "lr", "unknown spec field"),
+    ({"epochs": {"type": "int", "low": 10, "high": 20}}, "epochs", "sweep setting"),
+    ({"batch_size": {"type": "categorical", "choices": []}}, "batch_size", "non-empty list"),
+])
+def test_bad_space_fails_with_the_key(raw, key, msg):
+    with pytest.raises(ConfigError, match=msg) as e:
+        parse_space(raw, "bad.yaml")
+    assert e.value.key == key and "bad.yaml" in str(e.value)
+
+
+def test_malformed_space_file(tmp_path):
+    (tmp_path / "bad.yaml").write_text("lr: {type: float, low: [\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml is not valid YAML"):
+        load_space(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="file not found"):
+        load_space(tmp_path / "missing.yaml")

@@ -1,0 +1,174 @@
+"""Ray Tune sweeps on a local cluster (num_cpus=2): pruning, accounting, outputs, resume after SIGKILL.
+
+Each sweep runs `xfer tune` in a subprocess (its own Ray cluster, shut down when it exits),
+so a killed driver cannot take pytest with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import SMALL_MODEL
+from xfer.data.store import CellStore
+
+pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray")]
+
+XFER = [sys.executable, "-m", "xfer.cli"]
+FIX = [f"--set={k}={v}" for k, v in SMALL_MODEL.items() if k in ("hidden_dim", "latent_dim", "proj_hidden", "batch_size")]
+FIX += ["--set=n_layers=1", "--set=n_components=16", "--set=disc_hidden=64", "--set=cls_hidden=32"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_pair):
+    root = tmp_path_factory.mktemp("tune_store")
+    s = CellStore(str(root))
+    A, B = tiny_pair
+    for ds, name in ((A.gex, "A_GEX"), (A.peak, "A_PEAK"), (B.gex, "B_GEX"), (B.peak, "B_PEAK")):
+        s.write(ds, name)
+    return root
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "XFER_NODE_CACHE": os.environ.get("XFER_NODE_CACHE", "")
+            or str(Path(os.environ.get("TMPDIR", "/tmp")) / "xfer_test_node_cache")}
+
+
+def _tune_args(store, out, *extra, test=True):
+    args = ["tune", "--store", str(store), "--src_csv", "store:A_GEX", "--tgt_csv", "store:A_PEAK",
+            "--output_folder", str(out), "--num_cpus", "2", "--cpus_per_trial", "1", *FIX, *extra]
+    if test:
+        args += ["--test_csv", "store:B_GEX", "--sup_peak_csv", "store:B_PEAK"]
+    return args
+
+
+def _study_states(db: Path) -> dict:
+    if not db.exists():
+        return {}
+    try:
+        with sqlite3.connect(db) as c:
+            return dict(c.execute("select state, count(*) from trials group by state").fetchall())
+    except sqlite3.Error:
+        return {}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, store):
+    out = tmp_path_factory.mktemp("smoke") / "sweep"
+    r = subprocess.run(XFER + _tune_args(store, out, "--n_trials", "6", "--search_epochs", "4", "--grace_period", "1",
+                                         "--reduction_factor", "2"), env=_env(), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r
+
+
+def test_smoke_sweep_prunes_and_accounts_for_every_trial(smoke):
+    out, r = smoke
+    df = pd.read_csv(out / "trials.csv")
+    assert len(df) == 6 and df["trial_id"].is_unique                     # more trials than the 2 slots
+    assert set(df["status"]) <= {"completed", "stopped_by_asha", "errored"}
+    assert (df["status"] == "errored").sum() == 0
+    assert (df["status"] == "stopped_by_asha").sum() >= 1 and df["epochs_run"].nunique() > 1
+    assert pd.read_parquet(out / "trials.parquet").shape[0] == 6
+    assert {"param.arch", "param.lr", "best_balanced_accuracy", "node", "wall_seconds"} <= set(df.columns)
+    # Optuna study: ASHA-stopped trials are PRUNED, the others COMPLETE
+    states = _study_states(out / "optuna_study.db")
+    assert states.get("PRUNED", 0) == (df["status"] == "stopped_by_asha").sum()
+    assert states.get("PRUNED", 0) + states.get("COMPLETE", 0) == 6
+    # best_params.json feeds `xfer train --config_path`; best_model.pt rebuilds its model
+    from xfer.config import TrainConfig
+    from xfer.train import load_checkpoint
+    cfg = TrainConfig.from_file(out / "best_params.json")
+    assert cfg.model.hidden_dim == SMALL_MODEL["hidden_dim"]
+    model, ck_cfg, ck = load_checkpoint(out / "best_model.pt")
+    assert ck_cfg.model.arch == cfg.model.arch
+    # the test line only scores the best trial, after the search
+    m = json.loads((out / "metrics.json").read_text())
+    assert {"gex_val", "gex_test", "peak_val", "peak_test", "baselines"} <= set(m)
+    assert list((out / "ray_results").rglob("events.out.tfevents*")), "no TensorBoard logs"
+    assert "Ray dashboard: http://127.0.0.1:" in r.stdout
+
+
+def test_no_test_label_or_test_data_reaches_the_search(smoke):
+    """Trials get only the training line's datasets; the test inputs appear only in the
+    driver's scoring settings."""
+    from tune.data import DataSpec
+    out, _ = smoke
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert set(DataSpec(**sweep["spec"]).to_dict()) == {"store", "src", "tgt", "src_hash", "tgt_hash"}
+    assert sweep["spec"]["src"] == "A_GEX" and sweep["spec"]["tgt"] == "A_PEAK"
+    assert "B_" not in json.dumps({k: v for k, v in sweep.items() if k != "data_args"})
+    results = list((out / "ray_results").rglob("result.json"))
+    assert results
+    for res in results:
+        for line in res.read_text().splitlines():
+            keys = json.loads(line).keys()
+            assert not any(k.startswith(("gex_test", "peak_test")) for k in keys), keys
+
+
+def test_bad_space_fails_before_any_trial(tmp_path, store):
+    (tmp_path / "bad.yaml").write_text("lr: {type: float, low: 0.1, high: 0.01}\n")
+    out = tmp_path / "sweep"
+    r = subprocess.run(XFER + _tune_args(store, out, "--space", str(tmp_path / "bad.yaml")), env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "bad.yaml: config key 'lr': needs low < high" in r.stderr
+    assert not (out / "sweep.json").exists() and not (out / "ray_results").exists()
+
+
+def test_torch_trainer_trials(tmp_path, store):
+    """Multi-worker trials: a Ray Train TorchTrainer with 2 data-parallel workers per trial."""
+    out = tmp_path / "sweep"
+    r = subprocess.run(XFER + _tune_args(store, out, "--n_trials", "1", "--search_epochs", "2", "--num_workers", "2",
+                                         "--cpus_per_trial", "2", test=False),
+                       env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    df = pd.read_csv(out / "trials.csv")
+    assert list(df["status"]) == ["completed"] and list(df["epochs_run"]) == [2]
+    assert (out / "best_model.pt").exists()
+    assert list((out / "ray_train").glob("train-*")), "no Ray Train run named train-<trial id>"
+
+
+def test_resume_after_sigkill_of_the_driver(tmp_path, store):
+    out = tmp_path / "sweep"
+    args = _tune_args(store, out, "--n_trials", "6", "--search_epochs", "6", "--grace_period", "6", test=False)
+    proc = subprocess.Popen(XFER + args, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    finished_before = 0
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            st = _study_states(out / "optuna_study.db")
+            finished_before = st.get("COMPLETE", 0) + st.get("PRUNED", 0)
+            if finished_before >= 2:
+                break
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the sweep ended before it could be killed"
+    assert 2 <= finished_before < 6
+    with sqlite3.connect(out / "optuna_study.db") as c:
+        done = dict(c.execute("select t.number, v.value from trials t join trial_values v using(trial_id) "
+                              "where t.state in ('COMPLETE','PRUNED')").fetchall())
+    time.sleep(2)
+    r = subprocess.run(XFER + ["tune", "--resume", "--output_folder", str(out), "--num_cpus", "2"],
+                       env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    df = pd.read_csv(out / "trials.csv")
+    assert len(df) == 6 and df["trial_id"].is_unique and (df["status"] != "errored").all()
+    with sqlite3.connect(out / "optuna_study.db") as c:
+        after = dict(c.execute("select t.number, v.value from trials t join trial_values v using(trial_id) "
+                               "where t.state in ('COMPLETE','PRUNED')").fetchall())
+    assert len(after) == 6                                    # nothing lost, nothing run twice
+    assert all(after[n] == v for n, v in done.items())        # finished trials kept their results
