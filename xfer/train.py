@@ -203,6 +203,20 @@ def predict(model: CDANN, emb=None, peaks=None, stats: dict | None = None, devic
     return out
 
 
+@torch.no_grad()
+def _predict_rows(model: CDANN, E: Rows, P: Rows, idx: torch.Tensor, amp: bool, batch: int = 4096) -> dict:
+    """Validation predictions from the device-resident rows (no host round trip of inputs)."""
+    model.eval()
+    out = {"gex": [], "peak": []}
+    for s in range(0, len(idx), batch):
+        i = idx[s:s + batch]
+        with torch.autocast(i.device.type, dtype=torch.bfloat16, enabled=amp):
+            out["gex"].append(model.predict_source(E[i]))
+            out["peak"].append(model.predict_peaks(P[i]))
+    model.train()
+    return {k: torch.cat(v).float().cpu().numpy() for k, v in out.items()}
+
+
 def fit(cfg: TrainConfig, data: TrainData, report: Report | None = None, *,
         device: str | torch.device | None = None, resume: dict | None = None,
         memory_budget: int | None = None) -> FitResult:
@@ -234,7 +248,7 @@ def fit(cfg: TrainConfig, data: TrainData, report: Report | None = None, *,
         w = 1.0 / np.maximum(data.class_prior, 1e-3)
         class_weight = torch.as_tensor(w / (w * data.class_prior).sum(), dtype=torch.float32, device=dev)
     y_val = line.labels[data.val_idx]
-    emb_val, peaks_val = line.emb[data.val_idx], line.peaks[data.val_idx]
+    va = torch.as_tensor(data.val_idx, dtype=torch.long, device=dev)
     n_train, bs = len(data.train_idx), min(o.batch_size, len(data.train_idx))
     if adapt is not None:
         PB = Rows(adapt.peaks, dev, dtype, memory_budget)
@@ -305,7 +319,7 @@ def fit(cfg: TrainConfig, data: TrainData, report: Report | None = None, *,
                 sums[k] = sums.get(k, 0) + v.float()
         loss_means = {f"loss/{k}": v for k, v in zip(sums, (torch.stack(list(sums.values())) / steps).tolist())}
 
-        probs = predict(model, emb_val, peaks_val, device=dev)
+        probs = _predict_rows(model, E, P, va, amp)
         m_gex = classification_metrics(y_val, probs["gex"].argmax(1))
         m_peak = classification_metrics(y_val, probs["peak"].argmax(1))
         objective = m_peak[o.metric]
