@@ -22,6 +22,18 @@ PEAKS = ["chr1:100-600", "chr1:1000-1500", "chr2:50-400", "chr2:900-1300", "chrX
 PHASES_OF = ["G1", "S", "G2M", "G1"] * 3
 
 
+def real_data(name: str):
+    """A file of the shared real data sets (../shared/data/real beside the checkout, or
+    $XFER_REAL_DATA); tests that need it skip when it is absent."""
+    from pathlib import Path
+    here = Path(__file__).resolve().parent
+    for d in (os.environ.get("XFER_REAL_DATA"), here.parent.parent / "shared" / "data" / "real",
+              Path("/work/shared/data/real")):
+        if d and (Path(d) / name).exists():
+            return Path(d) / name
+    pytest.skip(f"real data set {name} not found (set XFER_REAL_DATA)")
+
+
 def pytest_configure(config):
     import torch
     torch.set_num_threads(1)

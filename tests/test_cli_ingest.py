@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import BARCODES, GENES, PHASES_OF, write_csv, write_labels
+from conftest import BARCODES, GENES, PHASES_OF, real_data, write_csv, write_labels
 from xfer.cli import main
 from xfer.data.store import CellStore
 
@@ -89,9 +89,7 @@ def test_ingest_missing_file(tmp_path, capsys):
 
 
 def test_ingest_real_h5ad(tmp_path, capsys):
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "real", "hsiao2020_ipsc_fucci_888x101.h5ad")
-    if not os.path.exists(path):
-        pytest.skip("shared real data not present")
+    path = real_data("hsiao2020_ipsc_fucci_888x101.h5ad")
     assert _ingest(tmp_path / "s", "--src_csv", path) == 0
     ds = CellStore(str(tmp_path / "s")).read("hsiao2020_ipsc_fucci_888x101")
     assert ds.n_cells == 888 and ds.label_counts() == {"G1": 384, "S": 172, "G2M": 332}

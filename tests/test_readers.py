@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from conftest import BARCODES, GENES, PEAKS, PHASES_OF, write_csv, write_labels
+from conftest import BARCODES, GENES, PEAKS, PHASES_OF, real_data, write_csv, write_labels
 from xfer.data.readers import read_csv_matrix, read_h5ad, read_labels, read_matrix, read_10x_h5
 from xfer.errors import InputError
 from xfer.phases import PHASES, canonical_phase, encode_phases
@@ -97,11 +97,7 @@ def test_h5ad_reader(tmp_path, seed_files):
 
 def test_real_h5ad_with_lab_measured_phases():
     """A real FUCCI-sorted data set from ../shared/data/real reads with its phases."""
-    import os
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "real", "mcdavid2014_h9.h5ad")
-    if not os.path.exists(path):
-        pytest.skip("shared real data not present")
-    ds = read_matrix(path, modality="gex")
+    ds = read_matrix(real_data("mcdavid2014_h9.h5ad"), modality="gex")
     assert ds.n_cells == 227 and ds.n_features == 253
     assert ds.label_counts() == {"G1": 66, "S": 68, "G2M": 93}
 
