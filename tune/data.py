@@ -64,8 +64,9 @@ def prepare_from_store(spec: DataSpec, cfg: TrainConfig) -> TrainData:
     """Read both datasets and the embedding from the stores and prepare the training data."""
     store = CellStore(spec.store)
     src, tgt = pair_cells(store.read(spec.src), store.read(spec.tgt))
-    embedder = make_embedder(cfg.data.source_model, n_components=cfg.data.n_components)
-    emb = embed_lines(embedder, src, {}, store=EmbeddingStore(spec.store))["train"]
+    estore = EmbeddingStore(spec.store)
+    embedder = make_embedder(cfg.data.source_model, n_components=cfg.data.n_components, store=estore, train=src)
+    emb = embed_lines(embedder, src, {}, store=estore)["train"]
     data, _ = prepare_training(src, tgt, emb, cfg.data, cfg.optim.seed,
                                embedder_state={"name": embedder.name, "settings": embedder.settings()})
     return data

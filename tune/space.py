@@ -65,6 +65,7 @@ DEFAULT_SPACE: dict[str, Any] = {
     "aug_dropout": {"type": "float", "low": 0.05, "high": 0.5},                     # contrastive
     "lambda_contrastive": {"type": "float", "low": 0.1, "high": 3.0, "log": True},  # contrastive
     "n_blocks": {"type": "int", "low": 1, "high": 4},                               # hybrid
+    "hybrid_width": {"type": "categorical", "choices": [512, 1024, 2048]},           # hybrid
 }
 
 # Keys that never belong in a search space (they are sweep settings, not trial parameters).

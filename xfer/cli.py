@@ -2,6 +2,7 @@
 
     xfer simulate   write a simulated paired-multiome pair of cell lines
     xfer ingest     validate input files and write them to the Parquet cell store
+    xfer embed      compute (or import) expression embeddings into the embedding store
     xfer train      train the CDANN and score it beside plain baselines
     xfer baseline   the plain baselines alone
     xfer store      list the datasets and embeddings in a store
@@ -89,6 +90,14 @@ def cmd_ingest(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- embed
+
+def cmd_embed(args) -> int:
+    from .embed.command import run_embed
+
+    return run_embed(args)
+
+
 # ----------------------------------------------------------------------------- train / baseline
 
 def cmd_train(args) -> int:
@@ -159,6 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", help="dataset name when ingesting a single input (default: the file name's stem)")
     s.add_argument("--overwrite", action="store_true", help="replace datasets of the same name")
     s.set_defaults(func=cmd_ingest)
+
+    from .embed.command import add_embed_arguments
+
+    s = sub.add_parser("embed", help="compute (or import) Geneformer / scFoundation / PCA / ensemble embeddings "
+                       "into the embedding store, once")
+    add_data_arguments(s)
+    add_embed_arguments(s)
+    s.set_defaults(func=cmd_embed)
 
     from .pipeline import add_train_arguments
 

@@ -38,7 +38,7 @@ ARCH_PARAMS: dict[str, tuple[str, ...]] = {
     "dae": ("corruption", "lambda_recon"),
     "vae": ("beta", "lambda_recon"),
     "contrastive": ("temperature", "proj_dim", "aug_dropout", "lambda_contrastive"),
-    "hybrid": ("n_blocks",),
+    "hybrid": ("n_blocks", "hybrid_width"),
     "mlp": (),
 }
 ALL_ARCH_PARAMS = frozenset(p for ps in ARCH_PARAMS.values() for p in ps)
@@ -48,7 +48,7 @@ ALL_ARCH_PARAMS = frozenset(p for ps in ARCH_PARAMS.values() for p in ps)
 class ModelConfig:
     arch: str = "dae"
     latent_dim: int = 512          # shared space (projection head and peak encoder outputs)
-    hidden_dim: int = 1024         # peak encoder hidden width (hybrid: residual block width)
+    hidden_dim: int = 1024         # peak encoder hidden width (dae/vae/contrastive/mlp)
     n_layers: int = 1              # peak encoder hidden layers (dae/vae/contrastive/mlp)
     proj_hidden: int = 1024        # projection head hidden width (source embedding -> shared space)
     cls_hidden: int = 256          # phase classifier hidden width
@@ -65,6 +65,7 @@ class ModelConfig:
     aug_dropout: float = 0.2       # contrastive: peak dropout augmentation of the accessibility view
     lambda_contrastive: float = 1.0
     n_blocks: int = 2              # hybrid: residual GELU blocks
+    hybrid_width: int = 2048       # hybrid: width of the residual blocks
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,7 @@ class TrainConfig:
         need(d.peak_impute_strategy in IMPUTE, "peak_impute_strategy",
              f"unknown {d.peak_impute_strategy!r}; choose from {', '.join(IMPUTE)}")
         for key in ("latent_dim", "hidden_dim", "n_layers", "proj_hidden", "cls_hidden", "disc_hidden",
-                    "randomized_dim", "proj_dim", "n_blocks"):
+                    "randomized_dim", "proj_dim", "n_blocks", "hybrid_width"):
             need(getattr(m, key) >= 1, key, f"must be >= 1, got {getattr(m, key)}")
         for key in ("dropout", "peak_dropout", "corruption", "aug_dropout"):
             v = getattr(m, key)

@@ -49,6 +49,8 @@ def add_train_arguments(parser) -> None:
     g.add_argument("--config_path", help="best_params.json from `xfer tune` (or a JSON/YAML of config keys)")
     g.add_argument("--source_model", help="expression embedder (default pca)")
     g.add_argument("--n_components", type=int, help="pca: embedding width (default 64)")
+    g.add_argument("--ensemble_model1", help="with --source_model ensemble: the first stored embedding")
+    g.add_argument("--ensemble_model2", help="with --source_model ensemble: the second stored embedding")
     g.add_argument("--arch_type", help="peak encoder: dae | vae | contrastive | hybrid | mlp")
     g.add_argument("--divergence_type", help="mmd | kl | jensen | coral")
     g.add_argument("--epochs", type=int)
@@ -82,6 +84,10 @@ def build_config(args) -> TrainConfig:
             over[key] = v
     if getattr(args, "n_components", None) is not None:
         over["n_components"] = args.n_components
+    if "source_model" in over:
+        from .embed import resolve_source_model
+        over["source_model"] = resolve_source_model(over["source_model"], getattr(args, "ensemble_model1", None),
+                                                    getattr(args, "ensemble_model2", None))
     for item in getattr(args, "set", []) or []:
         if "=" not in item:
             raise ConfigError(item, "--set takes KEY=VALUE")
@@ -125,8 +131,9 @@ def prepare(args, cfg: TrainConfig) -> Prepared:
     inputs = load_inputs(args, require=("src", "tgt"))
     src, tgt = inputs["src"], inputs["tgt"]
     test_gex, test_peak = inputs.get("test"), inputs.get("sup_peak")
-    embedder = make_embedder(cfg.data.source_model, n_components=cfg.data.n_components)
     store = EmbeddingStore(args.store)
+    # foundation models (no model files here) read what `xfer embed` stored for the training line
+    embedder = make_embedder(cfg.data.source_model, n_components=cfg.data.n_components, store=store, train=src)
     embs = embed_lines(embedder, src, {"test": test_gex} if test_gex is not None else {}, store=store)
     train, pre = prepare_training(src, tgt, embs["train"], cfg.data, cfg.optim.seed, embedder_state=embedder.state()
                                   if hasattr(embedder, "components_") and embedder.components_ is not None else

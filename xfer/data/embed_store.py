@@ -161,3 +161,26 @@ class EmbeddingStore:
                     except Exception:  # a corrupted entry is listed as such, not fatal
                         out.append({"dataset_hash": dh, "embedder": emb, "uri": loc.uri, "corrupted": True})
         return out
+
+    def find(self, dataset_hash: str, embedder: str) -> list[dict]:
+        """The stored entries of `embedder` on one dataset, whatever their settings; most recent first.
+
+        Each item is the entry's key metadata (dataset_hash, embedder, settings, settings_hash, dim,
+        n_cells) plus `uri` and `mtime` (POSIX seconds; None where the file system gives none).
+        Unreadable entries are skipped here (`entries()` lists them as corrupted)."""
+        EmbeddingKey(dataset_hash, embedder)  # validates both names (no path tricks)
+        base = self.root.join("embeddings", dataset_hash, embedder)
+        out = []
+        for fn in base.listdir():
+            if not fn.endswith(".parquet"):
+                continue
+            loc = base.join(fn)
+            try:
+                with loc.fs.open_input_file(loc.path) as f:
+                    meta = json.loads((pq.read_schema(f).metadata or {})[META_KEY])
+                mtime = loc.fs.get_file_info(loc.path).mtime
+            except Exception:
+                continue
+            out.append({**meta, "uri": loc.uri, "mtime": None if mtime is None else mtime.timestamp()})
+        out.sort(key=lambda e: e["mtime"] or 0.0, reverse=True)
+        return out

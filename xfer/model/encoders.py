@@ -142,7 +142,7 @@ class HybridEncoder(PeakEncoder):
 
     def __init__(self, n_peaks: int, cfg: ModelConfig):
         super().__init__(n_peaks, cfg)
-        width = cfg.hidden_dim
+        width = cfg.hybrid_width
         self.inp = nn.Sequential(nn.Linear(n_peaks, width), nn.GELU(), nn.Dropout(cfg.dropout))
         self.blocks = nn.Sequential(*[ResidualBlock(width, width, cfg.dropout) for _ in range(cfg.n_blocks)])
         self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, cfg.latent_dim))
