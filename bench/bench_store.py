@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,18 +41,50 @@ def best_of(fn, repeat: int) -> tuple[float, object]:
     return best, out
 
 
+def contender(which: str, csv: str, store_root: str, repeat: int) -> None:
+    """Run one loader `repeat` times in this process; print seconds, peak RSS and content hash."""
+    import resource
+
+    import scipy.sparse as sp
+
+    from xfer.data.dataset import make_matrix
+    from xfer.data.readers import read_csv_matrix
+    from xfer.data.store import CellStore
+
+    def pandas_parse():
+        import pandas as pd
+        df = pd.read_csv(csv, index_col=0)
+        return make_matrix(sp.csr_matrix(df.to_numpy(dtype=np.float32)), df.index, df.columns, None,
+                           modality="peak")
+
+    fn = {"store": lambda: CellStore(store_root).read("A_PEAK"),
+          "csv_xfer": lambda: read_csv_matrix(csv, modality="peak"),
+          "csv_pandas": pandas_parse}[which]
+    t, ds = best_of(fn, repeat)
+    if which == "csv_pandas":
+        ds = make_matrix(ds.X, ds.barcodes, ds.features, None, modality="peak")
+    from xfer.data.dataset import content_hash
+    # hash without labels (the CSV has none; the stored dataset has none either)
+    h = content_hash(ds.without_labels())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    print(json.dumps({"seconds": t, "peak_rss_gb": peak, "hash": h}))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--_contender", help=argparse.SUPPRESS)
+    ap.add_argument("--_csv", help=argparse.SUPPRESS)
+    ap.add_argument("--_store", help=argparse.SUPPRESS)
     ap.add_argument("--size", default="seed")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--workdir", default=str(Path(__file__).parent / "_data"))
     ap.add_argument("--skip-pandas", action="store_true", help="skip the (slow, memory-hungry) dense pandas parse")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
+    if args._contender:
+        contender(args._contender, args._csv, args._store, args.repeat)
+        return 0
 
-    import scipy.sparse as sp
-
-    from xfer.data.readers import read_csv_matrix
     from xfer.data.simulate import simulate_pair
     from xfer.data.store import CellStore
     from xfer.data.writers import write_seed_csv
@@ -61,7 +94,7 @@ def main() -> int:
     csv = work / "A_PEAK.csv"
     t = time.perf_counter()
     line_a, _ = simulate_pair(args.size, seed=0)
-    ds = line_a.peak
+    ds = line_a.peak.without_labels()  # the matrix CSV alone, as the seed ships it
     t_sim = time.perf_counter() - t
     t = time.perf_counter()
     write_seed_csv(ds, csv)
@@ -82,26 +115,29 @@ def main() -> int:
     res = {"size": args.size, "n_cells": ds.n_cells, "n_features": ds.n_features, "nnz": int(ds.X.nnz),
            "csv_bytes": csv_bytes, "store_bytes": store_bytes, "machine": f"{platform.machine()}, "
            f"{os.cpu_count()} cores", "python": sys.version.split()[0]}
-
-    t_store, back = best_of(lambda: store.read("A_PEAK"), args.repeat)
-    assert (back.X != ds.X).nnz == 0
-    res["store_s"] = t_store
-    t_xfer, parsed = best_of(lambda: read_csv_matrix(csv, modality="peak"), args.repeat)
-    assert (parsed.X != ds.X).nnz == 0
-    res["csv_xfer_s"] = t_xfer
-    if not args.skip_pandas:
-        import pandas as pd
-
-        def pandas_parse():
-            df = pd.read_csv(csv, index_col=0)
-            return sp.csr_matrix(df.to_numpy(dtype=np.float32))
-        t_pd, _ = best_of(pandas_parse, 1)
-        res["csv_pandas_s"] = t_pd
-
-    print(f"{'method':12s} {'seconds':>9s} {'store speed-up':>15s}")
-    for key, name in (("csv_pandas_s", "csv_pandas"), ("csv_xfer_s", "csv_xfer"), ("store_s", "store")):
-        if key in res:
-            print(f"{name:12s} {res[key]:9.2f} {res[key] / t_store:14.1f}x")
+    expected = store.manifest("A_PEAK").content_hash
+    del line_a, ds
+    # each contender in its own process: its time, its peak memory, and the content hash of what it read
+    for key, code, repeat in (("store", "store", args.repeat), ("csv_xfer", "csv_xfer", args.repeat),
+                              ("csv_pandas", "csv_pandas", 1)):
+        if key == "csv_pandas" and args.skip_pandas:
+            continue
+        r = subprocess.run([sys.executable, __file__, "--_contender", code, "--_csv", str(csv),
+                            "--_store", str(store_root), "--repeat", str(repeat)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            res[f"{key}_error"] = r.stderr[-1500:]
+            print(f"{key}: failed ({r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode})")
+            continue
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+        assert out["hash"] == expected, f"{key} read different content"
+        res[f"{key}_s"], res[f"{key}_peak_rss_gb"] = out["seconds"], out["peak_rss_gb"]
+    t_store = res["store_s"]
+    print(f"{'method':12s} {'seconds':>9s} {'peak RSS GB':>12s} {'store speed-up':>15s}")
+    for name in ("csv_pandas", "csv_xfer", "store"):
+        if f"{name}_s" in res:
+            print(f"{name:12s} {res[name + '_s']:9.2f} {res[name + '_peak_rss_gb']:12.1f} "
+                  f"{res[name + '_s'] / t_store:14.1f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     return 0

@@ -57,7 +57,7 @@ def cmd_tune(args) -> int:
     res = run(args)
     sw, df, best = res["sweep"], res["table"], res["best"]
     counts = df["status"].value_counts().to_dict()
-    print(f"\nsweep '{sw.name}': {len(df)} trials in {res['wall_seconds']:.0f} s "
+    print(f"\nsweep '{sw.name}': {len(df)} trials in {res['wall_seconds']:.1f} s "
           f"({', '.join(f'{v} {k}' for k, v in counts.items())})")
     print(f"best trial {best['trial_id']}: {best['objective']} {best['value']:.3f} at epoch {best['best_epoch']} "
           f"(arch {best['params']['arch']}, divergence {best['params']['divergence']})")

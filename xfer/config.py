@@ -48,12 +48,12 @@ ALL_ARCH_PARAMS = frozenset(p for ps in ARCH_PARAMS.values() for p in ps)
 class ModelConfig:
     arch: str = "dae"
     latent_dim: int = 512          # shared space (projection head and peak encoder outputs)
-    hidden_dim: int = 1024         # peak encoder hidden width (dae/vae/contrastive/mlp)
+    hidden_dim: int = 256          # peak encoder hidden width (dae/vae/contrastive/mlp)
     n_layers: int = 1              # peak encoder hidden layers (dae/vae/contrastive/mlp)
     proj_hidden: int = 1024        # projection head hidden width (source embedding -> shared space)
     cls_hidden: int = 256          # phase classifier hidden width
     disc_hidden: int = 1024        # domain discriminator hidden width
-    dropout: float = 0.1
+    dropout: float = 0.3
     peak_dropout: float = 0.0      # dropout on the peak input (all archs)
     randomized_dim: int = 1024     # CDAN randomised multilinear map width (used when C*latent > 4096)
     # architecture-specific (live only for their arch; see ARCH_PARAMS)
@@ -87,7 +87,7 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 1e-3
+    lr: float = 3e-4
     weight_decay: float = 1e-4
     batch_size: int = 256
     epochs: int = 100
