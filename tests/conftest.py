@@ -111,3 +111,19 @@ def tiny_train(tiny_pair):
     data, pre = prepare_training(A.gex, A.peak, emb["train"], cfg.data, cfg.optim.seed)
     test = prepare_line("B", pre, gex=B.gex, emb=emb["test"], peaks=B.peak)
     return cfg, data, pre, test
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory, tiny_pair):
+    """The tiny pair in a store: A_GEX, A_PEAK (training line), B_GEX, B_PEAK (test line),
+    and the test line again with every label changed (B_*_relabelled: G1->S->G2M->G1)."""
+    from xfer.data.store import CellStore
+
+    root = tmp_path_factory.mktemp("tiny_store")
+    store = CellStore(str(root))
+    A, B = tiny_pair
+    for ds, name in ((A.gex, "A_GEX"), (A.peak, "A_PEAK"), (B.gex, "B_GEX"), (B.peak, "B_PEAK")):
+        store.write(ds, name)
+    for ds, name in ((B.gex, "B_GEX_relabelled"), (B.peak, "B_PEAK_relabelled")):
+        store.write(ds.with_labels((ds.labels + 1) % 3), name)
+    return root

@@ -11,22 +11,8 @@ import torch
 
 from conftest import SMALL_MODEL
 from xfer.cli import main
-from xfer.data.store import CellStore
 
 SETS = [f"--set={k}={v}" for k, v in SMALL_MODEL.items() if k not in ("epochs", "batch_size")]
-
-
-@pytest.fixture(scope="module")
-def tiny_store(tmp_path_factory, tiny_pair):
-    root = tmp_path_factory.mktemp("store")
-    store = CellStore(str(root))
-    A, B = tiny_pair
-    for ds, name in ((A.gex, "A_GEX"), (A.peak, "A_PEAK"), (B.gex, "B_GEX"), (B.peak, "B_PEAK")):
-        store.write(ds, name)
-    # the test line again, with every label changed (G1->S->G2M->G1)
-    for ds, name in ((B.gex, "B_GEX_relabelled"), (B.peak, "B_PEAK_relabelled")):
-        store.write(ds.with_labels((ds.labels + 1) % 3), name)
-    return root
 
 
 def _train(store, out, test_suffix="", extra=()):

@@ -19,7 +19,6 @@ import pandas as pd
 import pytest
 
 from conftest import SMALL_MODEL
-from xfer.data.store import CellStore
 
 pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray")]
 
@@ -29,13 +28,8 @@ FIX += ["--set=n_layers=1", "--set=n_components=16", "--set=disc_hidden=64", "--
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, tiny_pair):
-    root = tmp_path_factory.mktemp("tune_store")
-    s = CellStore(str(root))
-    A, B = tiny_pair
-    for ds, name in ((A.gex, "A_GEX"), (A.peak, "A_PEAK"), (B.gex, "B_GEX"), (B.peak, "B_PEAK")):
-        s.write(ds, name)
-    return root
+def store(tiny_store):
+    return tiny_store
 
 
 def _env():
