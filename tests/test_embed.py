@@ -495,3 +495,45 @@ def test_xfer_embed_writes_then_hits(gf, tmp_path, capsys):
     assert main(["embed", "--source_model", "geneformer", "--model_path", gf["model"], *data]) == 2
     err = capsys.readouterr().err
     assert "--token_dictionary_file" in err and len(err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- end to end through the store
+
+@pytest.fixture(scope="module")
+def sim_geneformer(tmp_path_factory, tiny_pair):
+    """A tiny Geneformer-style model whose dictionaries cover the simulator's genes."""
+    A, _ = tiny_pair
+    ids = list(A.gex.feature_ids[:300])
+    d = tmp_path_factory.mktemp("sim_gf")
+    tok = {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3, **{g: i + 4 for i, g in enumerate(ids)}}
+    (d / "tok.json").write_text(json.dumps(tok))
+    (d / "med.json").write_text(json.dumps({g: 1.0 + (i % 7) / 3 for i, g in enumerate(ids)}))
+    (d / "map.tsv").write_text("symbol\tensembl_id\n" + "".join(
+        f"{s}\t{e}\n" for s, e in zip(A.gex.features[:300], ids)))
+    return ["--model_path", _write_model(d / "model", vocab=len(tok)), "--token_dictionary_file", str(d / "tok.json"),
+            "--gene_median_file", str(d / "med.json"), "--gene_mapping_file", str(d / "map.tsv")]
+
+
+def test_embed_then_train_with_source_model_geneformer(tmp_path, tiny_store, sim_geneformer, capsys):
+    from conftest import SMALL_MODEL
+    from xfer.cli import main
+
+    data = ["--store", str(tiny_store), "--src_csv", "store:A_GEX", "--tgt_csv", "store:A_PEAK",
+            "--test_csv", "store:B_GEX", "--sup_peak_csv", "store:B_PEAK"]
+    assert main(["embed", "--source_model", "geneformer", *sim_geneformer, *data]) == 0
+    sets = [f"--set={k}={v}" for k, v in SMALL_MODEL.items() if k not in ("epochs", "n_components")]
+    assert main(["train", "--source_model", "geneformer", *data, "--epochs", "2", *sets,
+                 "--output_folder", str(tmp_path / "out")]) == 0
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert m["model"]["config"]["source_model"] == "geneformer" and m["gex_test"]["n"] > 0
+    ck = __import__("torch").load(tmp_path / "out" / "best_model.pt", weights_only=True)
+    assert ck["dims"]["emb_dim"] == 16  # the tiny model's hidden size, not PCA's
+    # a sweep's trials find the same entry: the trial-side data preparation reads it from the store
+    from tune.data import DataSpec, prepare_from_store
+    from xfer.config import TrainConfig
+    from xfer.data.store import CellStore
+    s = CellStore(str(tiny_store))
+    spec = DataSpec(store=str(tiny_store), src="A_GEX", tgt="A_PEAK", src_hash=s.manifest("A_GEX").content_hash,
+                    tgt_hash=s.manifest("A_PEAK").content_hash)
+    td = prepare_from_store(spec, TrainConfig.from_dict({"source_model": "geneformer"}))
+    assert td.emb_dim == 16
