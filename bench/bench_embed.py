@@ -7,7 +7,7 @@ All figures are cells/s measured in this one process on one device (absolute num
 between machines: compare the ratios). The model is BertForMaskedLM with the V2-316M shape
 (18 layers, hidden 1,152, 18 heads, FFN 4,608, vocab 20,275, 4,096 positions).
 
-fixed      plain transformers (bf16 weights + autocast, SDPA, no mask) at 2,048 tokens x 16 and
+fixed      plain transformers (bf16 weights, SDPA, all-ones mask, as the reference) at 2,048 tokens x 16 and
            4,096 x 8: the reference's shapes (313 / 127 cells/s on one H100); and xfer's encoder
            (xfer.embed.geneformer.BertCellEncoder) on the same lengths, all 18 layers.
 cellline   3,000 cells whose lengths are drawn like a cell line's detected-gene counts
@@ -92,13 +92,15 @@ def timed(fn, dev: str, warmup: int = 1, repeat: int = 1) -> float:
 
 
 def hf_fixed(bert, length: int, batch: int, n_batches: int, vocab: int, dev: str, dtype) -> float:
-    """Plain transformers forward at a fixed length, no mask (the reference's fixed-length figure)."""
+    """Plain transformers forward at a fixed length as bench/reference/gpu_reference.py runs it:
+    bf16 weights, no autocast, an all-ones attention mask, mean of the last layer."""
     ids = torch.randint(FIRST_GENE, vocab, (batch, length), device=dev)
+    mask = torch.ones_like(ids)
 
     def run():
-        with torch.inference_mode(), torch.autocast(dev, dtype, enabled=dev == "cuda"):
+        with torch.inference_mode():
             for _ in range(n_batches):
-                bert(input_ids=ids).last_hidden_state.float().mean(1)
+                bert(input_ids=ids, attention_mask=mask).last_hidden_state.mean(1)
 
     return batch * n_batches / timed(run, dev, repeat=3)
 

@@ -80,6 +80,8 @@ def main() -> int:
                    "seconds": round(time.perf_counter() - t, 1), **m}
             results["runs"].append(run)
             rows.append((f"{arch}-{div}", m))
+            if args.json:  # written after every run, so a killed run keeps what it finished
+                Path(args.json).write_text(json.dumps(results, indent=1))
             print(f"{arch:12s} {div:7s} " + " ".join(f"{s} {m[s]['balanced_accuracy']:.3f}" for s in SPLITS)
                   + f"  (best epoch {res.best_epoch}/{len(res.history)}, {run['seconds']:.0f} s)", flush=True)
     lines = ["| model | GEX val | GEX test | PEAK val | PEAK test |", "|---|---|---|---|---|"]

@@ -228,6 +228,34 @@ def test_geneformer_matches_transformers(gf, attention, pooling, layer):
     assert (s["layer"], s["pooling"], s["version"], s["max_length"]) == (layer, pooling, "V2", 4096)
 
 
+def test_equal_length_batch_takes_dense_sdpa_and_matches_transformers(gf):
+    """A batch whose cells all have the same length runs as one dense (B, L) SDPA call."""
+    import torch
+    from transformers import BertModel
+
+    from xfer.embed.geneformer import BertCellEncoder
+
+    rng = np.random.default_rng(5)
+    seqs = [np.r_[2, rng.integers(4, 4 + N_GENES, 10), 3] for _ in range(5)]
+    m = BertModel.from_pretrained(gf["model"], add_pooling_layer=False).eval()
+    enc = BertCellEncoder(m, attention="packed", device="cpu")
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, *a, **k):
+        calls.append(tuple(q.shape))
+        return real(q, *a, **k)
+
+    torch.nn.functional.scaled_dot_product_attention = spy
+    try:
+        got = enc.embed(seqs, pooling="mean", special=True, batch_tokens=10_000, progress=False)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = real
+    assert calls and all(c[0] == 5 for c in calls)  # whole batch at once, not one call per cell
+    ref = _hf_reference(gf["model"], seqs, enc.n_layers, "mean", special=True)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
 def test_varlen_attention_plumbing(gf, monkeypatch):
     """The GPU path's varlen_attn call (cu_seqlens, (T, H, D) layout) against per-cell SDPA on the CPU."""
     import torch
@@ -251,7 +279,10 @@ def test_varlen_attention_plumbing(gf, monkeypatch):
     e = geneformer(gf, attention="packed", batch_tokens=50)
     e.encoder.varlen = True
     np.testing.assert_allclose(e.transform(ds), ref, rtol=1e-5, atol=1e-6)
-    assert calls and sum(calls) == ds.n_cells * e.encoder.n_layers == ds.n_cells  # layer -1 of 2: one runs
+    # layer -1 of 2: one layer runs; batches whose cells all have one length go to dense SDPA instead
+    lens = np.array([len(t) for t in e.tokenize(ds)])
+    mixed = [b for b in plan_batches(lens, 50, padded=False) if len(set(lens[b])) > 1]
+    assert mixed and sum(calls) == sum(len(b) for b in mixed) * e.encoder.n_layers
 
 
 def test_zero_cells_get_zero_vectors(gf, caplog):

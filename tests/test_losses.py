@@ -488,6 +488,21 @@ def test_combine_weighted_total_and_parts():
         out.total = torch.tensor(0.0)  # type: ignore[misc]
 
 
+def test_combine_tensor_weight_always_computes_and_scales():
+    """A 0-d tensor weight (the GPU path's warm-up factor) is read, not inspected: the term is
+    computed even while the weight is 0, and its gradient follows the tensor's value."""
+    a = torch.tensor(2.0, requires_grad=True)
+    w = torch.tensor(0.0)
+    out = L.combine({"adv": (w, lambda: a * 3.0), "cls": (1.0, torch.tensor(1.0))})
+    assert set(out.parts) == {"adv", "cls"} and out.total.item() == 1.0
+    w.fill_(0.5)
+    out = L.combine({"adv": (w, lambda: a * 3.0)})
+    out.total.backward()
+    assert out.total.item() == pytest.approx(3.0) and a.grad.item() == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="adv"):
+        L.combine({"adv": (torch.ones(2), torch.tensor(1.0))})
+
+
 def test_combine_errors_and_empty():
     assert L.combine({}).total.item() == 0.0
     assert L.combine({"x": (0.0, torch.tensor(1.0))}).total.item() == 0.0

@@ -68,6 +68,12 @@ def test_gradient_reversal():
     x = torch.ones(3, requires_grad=True)
     grad_reverse(x, 0.5).sum().backward()
     assert torch.equal(x.grad, torch.full((3,), -0.5))
+    lam = torch.tensor(0.0)  # a tensor lambda is read when backward runs (what a CUDA graph replays)
+    y = grad_reverse(x, lam)
+    lam.fill_(2.0)
+    x.grad = None
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.full((3,), -2.0))
 
 
 @pytest.mark.parametrize("use_cdann, latent, expect", [(True, 32, 96), (False, 32, 32), (True, 2048, 1024)])

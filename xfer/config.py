@@ -95,6 +95,7 @@ class OptimConfig:
     metric: str = "balanced_accuracy"  # on the training line's PEAK validation split
     seed: int = 0
     grad_clip: float = 5.0
+    cuda_graph: bool = True          # CUDA: capture the training step once as a CUDA graph and replay it
 
 
 @dataclass(frozen=True)

@@ -619,24 +619,33 @@ def combine(weighted: Mapping[str, tuple[float, LossTerm]]) -> LossParts:
     computed tensor it is still recorded for logging. With no weighted term
     the total is a zero scalar (on the parts' device when there are any).
     Weights must be finite; "total" is reserved and may not be a part name.
+    A weight may also be a 0-d tensor (e.g. a warm-up factor kept on the GPU so
+    that a captured CUDA graph can read it): such a term is always computed and
+    added (its value is not inspected, which would need a device sync).
     """
     parts: dict[str, Tensor] = {}
     total: Tensor | None = None
     for name, (weight, value) in weighted.items():
         if name == "total":
             raise ValueError("combine: 'total' is reserved and cannot name a loss part")
-        w = float(weight)
-        if not math.isfinite(w):
-            raise ValueError(f"combine: weight of {name!r} is not finite ({weight!r})")
+        if isinstance(weight, Tensor):
+            if weight.ndim != 0:
+                raise ValueError(f"combine: weight of {name!r} must be a scalar, got shape {tuple(weight.shape)}")
+            w = weight
+        else:
+            w = float(weight)
+            if not math.isfinite(w):
+                raise ValueError(f"combine: weight of {name!r} is not finite ({weight!r})")
+        dynamic = isinstance(w, Tensor)
         if callable(value) and not isinstance(value, Tensor):
-            if w == 0.0:
+            if not dynamic and w == 0.0:
                 continue
             value = value()
         if not isinstance(value, Tensor) or value.ndim != 0:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ValueError(f"combine: part {name!r} must be a scalar tensor, got {shape}")
         parts[name] = value
-        if w != 0.0:
+        if dynamic or w != 0.0:
             term = value.float() * w
             total = term if total is None else total + term
     if total is None:

@@ -232,7 +232,8 @@ def fit(cfg: TrainConfig, data: TrainData, report: Report | None = None, *,
                         n_domains=n_domains)
     _set_line_stats(model, data.line_stats)
     model.to(dev)
-    opt_kwargs = {"fused": True} if dev.type == "cuda" else {}
+    # fused AdamW on CUDA, capturable so that a CUDA graph can hold the whole step
+    opt_kwargs = {"fused": True, "capturable": True} if dev.type == "cuda" else {}
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, **opt_kwargs)
 
     amp = dev.type == "cuda"
@@ -280,7 +281,7 @@ def fit(cfg: TrainConfig, data: TrainData, report: Report | None = None, *,
                 "format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "epoch": epoch,
                 "best_metric": float(best["metric"]), "best_epoch": int(best["epoch"]),
                 "metric_name": f"peak_val_{o.metric}", "model": state,
-                "best_model": None if best["epoch"] == epoch else best["state"],
+                "best_model": None if best["epoch"] == epoch else _cpu_copy(best["state"]),
                 "optimizer": _cpu_copy(opt.state_dict()), "since_best": since_best,
                 "dims": {"emb_dim": data.emb_dim, "n_peaks": data.n_peaks, "n_domains": n_domains},
                 "preprocess": _np_to_torch(data.preprocess), "history": list(history),
@@ -288,36 +289,63 @@ def fit(cfg: TrainConfig, data: TrainData, report: Report | None = None, *,
             }
         return build
 
+    # On CUDA the per-step scalars live on the device (no host round trip, and a captured
+    # CUDA graph reads them); on the CPU they stay Python floats.
+    on_cuda = dev.type == "cuda"
+    warm_t = torch.zeros((), device=dev) if on_cuda else None
+    grl_t = torch.zeros((), device=dev) if on_cuda else None
+
+    def train_step(idx: torch.Tensor, warm, grl, autocast_cache: bool = True) -> dict[str, torch.Tensor]:
+        """One optimiser step on the training cells `idx`; returns the detached loss parts."""
+        emb, x, y = E[idx], P[idx], Y[idx]
+        xb = None
+        if adapt is not None:
+            bi = (torch.randint(0, n_b, (bs,), device=dev) if on_cuda
+                  else torch.as_tensor(rng.integers(0, n_b, size=bs)))
+            xb = PB[bi]
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=autocast_cache):
+            parts = _batch_loss(model, cfg, emb, x, y, prior, warm, grl, class_weight,
+                                xb, stats_b if adapt is not None else None)
+        opt.zero_grad(set_to_none=True)
+        parts.total.backward()
+        if world > 1:
+            _allreduce_grads(model, world)
+        if o.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        opt.step()
+        return parts.detached()
+
+    graph = _StepGraph(train_step, bs, dev, list(model.parameters())) if (
+        on_cuda and o.cuda_graph and world == 1 and E.resident and P.resident
+        and (adapt is None or PB.resident)) else None
+
     stopped_early = False
     epoch = start_epoch - 1
     for epoch in range(start_epoch, o.epochs + 1):
         t0 = time.perf_counter()
         model.train()
         warm = L.warmup_factor(epoch - 1, lo.warmup_epochs)
-        perm = torch.as_tensor(rng.permutation(n_train), device=dev)
+        if on_cuda:
+            warm_t.fill_(warm)
+        order = tr[torch.as_tensor(rng.permutation(n_train), device=dev)]
         sums: dict[str, torch.Tensor] = {}
         for s in range(steps):
             progress = ((epoch - 1) * steps + s) / max(1, o.epochs * steps)
             grl = L.grl_lambda(progress, lo.grl_gamma)
             lo_i = (s * world + rank) * bs
-            idx = tr[perm[lo_i:lo_i + bs]]
-            emb, x, y = E[idx], P[idx], Y[idx]
-            xb = None
-            if adapt is not None:
-                xb = PB[torch.as_tensor(rng.integers(0, n_b, size=bs), device=dev)]
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                parts = _batch_loss(model, cfg, emb, x, y, prior, warm, grl, class_weight,
-                                    xb, stats_b if adapt is not None else None)
-            opt.zero_grad(set_to_none=True)
-            parts.total.backward()
-            if world > 1:
-                _allreduce_grads(model, world)
-            if o.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-            opt.step()
-            for k, v in parts.detached().items():
+            idx = order[lo_i:lo_i + bs]
+            if on_cuda:
+                grl_t.fill_(grl)
+            if graph is not None and graph.run(idx, warm_t, grl_t):
+                continue
+            parts = train_step(idx, warm_t if on_cuda else warm, grl_t if on_cuda else grl)
+            for k, v in parts.items():
                 sums[k] = sums.get(k, 0) + v.float()
+        if graph is not None:
+            for k, v in graph.take_sums().items():
+                sums[k] = sums.get(k, 0) + v
         loss_means = {f"loss/{k}": v for k, v in zip(sums, (torch.stack(list(sums.values())) / steps).tolist())}
+        train_seconds = time.perf_counter() - t0  # .tolist() above waited for the device
 
         probs = _predict_rows(model, E, P, va, amp)
         m_gex = classification_metrics(y_val, probs["gex"].argmax(1))
@@ -325,8 +353,10 @@ def fit(cfg: TrainConfig, data: TrainData, report: Report | None = None, *,
         objective = m_peak[o.metric]
         improved = objective > best["metric"]
         if improved:
+            # a copy on the device (a GPU-to-GPU copy takes microseconds; the host copy is made
+            # only when a checkpoint is built)
             best = {"metric": objective, "epoch": epoch,
-                    "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
             since_best = 0
         else:
             since_best += 1
@@ -334,7 +364,7 @@ def fit(cfg: TrainConfig, data: TrainData, report: Report | None = None, *,
             "epoch": epoch, "objective": objective, "best_objective": best["metric"], "best_epoch": best["epoch"],
             **{f"gex_val_{k}": m_gex[k] for k in METRIC_KEYS}, **{f"peak_val_{k}": m_peak[k] for k in METRIC_KEYS},
             **loss_means, "warmup": warm, "grl_lambda": L.grl_lambda((epoch - 1) / o.epochs, lo.grl_gamma),
-            "epoch_seconds": time.perf_counter() - t0, "improved": improved,
+            "epoch_seconds": time.perf_counter() - t0, "train_seconds": train_seconds, "improved": improved,
         }
         history.append(metrics)
         if not all(math.isfinite(v) for k, v in loss_means.items()):
@@ -350,16 +380,17 @@ def fit(cfg: TrainConfig, data: TrainData, report: Report | None = None, *,
             break
 
     if best["state"] is None:  # resumed after the last epoch: nothing new
-        best["state"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        best["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     final_ckpt = make_checkpoint(epoch)()
     model.load_state_dict(best["state"])
-    best_ckpt = {**final_ckpt, "model": best["state"], "best_model": None, "epoch": best["epoch"]}
+    best_ckpt = {**final_ckpt, "model": _cpu_copy(best["state"]), "best_model": None, "epoch": best["epoch"]}
     model.eval()
     return FitResult(model=model, best_epoch=best["epoch"], best_metric=best["metric"], history=history,
-                     checkpoint=best_ckpt, stopped_early=stopped_early, seconds=time.perf_counter() - t_start)
+                     checkpoint=best_ckpt, stopped_early=stopped_early, seconds=time.perf_counter() - t_start,
+                     extra={"cuda_graph": graph.summary() if graph is not None else None})
 
 
-def _batch_loss(model: CDANN, cfg: TrainConfig, emb, x, y, prior, warm: float, grl: float,
+def _batch_loss(model: CDANN, cfg: TrainConfig, emb, x, y, prior, warm, grl,
                 class_weight=None, xb=None, stats_b=None) -> L.LossParts:
     """One batch's loss. Domains: training-line expression (emb), training-line peaks
     (x, paired with emb, labels y) and, when adapting, test-line peaks (xb, unlabelled)."""
@@ -391,21 +422,112 @@ def _batch_loss(model: CDANN, cfg: TrainConfig, emb, x, y, prior, warm: float, g
             d = d + L.divergence(lo.divergence, z_t, latents[2])
         return d
 
+    def ramped(lam: float):  # warm may be a 0-d device tensor (CUDA): a weight of 0 stays a static 0
+        return 0.0 if lam == 0 else lam * warm
+
     terms = {
         "class_source": (lo.lambda_class, lambda: L.classification(logit_s.float(), y, class_weight,
                                                                    label_smoothing=lo.label_smoothing)),
         "class_target": (lo.lambda_target_class,
                          lambda: L.classification(logit_t.float(), y, class_weight,
                                                   label_smoothing=lo.label_smoothing)),
-        "adversarial": (lo.lambda_domain * warm, adversarial),
-        "divergence": (lo.lambda_divergence * warm, divergence),
+        "adversarial": (ramped(lo.lambda_domain), adversarial),
+        "divergence": (ramped(lo.lambda_divergence), divergence),
         "balance": (lo.lambda_balance, lambda: L.class_balance(p_unl, prior)),
-        "entropy": (lo.lambda_entropy * warm, lambda: L.entropy(p_unl)),
+        "entropy": (ramped(lo.lambda_entropy), lambda: L.entropy(p_unl)),
     }
     terms.update(model.encoder.objective(x_norm, out_t, z_s))
     if xb is not None:
         terms.update({f"{k}_adapt": v for k, v in model.encoder.objective(xb_norm, out_b, None).items()})
     return L.combine(terms)
+
+
+# ----------------------------------------------------------------------------- CUDA graph
+
+class _StepGraph:
+    """The whole training step (gather, forward, backward, clipping, fused AdamW) captured once
+    as a CUDA graph and replayed: one launch per step instead of hundreds, so a small model's
+    step costs the GPU's time rather than Python's. Steps run eagerly (on a side stream, as
+    PyTorch's whole-network capture recipe asks) until WARMUP steps have run, then the next
+    step is captured. The step's inputs are static tensors (the batch's cell indices, the
+    warm-up and GRL weights as 0-d device tensors); the adaptation line's cells are drawn on
+    the device inside the graph; dropout and the other random ops use the CUDA generator,
+    which graph replays advance. If capture fails (an op that needs the host), the loop logs
+    why and goes on eagerly."""
+
+    WARMUP = 3
+
+    def __init__(self, step: Callable, bs: int, dev: torch.device, params: list[torch.Tensor]):
+        self.step, self.dev, self.params = step, dev, params
+        self.idx = torch.zeros(bs, dtype=torch.long, device=dev)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.names: list[str] = []
+        self.vec: torch.Tensor | None = None     # the captured step's loss parts, stacked
+        self.acc: torch.Tensor | None = None     # their sum over this epoch's replays
+        self.seen = 0
+        self.failed = False
+        self.replays = 0
+
+    def run(self, idx: torch.Tensor, warm: torch.Tensor, grl: torch.Tensor) -> bool:
+        """Do this step through the graph (capturing it first when due); False: run it eagerly."""
+        if self.failed:
+            return False
+        if self.graph is None:
+            self.seen += 1
+            if self.seen <= self.WARMUP:
+                side = torch.cuda.Stream(self.dev)
+                side.wait_stream(torch.cuda.current_stream(self.dev))
+                with torch.cuda.stream(side):
+                    self._add(self.step(idx, warm, grl))
+                torch.cuda.current_stream(self.dev).wait_stream(side)
+                return True
+            if not self._capture(warm, grl):
+                return False
+        self.idx.copy_(idx)
+        self.graph.replay()
+        self.replays += 1
+        self.acc = self.vec.clone() if self.acc is None else self.acc.add_(self.vec)
+        return True
+
+    def _add(self, parts: dict[str, torch.Tensor]) -> None:
+        vec = torch.stack([v.float() for v in parts.values()])
+        if not self.names:
+            self.names = list(parts)
+        self.acc = vec if self.acc is None else self.acc + vec
+
+    def _capture(self, warm: torch.Tensor, grl: torch.Tensor) -> bool:
+        graph = torch.cuda.CUDAGraph()
+        try:
+            torch.cuda.synchronize(self.dev)
+            # thread_local: a thread beside this one (a Ray Tune worker's) may use CUDA meanwhile
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                parts = self.step(self.idx, warm, grl, autocast_cache=False)
+                vec = torch.stack([v.float() for v in parts.values()])
+        except Exception as e:  # noqa: BLE001 - any capture failure falls back to eager steps
+            log.warning("CUDA graph capture of the training step failed (%s: %s); training on eagerly",
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            self.failed = True
+            for p in self.params:  # drop gradients that point into the abandoned capture
+                p.grad = None
+            return False
+        if self.names and list(parts) != self.names:
+            log.warning("CUDA graph: loss parts changed between steps (%s vs %s); training on eagerly",
+                        list(parts), self.names)
+            self.failed = True
+            return False
+        self.graph, self.vec, self.names = graph, vec, list(parts)
+        return True
+
+    def summary(self) -> dict:
+        return {"captured": self.graph is not None, "failed": self.failed, "replays": self.replays}
+
+    def take_sums(self) -> dict[str, torch.Tensor]:
+        """This epoch's summed loss parts of the steps done here (graph or warm-up), then reset."""
+        if self.acc is None:
+            return {}
+        out = dict(zip(self.names, self.acc.unbind(0)))
+        self.acc = None
+        return out
 
 
 # ----------------------------------------------------------------------------- checkpoints

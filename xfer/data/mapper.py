@@ -53,7 +53,6 @@ from collections.abc import Iterator
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from ncls import NCLS64
 
 from ..errors import ConfigError, InputError
 from .dataset import CellMatrix, make_matrix
@@ -187,6 +186,8 @@ def _overlap_pairs(ref: PeakSet, query: PeakSet, ref_codes, query_codes, n_codes
                    ref_subset) -> tuple[np.ndarray, np.ndarray]:
     """All (ref, query) pairs overlapping by >= 1 bp, for the reference peaks in
     `ref_subset`: one NCLS index over each chromosome's query peaks."""
+    from ncls import NCLS64  # imported here, not at module level: only overlap mapping needs it
+
     rs, qs = [], []
     for r, q in _per_chromosome(ref_codes, query_codes, n_codes, ref_subset):
         index = NCLS64(query.start[q], query.end[q], q)

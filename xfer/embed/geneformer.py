@@ -351,6 +351,7 @@ class BertCellEncoder:
         cuda = self.device.type == "cuda"
         self.dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
         self.model = model.to(self.device, self.dtype).eval()
+        self._autocast = cuda and any(p.dtype != self.dtype for p in self.model.parameters())
         cfg = model.config
         total = cfg.num_hidden_layers
         self.n_layers = total if n_layers is None else int(n_layers)
@@ -404,7 +405,9 @@ class BertCellEncoder:
             for b in batches:
                 idx = runnable[b]
                 seqs = [sequences[i] for i in idx]
-                with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.device.type == "cuda"):
+                # the weights are already in self.dtype: autocast would only add casts (and run
+                # LayerNorm in float32, a full extra pass over the activations per layer)
+                with torch.autocast(self.device.type, dtype=self.dtype, enabled=self._autocast):
                     vec = (self._packed(seqs, pooling, special) if self.attention == "packed"
                            else self._padded(seqs, pooling, special))
                 results.append((idx, vec))
@@ -449,7 +452,16 @@ class BertCellEncoder:
         cu = self._tensor(cu_np)
         max_len = int(lens.max())
 
-        if self.varlen:
+        if (lens == max_len).all():
+            # every cell the same length: a dense (B, L) batch with no padding, plain SDPA
+            # (the kernel transformers uses), which beats varlen flash attention here
+            B = len(seqs)
+
+            def attend(q, k, v):  # (T, H, D) -> (B, H, L, D) -> (T, H, D)
+                q, k, v = (t.view(B, max_len, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
+                o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                return o.transpose(1, 2).reshape(B * max_len, o.shape[1], o.shape[3])
+        elif self.varlen:
             from torch.nn.attention.varlen import varlen_attn
 
             def attend(q, k, v):

@@ -17,9 +17,10 @@ class _GradReverse(torch.autograd.Function):
         return -ctx.lam * grad, None
 
 
-def grad_reverse(x: Tensor, lam: float) -> Tensor:
-    """Identity forward; multiplies the gradient by -lam backward (Ganin & Lempitsky 2015)."""
-    return _GradReverse.apply(x, float(lam))
+def grad_reverse(x: Tensor, lam: float | Tensor) -> Tensor:
+    """Identity forward; multiplies the gradient by -lam backward (Ganin & Lempitsky 2015).
+    lam may be a 0-d tensor (read when the backward pass runs, as a CUDA graph needs)."""
+    return _GradReverse.apply(x, lam if isinstance(lam, Tensor) else float(lam))
 
 
 def mlp(dims: list[int], dropout: float = 0.0, final_act: bool = False) -> nn.Sequential:

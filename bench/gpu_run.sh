@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The GPU tests and benchmarks in one device call (no ray / optuna / anndata needed there):
+#   bash bench/gpu_run.sh            # writes bench_gpu_epoch.json, gpu_reference.json, bench_embed.json to $OUT
+# Embedding: 2,000 cell-line-like cells and two token budgets keep the call inside a few minutes.
+set -u
+export PYTHONUNBUFFERED=1 OUT="${OUT:-.}"
+PY="${PYTHON:-python3}"
+nvidia-smi -L
+"$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+SECONDS=0
+timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -n 15 | tee "$OUT/test_gpu.log"
+echo "GPU tests: ${SECONDS} s"
+SECONDS=0
+timeout 240 "$PY" bench/bench_gpu_epoch.py 2>&1 | tee "$OUT/epoch.log"
+echo "epoch benchmark + reference: ${SECONDS} s"
+SECONDS=0
+timeout 300 "$PY" bench/bench_embed.py --cells 2000 --budgets 65536,131072 2>&1 | tee "$OUT/embed.log"
+echo "embedding benchmark: ${SECONDS} s"
