@@ -22,6 +22,11 @@ The adaptation weights (adversarial, divergence, entropy) ramp up linearly
 over warmup_epochs. After each epoch the GEX and PEAK validation splits are
 scored and `report` is called exactly once; early stopping watches the PEAK
 validation metric with a patience counted in epochs.
+
+On a GPU the inputs stay resident in GPU memory, the step runs under bf16
+autocast with fused AdamW, and the whole step is captured once as a CUDA graph
+and replayed (`_StepGraph`; `cuda_graph=false` turns it off). On the CPU the
+loop is seeded and reproducible.
 """
 
 from __future__ import annotations
