@@ -343,7 +343,7 @@ def fit(cfg: TrainConfig, data: TrainData, report: Report | None = None, *,
                 grl_t.fill_(grl)
             if graph is not None and graph.run(idx, warm_t, grl_t):
                 continue
-            parts = train_step(idx, warm_t if on_cuda else warm, grl_t if on_cuda else grl)
+            parts = train_step(idx, *((warm_t, grl_t) if on_cuda else (warm, grl)))
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0) + v.float()
         if graph is not None:
@@ -491,14 +491,16 @@ class _StepGraph:
         self.idx.copy_(idx)
         self.graph.replay()
         self.replays += 1
-        self.acc = self.vec.clone() if self.acc is None else self.acc.add_(self.vec)
+        self._accumulate(self.vec)
         return True
 
     def _add(self, parts: dict[str, torch.Tensor]) -> None:
-        vec = torch.stack([v.float() for v in parts.values()])
         if not self.names:
             self.names = list(parts)
-        self.acc = vec if self.acc is None else self.acc + vec
+        self._accumulate(torch.stack([v.float() for v in parts.values()]))
+
+    def _accumulate(self, vec: torch.Tensor) -> None:
+        self.acc = vec.clone() if self.acc is None else self.acc.add_(vec)
 
     def _capture(self, warm: torch.Tensor, grl: torch.Tensor) -> bool:
         graph = torch.cuda.CUDAGraph()
