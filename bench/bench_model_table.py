@@ -20,14 +20,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from xfer.baselines import run_baselines  # noqa: E402
 from xfer.config import ARCHS, DIVERGENCES, TrainConfig  # noqa: E402
 from xfer.data.simulate import simulate_pair  # noqa: E402
 from xfer.embed import PCAEmbedder, embed_lines  # noqa: E402
-from xfer.evaluate import classification_metrics  # noqa: E402
 from xfer.prepare import prepare_line, prepare_training  # noqa: E402
-from xfer.train import fit, line_stats_tensors, predict  # noqa: E402
+from xfer.train import fit, line_stats_tensors  # noqa: E402
+
+from bench_defaults import score_splits  # noqa: E402
 
 SPLITS = ("gex_val", "gex_test", "peak_val", "peak_test")
 
@@ -69,13 +71,7 @@ def main() -> int:
             cfg = base.replace(arch=arch, divergence=div)
             t = time.perf_counter()
             res = fit(cfg, train)
-            pv = predict(res.model, data.line.emb[data.val_idx], data.line.peaks[data.val_idx])
-            pt = predict(res.model, test.emb, test.peaks, stats=stats)
-            y_val = data.line.labels[data.val_idx]
-            m = {"gex_val": classification_metrics(y_val, pv["gex"].argmax(1)),
-                 "peak_val": classification_metrics(y_val, pv["peak"].argmax(1)),
-                 "gex_test": classification_metrics(test.labels, pt["gex"].argmax(1)),
-                 "peak_test": classification_metrics(test.labels, pt["peak"].argmax(1))}
+            m = score_splits(res.model, data, test, stats)
             run = {"arch": arch, "divergence": div, "best_epoch": res.best_epoch, "epochs_run": len(res.history),
                    "seconds": round(time.perf_counter() - t, 1), **m}
             results["runs"].append(run)

@@ -35,12 +35,12 @@ def _data(n=1200, n_peaks=300, emb_dim=16, seed=0) -> TrainData:
                      class_prior=prior, line_stats={}, preprocess={})
 
 
-@pytest.mark.parametrize("adapt", [False, True])
+@pytest.mark.parametrize("adapt", [False, True, "pseudo"])
 def test_cuda_graph_step_trains_like_eager(adapt):
     data = _data()
     if adapt:
         data = data.with_adaptation(_data(seed=1).line)
-    cfg = TrainConfig.from_dict({"arch": "dae", "hidden_dim": 64, "latent_dim": 32, "batch_size": 128,
+    cfg = TrainConfig.from_dict({**({"lambda_pseudo": 1.0} if adapt == "pseudo" else {}),"arch": "dae", "hidden_dim": 64, "latent_dim": 32, "batch_size": 128,
                                  "epochs": 12, "patience": 100, "peak_repr": "peaks", "bin_size": 0,
                                  "line_norm": False, "warmup_epochs": 3})
     graphed = fit(cfg, data, device="cuda")
@@ -56,3 +56,6 @@ def test_cuda_graph_step_trains_like_eager(adapt):
     g, e = graphed.history[-1], eager.history[-1]
     assert {k for k in g if k.startswith("loss/")} >= {k for k in e if k.startswith("loss/")}
     assert g["loss/class_source"] == pytest.approx(e["loss/class_source"], rel=0.5, abs=0.05)
+    if adapt == "pseudo":  # the pseudo-labels refreshed between replays reach the captured step
+        assert g["pseudo_labels"] > 0 and g["loss/pseudo"] > 0
+        assert g["loss/pseudo"] == pytest.approx(e["loss/pseudo"], rel=0.5, abs=0.05)

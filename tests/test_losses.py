@@ -399,6 +399,25 @@ def test_class_balance():
     assert torch.isfinite(collapsed.grad).all()
 
 
+def test_select_pseudo_labels_keeps_the_most_confident_share_of_each_class():
+    probs = torch.tensor([[0.9, 0.05, 0.05],   # G1, most confident G1
+                          [0.6, 0.3, 0.1],     # G1
+                          [0.5, 0.4, 0.1],     # G1, least confident G1
+                          [0.2, 0.7, 0.1],     # S
+                          [0.1, 0.1, 0.8],     # G2M
+                          [0.3, 0.3, 0.4]])    # G2M, less confident
+    out = L.select_pseudo_labels(probs, 0.5)
+    # ceil(0.5 * 3) = 2 of the G1 cells, ceil(0.5 * 1) = 1 S, ceil(0.5 * 2) = 1 G2M
+    assert out.tolist() == [0, 0, -1, 1, 2, -1]
+    assert L.select_pseudo_labels(probs, 1.0).tolist() == [0, 0, 0, 1, 2, 2]
+    # a class nobody predicts gets no pseudo-label; the others still keep their share
+    assert L.select_pseudo_labels(probs[[0, 1, 2]], 0.4).tolist() == [0, 0, -1]
+    with pytest.raises(ValueError, match="fraction"):
+        L.select_pseudo_labels(probs, 0.0)
+    with pytest.raises(ValueError, match="probs"):
+        L.select_pseudo_labels(probs[0], 0.5)
+
+
 def test_entropy():
     assert L.entropy(torch.full((4, 3), 1 / 3)).item() == pytest.approx(math.log(3), rel=1e-6)
     one_hot = torch.eye(3).requires_grad_()

@@ -45,9 +45,11 @@ def test_train_writes_every_output(tmp_path, tiny_store, capsys):
 
 
 def test_no_test_label_reaches_training(tmp_path, tiny_store):
-    """Changing every test label leaves the weights and every training decision identical."""
-    _train(tiny_store, tmp_path / "a")
-    _train(tiny_store, tmp_path / "b", "_relabelled")
+    """Changing every test label leaves the weights and every training decision identical,
+    with the test line's unlabelled peaks used for adaptation and self-training."""
+    pseudo = ("--set", "lambda_pseudo=1", "--set", "warmup_epochs=1")  # pseudo-labels from epoch 2 on
+    _train(tiny_store, tmp_path / "a", extra=pseudo)
+    _train(tiny_store, tmp_path / "b", "_relabelled", extra=pseudo)
     wa = torch.load(tmp_path / "a" / "best_model.pt", weights_only=True)
     wb = torch.load(tmp_path / "b" / "best_model.pt", weights_only=True)
     assert wa["epoch"] == wb["epoch"] and wa["best_metric"] == wb["best_metric"]
@@ -56,6 +58,7 @@ def test_no_test_label_reaches_training(tmp_path, tiny_store):
     ha = json.loads((tmp_path / "a" / "training_history.json").read_text())
     hb = json.loads((tmp_path / "b" / "training_history.json").read_text())
     assert strip(ha) == strip(hb)
+    assert ha[-1]["pseudo_labels"] > 0 and ha[-1]["loss/pseudo"] > 0
     pa = pd.read_csv(tmp_path / "a" / "predictions_peak_test.csv")
     pb = pd.read_csv(tmp_path / "b" / "predictions_peak_test.csv")
     assert (pa["predicted"] == pb["predicted"]).all() and (pa["true"] != pb["true"]).all()

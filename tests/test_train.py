@@ -57,6 +57,19 @@ def test_early_stopping_counts_epochs(tiny_train):
     assert res.history[-1]["stopped_early"]
 
 
+def test_self_training_uses_class_balanced_pseudo_labels_after_warmup(tiny_train):
+    cfg, data, _, test = tiny_train
+    cfg = cfg.replace(lambda_pseudo=1.0, pseudo_fraction=0.5, warmup_epochs=2, epochs=4, patience=10)
+    res = fit(cfg, data.with_adaptation(test))
+    h = res.history
+    assert h[0]["loss/pseudo"] == 0 and "pseudo_labels" not in h[0]  # none before the warm-up ends
+    n_b = test.peaks.shape[0]
+    for e in h[2:]:  # refreshed every epoch once warm: about half of the line, per class
+        assert 0.5 * n_b <= e["pseudo_labels"] <= 0.5 * n_b + 3 and e["loss/pseudo"] > 0
+    # without an adaptation line there is nothing to pseudo-label: the term is absent
+    assert "loss/pseudo" not in fit(cfg.replace(epochs=1), data).history[0]
+
+
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("arch", ["vae", "contrastive", "hybrid"])
 def test_every_arch_and_divergence_trains(tiny_train, arch, divergence):

@@ -77,6 +77,8 @@ class LossConfig:
     lambda_divergence: float = 1.0    # divergence between source and target latents
     lambda_balance: float = 0.1       # KL(mean target prediction || training class prior)
     lambda_entropy: float = 0.0       # entropy of target predictions
+    lambda_pseudo: float = 0.0        # CE on class-balanced pseudo-labels of the adaptation line (self-training)
+    pseudo_fraction: float = 0.5      # share of each predicted class kept as pseudo-labels (most confident)
     use_cdann: bool = True            # class-conditional adversary (False: plain DANN on features)
     entropy_conditioning: bool = True  # CDAN+E sample weights
     grl_gamma: float = 10.0           # GRL annealing: lambda_p = 2/(1+exp(-gamma p)) - 1
@@ -239,6 +241,7 @@ class TrainConfig:
             if f.name.startswith("lambda_"):
                 v = getattr(lo, f.name)
                 need(v >= 0 and math.isfinite(v), f.name, f"must be a finite number >= 0, got {v}")
+        need(0 < lo.pseudo_fraction <= 1, "pseudo_fraction", f"must be in (0, 1], got {lo.pseudo_fraction}")
         need(lo.grl_gamma > 0, "grl_gamma", f"must be > 0, got {lo.grl_gamma}")
         need(lo.warmup_epochs >= 0, "warmup_epochs", f"must be >= 0, got {lo.warmup_epochs}")
         need(0 <= lo.label_smoothing < 1, "label_smoothing", f"must be in [0, 1), got {lo.label_smoothing}")

@@ -55,6 +55,7 @@ __all__ = [
     "randomized_multilinear_map",
     "reconstruction_bce",
     "reconstruction_mse",
+    "select_pseudo_labels",
     "warmup_factor",
 ]
 
@@ -468,6 +469,36 @@ def class_balance(probs: Tensor, prior: Tensor) -> Tensor:
     pbar = p.mean(dim=0)
     kl = pbar * (torch.log(pbar.clamp_min(_PROB_EPS)) - torch.log(q.clamp_min(_PROB_EPS)))
     return kl.sum().clamp_min(0.0)
+
+
+def select_pseudo_labels(probs: Tensor, fraction: float) -> Tensor:
+    r"""Class-balanced pseudo-labels for unlabelled cells (CBST, Zou et al. 2018).
+
+    ``probs`` (n, C): predicted class probabilities. Each cell's candidate label
+    is its arg-max class c_i; within every predicted class the ``fraction`` most
+    confident cells (largest p_{i,c_i}; at least one per predicted class) keep
+    their label, the others get :data:`xfer.phases.UNLABELLED` (-1):
+
+        keep_i  <=>  rank of p_{i,c_i} among {j : c_j = c_i} < ceil(fraction * |{j : c_j = c_i}|)
+
+    Selecting per class rather than above one global confidence stops the
+    commonest (most confidently predicted) class from taking over. Ties break
+    by row order. Returns int64 (n,); ``fraction`` in (0, 1].
+    """
+    if probs.ndim != 2:
+        raise ValueError(f"select_pseudo_labels: expected probs (n, C), got {tuple(probs.shape)}")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"select_pseudo_labels: fraction must be in (0, 1], got {fraction}")
+    conf, label = probs.float().max(dim=1)
+    out = torch.full_like(label, UNLABELLED)
+    for c in range(probs.shape[1]):
+        members = torch.nonzero(label == c).flatten()
+        if members.numel() == 0:
+            continue
+        k = math.ceil(fraction * members.numel())
+        order = torch.sort(conf[members], descending=True, stable=True).indices
+        out[members[order[:k]]] = c
+    return out
 
 
 def entropy(probs: Tensor) -> Tensor:

@@ -38,7 +38,7 @@ CONFIG_FLAGS = {
     "peak_mapper_method": "peak_mapper_method", "peak_impute_strategy": "peak_impute_strategy",
     "use_cdann": "use_cdann", "batch_size": "batch_size", "lr": "lr", "patience": "patience",
     "lambda_balance": "lambda_balance", "lambda_entropy": "lambda_entropy",
-    "lambda_target_class": "lambda_target_class", "metric": "metric",
+    "lambda_target_class": "lambda_target_class", "lambda_pseudo": "lambda_pseudo", "metric": "metric",
 }
 
 
@@ -61,6 +61,8 @@ def add_train_arguments(parser) -> None:
     g.add_argument("--lambda_balance", type=float)
     g.add_argument("--lambda_entropy", type=float)
     g.add_argument("--lambda_target_class", type=float)
+    g.add_argument("--lambda_pseudo", type=float,
+                   help="self-training on the test line's unlabelled peaks (class-balanced pseudo-labels; 0 = off)")
     g.add_argument("--use_cdann", action=argparse.BooleanOptionalAction, default=None,
                    help="class-conditional adversary (default on); --no-use_cdann: plain DANN")
     g.add_argument("--use_peak_mapper", action=argparse.BooleanOptionalAction, default=None,

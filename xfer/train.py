@@ -46,6 +46,7 @@ from . import losses as L
 from .config import TrainConfig
 from .evaluate import METRIC_KEYS, classification_metrics
 from .model import CDANN, build_model
+from .phases import N_PHASES, UNLABELLED
 from .prepare import LineInputs, TrainData
 
 log = logging.getLogger(__name__)
@@ -260,6 +261,12 @@ def fit(cfg: TrainConfig, data: TrainData, report: Report | None = None, *,
         PB = Rows(adapt.peaks, dev, dtype, memory_budget)
         stats_b = line_stats_tensors(adapt, dev)["peaks"] if cfg.data.line_norm else None
         n_b = adapt.peaks.shape[0]
+    # self-training: class-balanced pseudo-labels of the adaptation line, refreshed from the
+    # model's own predictions once per epoch after the warm-up (never from its labels)
+    pseudo = adapt is not None and lo.lambda_pseudo > 0
+    if pseudo:
+        YB = torch.full((n_b,), UNLABELLED, dtype=torch.long, device=dev)
+        pseudo_weight = torch.zeros(N_PHASES, device=dev)
     world, rank = _distributed()
     # drop the ragged last batch (MMD likes equal sizes); with several data-parallel
     # ranks each takes its own shard of every step's cells
@@ -303,14 +310,17 @@ def fit(cfg: TrainConfig, data: TrainData, report: Report | None = None, *,
     def train_step(idx: torch.Tensor, warm, grl, autocast_cache: bool = True) -> dict[str, torch.Tensor]:
         """One optimiser step on the training cells `idx`; returns the detached loss parts."""
         emb, x, y = E[idx], P[idx], Y[idx]
-        xb = None
+        xb = yb = None
         if adapt is not None:
             bi = (torch.randint(0, n_b, (bs,), device=dev) if on_cuda
                   else torch.as_tensor(rng.integers(0, n_b, size=bs)))
             xb = PB[bi]
+            if pseudo:
+                yb = YB[bi.to(dev)]
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=autocast_cache):
             parts = _batch_loss(model, cfg, emb, x, y, prior, warm, grl, class_weight,
-                                xb, stats_b if adapt is not None else None)
+                                xb, stats_b if adapt is not None else None,
+                                yb, pseudo_weight if pseudo else None)
         opt.zero_grad(set_to_none=True)
         parts.total.backward()
         if world > 1:
@@ -332,6 +342,8 @@ def fit(cfg: TrainConfig, data: TrainData, report: Report | None = None, *,
         warm = L.warmup_factor(epoch - 1, lo.warmup_epochs)
         if on_cuda:
             warm_t.fill_(warm)
+        if pseudo and warm >= 1.0:
+            n_pseudo = _refresh_pseudo_labels(model, PB, stats_b, lo.pseudo_fraction, amp, YB, pseudo_weight)
         order = tr[torch.as_tensor(rng.permutation(n_train), device=dev)]
         sums: dict[str, torch.Tensor] = {}
         for s in range(steps):
@@ -368,7 +380,8 @@ def fit(cfg: TrainConfig, data: TrainData, report: Report | None = None, *,
         metrics = {
             "epoch": epoch, "objective": objective, "best_objective": best["metric"], "best_epoch": best["epoch"],
             **{f"gex_val_{k}": m_gex[k] for k in METRIC_KEYS}, **{f"peak_val_{k}": m_peak[k] for k in METRIC_KEYS},
-            **loss_means, "warmup": warm, "grl_lambda": L.grl_lambda((epoch - 1) / o.epochs, lo.grl_gamma),
+            **loss_means, **({"pseudo_labels": n_pseudo} if pseudo and warm >= 1.0 else {}),
+            "warmup": warm, "grl_lambda": L.grl_lambda((epoch - 1) / o.epochs, lo.grl_gamma),
             "epoch_seconds": time.perf_counter() - t0, "train_seconds": train_seconds, "improved": improved,
         }
         history.append(metrics)
@@ -395,10 +408,33 @@ def fit(cfg: TrainConfig, data: TrainData, report: Report | None = None, *,
                      extra={"cuda_graph": graph.summary() if graph is not None else None})
 
 
+@torch.no_grad()
+def _refresh_pseudo_labels(model: CDANN, PB: Rows, stats_b, fraction: float, amp: bool,
+                           YB: torch.Tensor, weight: torch.Tensor, batch: int = 4096) -> int:
+    """Predict every adaptation cell (eval mode), keep the most confident `fraction` of each
+    predicted class as its pseudo-label (in place in YB, -1 elsewhere) and set class
+    weights that balance the kept cells. Returns how many cells were kept."""
+    model.eval()
+    n = PB.shape[0]
+    probs = []
+    for s in range(0, n, batch):
+        i = torch.arange(s, min(s + batch, n), device=YB.device)
+        with torch.autocast(YB.device.type, dtype=torch.bfloat16, enabled=amp):
+            probs.append(model.predict_peaks(PB[i], stats_b))
+    model.train()
+    labels = L.select_pseudo_labels(torch.cat(probs), fraction)
+    YB.copy_(labels)
+    counts = torch.bincount(labels[labels >= 0], minlength=N_PHASES).float()
+    kept = counts.sum()
+    weight.copy_(torch.where(counts > 0, kept / (N_PHASES * counts.clamp_min(1)), torch.zeros_like(counts)))
+    return int(kept.item())
+
+
 def _batch_loss(model: CDANN, cfg: TrainConfig, emb, x, y, prior, warm, grl,
-                class_weight=None, xb=None, stats_b=None) -> L.LossParts:
+                class_weight=None, xb=None, stats_b=None, yb=None, pseudo_weight=None) -> L.LossParts:
     """One batch's loss. Domains: training-line expression (emb), training-line peaks
-    (x, paired with emb, labels y) and, when adapting, test-line peaks (xb, unlabelled)."""
+    (x, paired with emb, labels y) and, when adapting, test-line peaks (xb, unlabelled;
+    yb: their pseudo-labels when self-training, -1 for cells without one)."""
     lo = cfg.loss
     z_s = model.source_latent(emb)
     x_norm = model.normalise_peaks(x)
@@ -411,7 +447,8 @@ def _batch_loss(model: CDANN, cfg: TrainConfig, emb, x, y, prior, warm, grl,
         xb_norm = model.normalise_peaks(xb, stats_b)
         out_b = model.peak_latent(xb, normalised=xb_norm)
         latents.append(out_b.z)
-        probs.append(torch.softmax(model.classify(out_b.z).float(), -1))
+        logit_b = model.classify(out_b.z)
+        probs.append(torch.softmax(logit_b.float(), -1))
     p_unl = probs[-1]  # the predictions the entropy and balance terms act on
 
     def adversarial():
@@ -441,6 +478,8 @@ def _batch_loss(model: CDANN, cfg: TrainConfig, emb, x, y, prior, warm, grl,
         "balance": (lo.lambda_balance, lambda: L.class_balance(p_unl, prior)),
         "entropy": (ramped(lo.lambda_entropy), lambda: L.entropy(p_unl)),
     }
+    if yb is not None:
+        terms["pseudo"] = (lo.lambda_pseudo, lambda: L.classification(logit_b.float(), yb, pseudo_weight))
     terms.update(model.encoder.objective(x_norm, out_t, z_s))
     if xb is not None:
         terms.update({f"{k}_adapt": v for k, v in model.encoder.objective(xb_norm, out_b, None).items()})

@@ -1,0 +1,219 @@
+"""How the shipped training defaults were chosen, and what they give on pairs never used to choose them.
+
+    python bench/bench_defaults.py prepare DIR [--seeds 1,5,6,0,2,3,4] [--size medium]
+    python bench/bench_defaults.py run DIR [--dev 1,5,6] [--eval 0,2,3,4] [--budget 540] [--json out.json]
+
+`prepare` (CPU; needs the simulator) simulates each pair, prepares it exactly as
+`xfer train` does with the default data settings and writes DIR/pair<seed>.npz
+(model inputs, the split, the LineNorm statistics, the test line) and
+DIR/pair<seed>_baselines.json (every plain baseline's metrics on that pair).
+
+`run` (GPU or CPU; needs only torch, numpy, scikit-learn, pandas) trains with
+`xfer.train.fit` in four stages, writing the JSON after every run so that a
+run cut short keeps what it finished:
+
+  1. every candidate in CANDIDATES (DAE-MMD) on the development pairs;
+  2. the pick: the candidate with the highest mean PEAK-test balanced accuracy
+     over the development pairs. The rule is fixed here, before any evaluation
+     pair is trained on; the evaluation pairs never influence the choice;
+  3. the current default, the pick and the runners-up on the evaluation pairs;
+  4. every encoder x divergence with the pick's settings on the first
+     evaluation pair (the model table of BENCHMARKS.md).
+
+Stages stop when the time budget (seconds) is spent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from xfer.config import ARCHS, DIVERGENCES, TrainConfig  # noqa: E402
+from xfer.evaluate import classification_metrics  # noqa: E402
+from xfer.prepare import LineInputs, TrainData  # noqa: E402
+from xfer.train import fit, line_stats_tensors, predict  # noqa: E402
+
+SPLITS = ("gex_val", "gex_test", "peak_val", "peak_test")
+
+# Candidate settings (overrides of the current defaults), tried on the development pairs.
+CANDIDATES: dict[str, dict] = {
+    "default": {},
+    "pseudo1": {"lambda_pseudo": 1.0},
+    "pseudo1_f0.3": {"lambda_pseudo": 1.0, "pseudo_fraction": 0.3},
+    "pseudo3": {"lambda_pseudo": 3.0},
+    "no_balance": {"lambda_balance": 0.0},
+    "pseudo1_no_balance": {"lambda_pseudo": 1.0, "lambda_balance": 0.0},
+    "narrow": {"hidden_dim": 64},
+    "reg": {"dropout": 0.5, "peak_dropout": 0.2},
+    "pseudo1_reg": {"lambda_pseudo": 1.0, "dropout": 0.5, "peak_dropout": 0.2},
+    "target_class1": {"lambda_target_class": 1.0},
+    "wd1e-2": {"weight_decay": 1e-2},
+    "entropy0.1": {"lambda_entropy": 0.1},
+    "pseudo0.3": {"lambda_pseudo": 0.3},
+    "pseudo1_f0.7": {"lambda_pseudo": 1.0, "pseudo_fraction": 0.7},
+    "pseudo1_narrow": {"lambda_pseudo": 1.0, "hidden_dim": 64},
+    "patience40": {"patience": 40},
+}
+N_EVAL_CANDIDATES = 4  # the default, the pick and the next two on the development pairs
+
+
+def score_splits(model, data: TrainData, test: LineInputs, stats) -> dict:
+    """The four columns: GEX / PEAK on the training line's validation split and on the test line
+    (whose labels only score here)."""
+    pv = predict(model, data.line.emb[data.val_idx], data.line.peaks[data.val_idx])
+    pt = predict(model, test.emb, test.peaks, stats=stats)
+    y_val = data.line.labels[data.val_idx]
+    return {"gex_val": classification_metrics(y_val, pv["gex"].argmax(1)),
+            "peak_val": classification_metrics(y_val, pv["peak"].argmax(1)),
+            "gex_test": classification_metrics(test.labels, pt["gex"].argmax(1)),
+            "peak_test": classification_metrics(test.labels, pt["peak"].argmax(1))}
+
+
+# ----------------------------------------------------------------------------- prepare (CPU)
+
+def prepare(out: Path, seeds: list[int], size: str) -> None:
+    from xfer.baselines import run_baselines
+    from xfer.data.simulate import simulate_pair
+    from xfer.embed import PCAEmbedder, embed_lines
+    from xfer.prepare import prepare_line, prepare_training
+
+    out.mkdir(parents=True, exist_ok=True)
+    base = TrainConfig()
+    for seed in seeds:
+        t = time.perf_counter()
+        A, B = simulate_pair(size, seed=seed)
+        emb = embed_lines(PCAEmbedder(base.data.n_components), A.gex, {"test": B.gex})
+        data, pre = prepare_training(A.gex, A.peak, emb["train"], base.data, base.optim.seed)
+        counts = pre.map_counts(B.peak)
+        test = prepare_line(B.name, pre, gex=B.gex, emb=emb["test"], peaks=B.peak, peak_counts=counts)
+        np.savez_compressed(
+            out / f"pair{seed}.npz", emb=data.line.emb, peaks=np.asarray(data.line.peaks), labels=data.line.labels,
+            train_idx=data.train_idx, val_idx=data.val_idx, prior=data.class_prior,
+            emb_mean=data.line_stats["emb"][0], emb_std=data.line_stats["emb"][1],
+            peaks_mean=data.line_stats["peaks"][0], peaks_std=data.line_stats["peaks"][1],
+            t_emb=test.emb, t_peaks=np.asarray(test.peaks), t_labels=test.labels)
+        bl = run_baselines(peaks_a=pre.training_counts(A.peak), y_a=A.gex.labels, train_idx=data.train_idx,
+                           val_idx=data.val_idx, peaks_b=counts, y_b=B.gex.labels, emb_a=data.line.emb,
+                           emb_b=test.emb, gex_a=A.gex, gex_b=B.gex, seed=base.optim.seed)
+        (out / f"pair{seed}_baselines.json").write_text(json.dumps({"size": size, "seed": seed, "baselines": bl}))
+        print(f"pair {seed}: prepared in {time.perf_counter() - t:.0f} s", flush=True)
+
+
+def load_pair(path: Path) -> tuple[TrainData, LineInputs]:
+    z = np.load(path)
+    n, nt = len(z["labels"]), len(z["t_labels"])
+    line = LineInputs(name="train", barcodes=np.array([f"a{i}" for i in range(n)], dtype=object), emb=z["emb"],
+                      peaks=z["peaks"], labels=z["labels"])
+    data = TrainData(line=line, train_idx=z["train_idx"], val_idx=z["val_idx"], class_prior=z["prior"],
+                     line_stats={"emb": (z["emb_mean"], z["emb_std"]), "peaks": (z["peaks_mean"], z["peaks_std"])},
+                     preprocess={})
+    test = LineInputs(name="test", barcodes=np.array([f"b{i}" for i in range(nt)], dtype=object), emb=z["t_emb"],
+                      peaks=z["t_peaks"], labels=z["t_labels"])
+    return data, test
+
+
+# ----------------------------------------------------------------------------- run (GPU or CPU)
+
+def run(src: Path, dev_seeds: list[int], eval_seeds: list[int], budget: float, out_json: Path) -> None:
+    t_start = time.perf_counter()
+    pairs: dict[int, tuple[TrainData, LineInputs]] = {}
+    res: dict = {"machine": _machine(), "dev": dev_seeds, "eval": eval_seeds, "candidates": CANDIDATES,
+                 "baselines": {}, "runs": [], "pick": None, "stopped": None}
+    for s in dev_seeds + eval_seeds:
+        pairs[s] = load_pair(src / f"pair{s}.npz")
+        bl = src / f"pair{s}_baselines.json"
+        if bl.exists():
+            res["baselines"][s] = json.loads(bl.read_text())["baselines"]
+
+    def one(stage: str, name: str, seed: int, over: dict, arch="dae", div="mmd") -> dict | None:
+        if time.perf_counter() - t_start > budget:
+            res["stopped"] = f"time budget spent before {stage} {name} pair {seed} {arch}-{div}"
+            return None
+        data, test = pairs[seed]
+        cfg = TrainConfig.from_dict({**over, "arch": arch, "divergence": div})
+        t = time.perf_counter()
+        fr = fit(cfg, data.with_adaptation(test) if cfg.data.adapt_test_peaks else data)
+        stats = line_stats_tensors(test, next(fr.model.parameters()).device)
+        m = score_splits(fr.model, data, test, stats)
+        rec = {"stage": stage, "candidate": name, "seed": seed, "arch": arch, "divergence": div,
+               "best_epoch": fr.best_epoch, "epochs_run": len(fr.history),
+               "seconds": round(time.perf_counter() - t, 1), **m}
+        res["runs"].append(rec)
+        out_json.write_text(json.dumps(res, indent=1, default=_jsonable))
+        print(f"{stage:5s} {name:20s} pair {seed} {arch}-{div}: "
+              + " ".join(f"{k} {m[k]['balanced_accuracy']:.3f}" for k in SPLITS)
+              + f" ({rec['seconds']:.0f} s, best epoch {fr.best_epoch}/{len(fr.history)})", flush=True)
+        return rec
+
+    def mean_test(name: str, seeds: list[int]) -> float:
+        v = [r["peak_test"]["balanced_accuracy"] for r in res["runs"]
+             if r["candidate"] == name and r["seed"] in seeds and r["arch"] == "dae" and r["divergence"] == "mmd"]
+        return float(np.mean(v)) if len(v) == len(seeds) else float("nan")
+
+    for name, over in CANDIDATES.items():
+        for s in dev_seeds:
+            one("dev", name, s, over)
+    ranked = sorted((n for n in CANDIDATES if np.isfinite(mean_test(n, dev_seeds))),
+                    key=lambda n: -mean_test(n, dev_seeds))
+    res["dev_ranking"] = [(n, round(mean_test(n, dev_seeds), 4)) for n in ranked]
+    if not ranked:
+        return
+    pick = ranked[0]
+    res["pick"] = pick
+    print("development ranking:", res["dev_ranking"], "pick:", pick, flush=True)
+    chosen = list(dict.fromkeys(["default", *ranked[:N_EVAL_CANDIDATES - 1]]))
+    for s in eval_seeds:
+        for name in chosen:
+            one("eval", name, s, CANDIDATES[name])
+    for arch in ARCHS:
+        for div in DIVERGENCES:
+            if (arch, div) != ("dae", "mmd"):
+                one("table", pick, eval_seeds[0], CANDIDATES[pick], arch, div)
+    out_json.write_text(json.dumps(res, indent=1, default=_jsonable))
+
+
+def _jsonable(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(type(o).__name__)
+
+
+def _machine() -> str:
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{os.cpu_count()} CPU cores"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--seeds", default="1,5,6,0,2,3,4")
+    p.add_argument("--size", default="medium")
+    r = sub.add_parser("run")
+    r.add_argument("dir", type=Path)
+    r.add_argument("--dev", default="1,5,6")
+    r.add_argument("--eval", default="0,2,3,4")
+    r.add_argument("--budget", type=float, default=540.0, help="seconds")
+    r.add_argument("--json", type=Path, default=Path(os.environ.get("OUT", ".")) / "bench_defaults.json")
+    a = ap.parse_args()
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    if a.cmd == "prepare":
+        prepare(a.dir, ints(a.seeds), a.size)
+    else:
+        run(a.dir, ints(a.dev), ints(a.eval), a.budget, a.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
