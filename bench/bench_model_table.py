@@ -3,8 +3,8 @@
     python bench/bench_model_table.py --size medium --seed 0 [--archs dae,vae] [--divergences mmd]
                                       [--epochs 100] [--set KEY=VALUE ...] [--json out.json]
 
-Simulates one pair (the evaluation pair: defaults were chosen on a different
-simulation seed), prepares it once, trains each combination with `fit` exactly
+Simulates one pair (seed 0 is an evaluation pair: bench/bench_defaults.py chose the
+defaults on other simulation seeds), prepares it once, trains each combination with `fit` exactly
 as `xfer train` does (adaptation to the test line's unlabelled peaks included
 when the default says so) and scores the four splits. Prints a Markdown table
 of balanced accuracy (and accuracy / macro-F1 in the JSON).

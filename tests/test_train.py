@@ -27,7 +27,9 @@ def test_reports_once_per_epoch_with_named_metrics(tiny_train):
     assert m["objective"] == m["peak_val_balanced_accuracy"]
     ck = seen[0][1]()  # lazy checkpoint of epoch 1
     assert ck["epoch"] == 1 and ck["format"] == "xfer.cdann/1"
-    assert res.best_metric == max(m["objective"] for m, _ in seen)
+    # the best epoch is chosen once the warm-up (1 epoch here) is over
+    assert res.best_metric == max(m["objective"] for m, _ in seen if m["warmup"] >= 1)
+    assert res.best_epoch >= 2 and seen[0][0]["best_epoch"] == 0 and seen[0][0]["best_objective"] is None
 
 
 def test_reproducible_on_cpu(tiny_train):
@@ -52,9 +54,16 @@ def test_resume_continues_exactly(tiny_train):
 
 def test_early_stopping_counts_epochs(tiny_train):
     cfg, data, _, _ = tiny_train
-    res = fit(cfg.replace(lr=1e-12, epochs=20, patience=2), data)  # nothing can improve after epoch 1
-    assert res.stopped_early and len(res.history) == 3 and res.best_epoch == 1
+    # nothing can improve after epoch 2, the first after the 1-epoch warm-up (epoch 1 is never chosen)
+    res = fit(cfg.replace(lr=1e-12, epochs=20, patience=2), data)
+    assert res.stopped_early and len(res.history) == 4 and res.best_epoch == 2
     assert res.history[-1]["stopped_early"]
+
+
+def test_a_run_shorter_than_the_warmup_keeps_its_last_epoch(tiny_train):
+    cfg, data, _, _ = tiny_train
+    res = fit(cfg.replace(epochs=2, warmup_epochs=5), data)
+    assert res.best_epoch == 2 and [h["best_epoch"] for h in res.history] == [0, 2]
 
 
 def test_self_training_uses_class_balanced_pseudo_labels_after_warmup(tiny_train):

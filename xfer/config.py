@@ -53,8 +53,8 @@ class ModelConfig:
     proj_hidden: int = 1024        # projection head hidden width (source embedding -> shared space)
     cls_hidden: int = 256          # phase classifier hidden width
     disc_hidden: int = 1024        # domain discriminator hidden width
-    dropout: float = 0.3
-    peak_dropout: float = 0.0      # dropout on the peak input (all archs)
+    dropout: float = 0.5
+    peak_dropout: float = 0.2      # dropout on the peak input (all archs)
     randomized_dim: int = 1024     # CDAN randomised multilinear map width (used when C*latent > 4096)
     # architecture-specific (live only for their arch; see ARCH_PARAMS)
     corruption: float = 0.05       # dae: fraction of input entries zeroed
@@ -77,7 +77,7 @@ class LossConfig:
     lambda_divergence: float = 1.0    # divergence between source and target latents
     lambda_balance: float = 0.1       # KL(mean target prediction || training class prior)
     lambda_entropy: float = 0.0       # entropy of target predictions
-    lambda_pseudo: float = 0.0        # CE on class-balanced pseudo-labels of the adaptation line (self-training)
+    lambda_pseudo: float = 1.0        # CE on class-balanced pseudo-labels of the adaptation line (self-training)
     pseudo_fraction: float = 0.5      # share of each predicted class kept as pseudo-labels (most confident)
     use_cdann: bool = True            # class-conditional adversary (False: plain DANN on features)
     entropy_conditioning: bool = True  # CDAN+E sample weights

@@ -21,7 +21,12 @@ each batch's loss is the weighted sum of named parts (xfer.losses):
 The adaptation weights (adversarial, divergence, entropy) ramp up linearly
 over warmup_epochs. After each epoch the GEX and PEAK validation splits are
 scored and `report` is called exactly once; early stopping watches the PEAK
-validation metric with a patience counted in epochs.
+validation metric with a patience counted in epochs. The best epoch is chosen
+among the epochs after the warm-up (the adaptation fully on; the last epoch if
+training ends sooner), and the patience counts from there. With self-training
+(lambda_pseudo > 0) the test line's cells get class-balanced pseudo-labels from
+the model's own predictions, refreshed at the start of every epoch after the
+warm-up.
 
 On a GPU the inputs stay resident in GPU memory, the step runs under bf16
 autocast with fused AdamW, and the whole step is captured once as a CUDA graph
@@ -368,17 +373,21 @@ def fit(cfg: TrainConfig, data: TrainData, report: Report | None = None, *,
         m_gex = classification_metrics(y_val, probs["gex"].argmax(1))
         m_peak = classification_metrics(y_val, probs["peak"].argmax(1))
         objective = m_peak[o.metric]
-        improved = objective > best["metric"]
+        # a model is chosen only once the adaptation is fully on: before that it has not yet
+        # been aligned to the other line, whatever the training line's validation says
+        eligible = warm >= 1.0 or epoch == o.epochs
+        improved = eligible and objective > best["metric"]
         if improved:
             # a copy on the device (a GPU-to-GPU copy takes microseconds; the host copy is made
             # only when a checkpoint is built)
             best = {"metric": objective, "epoch": epoch,
                     "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
             since_best = 0
-        else:
+        elif eligible:
             since_best += 1
         metrics = {
-            "epoch": epoch, "objective": objective, "best_objective": best["metric"], "best_epoch": best["epoch"],
+            "epoch": epoch, "objective": objective, "best_epoch": best["epoch"],
+            "best_objective": best["metric"] if best["epoch"] else None,  # None: no epoch chosen yet (warm-up)
             **{f"gex_val_{k}": m_gex[k] for k in METRIC_KEYS}, **{f"peak_val_{k}": m_peak[k] for k in METRIC_KEYS},
             **loss_means, **({"pseudo_labels": n_pseudo} if pseudo and warm >= 1.0 else {}),
             "warmup": warm, "grl_lambda": L.grl_lambda((epoch - 1) / o.epochs, lo.grl_gamma),
