@@ -75,6 +75,12 @@ def test_self_training_uses_class_balanced_pseudo_labels_after_warmup(tiny_train
     n_b = test.peaks.shape[0]
     for e in h[2:]:  # refreshed every epoch once warm: about half of the line, per class
         assert 0.5 * n_b <= e["pseudo_labels"] <= 0.5 * n_b + 3 and e["loss/pseudo"] > 0
+    # resuming mid-run rebuilds the pseudo-labels from the restored weights: the same run
+    ckpts = {}
+    full = fit(cfg, data.with_adaptation(test), lambda m, ck: ckpts.__setitem__(m["epoch"], ck()))
+    resumed = fit(cfg, data.with_adaptation(test), resume=ckpts[3])
+    assert _same_state(full.checkpoint["model"], resumed.checkpoint["model"])
+    assert [e["pseudo_labels"] for e in resumed.history[2:]] == [e["pseudo_labels"] for e in h[2:]]
     # without an adaptation line there is nothing to pseudo-label: the term is absent
     assert "loss/pseudo" not in fit(cfg.replace(epochs=1), data).history[0]
 
