@@ -77,30 +77,36 @@ def score_splits(model, data: TrainData, test: LineInputs, stats) -> dict:
 
 # ----------------------------------------------------------------------------- prepare (CPU)
 
-def prepare(out: Path, seeds: list[int], size: str) -> None:
+def prepare_pair(size: str, seed: int, base: TrainConfig) -> tuple[TrainData, LineInputs, dict]:
+    """Simulate one pair and prepare it as `xfer train` does (PCA embedding, split, peak
+    channels, the test line's peaks mapped); returns (training data, test line, baselines)."""
     from xfer.baselines import run_baselines
     from xfer.data.simulate import simulate_pair
     from xfer.embed import PCAEmbedder, embed_lines
     from xfer.prepare import prepare_line, prepare_training
 
+    A, B = simulate_pair(size, seed=seed)
+    emb = embed_lines(PCAEmbedder(base.data.n_components), A.gex, {"test": B.gex})
+    data, pre = prepare_training(A.gex, A.peak, emb["train"], base.data, base.optim.seed)
+    counts = pre.map_counts(B.peak)
+    test = prepare_line(B.name, pre, gex=B.gex, emb=emb["test"], peaks=B.peak, peak_counts=counts)
+    bl = run_baselines(peaks_a=pre.training_counts(A.peak), y_a=A.gex.labels, train_idx=data.train_idx,
+                       val_idx=data.val_idx, peaks_b=counts, y_b=B.gex.labels, emb_a=data.line.emb,
+                       emb_b=test.emb, gex_a=A.gex, gex_b=B.gex, seed=base.optim.seed)
+    return data, test, bl
+
+
+def prepare(out: Path, seeds: list[int], size: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    base = TrainConfig()
     for seed in seeds:
         t = time.perf_counter()
-        A, B = simulate_pair(size, seed=seed)
-        emb = embed_lines(PCAEmbedder(base.data.n_components), A.gex, {"test": B.gex})
-        data, pre = prepare_training(A.gex, A.peak, emb["train"], base.data, base.optim.seed)
-        counts = pre.map_counts(B.peak)
-        test = prepare_line(B.name, pre, gex=B.gex, emb=emb["test"], peaks=B.peak, peak_counts=counts)
+        data, test, bl = prepare_pair(size, seed, TrainConfig())
         np.savez_compressed(
             out / f"pair{seed}.npz", emb=data.line.emb, peaks=np.asarray(data.line.peaks), labels=data.line.labels,
             train_idx=data.train_idx, val_idx=data.val_idx, prior=data.class_prior,
             emb_mean=data.line_stats["emb"][0], emb_std=data.line_stats["emb"][1],
             peaks_mean=data.line_stats["peaks"][0], peaks_std=data.line_stats["peaks"][1],
             t_emb=test.emb, t_peaks=np.asarray(test.peaks), t_labels=test.labels)
-        bl = run_baselines(peaks_a=pre.training_counts(A.peak), y_a=A.gex.labels, train_idx=data.train_idx,
-                           val_idx=data.val_idx, peaks_b=counts, y_b=B.gex.labels, emb_a=data.line.emb,
-                           emb_b=test.emb, gex_a=A.gex, gex_b=B.gex, seed=base.optim.seed)
         (out / f"pair{seed}_baselines.json").write_text(json.dumps({"size": size, "seed": seed, "baselines": bl}))
         print(f"pair {seed}: prepared in {time.perf_counter() - t:.0f} s", flush=True)
 

@@ -22,14 +22,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from xfer.baselines import run_baselines  # noqa: E402
 from xfer.config import ARCHS, DIVERGENCES, TrainConfig  # noqa: E402
-from xfer.data.simulate import simulate_pair  # noqa: E402
-from xfer.embed import PCAEmbedder, embed_lines  # noqa: E402
-from xfer.prepare import prepare_line, prepare_training  # noqa: E402
 from xfer.train import fit, line_stats_tensors  # noqa: E402
 
-from bench_defaults import score_splits  # noqa: E402
+from bench_defaults import prepare_pair, score_splits  # noqa: E402
 
 SPLITS = ("gex_val", "gex_test", "peak_val", "peak_test")
 
@@ -51,16 +47,9 @@ def main() -> int:
         over["epochs"] = args.epochs
     base = TrainConfig.from_dict(over)
     t0 = time.perf_counter()
-    A, B = simulate_pair(args.size, seed=args.seed)
-    emb = embed_lines(PCAEmbedder(base.data.n_components), A.gex, {"test": B.gex})
-    data, pre = prepare_training(A.gex, A.peak, emb["train"], base.data, base.optim.seed)
-    counts = pre.map_counts(B.peak)
-    test = prepare_line(B.name, pre, gex=B.gex, emb=emb["test"], peaks=B.peak, peak_counts=counts)
-    print(f"{args.size} pair (seed {args.seed}): {A.gex.n_cells}/{B.gex.n_cells} cells, {data.n_peaks} encoder inputs; "
-          f"prepared in {time.perf_counter() - t0:.0f} s", flush=True)
-    bl = run_baselines(peaks_a=pre.training_counts(A.peak), y_a=A.gex.labels, train_idx=data.train_idx,
-                       val_idx=data.val_idx, peaks_b=counts, y_b=B.gex.labels, emb_a=data.line.emb, emb_b=test.emb,
-                       gex_a=A.gex, gex_b=B.gex, seed=base.optim.seed)
+    data, test, bl = prepare_pair(args.size, args.seed, base)
+    print(f"{args.size} pair (seed {args.seed}): {len(data.line.labels)}/{len(test.labels)} cells, {data.n_peaks} "
+          f"encoder inputs; prepared with the baselines in {time.perf_counter() - t0:.0f} s", flush=True)
     results = {"size": args.size, "seed": args.seed, "machine": f"{os.cpu_count()} CPU cores", "baselines": bl,
                "config": base.to_flat(), "runs": []}
     train = data.with_adaptation(test) if base.data.adapt_test_peaks else data

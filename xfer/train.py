@@ -215,17 +215,19 @@ def predict(model: CDANN, emb=None, peaks=None, stats: dict | None = None, devic
 
 
 @torch.no_grad()
-def _predict_rows(model: CDANN, E: Rows, P: Rows, idx: torch.Tensor, amp: bool, batch: int = 4096) -> dict:
-    """Validation predictions from the device-resident rows (no host round trip of inputs)."""
+def _predict_rows(model: CDANN, heads: dict[str, Callable[[torch.Tensor], torch.Tensor]], idx: torch.Tensor,
+                  amp: bool, batch: int = 4096) -> dict[str, torch.Tensor]:
+    """Class probabilities of the rows `idx` from each head (e.g. `lambda i: model.predict_peaks(P[i])`),
+    in eval mode, from device-resident rows (no host round trip of inputs); float32 device tensors."""
     model.eval()
-    out = {"gex": [], "peak": []}
+    out: dict[str, list] = {k: [] for k in heads}
     for s in range(0, len(idx), batch):
         i = idx[s:s + batch]
         with torch.autocast(i.device.type, dtype=torch.bfloat16, enabled=amp):
-            out["gex"].append(model.predict_source(E[i]))
-            out["peak"].append(model.predict_peaks(P[i]))
+            for k, head in heads.items():
+                out[k].append(head(i))
     model.train()
-    return {k: torch.cat(v).float().cpu().numpy() for k, v in out.items()}
+    return {k: torch.cat(v).float() for k, v in out.items()}
 
 
 def fit(cfg: TrainConfig, data: TrainData, report: Report | None = None, *,
@@ -271,6 +273,7 @@ def fit(cfg: TrainConfig, data: TrainData, report: Report | None = None, *,
     pseudo = adapt is not None and lo.lambda_pseudo > 0
     if pseudo:
         YB = torch.full((n_b,), UNLABELLED, dtype=torch.long, device=dev)
+        all_b = torch.arange(n_b, device=dev)
         pseudo_weight = torch.zeros(N_PHASES, device=dev)
     world, rank = _distributed()
     # drop the ragged last batch (MMD likes equal sizes); with several data-parallel
@@ -347,8 +350,10 @@ def fit(cfg: TrainConfig, data: TrainData, report: Report | None = None, *,
         warm = L.warmup_factor(epoch - 1, lo.warmup_epochs)
         if on_cuda:
             warm_t.fill_(warm)
-        if pseudo and warm >= 1.0:
-            n_pseudo = _refresh_pseudo_labels(model, PB, stats_b, lo.pseudo_fraction, amp, YB, pseudo_weight)
+        warmed = warm >= 1.0  # the adaptation fully on
+        if pseudo and warmed:
+            probs_b = _predict_rows(model, {"peak": lambda i: model.predict_peaks(PB[i], stats_b)}, all_b, amp)
+            n_pseudo = _set_pseudo_labels(probs_b["peak"], lo.pseudo_fraction, YB, pseudo_weight)
         order = tr[torch.as_tensor(rng.permutation(n_train), device=dev)]
         sums: dict[str, torch.Tensor] = {}
         for s in range(steps):
@@ -369,13 +374,15 @@ def fit(cfg: TrainConfig, data: TrainData, report: Report | None = None, *,
         loss_means = {f"loss/{k}": v for k, v in zip(sums, (torch.stack(list(sums.values())) / steps).tolist())}
         train_seconds = time.perf_counter() - t0  # .tolist() above waited for the device
 
-        probs = _predict_rows(model, E, P, va, amp)
+        probs = {k: v.cpu().numpy() for k, v in _predict_rows(
+            model, {"gex": lambda i: model.predict_source(E[i]), "peak": lambda i: model.predict_peaks(P[i])},
+            va, amp).items()}
         m_gex = classification_metrics(y_val, probs["gex"].argmax(1))
         m_peak = classification_metrics(y_val, probs["peak"].argmax(1))
         objective = m_peak[o.metric]
         # a model is chosen only once the adaptation is fully on: before that it has not yet
         # been aligned to the other line, whatever the training line's validation says
-        eligible = warm >= 1.0 or epoch == o.epochs
+        eligible = warmed or epoch == o.epochs
         improved = eligible and objective > best["metric"]
         if improved:
             # a copy on the device (a GPU-to-GPU copy takes microseconds; the host copy is made
@@ -389,7 +396,7 @@ def fit(cfg: TrainConfig, data: TrainData, report: Report | None = None, *,
             "epoch": epoch, "objective": objective, "best_epoch": best["epoch"],
             "best_objective": best["metric"] if best["epoch"] else None,  # None: no epoch chosen yet (warm-up)
             **{f"gex_val_{k}": m_gex[k] for k in METRIC_KEYS}, **{f"peak_val_{k}": m_peak[k] for k in METRIC_KEYS},
-            **loss_means, **({"pseudo_labels": n_pseudo} if pseudo and warm >= 1.0 else {}),
+            **loss_means, **({"pseudo_labels": n_pseudo} if pseudo and warmed else {}),
             "warmup": warm, "grl_lambda": L.grl_lambda((epoch - 1) / o.epochs, lo.grl_gamma),
             "epoch_seconds": time.perf_counter() - t0, "train_seconds": train_seconds, "improved": improved,
         }
@@ -418,20 +425,11 @@ def fit(cfg: TrainConfig, data: TrainData, report: Report | None = None, *,
 
 
 @torch.no_grad()
-def _refresh_pseudo_labels(model: CDANN, PB: Rows, stats_b, fraction: float, amp: bool,
-                           YB: torch.Tensor, weight: torch.Tensor, batch: int = 4096) -> int:
-    """Predict every adaptation cell (eval mode), keep the most confident `fraction` of each
+def _set_pseudo_labels(probs: torch.Tensor, fraction: float, YB: torch.Tensor, weight: torch.Tensor) -> int:
+    """From the adaptation cells' predictions, keep the most confident `fraction` of each
     predicted class as its pseudo-label (in place in YB, -1 elsewhere) and set class
     weights that balance the kept cells. Returns how many cells were kept."""
-    model.eval()
-    n = PB.shape[0]
-    probs = []
-    for s in range(0, n, batch):
-        i = torch.arange(s, min(s + batch, n), device=YB.device)
-        with torch.autocast(YB.device.type, dtype=torch.bfloat16, enabled=amp):
-            probs.append(model.predict_peaks(PB[i], stats_b))
-    model.train()
-    labels = L.select_pseudo_labels(torch.cat(probs), fraction)
+    labels = L.select_pseudo_labels(probs, fraction)
     YB.copy_(labels)
     counts = torch.bincount(labels[labels >= 0], minlength=N_PHASES).float()
     kept = counts.sum()
