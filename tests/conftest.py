@@ -12,7 +12,6 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 import numpy as np
 import pandas as pd
 import pytest
-import scipy.sparse as sp
 
 from xfer.data.dataset import make_matrix
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import pandas as pd
-import pytest
 
-from conftest import BARCODES, GENES, PHASES_OF, real_data, write_csv, write_labels
+from conftest import BARCODES, PHASES_OF, real_data, write_csv, write_labels
 from xfer.cli import main
 from xfer.data.store import CellStore
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 
 log = logging.getLogger(__name__)

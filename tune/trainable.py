@@ -21,7 +21,6 @@ every `checkpoint_every` epochs, at every new best epoch and at the end.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 from typing import Callable

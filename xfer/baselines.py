@@ -31,7 +31,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from .data.dataset import CellMatrix
-from .embed.pca import align_genes, log_normalise
+from .embed.pca import log_normalise
 from .evaluate import classification_metrics
 from .phases import N_PHASES, PHASES
 from .prepare import log_tfidf

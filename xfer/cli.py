@@ -21,7 +21,6 @@ import argparse
 import logging
 import sys
 import time
-from pathlib import Path
 
 from .errors import XferError
 

@@ -24,7 +24,7 @@ from .data.embed_store import EmbeddingStore
 from .data.inputs import load_inputs
 from .embed import embed_lines, make_embedder
 from .errors import ConfigError
-from .evaluate import METRIC_KEYS, classification_metrics, predictions_table
+from .evaluate import classification_metrics, predictions_table
 from .prepare import LineInputs, PeakPreprocessor, TrainData, prepare_line, prepare_training
 
 log = logging.getLogger(__name__)

@@ -207,7 +207,7 @@ class ScFoundationRunner(Embedder):
             if (cand / SCRIPT).is_file():
                 for need in (GENE_LIST_FILE, CHECKPOINT_FILE):
                     if not (cand / need).is_file():
-                        raise InputError(cand / need, None, f"--scfoundation_dir: get_embedding.py needs this file "
+                        raise InputError(cand / need, None, "--scfoundation_dir: get_embedding.py needs this file "
                                          "(scFoundation's gene list / checkpoint, see its README)")
                 return cand
         raise InputError(d, None, f"--scfoundation_dir: no {SCRIPT} here or in model/ (give scFoundation's "
