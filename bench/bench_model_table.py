@@ -41,8 +41,8 @@ def main() -> int:
     ap.add_argument("--json", help="write every figure here")
     args = ap.parse_args()
 
-    from xfer.pipeline import _parse_value
-    over = {k: _parse_value(v) for k, v in (item.split("=", 1) for item in args.set)}
+    from xfer.config import parse_set
+    over = parse_set(args.set)
     if args.epochs:
         over["epochs"] = args.epochs
     base = TrainConfig.from_dict(over)

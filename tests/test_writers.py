@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from xfer.data import writers
+from xfer.data import fs, writers
 from xfer.data.dataset import CellMatrix, make_matrix
 from xfer.data.simulate import simulate_pair, write_simulation
 from xfer.data.writers import write_10x_h5, write_h5ad, write_labels_csv, write_seed_csv
@@ -287,10 +287,10 @@ def test_atomic_path_keeps_target_on_error(tmp_path):
     target = tmp_path / "x.txt"
     target.write_text("keep")
     with pytest.raises(RuntimeError):
-        with writers.atomic_path(target) as tmp:
+        with fs.atomic_path(target) as tmp:
             tmp.write_text("new")
             raise RuntimeError("boom")
     assert target.read_text() == "keep" and no_temp_files(tmp_path)
-    with writers.atomic_path(target) as tmp:
+    with fs.atomic_path(target) as tmp:
         tmp.write_text("new")
     assert target.read_text() == "new"

@@ -25,6 +25,7 @@ import torch
 
 from xfer.config import DataConfig, TrainConfig
 from xfer.data.embed_store import EmbeddingStore
+from xfer.data.fs import save_torch
 from xfer.data.inputs import pair_cells
 from xfer.data.store import CellStore
 from xfer.embed import embed_lines, make_embedder
@@ -135,9 +136,7 @@ def _save(data: TrainData, path: Path) -> None:
                      "labels": line.labels},
             "train_idx": data.train_idx, "val_idx": data.val_idx, "class_prior": data.class_prior,
             "line_stats": {k: list(v) for k, v in data.line_stats.items()}, "preprocess": data.preprocess}
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(_pack(blob), tmp)
-    os.replace(tmp, path)
+    save_torch(_pack(blob), path)
 
 
 def _load(path: Path) -> TrainData:

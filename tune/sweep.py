@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from xfer.config import ALL_ARCH_PARAMS, TrainConfig
+from xfer.config import ALL_ARCH_PARAMS, TrainConfig, parse_set
+from xfer.data.fs import write_json
 from xfer.errors import ConfigError, XferError
 
 from .space import SearchSpace, load_space, parse_space
@@ -84,9 +85,7 @@ class Sweep:
 
     def save(self) -> None:
         d = {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
-        tmp = self.output / (SETTINGS_FILE + ".tmp")
-        tmp.write_text(json.dumps(d, indent=1, sort_keys=True))
-        os.replace(tmp, self.output / SETTINGS_FILE)
+        write_json(self.output / SETTINGS_FILE, d, sort_keys=True)
 
     @classmethod
     def load(cls, output: Path) -> "Sweep":
@@ -103,19 +102,13 @@ class Sweep:
 def _split_fixed(args) -> tuple[Namespace, dict]:
     """Command-line settings that fix search parameters (seed flags and --set) go to the
     space; the rest build the base config."""
-    from xfer.pipeline import _parse_value
-
     fixed = {}
     for flag, key in (("arch_type", "arch"), ("divergence_type", "divergence")):
         v = getattr(args, flag, None)
         if v is not None:
             choices = [c.strip() for c in v.split(",") if c.strip()]
             fixed[key] = choices[0] if len(choices) == 1 else {"type": "categorical", "choices": choices}
-    for item in getattr(args, "set", []) or []:
-        if "=" not in item:
-            raise ConfigError(item, "--set takes KEY=VALUE")
-        k, v = item.split("=", 1)
-        fixed[k.strip()] = _parse_value(v.strip())
+    fixed.update(parse_set(getattr(args, "set", None)))
     rest = Namespace(**{k: v for k, v in vars(args).items() if k not in ("arch_type", "divergence_type", "set")})
     return rest, fixed
 
@@ -386,7 +379,7 @@ def _checkpoint_file(result, sw: Sweep, trial_id: str) -> Path | None:
 
 def score_best(sw: Sweep, checkpoint: Path) -> dict | None:
     """The best trial's model on the four splits (test line only here) + baselines."""
-    from xfer.pipeline import _write_json, baselines_for, evaluate_model, prepare
+    from xfer.pipeline import baselines_for, evaluate_model, prepare
     from xfer.train import load_checkpoint
 
     model, cfg, _ = load_checkpoint(checkpoint)
@@ -395,7 +388,7 @@ def score_best(sw: Sweep, checkpoint: Path) -> dict | None:
     metrics = evaluate_model(model, p, sw.output)
     metrics["baselines"] = baselines_for(p)
     metrics["model"] = {"source": "best trial of the sweep", "config": cfg.to_flat()}
-    _write_json(sw.output / "metrics.json", metrics)
+    write_json(sw.output / "metrics.json", metrics)
     return metrics
 
 

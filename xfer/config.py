@@ -167,23 +167,10 @@ class TrainConfig:
 
         A best_params.json written by `xfer tune` holds {"params": {...}, ...}; its
         "params" are used."""
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError("config_path", f"file not found: {p}")
-        text = p.read_text()
-        try:
-            if p.suffix in (".yaml", ".yml"):
-                import yaml
-                d = yaml.safe_load(text)
-            else:
-                d = json.loads(text)
-        except Exception as e:  # json / yaml errors
-            raise ConfigError("config_path", f"{p} is not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'JSON'}: {e}") from None
-        if not isinstance(d, dict):
-            raise ConfigError("config_path", f"{p} must hold a mapping of config keys")
+        d = load_mapping_file(path, "config_path")
         if "params" in d and isinstance(d["params"], dict):
             d = d["params"]
-        return cls.from_dict(d, source=str(p), base=base)
+        return cls.from_dict(d, source=str(path), base=base)
 
     # ------------------------------------------------------------------ views
     def to_dict(self) -> dict:
@@ -271,6 +258,57 @@ assert len(FLAT_KEYS) == sum(len(v) for v in _FIELD_TYPES.values()), "config key
 ALIASES = {"arch_type": "arch", "divergence_type": "divergence"}
 for _alias, _key in ALIASES.items():
     FLAT_KEYS[_alias] = FLAT_KEYS[_key]
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+def load_mapping_file(path, key: str) -> dict:
+    """A JSON or YAML (.yaml / .yml) file holding a mapping; errors name `key` (the flag)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(key, f"file not found: {p}" if not p.exists() else f"{p} is not a file")
+    kind = "YAML" if p.suffix in (".yaml", ".yml") else "JSON"
+    try:
+        text = p.read_text()
+        if kind == "YAML":
+            import yaml
+            d = yaml.safe_load(text)
+        else:
+            d = json.loads(text)
+    except Exception as e:  # json / yaml / decoding errors
+        raise ConfigError(key, f"{p} is not valid {kind}: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(key, f"{p} must hold a mapping of config keys")
+    return d
+
+
+def parse_value(text: str):
+    """A command-line value: int, float, true/false, else the string itself."""
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def parse_set(items) -> dict:
+    """`--set KEY=VALUE` items (repeatable) -> {key: parsed value}."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(item, "--set takes KEY=VALUE")
+        k, v = item.split("=", 1)
+        out[k.strip()] = parse_value(v.strip())
+    return out
+
+
+def drop_other_arch_params(flat: dict, archs, keep=()) -> dict:
+    """`flat` without the parameters that belong only to architectures outside `archs`
+    (keys in `keep` stay: a user who set them explicitly gets the validation error)."""
+    archs = {archs} if isinstance(archs, str) else set(archs)
+    live = {p for a in archs for p in ARCH_PARAMS.get(a, ())}
+    return {k: v for k, v in flat.items() if k not in ALL_ARCH_PARAMS or k in live or k in keep}
 
 
 def _unknown_msg(key: str, known) -> str:

@@ -8,22 +8,19 @@ the final evaluation alone.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from .baselines import run_baselines
-from .config import TrainConfig
+from .config import TrainConfig, drop_other_arch_params, parse_set
 from .data.dataset import CellMatrix
 from .data.embed_store import EmbeddingStore
+from .data.fs import write_json
 from .data.inputs import load_inputs
 from .embed import embed_lines, make_embedder
-from .errors import ConfigError
 from .evaluate import classification_metrics, predictions_table
 from .prepare import LineInputs, PeakPreprocessor, TrainData, prepare_line, prepare_training
 
@@ -90,30 +87,11 @@ def build_config(args) -> TrainConfig:
         from .embed import resolve_source_model
         over["source_model"] = resolve_source_model(over["source_model"], getattr(args, "ensemble_model1", None),
                                                     getattr(args, "ensemble_model2", None))
-    for item in getattr(args, "set", []) or []:
-        if "=" not in item:
-            raise ConfigError(item, "--set takes KEY=VALUE")
-        k, v = item.split("=", 1)
-        over[k.strip()] = _parse_value(v.strip())
+    over.update(parse_set(getattr(args, "set", None)))
     # an --arch_type that differs from the config file's drops that arch's own parameters
     if "arch" in over and over["arch"] != cfg.model.arch:
-        cfg = TrainConfig.from_dict({**{k: v for k, v in cfg.to_flat().items()
-                                        if k not in _arch_only(cfg.model.arch)}, "arch": over["arch"]})
+        cfg = TrainConfig.from_dict({**drop_other_arch_params(cfg.to_flat(), over["arch"]), "arch": over["arch"]})
     return TrainConfig.from_dict(over, base=cfg, source="command line")
-
-
-def _arch_only(arch: str) -> set:
-    from .config import ARCH_PARAMS
-    return set(ARCH_PARAMS[arch])
-
-
-def _parse_value(v: str):
-    for conv in (int, float):
-        try:
-            return conv(v)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(v.lower(), v)
 
 
 # ----------------------------------------------------------------------------- preparation
@@ -160,20 +138,6 @@ def baselines_for(p: Prepared) -> dict:
 
 
 # ----------------------------------------------------------------------------- outputs
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
-    os.replace(tmp, path)
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(type(o).__name__)
-
 
 def format_table(metrics: dict, key: str = "balanced_accuracy") -> str:
     """The seed's four columns for the model and every baseline (one metric)."""
@@ -238,7 +202,7 @@ def run_train(args) -> dict:
                  train.adapt.peaks.shape[0])
     result = fit(cfg, train, report, device=args.device)
     save_checkpoint(result.checkpoint, out / "best_model.pt")
-    _write_json(out / "training_history.json", result.history)
+    write_json(out / "training_history.json", result.history)
     metrics = evaluate_model(result.model, p, out)
     metrics["baselines"] = baselines_for(p)
     metrics["model"] = {"best_epoch": result.best_epoch, "best_val_metric": result.best_metric,
@@ -246,7 +210,7 @@ def run_train(args) -> dict:
                         "epochs_run": len(result.history), "train_seconds": round(result.seconds, 2),
                         "config": cfg.to_flat(), "peak_mapping": p.pre.mapping_stats,
                         "n_peaks": p.train.n_peaks, "wall_seconds": round(time.perf_counter() - t0, 2)}
-    _write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics)
     return metrics
 
 
@@ -256,5 +220,5 @@ def run_baseline(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     p = prepare(args, cfg)
     metrics = {"baselines": baselines_for(p)}
-    _write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics)
     return metrics

@@ -10,12 +10,67 @@ upload completes, and directories there are published manifest-last.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import posixpath
+import secrets
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow.fs as pafs
+
+
+# ----------------------------------------------------------------------------- local atomic files
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a hidden temporary path beside `path`; it is renamed into place only when the
+    block ends without an error (else removed), so readers see the old file or the whole new one."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp{target.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def json_default(o):
+    """json.dumps fallback for numpy scalars and arrays."""
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_json(path: str | os.PathLike, obj, *, indent: int = 1, sort_keys: bool = False) -> Path:
+    """Write `obj` as JSON, atomically (numpy values become plain numbers and lists)."""
+    text = json.dumps(obj, indent=indent, sort_keys=sort_keys, default=json_default)
+    return write_bytes_atomic(path, text.encode())
+
+
+def save_torch(obj, path: str | os.PathLike) -> Path:
+    """torch.save, atomically (a checkpoint is never seen half-written)."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
 
 
 @dataclass(frozen=True)
@@ -51,14 +106,7 @@ class Location:
         if parent:
             self.fs.create_dir(parent, recursive=True)
         if self.is_local:
-            tmp = f"{self.path}.tmp-{uuid.uuid4().hex}"
-            try:
-                with self.fs.open_output_stream(tmp) as f:
-                    f.write(data)
-                os.replace(tmp, self.path)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+            write_bytes_atomic(self.path, data)
         else:
             with self.fs.open_output_stream(self.path) as f:
                 f.write(data)

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import os
 import re
-import secrets
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -34,30 +32,13 @@ import scipy.sparse as sp
 
 from ..phases import PHASES
 from .dataset import CellMatrix
+from .fs import atomic_path
 
-__all__ = ["write_seed_csv", "write_labels_csv", "write_h5ad", "write_10x_h5", "atomic_path"]
+__all__ = ["write_seed_csv", "write_labels_csv", "write_h5ad", "write_10x_h5"]
 
 _BLOCK_VALUES = 4_000_000  # values formatted per block when chunk size is automatic
 _COMMA = ord(",")
 _MAX_INT_TABLE = 1 << 20  # integral matrices spanning more values use the general path
-
-# ------------------------------------------------------------------ atomicity
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; move it into place only on success."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp{target.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-
 
 @contextlib.contextmanager
 def _open_binary(path: Path, gz: bool) -> Iterator[BinaryIO]:
