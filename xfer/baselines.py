@@ -35,6 +35,7 @@ from .embed.pca import log_normalise
 from .evaluate import classification_metrics
 from .phases import N_PHASES, PHASES
 from .prepare import log_tfidf
+from .standardise import standardise
 
 log = logging.getLogger(__name__)
 N_LSI = 50
@@ -50,10 +51,6 @@ def _lsi_fit(X, seed):
     k = max(2, min(N_LSI, min(T.shape) - 1))
     svd = TruncatedSVD(k, random_state=seed, algorithm="randomized", n_iter=7).fit(T)
     return idf, svd
-
-
-def _standardise(Z):
-    return (Z - Z.mean(0)) / np.maximum(Z.std(0), 1e-8)
 
 
 def coral_align(Zs: np.ndarray, Zt: np.ndarray, eps: float = 1.0) -> np.ndarray:
@@ -133,7 +130,7 @@ def run_baselines(*, peaks_a: sp.csr_matrix, y_a: np.ndarray, train_idx: np.ndar
         T, _ = log_tfidf(both)
         k = max(2, min(N_LSI, min(T.shape) - 1))
         Z = TruncatedSVD(k, random_state=seed, algorithm="randomized", n_iter=7).fit_transform(T)
-        Za2, Zb2 = _standardise(Z[: peaks_a.shape[0]]), _standardise(Z[peaks_a.shape[0]:])
+        Za2, Zb2 = standardise(Z[: peaks_a.shape[0]]), standardise(Z[peaks_a.shape[0]:])
         clf = _lr(seed).fit(Za2[train_idx], ya_tr)
         score("lsi_aligned", "peak_val", ya_va, clf.predict(Za2[val_idx]))
         score("lsi_aligned", "peak_test", y_b, clf.predict(Zb2))

@@ -44,6 +44,7 @@ from .data.mapper import map_dataset
 from .data.peaks import genomic_bins, parse_peak_names, peak_frequency_mask
 from .errors import InputError
 from .phases import N_PHASES, UNLABELLED
+from .standardise import mean_std, standardise
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +94,6 @@ def log_tfidf(X: sp.csr_matrix, idf: np.ndarray | None = None) -> tuple[sp.csr_m
     B = sp.csr_matrix(sp.diags((1e4 / rs).astype(np.float32)) @ B @ sp.diags(idf))
     B.data = np.log1p(B.data)
     return B, idf
-
-
-def _standardise(Z: np.ndarray) -> np.ndarray:
-    return (Z - Z.mean(0)) / np.maximum(Z.std(0), 1e-6)
 
 
 @dataclass
@@ -154,7 +151,7 @@ class PeakPreprocessor:
                             self.bin_keys)
         counts = np.asarray((peaks.X @ M).todense(), dtype=np.float64)
         total = np.asarray(peaks.X.sum(axis=1)).ravel()
-        return _standardise(np.log((counts + 1.0) / (total[:, None] + 1.0) * 1e4)).astype(np.float32)
+        return standardise(np.log((counts + 1.0) / (total[:, None] + 1.0) * 1e4)).astype(np.float32)
 
     def features(self, kept_counts: sp.csr_matrix, peaks: CellMatrix):
         """Encoder input for one line: its raw counts on the kept peaks (for the peak
@@ -227,22 +224,10 @@ class LineInputs:
         """Per-feature mean/std of this line's inputs (label-free) for LineNorm."""
         out = {}
         if self.emb is not None:
-            out["emb"] = _mean_std(self.emb)
+            out["emb"] = mean_std(self.emb)
         if self.peaks is not None:
-            out["peaks"] = _mean_std(self.peaks)
+            out["peaks"] = mean_std(self.peaks)
         return out
-
-
-def _mean_std(X) -> tuple[np.ndarray, np.ndarray]:
-    if sp.issparse(X):
-        mean = np.asarray(X.mean(axis=0)).ravel()
-        sq = np.asarray(X.multiply(X).mean(axis=0)).ravel()
-        var = np.maximum(sq - mean ** 2, 0)
-    else:
-        mean, var = X.mean(axis=0), X.var(axis=0)
-    std = np.sqrt(var)
-    floor = max(float(np.median(std[std > 0])) * 1e-2, 1e-6) if (std > 0).any() else 1.0
-    return mean.astype(np.float32), np.maximum(std, floor).astype(np.float32)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import numpy as np
 from ..data.dataset import CellMatrix
 from ..data.embed_store import EmbeddingStore
 from ..errors import ConfigError
+from ..standardise import mean_std
 from .base import Embedder, embed_lines
 
 STANDARDISE = "zscore-per-column-train"
@@ -30,13 +31,6 @@ def ensemble_name(members: list[str]) -> str:
     if len(members) < 2:
         raise ConfigError("ensemble_model2", "an ensemble needs two source models")
     return "+".join(members)
-
-
-def _mean_std(V: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    mean = V.mean(axis=0, dtype=np.float64)
-    std = V.std(axis=0, dtype=np.float64)
-    floor = max(float(np.median(std[std > 0])) * 1e-2, 1e-6) if (std > 0).any() else 1.0
-    return mean.astype(np.float32), np.maximum(std, floor).astype(np.float32)
 
 
 class EnsembleEmbedder(Embedder):
@@ -65,7 +59,7 @@ class EnsembleEmbedder(Embedder):
 
     def fit(self, train: CellMatrix) -> "EnsembleEmbedder":
         self._train, self._memo = train, {}
-        self.stats_ = [_mean_std(self._member(i, train)) for i in range(len(self.members))]
+        self.stats_ = [mean_std(self._member(i, train)) for i in range(len(self.members))]
         return self
 
     def transform(self, ds: CellMatrix) -> np.ndarray:
