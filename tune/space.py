@@ -15,9 +15,10 @@ A space is a mapping key -> spec, where a spec is one of
 
 Users replace or extend the default with a YAML/JSON file (`xfer tune
 --space FILE`) and fix single keys from the command line (`--arch_type`,
-`--divergence_type`, `--set KEY=VALUE`). `validate_space` checks everything
-before any trial starts: unknown keys, bad types and ranges, architecture
-parameters for an architecture the space cannot choose.
+`--divergence_type`, `--set KEY=VALUE`). `parse_space` validates a space (and `load_space`, which
+reads the file and applies the command-line fixes, goes through it) before any
+trial starts: unknown keys, bad types and ranges, values that make no valid
+config, architecture parameters for an architecture the space cannot choose.
 """
 
 from __future__ import annotations
