@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from xfer.data.simulate import SIZES, SimSize, SimulatedLine, simulate_pair, tirosh_genes
-from xfer.phases import PHASES
+from xfer.data.simulate import SIZES, SimSize, SimulatedLine, simulate_pair
+from xfer.phases import PHASES, tirosh_genes
 
 BARCODE = re.compile(r"^[ACGT]{16}-1$")
 PEAK = re.compile(r"^(chr(?:\d+|X)):(\d+)-(\d+)$")
@@ -134,6 +134,16 @@ def test_marker_genes_follow_their_programs(pair):
         g_diff = by_phase.loc["G2M", g2m_genes] - by_phase.loc["G1", g2m_genes]
         assert s_diff.mean() > 0.2 and (s_diff > 0).mean() > 0.8
         assert g_diff.mean() > 0.3 and (g_diff > 0).mean() > 0.8
+
+
+def test_marker_score_baseline_scores_the_planted_markers(pair):
+    """The simulator and the marker-score baseline read one gene list: scoring the genes the
+    simulator planted beats chance (1/3) on every line."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    from xfer.baselines import marker_scores
+    for line in pair:
+        assert balanced_accuracy_score(line.gex.labels, marker_scores(line.gex)) > 0.45
 
 
 def test_lines_differ_in_depth_and_expression(pair):

@@ -21,7 +21,6 @@ as the model (after the peak filter and the peak mapper).
 from __future__ import annotations
 
 import logging
-from importlib import resources
 
 import numpy as np
 import scipy.sparse as sp
@@ -33,7 +32,7 @@ from sklearn.preprocessing import StandardScaler
 from .data.dataset import CellMatrix
 from .embed.pca import log_normalise
 from .evaluate import classification_metrics
-from .phases import N_PHASES, PHASES
+from .phases import N_PHASES, PHASES, tirosh_genes
 from .prepare import log_tfidf
 from .standardise import standardise
 
@@ -62,12 +61,6 @@ def coral_align(Zs: np.ndarray, Zt: np.ndarray, eps: float = 1.0) -> np.ndarray:
     Cs = np.cov(Zs, rowvar=False) + eps * np.eye(Zs.shape[1])
     Ct = np.cov(Zt, rowvar=False) + eps * np.eye(Zt.shape[1])
     return (Zt - Zt.mean(0)) @ msqrt(Ct, inv=True) @ msqrt(Cs) + Zs.mean(0)
-
-
-def tirosh_genes() -> tuple[list[str], list[str]]:
-    text = resources.files("xfer").joinpath("resources/tirosh2016_cell_cycle_genes.txt").read_text()
-    genes = [g.strip() for g in text.split() if g.strip()]
-    return genes[:43], genes[43:]
 
 
 def marker_scores(gex: CellMatrix, n_bins: int = 24, n_ctrl: int = 50, seed: int = 0) -> np.ndarray:

@@ -7,6 +7,7 @@ Every array of labels in the project holds int8 codes into PHASES
 from __future__ import annotations
 
 import re
+from importlib import resources
 
 import numpy as np
 
@@ -15,6 +16,12 @@ from .errors import InputError
 PHASES: tuple[str, ...] = ("G1", "S", "G2M")
 N_PHASES = len(PHASES)
 UNLABELLED = -1
+
+# The Tirosh et al. (2016) cell-cycle markers shipped in xfer/resources: the S genes
+# first, then the G2/M genes, one symbol a line.
+TIROSH_FILE = "resources/tirosh2016_cell_cycle_genes.txt"
+N_TIROSH_S, N_TIROSH_G2M = 43, 54
+N_TIROSH = N_TIROSH_S + N_TIROSH_G2M
 
 # Canonical spellings after lower-casing and dropping separators (space / - _ . ,).
 _ALIASES = {
@@ -63,3 +70,15 @@ def decode_phases(codes) -> np.ndarray:
     codes = np.asarray(codes)
     names = np.array(list(PHASES) + [""], dtype=object)
     return names[np.where(codes < 0, N_PHASES, codes)]
+
+
+def tirosh_genes() -> tuple[list[str], list[str]]:
+    """The Tirosh et al. (2016) cell-cycle markers: (43 S genes, 54 G2/M genes).
+
+    The one reader of the shipped list (the simulator plants these genes; the
+    marker-score baseline scores them)."""
+    text = resources.files("xfer").joinpath(TIROSH_FILE).read_text()
+    genes = [g.strip() for g in text.splitlines() if g.strip()]
+    if len(genes) != N_TIROSH:
+        raise RuntimeError(f"expected {N_TIROSH} Tirosh genes in xfer/{TIROSH_FILE}, found {len(genes)}")
+    return genes[:N_TIROSH_S], genes[N_TIROSH_S:]

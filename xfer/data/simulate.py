@@ -36,8 +36,9 @@ fraction of the line's sites in S.
 
 Expression (GEX)
 ----------------
-Genes are the 97 Tirosh et al. (2016) markers (43 S, 54 G2/M) plus synthetic
-genes (``SIMG00001``...) up to ``n_genes``; ids are fake Ensembl ids
+Genes are the 97 Tirosh et al. (2016) markers (43 S, 54 G2/M;
+``xfer.phases.tirosh_genes``) plus synthetic genes (``SIMG00001``...) up to
+``n_genes``; ids are fake Ensembl ids
 (``ENSG9`` + 10 digits); features are in genomic order.  Each gene's TSS sits
 on a regulatory site (its promoter).  The mean UMI count of gene g in cell c::
 
@@ -132,14 +133,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ..phases import PHASES
+from ..phases import N_TIROSH, PHASES, tirosh_genes
 from .dataset import CellMatrix, make_matrix
 
 __all__ = [
@@ -148,14 +148,12 @@ __all__ = [
     "SimulatedLine",
     "LineSpec",
     "LINE_SPECS",
-    "tirosh_genes",
     "simulate_pair",
     "write_simulation",
 ]
 
 # --------------------------------------------------------------------------- sizes
 
-N_TIROSH = 97
 PEAKS_B_RATIO = 1.03  # simB calls this many times simA's peaks
 CALLED_FRACTION = 0.92  # each line calls about this fraction of the shared sites
 
@@ -311,18 +309,6 @@ class _Streams:
 
     def line_seq(self, index: int) -> np.random.SeedSequence:
         return self.seqs["lineA" if index == 0 else "lineB"]
-
-
-# ---------------------------------------------------------------- markers
-
-
-def tirosh_genes() -> tuple[list[str], list[str]]:
-    """The Tirosh et al. (2016) markers shipped with the package: (S genes, G2/M genes)."""
-    text = resources.files("xfer").joinpath("resources/tirosh2016_cell_cycle_genes.txt").read_text()
-    genes = [g.strip() for g in text.splitlines() if g.strip()]
-    if len(genes) != N_TIROSH:
-        raise RuntimeError(f"expected {N_TIROSH} Tirosh genes, found {len(genes)}")
-    return genes[:43], genes[43:]
 
 
 # ----------------------------------------------------------------- genome
