@@ -89,9 +89,27 @@ def test_bad_space_fails_with_the_key(raw, key, msg):
     assert e.value.key == key and "bad.yaml" in str(e.value)
 
 
-def test_malformed_space_file(tmp_path):
-    (tmp_path / "bad.yaml").write_text("lr: {type: float, low: [\n")
-    with pytest.raises(ConfigError, match=r"bad\.yaml is not valid YAML"):
-        load_space(tmp_path / "bad.yaml")
-    with pytest.raises(ConfigError, match="file not found"):
-        load_space(tmp_path / "missing.yaml")
+@pytest.mark.parametrize("name, text, msg", [
+    ("bad.yaml", "lr: {type: float, low: [\n", r"bad\.yaml is not valid YAML"),
+    ("bad.json", '{"lr": ', r"bad\.json is not valid JSON"),
+    ("list.yaml", "- lr\n- beta\n", r"list\.yaml must hold a mapping of config keys"),
+    ("empty.yaml", "", r"empty\.yaml must hold a mapping of config keys"),
+    ("missing.yaml", None, r"file not found: .*missing\.yaml"),
+])
+def test_malformed_space_file(tmp_path, name, text, msg):
+    """Every file problem is one ConfigError naming the --space flag and the file."""
+    if text is not None:
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError, match=msg) as e:
+        load_space(tmp_path / name)
+    assert e.value.key == "space" and name in str(e.value)
+
+
+def test_empty_mapping_and_bad_key_in_a_space_file_name_the_file(tmp_path):
+    (tmp_path / "s.json").write_text("{}")
+    with pytest.raises(ConfigError, match="non-empty mapping") as e:
+        load_space(tmp_path / "s.json")
+    assert "s.json" in str(e.value)
+    (tmp_path / "s.yaml").write_text("lr: {type: float, low: 0.1, high: 0.01}\n")
+    with pytest.raises(ConfigError, match=r"s\.yaml: config key 'lr': needs low < high"):
+        load_space(tmp_path / "s.yaml")

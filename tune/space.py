@@ -23,13 +23,12 @@ config, architecture parameters for an architecture the space cannot choose.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xfer.config import ALIASES, ALL_ARCH_PARAMS, ARCH_PARAMS, ARCHS, FLAT_KEYS, TrainConfig
+from xfer.config import ALIASES, ALL_ARCH_PARAMS, ARCH_PARAMS, ARCHS, FLAT_KEYS, TrainConfig, load_mapping_file
 from xfer.errors import ConfigError
 
 # The default space. Ranges follow the seed's (λ_target_class 1-15, log) and
@@ -228,20 +227,12 @@ def _check_values(key: str, values: list, source: str) -> None:
 
 
 def load_space(path: str | Path | None, fixed: dict | None = None) -> SearchSpace:
-    """The default space, or a YAML/JSON file's; then command-line fixes."""
+    """The default space, or a YAML/JSON file's; then command-line fixes.
+
+    File errors (missing, not YAML/JSON, not a mapping) name the file and the
+    flag `space`; errors inside the space name the file and the key."""
     if path is None:
         space = parse_space(DEFAULT_SPACE, "default space")
     else:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError("space", f"file not found: {p}")
-        try:
-            if p.suffix in (".yaml", ".yml"):
-                import yaml
-                raw = yaml.safe_load(p.read_text())
-            else:
-                raw = json.loads(p.read_text())
-        except Exception as e:
-            raise ConfigError("space", f"{p} is not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'JSON'}: {e}") from None
-        space = parse_space(raw, str(p))
+        space = parse_space(load_mapping_file(path, "space"), str(path))
     return space.with_fixed(fixed) if fixed else space
