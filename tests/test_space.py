@@ -54,6 +54,22 @@ def test_command_line_fixes_parameters():
         assert "corruption" not in params and "temperature" not in params
 
 
+def test_command_line_arch_choices_drop_other_architectures_parameters():
+    """`--arch_type dae,vae` (a categorical spec) keeps exactly the two architectures' own
+    parameters of the base space; a parameter the user set for a dropped architecture is an error."""
+    from argparse import Namespace
+    args = Namespace(arch_type="dae,vae", divergence_type=None, set=["lambda_recon=0.5"], space=None)
+    space = build_space(args, _split_fixed(args)[1])
+    assert set(space.params) & ALL_ARCH_PARAMS == {"corruption", "beta", "lambda_recon"}
+    assert space.params["lambda_recon"].kind == "fixed" and space.params["arch"].values() == ("dae", "vae")
+    seen = {params["arch"] for params in _sample(space, 20)}
+    assert seen == {"dae", "vae"}
+    args = Namespace(arch_type="vae", divergence_type=None, set=["temperature=0.2"], space=None)
+    with pytest.raises(ConfigError, match="only used by arch contrastive, which this space never chooses") as e:
+        build_space(args, _split_fixed(args)[1])
+    assert e.value.key == "temperature" and "command line" in str(e.value)
+
+
 def test_space_file_yaml_and_json(tmp_path):
     (tmp_path / "s.yaml").write_text("lr: {type: float, low: 0.0001, high: 0.01, log: true}\n"
                                      "arch: {type: categorical, choices: [dae, hybrid]}\n"

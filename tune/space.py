@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xfer.config import ALIASES, ALL_ARCH_PARAMS, ARCH_PARAMS, ARCHS, FLAT_KEYS, TrainConfig, load_mapping_file
+from xfer.config import (ALIASES, ALL_ARCH_PARAMS, ARCH_PARAMS, ARCHS, FLAT_KEYS, TrainConfig,
+                         drop_other_arch_params, load_mapping_file)
 from xfer.errors import ConfigError
 
 # The default space. Ranges follow the seed's (λ_target_class 1-15, log) and
@@ -127,18 +128,28 @@ class SearchSpace:
         return [k for k, p in self.params.items() if p.kind != "fixed"]
 
     def with_fixed(self, fixed: dict) -> "SearchSpace":
-        """Fix keys (from the command line) to single values; validated again."""
+        """Override keys from the command line, each with a single value or a spec
+        (e.g. `--divergence_type mmd,coral` -> a categorical); validated again.
+
+        When `arch` is overridden, the base space's parameters of architectures no
+        longer chosen drop out (keys given here stay, so a user who set one for an
+        architecture the space cannot choose gets the error)."""
         fixed = {ALIASES.get(k, k): v for k, v in fixed.items()}
         raw = {k: _unparse(p) for k, p in self.params.items()}
         raw.update(fixed)
-        if "arch" in fixed:  # the base space's parameters of architectures no longer chosen drop out
-            archs = set(fixed["arch"]) if isinstance(fixed["arch"], list) else {fixed["arch"]}
-            raw = {k: v for k, v in raw.items() if k in fixed or k not in ALL_ARCH_PARAMS
-                   or any(k in ARCH_PARAMS.get(a, ()) for a in archs)}
+        if "arch" in fixed:
+            raw = drop_other_arch_params(raw, _choices(fixed["arch"]), keep=fixed)
         return parse_space(raw, source=f"{self.source} + command line")
 
     def describe(self) -> dict:
         return {k: _unparse(p) for k, p in self.params.items()}
+
+
+def _choices(spec) -> list:
+    """The values a spec (or a fixed value) allows, as a list."""
+    if isinstance(spec, dict):
+        return list(spec.get("choices") or [])
+    return list(spec) if isinstance(spec, (list, tuple)) else [spec]
 
 
 def _unparse(p: Param):

@@ -114,27 +114,8 @@ def _split_fixed(args) -> tuple[Namespace, dict]:
 
 
 def build_space(args, fixed: dict) -> SearchSpace:
-    space = load_space(getattr(args, "space", None))
-    if fixed:
-        space = _with_fixed_specs(space, fixed)
-    return space
-
-
-def _with_fixed_specs(space: SearchSpace, fixed: dict) -> SearchSpace:
-    """Like SearchSpace.with_fixed, but a value may itself be a spec (a list of choices)."""
-    plain = {k: v for k, v in fixed.items() if not isinstance(v, dict)}
-    specs = {k: v for k, v in fixed.items() if isinstance(v, dict)}
-    space = space.with_fixed(plain) if plain else space
-    if specs:
-        raw = space.describe()
-        raw.update(specs)
-        if "arch" in specs:
-            archs = set(specs["arch"]["choices"])
-            from xfer.config import ARCH_PARAMS
-            raw = {k: v for k, v in raw.items() if k not in ALL_ARCH_PARAMS or k in fixed
-                   or any(k in ARCH_PARAMS[a] for a in archs if a in ARCH_PARAMS)}
-        space = parse_space(raw, f"{space.source} + command line")
-    return space
+    """The --space file (or the default space) with the command line's fixes (values or specs)."""
+    return load_space(getattr(args, "space", None), fixed)
 
 
 def base_config(args) -> dict:
