@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xfer.config import (ALIASES, ALL_ARCH_PARAMS, ARCH_PARAMS, ARCHS, FLAT_KEYS, TrainConfig,
+from xfer.config import (ALIASES, ALL_ARCH_PARAMS, ARCH_PARAMS, ARCHS, DIVERGENCES, FLAT_KEYS, TrainConfig,
                          drop_other_arch_params, load_mapping_file)
 from xfer.errors import ConfigError
 
@@ -50,7 +50,7 @@ DEFAULT_SPACE: dict[str, Any] = {
     "warmup_epochs": {"type": "int", "low": 0, "high": 20},
     # architecture
     "arch": {"type": "categorical", "choices": list(ARCHS)},
-    "divergence": {"type": "categorical", "choices": ["mmd", "kl", "jensen", "coral"]},
+    "divergence": {"type": "categorical", "choices": list(DIVERGENCES)},
     "dropout": {"type": "float", "low": 0.0, "high": 0.5},
     "peak_dropout": {"type": "float", "low": 0.0, "high": 0.3},
     "hidden_dim": {"type": "categorical", "choices": [256, 512, 1024, 2048]},

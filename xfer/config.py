@@ -25,6 +25,9 @@ from pathlib import Path
 from .errors import ConfigError
 
 ARCHS = ("dae", "vae", "contrastive", "hybrid", "mlp")
+# The divergence names: the one list config validation, the search space and the benches use.
+# xfer.losses.DIVERGENCES maps exactly these names to their functions (checked when it is imported;
+# kept here so that reading a config does not import torch).
 DIVERGENCES = ("mmd", "kl", "jensen", "coral")
 METRICS = ("balanced_accuracy", "accuracy", "macro_f1")
 SOURCE_MODELS_BUILTIN = ("pca",)

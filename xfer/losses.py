@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .config import DIVERGENCES as DIVERGENCE_NAMES
 from .errors import ConfigError
 from .phases import UNLABELLED
 
@@ -274,10 +275,14 @@ def coral(x: Tensor, y: Tensor) -> Tensor:
         return (cx - cy).pow(2).sum() / (4.0 * d * d)
 
 
-#: Divergence name (config value of ``divergence_type``) -> function.
+#: Divergence name (config value of ``divergence`` / ``divergence_type``) -> function.
+#: Keys are exactly :data:`xfer.config.DIVERGENCES`, in its order.
 DIVERGENCES: Mapping[str, Callable[..., Tensor]] = MappingProxyType(
     {"mmd": mmd, "kl": kl_gaussian, "jensen": jensen_shannon_gaussian, "coral": coral}
 )
+if tuple(DIVERGENCES) != DIVERGENCE_NAMES:
+    raise ImportError(f"xfer.losses.DIVERGENCES {tuple(DIVERGENCES)} and xfer.config.DIVERGENCES "
+                      f"{DIVERGENCE_NAMES} differ: a divergence the config accepts has no function (or the reverse)")
 
 
 def divergence(name: str, x: Tensor, y: Tensor, **kwargs) -> Tensor:
