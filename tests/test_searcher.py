@@ -1,0 +1,142 @@
+"""EpochAwareOptunaSearch and the private Ray / Optuna fields it relies on (no Ray cluster).
+
+These tests drive the searcher the way Tune does (suggest, results, completion, a
+restore) on a real Optuna study in SQLite, and read the study back through Optuna's
+public API. When a Ray or Optuna upgrade removes or renames a private field, they fail
+with PrivateFieldGone naming the field (see tune/searcher.py OptunaInternals).
+"""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from tune.searcher import EpochAwareOptunaSearch, OptunaInternals, PrivateFieldGone
+from tune.space import load_space
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+MAX_T = 4
+
+
+def _searcher(db, name="s"):
+    return EpochAwareOptunaSearch(
+        space=load_space(None), metric="objective", mode="max", max_t=MAX_T,
+        sampler=optuna.samplers.RandomSampler(seed=0), study_name=name,
+        storage=optuna.storages.RDBStorage(f"sqlite:///{db}"))
+
+
+def _stored(db, name="s") -> dict:
+    """The study as a fresh process sees it (public API only): Ray trial id -> FrozenTrial."""
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+    return {t.user_attrs.get("ray_trial_id", f"#{t.number}"): t for t in study.get_trials(deepcopy=True)}
+
+
+def test_adapter_reads_every_private_field_it_relies_on(tmp_path):
+    """Each private field, exercised for real: a define-by-run suggest fills OptunaSearch's
+    trial map with an optuna.Trial whose storage id reaches the stored trial; report, tell
+    PRUNED and a FAIL written straight to the storage all land in the study."""
+    db = tmp_path / "study.db"
+    s = _searcher(db)
+    ot = s.internals
+    ot.check()
+    cfg = s.suggest("t1")
+    assert cfg["arch"] in ("dae", "vae", "contrastive", "hybrid", "mlp") and "lr" in cfg
+    assert set(ot.trials) == {"t1"} and isinstance(ot.trials["t1"], optuna.Trial)
+    assert ot.completed == set()
+    assert isinstance(ot.study, optuna.Study) and isinstance(ot.storage, optuna.storages.BaseStorage)
+    trial = ot.trials["t1"]
+    frozen = ot.stored(trial)
+    assert ot.storage_id(frozen) == ot.storage_id(trial)
+    assert frozen.state == TrialState.RUNNING and frozen.params == {k: v for k, v in cfg.items()}
+    assert frozen.user_attrs["ray_trial_id"] == "t1"
+    trial.report(0.4, 1)
+    ot.tell(trial, state=TrialState.PRUNED)
+    assert ot.stored(trial).state == TrialState.PRUNED and ot.stored(trial).intermediate_values == {1: 0.4}
+
+    s.suggest("t2")
+    [waiting] = [t for t in ot.unfinished() if ot.storage_id(t) == ot.storage_id(ot.trials["t2"])]
+    ot.mark_failed(waiting, "orphaned_by_restore")
+    got = _stored(db)["t2"]
+    assert got.state == TrialState.FAIL and got.system_attrs["orphaned_by_restore"] is True
+    assert ot.unfinished() == []
+
+
+def test_hooks_keep_an_honest_study(tmp_path):
+    """ASHA-stopped -> PRUNED with its last value as the final intermediate; full length or
+    early-stopped -> COMPLETE; errored -> FAIL; a second completion is ignored."""
+    db = tmp_path / "study.db"
+    s = _searcher(db)
+    for tid in ("stopped", "full", "early", "errored", "no_result"):
+        s.suggest(tid)
+    s.on_trial_result("stopped", {"epoch": 1, "objective": 0.3})
+    s.on_trial_complete("stopped", {"epoch": 2, "objective": 0.5})
+    for e in range(1, MAX_T + 1):
+        s.on_trial_result("full", {"epoch": e, "objective": 0.1 * e})
+    s.on_trial_complete("full", {"epoch": MAX_T, "objective": 0.4})
+    s.on_trial_complete("early", {"epoch": 2, "objective": 0.7, "stopped_early": True})
+    s.on_trial_complete("errored", {"epoch": 1, "objective": 0.2}, error=True)
+    s.on_trial_complete("no_result", None)
+    s.on_trial_complete("full", {"epoch": MAX_T, "objective": 0.99})   # ignored
+    s.on_trial_result("full", {"epoch": MAX_T + 1, "objective": 0.99})  # ignored
+    st = _stored(db)
+    assert st["stopped"].state == TrialState.PRUNED and st["stopped"].intermediate_values == {1: 0.3, 2: 0.5}
+    assert st["stopped"].user_attrs["epochs_run"] == 2
+    assert st["full"].state == TrialState.COMPLETE and st["full"].value == pytest.approx(0.4)
+    assert set(st["full"].intermediate_values) == set(range(1, MAX_T + 1))
+    assert st["early"].state == TrialState.COMPLETE and st["early"].value == pytest.approx(0.7)
+    assert st["errored"].state == TrialState.FAIL
+    assert st["no_result"].state == TrialState.PRUNED
+    assert s.internals.completed == set(st)
+
+
+def test_restore_fails_trials_proposed_after_the_snapshot(tmp_path):
+    db = tmp_path / "study.db"
+    s = _searcher(db)
+    s.suggest("t1")
+    s.on_trial_complete("t1", {"epoch": MAX_T, "objective": 0.5})
+    s.suggest("t2")                       # known to the snapshot, still running
+    s.save(str(tmp_path / "searcher.pkl"))
+    s.suggest("t3")                       # proposed after the snapshot: orphaned by a restore
+    r = _searcher(db)
+    r.restore(str(tmp_path / "searcher.pkl"))
+    st = _stored(db)
+    assert st["t1"].state == TrialState.COMPLETE
+    assert st["t2"].state == TrialState.RUNNING and "orphaned_by_restore" not in st["t2"].system_attrs
+    assert st["t3"].state == TrialState.FAIL and st["t3"].system_attrs["orphaned_by_restore"] is True
+    assert set(r.internals.trials) == {"t1", "t2"}  # the restored searcher reads its own state
+    r.on_trial_complete("t2", {"epoch": MAX_T, "objective": 0.6})
+    assert _stored(db)["t2"].state == TrialState.COMPLETE
+
+
+@pytest.mark.parametrize("field", OptunaInternals.SEARCHER_FIELDS)
+def test_a_missing_ray_field_is_named(tmp_path, field):
+    s = _searcher(tmp_path / "study.db")
+    s.suggest("t1")
+    delattr(s, field)
+    with pytest.raises(PrivateFieldGone, match=rf"OptunaSearch\.{field} is gone \(ray .*, optuna .*\)"):
+        s.internals.check()
+
+
+def test_a_missing_optuna_field_is_named(tmp_path):
+    s = _searcher(tmp_path / "study.db")
+    s.suggest("t1")
+    trial = s.internals.trials["t1"]
+    del trial._trial_id
+    with pytest.raises(PrivateFieldGone, match=r"optuna\.Trial\._trial_id is gone"):
+        s.internals.stored(trial)
+    del s.internals.study._storage
+    with pytest.raises(PrivateFieldGone, match=r"optuna\.Study\._storage is gone"):
+        s.internals.check()
+
+
+def test_a_missing_field_at_construction_fails_before_any_trial(tmp_path, monkeypatch):
+    from ray.tune.search.optuna import OptunaSearch
+
+    def init_without_trials(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        del self._ot_trials
+    original = OptunaSearch.__init__
+    monkeypatch.setattr(OptunaSearch, "__init__", init_without_trials)
+    with pytest.raises(PrivateFieldGone, match=r"_ot_trials is gone"):
+        _searcher(tmp_path / "study.db")
