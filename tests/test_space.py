@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 
 import optuna
 import pytest
 
-from tune.space import DEFAULT_SPACE, load_space, parse_space
+from tune.space import DEFAULT_SPACE, NOT_SEARCHABLE, NOT_SEARCHED, load_space, parse_space
 from tune.sweep import _split_fixed, build_space
-from xfer.config import ALL_ARCH_PARAMS, ARCH_PARAMS, ARCHS, TrainConfig
+from xfer.config import (ALL_ARCH_PARAMS, ARCH_PARAMS, ARCHS, DataConfig, LossConfig, ModelConfig, OptimConfig,
+                         TrainConfig)
 from xfer.errors import ConfigError
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -34,12 +36,42 @@ def test_define_by_run_never_yields_an_inert_parameter():
 
 
 def test_default_space_covers_every_live_parameter():
-    for key in ("lr", "weight_decay", "lambda_domain", "lambda_class", "lambda_target_class", "lambda_divergence",
-                "lambda_balance", "lambda_entropy", "grl_gamma", "warmup_epochs", "dropout", "peak_dropout",
-                "hidden_dim", "n_layers", "batch_size", "arch", "divergence", "beta", "corruption", "temperature",
-                "proj_dim"):
-        assert key in DEFAULT_SPACE, key
-    assert DEFAULT_SPACE["lambda_target_class"] == {"type": "float", "low": 1.0, "high": 15.0, "log": True}
+    """Every config key (from the config dataclasses, not a hand-written list) is either searched
+    by the default space or deliberately left out with a reason; never both, and no stale entry."""
+    config_keys = {f.name for section in (ModelConfig, LossConfig, OptimConfig, DataConfig) for f in fields(section)}
+    assert set(DEFAULT_SPACE) <= config_keys
+    unaccounted = config_keys - set(DEFAULT_SPACE) - set(NOT_SEARCHED)
+    assert not unaccounted, f"config keys neither in DEFAULT_SPACE nor in NOT_SEARCHED: {sorted(unaccounted)}"
+    assert not set(DEFAULT_SPACE) & set(NOT_SEARCHED)
+    assert set(NOT_SEARCHED) <= config_keys and NOT_SEARCHABLE <= set(NOT_SEARCHED)
+    assert all(isinstance(r, str) and r for r in NOT_SEARCHED.values())
+    for key in ("cls_hidden", "label_smoothing"):  # searched (a spec), not fixed
+        assert isinstance(DEFAULT_SPACE[key], dict), key
+
+
+def test_default_space_reaches_optuna_as_written():
+    """What Optuna samples from is the default space's spec: the seed's lambda_target_class range
+    (1-15, log), the new cls_hidden / label_smoothing ranges; and samples stay within them."""
+    space = load_space(None)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    seen = {"lambda_target_class": [], "label_smoothing": [], "cls_hidden": set()}
+    for _ in range(200):
+        trial = study.ask()
+        params = space(trial)
+        d = trial.distributions
+        assert d["lambda_target_class"] == optuna.distributions.FloatDistribution(1.0, 15.0, log=True)
+        assert d["label_smoothing"] == optuna.distributions.FloatDistribution(0.0, 0.2)
+        assert d["cls_hidden"] == optuna.distributions.CategoricalDistribution([64, 128, 256, 512])
+        seen["lambda_target_class"].append(params["lambda_target_class"])
+        seen["label_smoothing"].append(params["label_smoothing"])
+        seen["cls_hidden"].add(params["cls_hidden"])
+        study.tell(trial, 0.0)
+    ltc = seen["lambda_target_class"]
+    assert 1.0 <= min(ltc) and max(ltc) <= 15.0
+    assert 0.0 <= min(seen["label_smoothing"]) and max(seen["label_smoothing"]) <= 0.2
+    assert seen["cls_hidden"] == {64, 128, 256, 512}
+    # log scale: about half the draws fall below the geometric midpoint sqrt(15) ~ 3.9
+    assert 0.35 < sum(v < 15 ** 0.5 for v in ltc) / len(ltc) < 0.65
 
 
 def test_command_line_fixes_parameters():

@@ -48,6 +48,7 @@ DEFAULT_SPACE: dict[str, Any] = {
     "lambda_entropy": {"type": "float", "low": 0.001, "high": 0.3, "log": True},
     "grl_gamma": {"type": "float", "low": 1.0, "high": 20.0, "log": True},
     "warmup_epochs": {"type": "int", "low": 0, "high": 20},
+    "label_smoothing": {"type": "float", "low": 0.0, "high": 0.2},
     # architecture
     "arch": {"type": "categorical", "choices": list(ARCHS)},
     "divergence": {"type": "categorical", "choices": list(DIVERGENCES)},
@@ -57,6 +58,7 @@ DEFAULT_SPACE: dict[str, Any] = {
     "n_layers": {"type": "int", "low": 1, "high": 3},
     "latent_dim": {"type": "categorical", "choices": [64, 128, 256, 512]},
     "proj_hidden": {"type": "categorical", "choices": [256, 512, 1024]},
+    "cls_hidden": {"type": "categorical", "choices": [64, 128, 256, 512]},
     # architecture-specific (sampled only for their arch)
     "corruption": {"type": "float", "low": 0.0, "high": 0.3},                      # dae
     "beta": {"type": "float", "low": 0.1, "high": 4.0, "log": True},                # vae
@@ -71,6 +73,34 @@ DEFAULT_SPACE: dict[str, Any] = {
 
 # Keys that never belong in a search space (they are sweep settings, not trial parameters).
 NOT_SEARCHABLE = {"epochs", "seed", "metric"}
+
+_DATA = ("data preparation: every trial of a sweep shares one prepared copy of the training data "
+         "(searching it would re-prepare it per trial); fix it with --set")
+_TEST_LINE = "how the test line is read: a sweep's trials never see the test line"
+# Every config key the default space deliberately leaves out, and why (a space file or
+# --set can still search or fix most of them). tests/test_space.py checks that each config
+# key is either in DEFAULT_SPACE or here.
+NOT_SEARCHED: dict[str, str] = {
+    "epochs": "sweep setting (--search_epochs)",
+    "seed": "sweep setting (--seed)",
+    "metric": "sweep setting: defines the objective",
+    "patience": "trials run --search_epochs epochs and ASHA stops the weak ones",
+    "grad_clip": "a numerical safety bound, not a model choice",
+    "cuda_graph": "speed only: the same training either way",
+    "disc_hidden": "the adversary's strength is searched through lambda_domain and grl_gamma",
+    "randomized_dim": "CDAN's randomised-map width: an approximation setting (used only when "
+                      "classes x latent_dim > 4096)",
+    "use_cdann": "method switch (CDAN vs plain DANN), kept at CDAN; compare with --set",
+    "entropy_conditioning": "method switch (CDAN+E), kept on; compare with --set",
+    "class_weighted": "part of the objective: balanced accuracy needs the class-weighted loss",
+    "lambda_pseudo": "inert in sweeps until trials adapt to the test line (issue 12)",
+    "pseudo_fraction": "inert in sweeps until trials adapt to the test line (issue 12)",
+    "val_fraction": "defines the objective's validation split; " + _DATA,
+    **{k: _DATA for k in ("source_model", "n_components", "peak_filter", "peak_repr", "peak_transform",
+                          "lsi_components", "bin_size", "bin_components", "line_norm")},
+    **{k: _TEST_LINE for k in ("adapt_test_peaks", "use_peak_mapper", "peak_mapper_method",
+                               "peak_impute_strategy", "peak_max_distance")},
+}
 
 
 @dataclass(frozen=True)
