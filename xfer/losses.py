@@ -54,7 +54,6 @@ __all__ = [
     "nt_xent",
     "random_projection_matrices",
     "randomized_multilinear_map",
-    "reconstruction_bce",
     "reconstruction_mse",
     "select_pseudo_labels",
     "warmup_factor",
@@ -387,22 +386,6 @@ def adversarial(
     return total / K
 
 
-def reconstruction_bce(logits: Tensor, target_binary: Tensor, pos_weight: Tensor | None = None) -> Tensor:
-    r"""Reconstruction of binarised accessibility: BCE with logits, mean over cells and features.
-
-        L = mean_{i,f} -[ p_f * t_{if} * log sigmoid(l_{if}) + (1 - t_{if}) * log(1 - sigmoid(l_{if})) ]
-
-    ``logits`` and ``target_binary`` are (n, F); ``pos_weight`` (F,) optionally
-    up-weights the (rare) open-chromatin positives per feature (p_f = 1 when
-    ``None``). Float32; scalar.
-    """
-    logits = logits.float()
-    target = target_binary.to(device=logits.device, dtype=torch.float32)
-    if pos_weight is not None:
-        pos_weight = pos_weight.to(device=logits.device, dtype=torch.float32)
-    return F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight)
-
-
 def reconstruction_mse(pred: Tensor, target: Tensor) -> Tensor:
     r"""Mean squared error, L = mean_{i,f} (pred_{if} - target_{if})^2. Float32; scalar."""
     return F.mse_loss(pred.float(), target.to(device=pred.device, dtype=torch.float32))
@@ -632,13 +615,6 @@ class LossParts:
         out = {"total": self.total.detach()}
         out.update({name: value.detach() for name, value in self.parts.items()})
         return out
-
-    def as_floats(self) -> dict[str, float]:
-        """``{"total": ..., name: ...}`` as Python floats, with one device sync for all of them."""
-        tensors = self.detached()
-        device = self.total.device
-        values = torch.stack([t.to(device=device, dtype=torch.float32).reshape(()) for t in tensors.values()])
-        return dict(zip(tensors.keys(), values.tolist()))
 
 
 LossTerm = Tensor | Callable[[], Tensor]
