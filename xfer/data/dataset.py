@@ -84,17 +84,6 @@ class CellMatrix:
             labels=None if self.labels is None else self.labels[idx],
         )
 
-    def subset_features(self, idx) -> "CellMatrix":
-        idx = np.asarray(idx)
-        if idx.dtype == bool:
-            idx = np.flatnonzero(idx)
-        return replace(
-            self,
-            X=self.X[:, idx].tocsr(),
-            features=self.features[idx],
-            feature_ids=None if self.feature_ids is None else self.feature_ids[idx],
-        )
-
     def without_labels(self) -> "CellMatrix":
         return replace(self, labels=None)
 

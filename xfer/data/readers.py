@@ -25,7 +25,7 @@ import pyarrow.csv as pacsv
 import scipy.sparse as sp
 
 from ..errors import InputError
-from ..phases import UNLABELLED, encode_phases
+from ..phases import encode_phases
 from .dataset import CellMatrix, make_matrix
 from .peaks import parse_peak_names
 
@@ -487,7 +487,3 @@ def _check_modality(ds: CellMatrix) -> None:
             raise InputError(ds.source, "features", "was given as accessibility peaks but its feature names are not "
                              f"peak coordinates like chr1:100-200 (e.g. '{sample[0]}')")
         parse_peak_names(ds.features, ds.source, "features")  # every name must parse
-
-
-def count_unlabelled(ds: CellMatrix) -> int:
-    return 0 if ds.labels is None else int((ds.labels == UNLABELLED).sum())

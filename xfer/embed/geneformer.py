@@ -108,10 +108,6 @@ class GeneformerVocab:
     def special(self, name: str) -> int | None:
         return self.token_ids.get(name)
 
-    @property
-    def pad_id(self) -> int:
-        return self.token_ids.get("<pad>", 0)
-
     def hashes(self) -> dict:
         return {"token_dictionary": dictionary_hash(self.token_ids), "gene_median": dictionary_hash(self.medians),
                 "gene_mapping": None if self.mapping is None else dictionary_hash(self.mapping)}
@@ -669,12 +665,6 @@ def geneformer_from_settings(name: str, **kw) -> GeneformerEmbedder:
         max_cells=kw.get("batch_size"), progress=kw.get("progress"))
 
 
-def approx_flops_per_token(cfg: dict, n_layers: int, seq_len: float) -> float:
-    """Forward FLOPs per token of n_layers BERT layers at a sequence length (for benchmarks)."""
-    H, F = cfg["hidden_size"], cfg["intermediate_size"]
-    return n_layers * (2 * (4 * H * H + 2 * H * F) + 4 * seq_len * H)
-
-
 __all__ = ["PRESETS", "NAMES", "GENERIC", "VERSIONS", "GeneformerShape", "GeneformerVocab", "GeneMap",
            "map_genes", "rank_value_tokens", "add_special_tokens", "plan_batches", "BertCellEncoder",
-           "GeneformerEmbedder", "geneformer_from_settings", "model_fingerprint", "approx_flops_per_token"]
+           "GeneformerEmbedder", "geneformer_from_settings", "model_fingerprint"]
