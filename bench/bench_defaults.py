@@ -41,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from xfer.config import ARCHS, DIVERGENCES, TrainConfig  # noqa: E402
 from xfer.evaluate import classification_metrics  # noqa: E402
 from xfer.prepare import LineInputs, TrainData  # noqa: E402
-from xfer.train import fit, line_stats_tensors, predict  # noqa: E402
+from xfer.predict import predict_probs  # noqa: E402
+from xfer.train import fit  # noqa: E402
 
 SPLITS = ("gex_val", "gex_test", "peak_val", "peak_test")
 
@@ -66,8 +67,8 @@ N_EVAL_CANDIDATES = 4  # the previous defaults, the pick and the next two on the
 def score_splits(model, data: TrainData, test: LineInputs, stats) -> dict:
     """The four columns: GEX / PEAK on the training line's validation split and on the test line
     (whose labels only score here)."""
-    pv = predict(model, data.line.emb[data.val_idx], data.line.peaks[data.val_idx])
-    pt = predict(model, test.emb, test.peaks, stats=stats)
+    pv = predict_probs(model, data.line.emb[data.val_idx], data.line.peaks[data.val_idx])
+    pt = predict_probs(model, test.emb, test.peaks, stats=stats)
     y_val = data.line.labels[data.val_idx]
     return {"gex_val": classification_metrics(y_val, pv["gex"].argmax(1)),
             "peak_val": classification_metrics(y_val, pv["peak"].argmax(1)),
@@ -147,7 +148,7 @@ def run(src: Path, dev_seeds: list[int], eval_seeds: list[int], budget: float, o
         cfg = TrainConfig.from_dict({**BASE, **over, "arch": arch, "divergence": div, "seed": train_seed})
         t = time.perf_counter()
         fr = fit(cfg, data.with_adaptation(test) if cfg.data.adapt_test_peaks else data)
-        stats = line_stats_tensors(test, next(fr.model.parameters()).device)
+        stats = test.stats_tensors(next(fr.model.parameters()).device)
         m = score_splits(fr.model, data, test, stats)
         rec = {"stage": stage, "candidate": name, "seed": seed, "train_seed": train_seed, "arch": arch,
                "divergence": div,

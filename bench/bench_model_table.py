@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from xfer.config import ARCHS, DIVERGENCES, TrainConfig  # noqa: E402
-from xfer.train import fit, line_stats_tensors  # noqa: E402
+from xfer.train import fit  # noqa: E402
 
 from bench_defaults import prepare_pair, score_splits  # noqa: E402
 
@@ -53,7 +53,7 @@ def main() -> int:
     results = {"size": args.size, "seed": args.seed, "machine": f"{os.cpu_count()} CPU cores", "baselines": bl,
                "config": base.to_flat(), "runs": []}
     train = data.with_adaptation(test) if base.data.adapt_test_peaks else data
-    stats = line_stats_tensors(test, "cpu") if base.data.line_norm else None
+    stats = test.stats_tensors("cpu") if base.data.line_norm else None
     rows = []
     for arch in args.archs.split(","):
         for div in args.divergences.split(","):

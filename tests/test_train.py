@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from xfer.config import DIVERGENCES
-from xfer.train import fit, line_stats_tensors, load_checkpoint, predict, save_checkpoint
+from xfer.checkpoint import FORMAT, load_checkpoint, save_checkpoint
+from xfer.predict import predict_probs
+from xfer.train import fit
 
 
 def _same_state(a: dict, b: dict) -> bool:
@@ -17,18 +19,20 @@ def _same_state(a: dict, b: dict) -> bool:
 def test_reports_once_per_epoch_with_named_metrics(tiny_train):
     cfg, data, _, _ = tiny_train
     seen = []
-    res = fit(cfg, data, lambda m, ck: seen.append((m, ck)))
-    assert [m["epoch"] for m, _ in seen] == [1, 2, 3]
+    res = fit(cfg, data, lambda m, ck: seen.append((m, ck, ck() if m["epoch"] == 1 else None)))
+    assert [m["epoch"] for m, _, _ in seen] == [1, 2, 3]
     m = seen[-1][0]
     for key in ("objective", "peak_val_balanced_accuracy", "peak_val_accuracy", "peak_val_macro_f1",
                 "gex_val_balanced_accuracy", "loss/total", "loss/class_source", "loss/class_target",
                 "loss/adversarial", "loss/divergence", "loss/recon"):
         assert key in m, key
     assert m["objective"] == m["peak_val_balanced_accuracy"]
-    ck = seen[0][1]()  # lazy checkpoint of epoch 1
-    assert ck["epoch"] == 1 and ck["format"] == "xfer.cdann/1"
+    ck = seen[0][2]  # the lazy checkpoint of epoch 1, built during its report
+    assert ck["epoch"] == 1 and ck["format"] == FORMAT
+    with pytest.raises(RuntimeError, match="requested after epoch 3"):
+        seen[0][1]()  # built later it would hold another epoch's weights: refused
     # the best epoch is chosen once the warm-up (1 epoch here) is over
-    assert res.best_metric == max(m["objective"] for m, _ in seen if m["warmup"] >= 1)
+    assert res.best_metric == max(m["objective"] for m, _, _ in seen if m["warmup"] >= 1)
     assert res.best_epoch >= 2 and seen[0][0]["best_epoch"] == 0 and seen[0][0]["best_objective"] is None
 
 
@@ -99,9 +103,9 @@ def test_checkpoint_rebuilds_model(tmp_path, tiny_train):
     save_checkpoint(res.checkpoint, tmp_path / "best_model.pt")
     model, cfg2, ck = load_checkpoint(tmp_path / "best_model.pt")  # weights_only=True inside
     assert cfg2 == cfg and ck["epoch"] == res.best_epoch
-    st = line_stats_tensors(test, "cpu")
-    a = predict(res.model, test.emb, test.peaks, stats=st)
-    b = predict(model, test.emb, test.peaks, stats=st)
+    st = test.stats_tensors("cpu")
+    a = predict_probs(res.model, test.emb, test.peaks, stats=st)
+    b = predict_probs(model, test.emb, test.peaks, stats=st)
     np.testing.assert_allclose(a["peak"], b["peak"], rtol=1e-5, atol=1e-6)
     assert ck["preprocess"]["peaks"]["peak_names"][:3] == list(data.preprocess["peaks"]["peak_names"][:3])
 

@@ -23,16 +23,17 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from xfer.checkpoint import tree_map
 from xfer.config import DataConfig, TrainConfig
 from xfer.data.embed_store import EmbeddingStore
 from xfer.data.fs import save_torch
 from xfer.data.inputs import pair_cells
 from xfer.data.store import CellStore
-from xfer.embed import embed_lines, make_embedder
+from xfer.embed import embed_lines, make_embedder, predictor_state
 from xfer.prepare import LineInputs, TrainData, prepare_training
 
 log = logging.getLogger(__name__)
-CACHE_FORMAT = "xfer.trialdata/1"
+CACHE_FORMAT = "xfer.trialdata/2"
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,8 @@ _MEMO: dict[str, TrainData] = {}
 
 
 def cache_key(spec: DataSpec, data_cfg: DataConfig, seed: int) -> str:
-    text = json.dumps({"spec": spec.to_dict(), "data": asdict(data_cfg), "seed": seed}, sort_keys=True)
+    text = json.dumps({"format": CACHE_FORMAT, "spec": spec.to_dict(), "data": asdict(data_cfg), "seed": seed},
+                      sort_keys=True)
     return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
 
@@ -69,7 +71,7 @@ def prepare_from_store(spec: DataSpec, cfg: TrainConfig) -> TrainData:
     embedder = make_embedder(cfg.data.source_model, n_components=cfg.data.n_components, store=estore, train=src)
     emb = embed_lines(embedder, src, {}, store=estore)["train"]
     data, _ = prepare_training(src, tgt, emb, cfg.data, cfg.optim.seed,
-                               embedder_state={"name": embedder.name, "settings": embedder.settings()})
+                               embedder_state=predictor_state(embedder, src))
     return data
 
 
@@ -95,38 +97,34 @@ def load_trial_data(spec: DataSpec, cfg: TrainConfig) -> TrainData:
 
 # ----------------------------------------------------------------------------- pickle-free cache files
 
-def _t(a):
-    return torch.from_numpy(np.ascontiguousarray(a))
+def _pack_leaf(v):
+    if isinstance(v, np.ndarray):
+        return {"__str__": [str(x) for x in v]} if v.dtype == object else torch.from_numpy(np.ascontiguousarray(v))
+    if sp.issparse(v):
+        X = sp.csr_matrix(v)
+        return {"__csr__": [torch.from_numpy(X.indptr), torch.from_numpy(X.indices), torch.from_numpy(X.data),
+                            list(X.shape)]}
+    return v
+
+
+def _unpack_leaf(v):
+    if isinstance(v, torch.Tensor):
+        return v.numpy()
+    if isinstance(v, dict) and "__str__" in v:
+        return np.asarray(v["__str__"], dtype=object)
+    if isinstance(v, dict) and "__csr__" in v:
+        indptr, indices, data, shape = v["__csr__"]
+        return sp.csr_matrix((data.numpy(), indices.numpy(), indptr.numpy()), shape=tuple(shape))
+    return v
 
 
 def _pack(obj):
-    if isinstance(obj, np.ndarray):
-        if obj.dtype == object:
-            return {"__str__": [str(x) for x in obj]}
-        return _t(obj)
-    if sp.issparse(obj):
-        X = sp.csr_matrix(obj)
-        return {"__csr__": [_t(X.indptr), _t(X.indices), _t(X.data), list(X.shape)]}
-    if isinstance(obj, dict):
-        return {k: _pack(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_pack(v) for v in obj]
-    return obj
+    """numpy / CSR / string arrays -> tensors and plain lists (weights_only loading)."""
+    return tree_map(_pack_leaf, obj, is_leaf=lambda v: isinstance(v, np.ndarray) or sp.issparse(v))
 
 
 def _unpack(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.numpy()
-    if isinstance(obj, dict):
-        if "__str__" in obj:
-            return np.asarray(obj["__str__"], dtype=object)
-        if "__csr__" in obj:
-            indptr, indices, data, shape = obj["__csr__"]
-            return sp.csr_matrix((data.numpy(), indices.numpy(), indptr.numpy()), shape=tuple(shape))
-        return {k: _unpack(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_unpack(v) for v in obj]
-    return obj
+    return tree_map(_unpack_leaf, obj, is_leaf=lambda v: isinstance(v, dict) and ("__str__" in v or "__csr__" in v))
 
 
 def _save(data: TrainData, path: Path) -> None:

@@ -307,7 +307,7 @@ def trial_table(grid, sw: Sweep):
 
 def export(grid, sw: Sweep) -> dict:
     """trials.csv / trials.parquet, best_params.json, best_model.pt (the best trial's best epoch)."""
-    import torch
+    from xfer.checkpoint import export_best, read_checkpoint, save_checkpoint
 
     df = trial_table(grid, sw)
     df.to_csv(sw.output / "trials.csv", index=False)
@@ -331,11 +331,8 @@ def export(grid, sw: Sweep) -> dict:
     ckpt_file = None
     ckpt_path = _checkpoint_file(result, sw, best["trial_id"])
     if ckpt_path is not None:
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if state.get("best_model") is not None:
-            state = {**state, "model": state["best_model"], "best_model": None, "epoch": state["best_epoch"]}
         ckpt_file = sw.output / "best_model.pt"
-        torch.save(state, ckpt_file)
+        save_checkpoint(export_best(read_checkpoint(ckpt_path)), ckpt_file)
     return {"table": df, "best": best_params, "checkpoint": ckpt_file}
 
 
@@ -361,7 +358,7 @@ def _checkpoint_file(result, sw: Sweep, trial_id: str) -> Path | None:
 def score_best(sw: Sweep, checkpoint: Path) -> dict | None:
     """The best trial's model on the four splits (test line only here) + baselines."""
     from xfer.pipeline import baselines_for, evaluate_model, prepare
-    from xfer.train import load_checkpoint
+    from xfer.checkpoint import load_checkpoint
 
     model, cfg, _ = load_checkpoint(checkpoint)
     args = Namespace(**sw.data_args)

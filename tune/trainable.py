@@ -27,6 +27,7 @@ from typing import Callable
 
 import torch
 
+from xfer.checkpoint import read_checkpoint
 from xfer.config import TrainConfig
 from xfer.train import fit
 
@@ -52,7 +53,7 @@ def _run(params: dict, spec: dict, base: dict, checkpoint_every: int, device: st
     ckpt = get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            resume = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+            resume = read_checkpoint(Path(d) / CHECKPOINT_FILE)
     epochs = cfg.optim.epochs
 
     def on_epoch(metrics: dict, make_checkpoint) -> None:

@@ -5,6 +5,7 @@
     xfer embed      compute (or import) expression embeddings into the embedding store
     xfer train      train the CDANN and score it beside plain baselines
     xfer baseline   the plain baselines alone
+    xfer predict    label new cells with a trained model (a checkpoint)
     xfer store      list the datasets and embeddings in a store
 
 Commands of installed plugins join these: the tune package adds `xfer tune`
@@ -120,6 +121,13 @@ def cmd_baseline(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    from .predict import run_predict
+
+    run_predict(args)
+    return 0
+
+
 # ----------------------------------------------------------------------------- store
 
 def cmd_store(args) -> int:
@@ -187,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_arguments(s)
     add_train_arguments(s)
     s.set_defaults(func=cmd_baseline)
+
+    from .predict import add_predict_arguments
+
+    s = sub.add_parser("predict", help="label new cells (--sup_peak_csv and/or --test_csv) with a trained model")
+    add_data_arguments(s)
+    add_predict_arguments(s)
+    s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("store", help="list the datasets and embeddings in a store")
     add_store_argument(s)

@@ -1,9 +1,10 @@
 """`xfer train` and `xfer baseline`: inputs -> embeddings -> the one loop -> honest evaluation.
 
-The test line (--test_csv / --sup_peak_csv) is read only to be scored at the
-end: its features are mapped onto the training line's feature spaces and
-standardised with its own (label-free) statistics, and its labels are read by
-the final evaluation alone.
+The test line (--test_csv / --sup_peak_csv) is featurised like any new line
+(`xfer.predict.featurise`: mapped onto the training line's feature spaces and
+standardised with its own label-free statistics). Its unlabelled peaks may be
+an adaptation domain of training (`adapt_test_peaks`, self-training); its
+labels are read by the final evaluation alone.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from .data.dataset import CellMatrix
 from .data.embed_store import EmbeddingStore
 from .data.fs import write_json
 from .data.inputs import load_inputs
-from .embed import embed_lines, make_embedder
+from .embed import embed_lines, make_embedder, predictor_state
 from .evaluate import classification_metrics, predictions_table
-from .prepare import LineInputs, PeakPreprocessor, TrainData, prepare_line, prepare_training
+from .predict import Predictor, featurise, predict_probs
+from .prepare import LineInputs, PeakPreprocessor, TrainData, prepare_training
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,7 @@ class Prepared:
     inputs: dict[str, CellMatrix]
     train: TrainData
     pre: PeakPreprocessor
+    embedder: object          # xfer.embed.Embedder of the run
     test: LineInputs | None
     test_peak_counts: object  # the test line's raw peak counts on the kept peaks (or None)
     embeddings: dict
@@ -115,16 +118,13 @@ def prepare(args, cfg: TrainConfig) -> Prepared:
     # foundation models (no model files here) read what `xfer embed` stored for the training line
     embedder = make_embedder(cfg.data.source_model, n_components=cfg.data.n_components, store=store, train=src)
     embs = embed_lines(embedder, src, {"test": test_gex} if test_gex is not None else {}, store=store)
-    train, pre = prepare_training(src, tgt, embs["train"], cfg.data, cfg.optim.seed, embedder_state=embedder.state()
-                                  if hasattr(embedder, "components_") and embedder.components_ is not None else
-                                  {"name": embedder.name, "settings": embedder.settings()})
+    train, pre = prepare_training(src, tgt, embs["train"], cfg.data, cfg.optim.seed,
+                                  embedder_state=predictor_state(embedder, src))
     test, counts = None, None
     if test_gex is not None or test_peak is not None:
-        counts = pre.map_counts(test_peak) if test_peak is not None else None
-        test = prepare_line((test_gex or test_peak).name, pre, gex=test_gex, emb=embs.get("test"), peaks=test_peak,
-                            peak_counts=counts)
-    return Prepared(cfg=cfg, inputs=inputs, train=train, pre=pre, test=test, test_peak_counts=counts,
-                    embeddings=embs)
+        test, counts = featurise(pre, embedder, gex=test_gex, peaks=test_peak, emb=embs.get("test"))
+    return Prepared(cfg=cfg, inputs=inputs, train=train, pre=pre, embedder=embedder, test=test,
+                    test_peak_counts=counts, embeddings=embs)
 
 
 def baselines_for(p: Prepared) -> dict:
@@ -153,19 +153,16 @@ def format_table(metrics: dict, key: str = "balanced_accuracy") -> str:
 
 
 def evaluate_model(model, p: Prepared, out: Path | None = None) -> dict:
-    """Score the final model on the four splits and write predictions_<split>.csv."""
-    from .train import line_stats_tensors, predict
-
-    device = next(model.parameters()).device
+    """Score the final model on the four splits and write predictions_<split>.csv. The test
+    line goes through the same `Predictor` as `xfer predict`."""
     line, va = p.train.line, p.train.val_idx
     res = {}
-    preds = predict(model, line.emb[va], line.peaks[va], device=device)
+    preds = predict_probs(model, line.emb[va], line.peaks[va])
     splits = {"gex_val": (line.barcodes[va], line.labels[va], preds["gex"]),
               "peak_val": (line.barcodes[va], line.labels[va], preds["peak"])}
     if p.test is not None:
         t = p.test
-        tp = predict(model, t.emb, t.peaks, stats=line_stats_tensors(t, device) if p.cfg.data.line_norm else None,
-                     device=device)
+        tp = Predictor(model=model, cfg=p.cfg, peaks=p.pre, embedder=p.embedder).predict(t)
         if "gex" in tp:
             splits["gex_test"] = (t.barcodes, t.labels, tp["gex"])
         if "peak" in tp:
@@ -179,7 +176,8 @@ def evaluate_model(model, p: Prepared, out: Path | None = None) -> dict:
 
 
 def run_train(args) -> dict:
-    from .train import fit, save_checkpoint
+    from .checkpoint import save_checkpoint
+    from .train import fit
 
     t0 = time.perf_counter()
     cfg = build_config(args)

@@ -32,6 +32,7 @@ that line's own statistics inside the model (CDANN.LineNorm).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -40,7 +41,7 @@ import scipy.sparse as sp
 
 from .config import DataConfig
 from .data.dataset import CellMatrix
-from .data.mapper import map_dataset
+from .data.mapper import chrom_prefix_differs, map_dataset, strip_chr
 from .data.peaks import genomic_bins, parse_peak_names, peak_frequency_mask
 from .errors import InputError
 from .phases import N_PHASES, UNLABELLED
@@ -146,9 +147,20 @@ class PeakPreprocessor:
         return self
 
     def _bin_profile(self, peaks: CellMatrix) -> np.ndarray:
-        """log share of the cell's fragments per bin, standardised with the line's own statistics."""
-        M, _ = genomic_bins(parse_peak_names(peaks.features, peaks.source, "features"), self.cfg.bin_size,
-                            self.bin_keys)
+        """log share of the cell's fragments per bin, standardised with the line's own statistics.
+        Chromosome names that differ from the training line's only by a "chr" prefix are matched."""
+        ps = parse_peak_names(peaks.features, peaks.source, "features")
+        keys = np.asarray(self.bin_keys).astype(str)
+        key_chroms = np.unique(np.char.rpartition(keys, ":")[:, 0])
+        if chrom_prefix_differs(key_chroms, np.unique(ps.chrom.astype(str))):
+            ps = dataclasses.replace(ps, chrom=strip_chr(ps.chrom))
+            keys = np.char.add(np.char.add(strip_chr(np.char.rpartition(keys, ":")[:, 0]).astype(str), ":"),
+                               np.char.rpartition(keys, ":")[:, 2])
+        M, _ = genomic_bins(ps, self.cfg.bin_size, keys)
+        if M.nnz == 0:
+            raise InputError(peaks.source, "features", f"no peak lies in the training line's {len(keys)} genomic "
+                             f"bins of {self.cfg.bin_size} bp (chromosomes e.g. {', '.join(map(str, key_chroms[:3]))}"
+                             f" there, {', '.join(map(str, np.unique(ps.chrom.astype(str))[:3]))} here)")
         counts = np.asarray((peaks.X @ M).todense(), dtype=np.float64)
         total = np.asarray(peaks.X.sum(axis=1)).ravel()
         return standardise(np.log((counts + 1.0) / (total[:, None] + 1.0) * 1e4)).astype(np.float32)
@@ -175,25 +187,53 @@ class PeakPreprocessor:
 
     def map_counts(self, peaks: CellMatrix) -> sp.csr_matrix:
         """Another line's raw counts on the kept peaks: by coordinates (peak mapper) or,
-        without the mapper, by identical peak names (others are zero)."""
+        without the mapper, by identical peak names (others are zero). Chromosome names
+        that differ only by a "chr" prefix are matched (the mapper strips it on both sides).
+        A line that shares no peak with the kept peaks is an error."""
+        ref = parse_peak_names(self.peak_names, "training line peaks", "features")
         if self.cfg.use_peak_mapper:
-            ref = parse_peak_names(self.peak_names, "training line peaks", "features")
+            query = parse_peak_names(peaks.features, peaks.source, "features")
+            normalise = chrom_prefix_differs(np.unique(ref.chrom.astype(str)), np.unique(query.chrom.astype(str)))
+            if normalise:
+                log.info("%s: chromosome names differ from the training line's by a 'chr' prefix; matched without it",
+                         peaks.source)
             mapped, mapping = map_dataset(peaks, ref, method=self.cfg.peak_mapper_method,
                                           impute=self.cfg.peak_impute_strategy, ref_fill=self.col_mean,
-                                          max_distance=self.cfg.peak_max_distance)
+                                          max_distance=self.cfg.peak_max_distance, normalise_chrom=normalise)
             self.mapping_stats = dict(mapping.stats)
+            if mapping.stats["n_ref_mapped"] == 0:
+                raise InputError(peaks.source, "features", f"shares no peak coordinates with the training line's "
+                                 f"{len(self.peak_names)} peaks (method {self.cfg.peak_mapper_method}; chromosomes "
+                                 f"e.g. {_examples(query.chrom)} here, {_examples(ref.chrom)} there)")
             return mapped.X
         pos = {n: i for i, n in enumerate(peaks.features)}
         src = np.array([pos.get(n, -1) for n in self.peak_names])
         found = src >= 0
         if not found.any():
-            raise InputError(peaks.source, "features", "shares no peak name with the training line; "
-                             "use --use_peak_mapper to map peaks by genomic coordinates")
+            query = parse_peak_names(peaks.features, peaks.source, "features")
+            hint = (" (its chromosome names differ by a 'chr' prefix: --use_peak_mapper matches them)"
+                    if chrom_prefix_differs(np.unique(ref.chrom.astype(str)), np.unique(query.chrom.astype(str)))
+                    else "; use --use_peak_mapper to map peaks by genomic coordinates")
+            raise InputError(peaks.source, "features", f"shares no peak name with the training line{hint}")
         cols = np.flatnonzero(found)
         M = sp.csr_matrix((np.ones(len(cols), np.float32), (src[found], cols)),
                           shape=(peaks.n_features, len(self.peak_names)))
-        self.mapping_stats = {"method": "name", "fraction_ref_mapped": float(found.mean())}
+        self.mapping_stats = {"method": "name", "n_ref": len(self.peak_names), "n_ref_mapped": int(found.sum()),
+                              "fraction_ref_mapped": float(found.mean())}
         return (peaks.X @ M).tocsr()
+
+    @classmethod
+    def from_state(cls, cfg: DataConfig, state: dict) -> "PeakPreprocessor":
+        """Rebuild a fitted preprocessor from `state()` (arrays as numpy or tensors)."""
+        st = {k: (v.numpy() if hasattr(v, "numpy") else v) for k, v in state.items()}
+        pre = cls(cfg, peak_names=np.asarray(st["peak_names"], dtype=object), idf=st["idf"], col_mean=st["col_mean"],
+                  n_peaks_before=int(st.get("n_peaks_before", 0)))
+        if cfg.peak_repr == "lsi":
+            pre.lsi_idf, pre.lsi_components = st["lsi_idf"], st["lsi_components"]
+        if cfg.bin_size > 0:
+            pre.bin_keys = np.asarray(st["bin_keys"]).astype(str)
+            pre.bin_components = st.get("bin_components")
+        return pre
 
     def state(self) -> dict:
         """Everything needed to featurise new cells (numpy arrays; checkpoints convert them)."""
@@ -206,6 +246,10 @@ class PeakPreprocessor:
             if self.bin_components is not None:
                 out["bin_components"] = self.bin_components
         return out
+
+
+def _examples(chroms, n: int = 3) -> str:
+    return ", ".join(map(str, np.unique(np.asarray(chroms).astype(str))[:n]))
 
 
 # ----------------------------------------------------------------------------- model inputs
@@ -229,10 +273,18 @@ class LineInputs:
             out["peaks"] = mean_std(self.peaks)
         return out
 
+    def stats_tensors(self, device) -> dict:
+        """`stats()` as tensors on `device` (what the model's LineNorm takes for another line)."""
+        import torch
+
+        return {k: tuple(torch.as_tensor(a, device=device) for a in v) for k, v in self.stats().items()}
+
 
 @dataclass(frozen=True)
 class TrainData:
-    """What `fit` sees: the training line only (its two paired modalities + labels)."""
+    """What `fit` sees: the training line (its two paired modalities + labels, split into
+    training and validation cells) and, optionally, another line's unlabelled peaks to
+    adapt to (`with_adaptation` drops that line's labels)."""
 
     line: LineInputs
     train_idx: np.ndarray
@@ -244,7 +296,6 @@ class TrainData:
 
     def with_adaptation(self, line: LineInputs | None) -> "TrainData":
         """Add a line's peaks as an unlabelled adaptation domain; its labels are dropped here."""
-        import dataclasses
         if line is None or line.peaks is None:
             return self
         return dataclasses.replace(self, adapt=LineInputs(name=line.name, barcodes=line.barcodes, peaks=line.peaks))

@@ -60,7 +60,7 @@ from .peaks import PeakSet, parse_peak_names
 
 __all__ = [
     "METHODS", "IMPUTE", "TIERS", "UNMAPPED", "PeakMapping",
-    "map_peaks", "apply_mapping", "map_dataset",
+    "map_peaks", "apply_mapping", "map_dataset", "chrom_prefix_differs", "strip_chr",
 ]
 
 METHODS: tuple[str, ...] = ("exact", "overlap", "overlap_50pct", "nearest")
@@ -153,6 +153,19 @@ def _chrom_codes(ref: PeakSet, query: PeakSet, normalise: bool) -> tuple[np.ndar
         chroms = chroms.str.replace(r"^chr", "", regex=True)
     codes, uniques = pd.factorize(chroms, sort=False)
     return codes[: len(ref)].astype(np.int64), codes[len(ref):].astype(np.int64), len(uniques)
+
+
+def strip_chr(chroms) -> np.ndarray:
+    """Chromosome names without a leading "chr" ("chr1" -> "1")."""
+    return pd.Series(np.asarray(chroms, dtype=object), dtype=object).astype(str).str.replace(
+        r"^chr", "", regex=True).to_numpy(dtype=object)
+
+
+def chrom_prefix_differs(ref_chroms, query_chroms) -> bool:
+    """True when the two sides name their chromosomes with and without a "chr" prefix:
+    stripping it makes more chromosome names shared than comparing them as written."""
+    ref, query = set(map(str, ref_chroms)), set(map(str, query_chroms))
+    return len(set(strip_chr(list(ref))) & set(strip_chr(list(query)))) > len(ref & query)
 
 
 def _groups(codes: np.ndarray, n_codes: int) -> tuple[np.ndarray, np.ndarray]:

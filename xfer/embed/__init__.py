@@ -12,10 +12,11 @@ entries from the store by source-model name (`StoredEmbedder`).
 
 from __future__ import annotations
 
-from .base import Embedder, embed_lines
+from .base import Embedder, embed_lines, predictor_state
 from .pca import PCAEmbedder
 
-__all__ = ["Embedder", "PCAEmbedder", "embed_lines", "make_embedder", "resolve_source_model", "SOURCE_MODELS"]
+__all__ = ["Embedder", "PCAEmbedder", "embed_lines", "embedder_from_state", "make_embedder", "predictor_state",
+           "resolve_source_model", "SOURCE_MODELS"]
 
 SOURCE_MODELS = ("pca", "geneformer", "geneformer-316m", "geneformer-104m", "geneformer-10m", "scfoundation",
                  "ensemble")
@@ -78,3 +79,25 @@ def make_embedder(name: str, *, store=None, train=None, **settings) -> Embedder:
         raise ConfigError("source_model", f"'{name}' is read from the embedding store (computed once by `xfer embed`); "
                           "pass store= or give the model files")
     return StoredEmbedder(name, store, train)
+
+
+def embedder_from_state(state: dict, store=None) -> Embedder:
+    """The embedder a checkpoint describes (`Embedder.state()`): PCA from its components; a
+    foundation model reads the embedding store (entries written by `xfer embed`) with the
+    settings it was trained with; an ensemble rebuilds its members and block statistics."""
+    from ..errors import ConfigError
+    from .ensemble import EnsembleEmbedder
+    from .stored import StoredEmbedder
+
+    name = state.get("name")
+    if name == "pca":
+        if "components" not in state:
+            raise ConfigError("source_model", "the checkpoint's PCA embedder has no components")
+        return PCAEmbedder.from_state(state)
+    if isinstance(name, str) and "+" in name:
+        return EnsembleEmbedder.from_state(state, store)
+    if not isinstance(name, str) or "settings" not in state:
+        raise ConfigError("source_model", f"the checkpoint names no usable expression embedder ({state!r:.80})")
+    if store is None:
+        raise ConfigError("source_model", f"'{name}' embeddings are read from the embedding store: give --store")
+    return StoredEmbedder(name, store, settings=state["settings"])

@@ -35,9 +35,23 @@ class Embedder(ABC):
     def settings(self) -> dict:
         """Everything that changes the output (JSON-serialisable); part of the store key."""
 
+    def is_fitted(self) -> bool:
+        """Whether `transform` can run (frozen models: always)."""
+        return True
+
     def state(self) -> dict:
-        """What a checkpoint needs to apply the embedder to new cells (tensors / lists / numbers)."""
+        """What a checkpoint needs to apply the embedder to new cells (tensors / lists / numbers):
+        `embedder_from_state` rebuilds it."""
         return {"name": self.name, "settings": self.settings()}
+
+
+def predictor_state(embedder: Embedder, train: CellMatrix) -> dict:
+    """The embedder's checkpoint state, fitting it on `train` first when the embeddings came
+    from the store cache and it was never fitted in this process (the fit is seeded: the
+    same components that made the cached vectors)."""
+    if _needs_fit(embedder) and not embedder.is_fitted():
+        embedder.fit(train)
+    return embedder.state()
 
 
 def embed_lines(embedder: Embedder, train: CellMatrix, others: dict[str, CellMatrix],

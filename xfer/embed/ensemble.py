@@ -50,7 +50,9 @@ class EnsembleEmbedder(Embedder):
         key = (i, ds.content_hash())
         if key not in self._memo:
             m = self.members[i]
-            if ds is self._train:
+            if self._train is None:  # rebuilt from a checkpoint: the members are fitted or frozen
+                v = m.transform(ds)
+            elif ds is self._train:
                 v = embed_lines(m, ds, {}, store=self.store)["train"]
             else:
                 v = embed_lines(m, self._train, {"other": ds}, store=self.store)["other"]
@@ -62,6 +64,18 @@ class EnsembleEmbedder(Embedder):
         self.stats_ = [mean_std(self._member(i, train)) for i in range(len(self.members))]
         return self
 
+    def is_fitted(self) -> bool:
+        return self.stats_ is not None
+
+    @classmethod
+    def from_state(cls, state: dict, store: EmbeddingStore | None) -> "EnsembleEmbedder":
+        from . import embedder_from_state
+
+        emb = cls([embedder_from_state(m, store) for m in state["members"]], store=store)
+        emb.stats_ = [(np.asarray(mu, np.float32), np.asarray(sd, np.float32))
+                      for mu, sd in zip(state["block_mean"], state["block_std"])]
+        return emb
+
     def transform(self, ds: CellMatrix) -> np.ndarray:
         if self.stats_ is None:
             raise RuntimeError("EnsembleEmbedder.transform before fit")
@@ -69,7 +83,7 @@ class EnsembleEmbedder(Embedder):
         return np.hstack(blocks).astype(np.float32)
 
     def state(self) -> dict:
-        out = super().state()
+        out = {**super().state(), "members": [m.state() for m in self.members]}
         if self.stats_ is not None:
             out["block_mean"] = [mu for mu, _ in self.stats_]
             out["block_std"] = [sd for _, sd in self.stats_]

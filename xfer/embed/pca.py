@@ -46,6 +46,18 @@ class PCAEmbedder(Embedder):
     def settings(self) -> dict:
         return {"n_components": self.n_components, "normalisation": "log1p_cp10k", "seed": self.seed}
 
+    def is_fitted(self) -> bool:
+        return self.components_ is not None
+
+    @classmethod
+    def from_state(cls, state: dict) -> "PCAEmbedder":
+        st = state.get("settings", {})
+        emb = cls(n_components=int(st.get("n_components", 64)), seed=int(st.get("seed", 0)))
+        comps = state["components"]
+        emb.components_ = np.asarray(comps.numpy() if hasattr(comps, "numpy") else comps, dtype=np.float32)
+        emb.genes = np.asarray(state["genes"], dtype=object)
+        return emb
+
     def fit(self, train: CellMatrix) -> "PCAEmbedder":
         k = min(self.n_components, train.n_features - 1, train.n_cells - 1)
         svd = TruncatedSVD(n_components=k, random_state=self.seed, algorithm="randomized", n_iter=7)

@@ -83,13 +83,13 @@ class StoredEmbedder(Embedder):
     of the most recent entry of `name` anywhere in the store."""
 
     def __init__(self, name: str, store: EmbeddingStore, train: CellMatrix | None = None,
-                 argv: list[str] | None = None):
+                 argv: list[str] | None = None, settings: dict | None = None):
         EmbeddingKey("0" * 32, name)  # validates the name
         self.name = name
         self.store = store
         self.train = train
         self.argv = argv
-        self._settings: dict | None = None
+        self._settings: dict | None = dict(settings) if settings is not None else None  # fixed (a checkpoint's)
 
     def settings(self) -> dict:
         if self._settings is None:

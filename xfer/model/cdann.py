@@ -67,6 +67,14 @@ class CDANN(nn.Module):
         self.discriminator = mlp([disc_in, cfg.disc_hidden, cfg.disc_hidden, n_domains],
                                  0.5 if cfg.dropout > 0 else 0.0)
 
+    @torch.no_grad()
+    def set_line_stats(self, stats: dict) -> None:
+        """The training line's LineNorm statistics ({"emb": (mean, std), "peaks": (mean, std)})."""
+        if "emb" in stats:
+            self.src_norm.set_stats(*(torch.as_tensor(a) for a in stats["emb"]))
+        if "peaks" in stats:
+            self.peak_norm.set_stats(*(torch.as_tensor(a) for a in stats["peaks"]))
+
     # ------------------------------------------------------------------ encoders
     def source_latent(self, emb: Tensor, stats=None) -> Tensor:
         return self.projection(self.src_norm(emb, stats))

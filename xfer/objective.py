@@ -1,0 +1,105 @@
+"""One batch's training objective: the model's forward passes and the weighted sum of the
+named loss parts of `xfer.losses` (every part is logged unweighted).
+
+    class_source   CE of the phase classifier on projected expression embeddings (lambda_class)
+    class_target   CE on the paired PEAK encodings of the same cells (lambda_target_class)
+    adversarial    CDANN: discriminator on the multilinear map of the detached class
+                   probabilities and the latents, behind gradient reversal (lambda_domain)
+    divergence     mmd / kl / jensen / coral between source and target latents, and between
+                   the training line's and the adaptation line's peaks (lambda_divergence)
+    balance        KL(mean prediction on the unlabelled side || training class prior)
+    entropy        mean entropy of those predictions (lambda_entropy)
+    pseudo         class-balanced CE on the adaptation line's pseudo-labels (lambda_pseudo)
+    + the encoder's own objective (recon / kl / contrastive), also on the adaptation line
+
+The adaptation weights (adversarial, divergence, entropy) are multiplied by the warm-up
+factor; `warm` and `grl` may be 0-d device tensors (CUDA graphs read them in place).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import losses as L
+from .config import LossConfig
+from .model import CDANN
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One step's inputs. Domains: the training line's expression (emb) and its paired
+    peaks (x, labels y); when adapting, the other line's unlabelled peaks (xb, with its own
+    LineNorm statistics stats_b, and pseudo-labels yb, -1 where a cell has none)."""
+
+    emb: Tensor
+    x: Tensor
+    y: Tensor
+    xb: Tensor | None = None
+    stats_b: tuple[Tensor, Tensor] | None = None
+    yb: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Weights:
+    """The step's schedule and class weights (fixed within an epoch)."""
+
+    warm: float | Tensor                  # warm-up factor of the adaptation terms, 0..1
+    grl: float | Tensor                   # gradient-reversal strength
+    prior: Tensor                         # the training line's class prior (balance term)
+    class_weight: Tensor | None = None    # CE weights of the labelled terms
+    pseudo_weight: Tensor | None = None   # CE weights of the pseudo-labelled classes
+
+
+def batch_loss(model: CDANN, lo: LossConfig, b: Batch, w: Weights) -> L.LossParts:
+    z_s = model.source_latent(b.emb)
+    x_norm = model.normalise_peaks(b.x)
+    out_t = model.peak_latent(b.x, normalised=x_norm)
+    z_t = out_t.z
+    logit_s, logit_t = model.classify(z_s), model.classify(z_t)
+    p_s, p_t = torch.softmax(logit_s.float(), -1), torch.softmax(logit_t.float(), -1)
+    latents, probs = [z_s, z_t], [p_s, p_t]
+    adapting = b.xb is not None
+    if adapting:
+        xb_norm = model.normalise_peaks(b.xb, b.stats_b)
+        out_b = model.peak_latent(b.xb, normalised=xb_norm)
+        latents.append(out_b.z)
+        logit_b = model.classify(out_b.z)
+        probs.append(torch.softmax(logit_b.float(), -1))
+    p_unl = probs[-1]  # the predictions the entropy and balance terms act on
+
+    def adversarial():
+        logits = [model.discriminate(z, p, w.grl).float() for z, p in zip(latents, probs)]
+        weights = None
+        if lo.use_cdann and lo.entropy_conditioning:
+            weights = [L.entropy_weights(p.detach()) for p in probs]
+        return L.adversarial(logits, weights)
+
+    def divergence():
+        d = L.divergence(lo.divergence, z_s, z_t)
+        if adapting:
+            d = d + L.divergence(lo.divergence, z_t, latents[2])
+        return d
+
+    def ramped(lam: float):  # warm may be a 0-d device tensor (CUDA): a weight of 0 stays a static 0
+        return 0.0 if lam == 0 else lam * w.warm
+
+    def labelled(logits):
+        return lambda: L.classification(logits.float(), b.y, w.class_weight, label_smoothing=lo.label_smoothing)
+
+    terms = {
+        "class_source": (lo.lambda_class, labelled(logit_s)),
+        "class_target": (lo.lambda_target_class, labelled(logit_t)),
+        "adversarial": (ramped(lo.lambda_domain), adversarial),
+        "divergence": (ramped(lo.lambda_divergence), divergence),
+        "balance": (lo.lambda_balance, lambda: L.class_balance(p_unl, w.prior)),
+        "entropy": (ramped(lo.lambda_entropy), lambda: L.entropy(p_unl)),
+    }
+    if b.yb is not None:
+        terms["pseudo"] = (lo.lambda_pseudo, lambda: L.classification(logit_b.float(), b.yb, w.pseudo_weight))
+    terms.update(model.encoder.objective(x_norm, out_t, z_s))
+    if adapting:
+        terms.update({f"{k}_adapt": v for k, v in model.encoder.objective(xb_norm, out_b, None).items()})
+    return L.combine(terms)

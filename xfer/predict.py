@@ -1,0 +1,238 @@
+"""A trained model as a predictor, and `xfer predict`: label new cells with a checkpoint.
+
+`Predictor` is what a checkpoint rebuilds (xfer.checkpoint): the network, its config, the
+fitted peak preprocessing and the expression embedder. It featurises another line exactly
+as training did for the test line:
+
+    peaks       mapped onto the training line's kept peaks by coordinates with the run's
+                method and imputation (chromosome names that differ only by a "chr" prefix
+                are matched), then the run's peak channels: IDF-weighted peaks or LSI with
+                the training IDF and components, and the coverage bins projected on the
+                training PCA
+    expression  the run's embedder: PCA from the checkpoint's components, or a foundation
+                model's vectors from the embedding store (computed once by `xfer embed`)
+    both        standardised with the new line's own statistics (label-free), as the test
+                line was
+
+`xfer train` scores its test line through the same `Predictor`, so `xfer predict` with the
+same files reproduces that run's predictions.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from .config import TrainConfig
+from .data.dataset import CellMatrix
+from .evaluate import METRIC_KEYS, classification_metrics, predictions_table
+from .model import CDANN
+from .phases import PHASES
+from .prepare import LineInputs, PeakPreprocessor, prepare_line
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def predict_probs(model: CDANN, emb=None, peaks=None, stats: dict | None = None, device=None,
+                  batch: int = 4096) -> dict[str, np.ndarray]:
+    """Class probabilities from expression embeddings ("gex") and/or peak features ("peak")
+    (numpy or CSR in). `stats`: the line's own LineNorm statistics (None: the training line's)."""
+    device = device or next(model.parameters()).device
+    was = model.training
+    model.eval()
+    out = {}
+    amp = torch.device(device).type == "cuda"
+    try:
+        for key, X in (("gex", emb), ("peak", peaks)):
+            if X is None:
+                continue
+            st = None if stats is None else stats.get("emb" if key == "gex" else "peaks")
+            probs = []
+            for s in range(0, X.shape[0], batch):
+                chunk = X[s:s + batch]
+                chunk = chunk.toarray() if sp.issparse(chunk) else np.asarray(chunk)
+                t = torch.tensor(chunk, dtype=torch.float32, device=device)
+                with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+                    p = model.predict_source(t, st) if key == "gex" else model.predict_peaks(t, st)
+                probs.append(p.float().cpu().numpy())
+            out[key] = np.concatenate(probs) if probs else np.zeros((0, len(PHASES)), np.float32)
+    finally:
+        model.train(was)
+    return out
+
+
+def featurise(pre: PeakPreprocessor, embedder, gex: CellMatrix | None = None, peaks: CellMatrix | None = None,
+              emb: np.ndarray | None = None) -> tuple[LineInputs, sp.csr_matrix | None]:
+    """Another line's model inputs on the training line's feature spaces, and its raw counts
+    on the kept peaks (for the baselines). `emb`: its expression embedding when already
+    computed (else `embedder` makes it). Labels ride along for scoring; nothing here reads them."""
+    counts = pre.map_counts(peaks) if peaks is not None else None
+    if gex is not None and emb is None:
+        if embedder is None:
+            from .errors import ConfigError
+            raise ConfigError("source_model", "the checkpoint holds no expression embedder")
+        emb = embedder.transform(gex)
+    name = (gex or peaks).name
+    return prepare_line(name, pre, gex=gex, emb=emb, peaks=peaks, peak_counts=counts), counts
+
+
+@dataclass
+class Predictor:
+    model: CDANN
+    cfg: TrainConfig
+    peaks: PeakPreprocessor
+    embedder: object = None              # xfer.embed.Embedder; None: the expression head cannot be fed
+    info: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict, store=None, device="cpu") -> "Predictor":
+        from .checkpoint import build_model
+        from .embed import embedder_from_state
+
+        model, cfg = build_model(ckpt, device)
+        pre = ckpt["preprocess"]
+        peaks = PeakPreprocessor.from_state(cfg.data, pre["peaks"])
+        emb_state = pre.get("embedder") or {}
+        embedder = None
+        if emb_state.get("name"):
+            from .data.embed_store import EmbeddingStore
+            embedder = embedder_from_state(emb_state, EmbeddingStore(store) if isinstance(store, str) else store)
+        info = {k: ckpt.get(k) for k in ("epoch", "best_epoch", "best_metric", "metric_name")}
+        return cls(model=model, cfg=cfg, peaks=peaks, embedder=embedder, info=info)
+
+    @classmethod
+    def load(cls, path, store=None, device="cpu") -> "Predictor":
+        from .checkpoint import read_checkpoint
+
+        return cls.from_checkpoint(read_checkpoint(path, device), store=store, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def line(self, gex: CellMatrix | None = None, peaks: CellMatrix | None = None,
+             emb: np.ndarray | None = None) -> tuple[LineInputs, sp.csr_matrix | None]:
+        return featurise(self.peaks, self.embedder, gex=gex, peaks=peaks, emb=emb)
+
+    def predict(self, line: LineInputs) -> dict[str, np.ndarray]:
+        """Class probabilities of each head the line has inputs for ("gex", "peak")."""
+        stats = line.stats_tensors(self.device) if self.cfg.data.line_norm else None
+        return predict_probs(self.model, line.emb, line.peaks, stats=stats)
+
+
+# ----------------------------------------------------------------------------- xfer predict
+
+def add_predict_arguments(parser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="PATH",
+                        help="best_model.pt of `xfer train` or `xfer tune`")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--output_folder", required=True)
+
+
+def run_predict(args) -> dict:
+    """Label the cells of --sup_peak_csv (accessibility head) and/or --test_csv (expression
+    head); everything is computed before anything is written."""
+    from .data.fs import write_bytes_atomic, write_json
+    from .data.inputs import ROLES, load_inputs
+    from .device import resolve_device
+    from .errors import XferError
+
+    for role in ("src", "tgt"):
+        if getattr(args, f"{role}_csv", None):
+            raise XferError(f"{ROLES[role].flag}: xfer predict labels the cells of --sup_peak_csv (accessibility) "
+                            "and/or --test_csv (expression); the training line is already in the checkpoint")
+    roles = [r for r in ("test", "sup_peak") if getattr(args, f"{r}_csv", None)]
+    if not roles:
+        raise XferError("predict: give the cells to label: --sup_peak_csv (accessibility) and/or --test_csv "
+                        "(expression), a file or store:NAME")
+    device = resolve_device(args.device)
+    predictor = Predictor.load(args.checkpoint, store=args.store, device=device)
+    data = load_inputs(args, roles)
+    gex, peaks = data.get("test"), data.get("sup_peak")
+    line, _ = predictor.line(gex=gex, peaks=peaks)
+    probs = predictor.predict(line)
+    mapping = dict(predictor.peaks.mapping_stats) if peaks is not None else None
+
+    # everything below is in memory until the last step writes it
+    files: dict[str, object] = {}
+    heads = []  # (head, its input, its predictions file): predictions.csv is the accessibility head's
+    if peaks is not None:
+        heads.append(("peak", peaks, "predictions.csv"))
+    if gex is not None:
+        heads.append(("gex", gex, "predictions.csv" if peaks is None else "predictions_gex.csv"))
+    metrics: dict = {}
+    for head, ds, name in heads:
+        table = _predictions(line.barcodes, line.labels, probs[head])
+        files[name] = table
+        if line.labels is not None and (line.labels >= 0).any():
+            metrics[head] = classification_metrics(line.labels, probs[head].argmax(1))
+        if str(ds.source).endswith(".h5ad"):
+            files[f"{Path(ds.source).name[:-len('.h5ad')]}.xfer.h5ad"] = (ds.source, line.barcodes, probs[head])
+    summary = {"checkpoint": str(args.checkpoint), "model": predictor.info, "n_cells": int(len(line.barcodes)),
+               "inputs": {r: data[r].source for r in roles}, "peak_mapping": mapping, "metrics": metrics}
+    _print_summary(summary)
+
+    out = Path(args.output_folder)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, obj in files.items():
+        if isinstance(obj, pd.DataFrame):
+            write_bytes_atomic(out / name, obj.to_csv(index=False).encode())
+        else:
+            _write_h5ad_copy(*obj, out / name)
+    write_json(out / "predict.json", summary)
+    print(f"outputs: {out}/ ({', '.join([*files, 'predict.json'])})")
+    return summary
+
+
+def _predictions(barcodes, labels, probs) -> pd.DataFrame:
+    """barcode, [true,] predicted, prob_G1, prob_S, prob_G2M ("true" only when labels are given)."""
+    has = labels is not None and (np.asarray(labels) >= 0).any()
+    df = predictions_table(barcodes, labels if has else None, probs)
+    return df if has else df.drop(columns="true")
+
+
+def _write_h5ad_copy(source: str, barcodes, probs: np.ndarray, target: Path) -> None:
+    """A copy of the input .h5ad with obs['xfer_phase'] and obs['xfer_prob_<phase>'] (cells
+    without a prediction, e.g. dropped by pairing, get a missing phase and NaN)."""
+    import anndata as ad
+
+    from .data.fs import atomic_path
+
+    adata = ad.read_h5ad(source)
+    pos = pd.Index(np.asarray(barcodes).astype(str)).get_indexer(adata.obs_names.astype(str))
+    has = pos >= 0
+    phase = np.full(adata.n_obs, None, dtype=object)
+    phase[has] = np.asarray(PHASES, dtype=object)[probs.argmax(1)[pos[has]]]
+    adata.obs["xfer_phase"] = pd.Categorical(phase, categories=list(PHASES))
+    for i, p in enumerate(PHASES):
+        col = np.full(adata.n_obs, np.nan)
+        col[has] = probs[pos[has], i]
+        adata.obs[f"xfer_prob_{p}"] = col
+    with atomic_path(target) as tmp:
+        adata.write_h5ad(tmp)
+
+
+def _print_summary(s: dict) -> None:
+    m = s["peak_mapping"]
+    if m is not None:
+        if m.get("method") == "name":
+            print(f"peak mapping: by name, {m['n_ref_mapped']} of {m['n_ref']} training peaks "
+                  f"({m['fraction_ref_mapped']:.1%}) found")
+        else:
+            tiers = ", ".join(f"{k} {v}" for k, v in m.get("n_ref_by_tier", {}).items() if v)
+            print(f"peak mapping ({m['method']}, impute {m.get('impute', 'zero')}"
+                  f"{', chr prefix ignored' if m.get('normalise_chrom') else ''}): {m['n_ref_mapped']} of {m['n_ref']} "
+                  f"training peaks mapped ({m['fraction_ref_mapped']:.1%}; {tiers}); {m['n_query_used']} of "
+                  f"{m['n_query']} peaks here used ({m['fraction_query_used']:.1%})")
+    print(f"{s['n_cells']} cells labelled with {s['checkpoint']} (epoch {s['model'].get('epoch')})")
+    if s["metrics"]:
+        print(f"{'head':6s}" + "".join(f"{k:>19s}" for k in (*METRIC_KEYS, "majority_rate")) + f"{'n':>7s}")
+        for head, r in s["metrics"].items():
+            print(f"{head:6s}" + "".join(f"{r[k]:19.3f}" for k in (*METRIC_KEYS, "majority_rate")) + f"{r['n']:7d}")
