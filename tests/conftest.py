@@ -126,3 +126,34 @@ def tiny_store(tmp_path_factory, tiny_pair):
     for ds, name in ((B.gex, "B_GEX_relabelled"), (B.peak, "B_PEAK_relabelled")):
         store.write(ds.with_labels((ds.labels + 1) % 3), name)
     return root
+
+
+# ----------------------------------------------------------------------------- a tiny Geneformer
+
+def write_tiny_bert(path, *, layers=2, max_pos=4096, vocab=28, seed=0) -> str:
+    """A tiny random Geneformer-shaped BERT checkpoint (hidden size 16) saved under `path`."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=max_pos, pad_token_id=0, hidden_act="relu")
+    BertForMaskedLM(cfg).save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def sim_geneformer(tmp_path_factory, tiny_pair):
+    """`xfer embed` flags of a tiny Geneformer-style model whose dictionaries cover the simulator's genes."""
+    import json
+
+    A, _ = tiny_pair
+    ids = list(A.gex.feature_ids[:300])
+    d = tmp_path_factory.mktemp("sim_gf")
+    tok = {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3, **{g: i + 4 for i, g in enumerate(ids)}}
+    (d / "tok.json").write_text(json.dumps(tok))
+    (d / "med.json").write_text(json.dumps({g: 1.0 + (i % 7) / 3 for i, g in enumerate(ids)}))
+    (d / "map.tsv").write_text("symbol\tensembl_id\n" + "".join(
+        f"{s}\t{e}\n" for s, e in zip(A.gex.features[:300], ids)))
+    return ["--model_path", write_tiny_bert(d / "model", vocab=len(tok)), "--token_dictionary_file",
+            str(d / "tok.json"), "--gene_median_file", str(d / "med.json"), "--gene_mapping_file", str(d / "map.tsv")]

@@ -40,9 +40,10 @@ def test_cuda_graph_step_trains_like_eager(adapt):
     data = _data()
     if adapt:
         data = data.with_adaptation(_data(seed=1).line)
-    cfg = TrainConfig.from_dict({**({"lambda_pseudo": 1.0} if adapt == "pseudo" else {}),"arch": "dae", "hidden_dim": 64, "latent_dim": 32, "batch_size": 128,
-                                 "epochs": 12, "patience": 100, "peak_repr": "peaks", "bin_size": 0,
-                                 "line_norm": False, "warmup_epochs": 3})
+    # adapt=True: the adaptation domain alone (self-training off); "pseudo": with self-training
+    cfg = TrainConfig.from_dict({"lambda_pseudo": 1.0 if adapt == "pseudo" else 0.0, "arch": "dae", "hidden_dim": 64,
+                                 "latent_dim": 32, "batch_size": 128, "epochs": 12, "patience": 100,
+                                 "peak_repr": "peaks", "bin_size": 0, "line_norm": False, "warmup_epochs": 3})
     graphed = fit(cfg, data, device="cuda")
     eager = fit(cfg.replace(cuda_graph=False), data, device="cuda")
     info = graphed.extra["cuda_graph"]
@@ -56,6 +57,8 @@ def test_cuda_graph_step_trains_like_eager(adapt):
     g, e = graphed.history[-1], eager.history[-1]
     assert {k for k in g if k.startswith("loss/")} >= {k for k in e if k.startswith("loss/")}
     assert g["loss/class_source"] == pytest.approx(e["loss/class_source"], rel=0.5, abs=0.05)
+    if adapt is True:  # no self-training: no pseudo-label term at all
+        assert "loss/pseudo" not in g and "pseudo_labels" not in g and "loss/recon_adapt" in g
     if adapt == "pseudo":  # the pseudo-labels refreshed between replays reach the captured step
         assert g["pseudo_labels"] > 0 and g["loss/pseudo"] > 0
         assert g["loss/pseudo"] == pytest.approx(e["loss/pseudo"], rel=0.5, abs=0.05)

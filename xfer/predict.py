@@ -92,7 +92,8 @@ class Predictor:
     info: dict = field(default_factory=dict)
 
     @classmethod
-    def from_checkpoint(cls, ckpt: dict, store=None, device="cpu") -> "Predictor":
+    def from_checkpoint(cls, ckpt: dict, store=None, device="cpu", argv: list[str] | None = None) -> "Predictor":
+        """`argv`: the command's data flags (for the `xfer embed` command an error names)."""
         from .checkpoint import build_model
         from .embed import embedder_from_state
 
@@ -103,15 +104,16 @@ class Predictor:
         embedder = None
         if emb_state.get("name"):
             from .data.embed_store import EmbeddingStore
-            embedder = embedder_from_state(emb_state, EmbeddingStore(store) if isinstance(store, str) else store)
+            embedder = embedder_from_state(emb_state, EmbeddingStore(store) if isinstance(store, str) else store,
+                                           argv)
         info = {k: ckpt.get(k) for k in ("epoch", "best_epoch", "best_metric", "metric_name")}
         return cls(model=model, cfg=cfg, peaks=peaks, embedder=embedder, info=info)
 
     @classmethod
-    def load(cls, path, store=None, device="cpu") -> "Predictor":
+    def load(cls, path, store=None, device="cpu", argv: list[str] | None = None) -> "Predictor":
         from .checkpoint import read_checkpoint
 
-        return cls.from_checkpoint(read_checkpoint(path, device), store=store, device=device)
+        return cls.from_checkpoint(read_checkpoint(path, device), store=store, device=device, argv=argv)
 
     @property
     def device(self) -> torch.device:
@@ -153,7 +155,8 @@ def run_predict(args) -> dict:
         raise XferError("predict: give the cells to label: --sup_peak_csv (accessibility) and/or --test_csv "
                         "(expression), a file or store:NAME")
     device = resolve_device(args.device)
-    predictor = Predictor.load(args.checkpoint, store=args.store, device=device)
+    from .embed.stored import data_flags_from_args
+    predictor = Predictor.load(args.checkpoint, store=args.store, device=device, argv=data_flags_from_args(args))
     data = load_inputs(args, roles)
     gex, peaks = data.get("test"), data.get("sup_peak")
     line, _ = predictor.line(gex=gex, peaks=peaks)

@@ -81,10 +81,11 @@ def make_embedder(name: str, *, store=None, train=None, **settings) -> Embedder:
     return StoredEmbedder(name, store, train)
 
 
-def embedder_from_state(state: dict, store=None) -> Embedder:
+def embedder_from_state(state: dict, store=None, argv: list[str] | None = None) -> Embedder:
     """The embedder a checkpoint describes (`Embedder.state()`): PCA from its components; a
     foundation model reads the embedding store (entries written by `xfer embed`) with the
-    settings it was trained with; an ensemble rebuilds its members and block statistics."""
+    settings it was trained with; an ensemble rebuilds its members and block statistics.
+    `argv`: the command's data flags, for the `xfer embed` command a missing entry names."""
     from ..errors import ConfigError
     from .ensemble import EnsembleEmbedder
     from .stored import StoredEmbedder
@@ -95,9 +96,9 @@ def embedder_from_state(state: dict, store=None) -> Embedder:
             raise ConfigError("source_model", "the checkpoint's PCA embedder has no components")
         return PCAEmbedder.from_state(state)
     if isinstance(name, str) and "+" in name:
-        return EnsembleEmbedder.from_state(state, store)
+        return EnsembleEmbedder.from_state(state, store, argv)
     if not isinstance(name, str) or "settings" not in state:
         raise ConfigError("source_model", f"the checkpoint names no usable expression embedder ({state!r:.80})")
     if store is None:
         raise ConfigError("source_model", f"'{name}' embeddings are read from the embedding store: give --store")
-    return StoredEmbedder(name, store, settings=state["settings"])
+    return StoredEmbedder(name, store, settings=state["settings"], argv=argv)

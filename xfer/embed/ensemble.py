@@ -68,10 +68,10 @@ class EnsembleEmbedder(Embedder):
         return self.stats_ is not None
 
     @classmethod
-    def from_state(cls, state: dict, store: EmbeddingStore | None) -> "EnsembleEmbedder":
+    def from_state(cls, state: dict, store: EmbeddingStore | None, argv: list[str] | None = None) -> "EnsembleEmbedder":
         from . import embedder_from_state
 
-        emb = cls([embedder_from_state(m, store) for m in state["members"]], store=store)
+        emb = cls([embedder_from_state(m, store, argv) for m in state["members"]], store=store)
         emb.stats_ = [(np.asarray(mu, np.float32), np.asarray(sd, np.float32))
                       for mu, sd in zip(state["block_mean"], state["block_std"])]
         return emb

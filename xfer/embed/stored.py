@@ -66,6 +66,21 @@ def data_flags_from_argv(argv: list[str] | None = None) -> list[str]:
     return out
 
 
+def data_flags_from_args(args) -> list[str]:
+    """The data flags a parsed command line was given (the same flags `xfer embed` takes)."""
+    from ..data.inputs import ROLES
+
+    out = []
+    for r in ROLES.values():
+        for flag, dest in ((r.flag, f"{r.name}_csv"), (r.label_flag, f"{r.name}_label_csv")):
+            if getattr(args, dest, None):
+                out += [flag, str(getattr(args, dest))]
+    for flag in ("label_column", "store"):
+        if getattr(args, flag, None):
+            out += [f"--{flag}", str(getattr(args, flag))]
+    return out
+
+
 def embed_command(name: str, argv: list[str] | None = None) -> str:
     """The `xfer embed` command that writes `name`'s entries for the datasets of this command line."""
     data = data_flags_from_argv(argv)
