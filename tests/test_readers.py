@@ -59,6 +59,62 @@ def test_csv_gz_and_tsv(tmp_path, seed_files):
         np.testing.assert_array_equal(ds.X.toarray(), X)
 
 
+def _gzip_cut(src, dst, keep: float):
+    """`src` gzip-compressed, cut after the fraction `keep` of its bytes (a truncated download)."""
+    import gzip
+    data = gzip.compress(src.read_bytes())
+    dst.write_bytes(data[:int(len(data) * keep)])
+    return dst
+
+
+@pytest.mark.parametrize("kind", ["matrix", "labels"])
+def test_error_gz_name_on_plain_text(tmp_path, seed_files, kind):
+    src = seed_files["gex" if kind == "matrix" else "labels"]
+    p = tmp_path / f"{kind}.csv.gz"
+    p.write_bytes(src.read_bytes())  # plain text under a .gz name
+    read = (lambda: read_matrix(p, modality="gex")) if kind == "matrix" else (lambda: read_labels(p))
+    with pytest.raises(InputError, match=r"not a gzip file \(the name ends in \.gz") as e:
+        read()
+    assert e.value.path == str(p) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["matrix", "labels"])
+def test_error_truncated_gzip(tmp_path, seed_files, kind):
+    src = seed_files["gex" if kind == "matrix" else "labels"]
+    p = _gzip_cut(src, tmp_path / f"{kind}.csv.gz", 0.5)
+    read = (lambda: read_matrix(p, modality="gex")) if kind == "matrix" else (lambda: read_labels(p))
+    with pytest.raises(InputError, match=r"truncated gzip stream \(the file ends early") as e:
+        read()
+    assert e.value.path == str(p)
+
+
+def test_error_truncated_gzip_found_while_streaming(tmp_path):
+    """Cut far into a large file: the first lines decompress, the break shows up in the
+    block-by-block read (not while sniffing the header)."""
+    rng = np.random.default_rng(0)
+    n, m = 4000, 300
+    barcodes = [f"cell{i}" for i in range(n)]
+    X = rng.poisson(0.3, size=(n, m))
+    src = write_csv(tmp_path / "big.csv", barcodes, [f"G{j}" for j in range(m)], X)
+    assert src.stat().st_size > 2 << 20  # the cut lies past the 1 MiB the header sniffing reads
+    p = _gzip_cut(src, tmp_path / "big.csv.gz", 0.8)
+    from xfer.data.readers import _read_head
+    assert _read_head(p)[0].startswith("barcode,G0,G1")  # the head still reads
+    with pytest.raises(InputError, match="truncated gzip stream"):
+        read_csv_matrix(p, modality="gex", block_bytes=1 << 16)
+
+
+def test_error_corrupted_gzip(tmp_path, seed_files):
+    import gzip
+    data = bytearray(gzip.compress(seed_files["gex"].read_bytes()))
+    mid = len(data) // 2
+    data[mid:mid + 4] = bytes(b ^ 0xFF for b in data[mid:mid + 4])
+    p = tmp_path / "c.csv.gz"
+    p.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"c\.csv\.gz: (corrupted|truncated) gzip stream"):
+        read_matrix(p, modality="gex")
+
+
 def test_csv_streams_in_blocks(tmp_path, seed_files):
     """A tiny block size forces many blocks; the result must be identical."""
     ds = read_csv_matrix(seed_files["peak"], modality="peak", block_bytes=64)

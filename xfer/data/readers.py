@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,44 @@ def _check_exists(path) -> None:
         raise InputError(path, None, "is a directory, expected a file")
     if os.path.getsize(path) == 0:
         raise InputError(path, None, "file is empty")
+
+
+# Compressed files are recognised by their suffix (as pyarrow and pandas do); each format's magic bytes.
+_CODECS = {".gz": ("gzip", b"\x1f\x8b"), ".bz2": ("bzip2", b"BZh"), ".zst": ("zstd", b"\x28\xb5\x2f\xfd")}
+
+
+def _codec(path) -> tuple[str, str, bytes] | None:
+    """(suffix, format name, magic bytes) of a file named as compressed, else None."""
+    for suffix, (name, magic) in _CODECS.items():
+        if str(path).lower().endswith(suffix):
+            return suffix, name, magic
+    return None
+
+
+def _check_compressed(path) -> None:
+    """A file named .gz / .bz2 / .zst must hold that format (checked before any reading)."""
+    codec = _codec(path)
+    if codec is None:
+        return
+    suffix, name, magic = codec
+    with open(path, "rb") as f:
+        head = f.read(len(magic))
+    if head != magic:
+        raise InputError(path, None, f"not a {name} file (the name ends in {suffix} but the content is not "
+                         f"{name}-compressed; rename or compress it)")
+
+
+_STREAM_ERRORS = (OSError, EOFError, zlib.error)  # what pyarrow / Python's gzip raise on a broken stream
+
+
+def _stream_error(path, e: BaseException) -> InputError:
+    """A decompression failure while reading a compressed file, as one clear line."""
+    name = _codec(path)[1]
+    msg = str(e)
+    if isinstance(e, EOFError) or "truncated" in msg.lower() or "ended before" in msg:
+        return InputError(path, None, f"truncated {name} stream (the file ends early: an interrupted download "
+                          "or copy?)")
+    return InputError(path, None, f"corrupted {name} stream ({msg})")
 
 
 def _check_unique(values: np.ndarray, path, field: str, what: str) -> None:
@@ -124,6 +163,7 @@ def read_labels(path, label_column: str | None = None) -> tuple[np.ndarray, np.n
     import pandas as pd
 
     _check_exists(path)
+    _check_compressed(path)
     sep = "\t" if str(path).endswith((".tsv", ".tsv.gz")) else None
     try:
         df = pd.read_csv(path, sep=sep, engine="python", dtype=str, keep_default_na=False)
@@ -131,6 +171,10 @@ def read_labels(path, label_column: str | None = None) -> tuple[np.ndarray, np.n
         raise InputError(path, None, "file is empty") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         raise InputError(path, None, f"not a readable CSV: {e}") from None
+    except _STREAM_ERRORS as e:
+        if _codec(path) is None:
+            raise
+        raise _stream_error(path, e) from None
     if df.shape[0] == 0:
         raise InputError(path, None, "no rows (only a header)")
     cols = list(df.columns)
@@ -172,13 +216,18 @@ def attach_labels(ds: CellMatrix, barcodes: np.ndarray, codes: np.ndarray, label
 
 def _read_head(path, n_lines: int = 6) -> list[str]:
     """The first lines of a (possibly compressed) text file, decoded."""
-    with pa.input_stream(str(path), compression="detect") as f:
-        buf = b""
-        while buf.count(b"\n") < n_lines:
-            chunk = f.read(1 << 20)
-            if not chunk:
-                break
-            buf += chunk
+    try:
+        with pa.input_stream(str(path), compression="detect") as f:
+            buf = b""
+            while buf.count(b"\n") < n_lines:
+                chunk = f.read(1 << 20)
+                if not chunk:
+                    break
+                buf += chunk
+    except _STREAM_ERRORS as e:
+        if _codec(path) is None:
+            raise
+        raise _stream_error(path, e) from None
     if not buf.strip():
         raise InputError(path, None, "file is empty")
     try:
@@ -224,7 +273,7 @@ def _locate_bad_value(path, delim, names, col_idx: int, value: str) -> str:
             vals = batch.column(1).to_pylist()
             if value in vals:
                 return str(batch.column(0)[vals.index(value)])
-    except pa.ArrowInvalid:
+    except (pa.ArrowInvalid, *_STREAM_ERRORS):
         pass
     return "?"
 
@@ -239,6 +288,7 @@ def read_csv_matrix(path, *, modality: str, label_path=None, label_column: str |
     """
     path = str(path)
     _check_exists(path)
+    _check_compressed(path)
     label_barcodes = label_codes = None
     if label_path is not None:
         label_barcodes, label_codes = read_labels(label_path, label_column)
@@ -302,6 +352,10 @@ def read_csv_matrix(path, *, modality: str, label_path=None, label_column: str |
             raise InputError(path, f"row '{row}'",
                              f"has {m.group(2)} fields but the header has {m.group(1)}") from None
         raise InputError(path, None, f"malformed CSV: {msg}") from None
+    except _STREAM_ERRORS as e:
+        if _codec(path) is None:
+            raise
+        raise _stream_error(path, e) from None
     if n_rows == 0:
         raise InputError(path, None, "no data rows (only a header)")
     ids = np.concatenate(row_ids)
