@@ -105,6 +105,22 @@ def test_error_unknown_dataset_and_schema(tmp_path, gex_ds):
         store.read("g")
 
 
+@pytest.mark.parametrize("make", [CellStore, EmbeddingStore])
+def test_error_root_is_a_file(tmp_path, make):
+    """A store root that is a regular file (or lies under one) is refused when the store is
+    opened, with the file named and the file untouched."""
+    f = tmp_path / "file"
+    f.write_bytes(b"not a store")
+    for root, msg in ((f, "is a file, not a store directory"), (f / "a" / "b", "is a file, so the store directory")):
+        for given in (str(root), f"file://{root}"):
+            with pytest.raises(StoreError, match=msg) as e:
+                make(given)
+            assert e.value.path == str(f)
+    assert f.read_bytes() == b"not a store" and os.listdir(tmp_path) == ["file"]
+    assert make(str(tmp_path / "new")).root.path == str(tmp_path / "new")  # a missing root is fine (made on write)
+    assert not (tmp_path / "new").exists()
+
+
 def test_error_invalid_name(tmp_path, gex_ds):
     with pytest.raises(StoreError, match="invalid dataset name"):
         CellStore(str(tmp_path)).write(gex_ds, "../evil")

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import StoreError
-from .fs import Location, resolve
+from .fs import Location, resolve_store_root
 
 META_KEY = b"xfer.embedding"
 EMBED_SCHEMA_VERSION = 1
@@ -77,7 +77,7 @@ class Embedding:
 
 class EmbeddingStore:
     def __init__(self, root: str):
-        self.root = resolve(root)
+        self.root = resolve_store_root(root)  # a file in the way fails here, before any write
 
     def __repr__(self) -> str:
         return f"EmbeddingStore({self.root.uri!r})"

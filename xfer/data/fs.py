@@ -128,6 +128,23 @@ def resolve(uri_or_path: str | os.PathLike) -> Location:
     return Location(pafs.LocalFileSystem(), path, path)
 
 
+def resolve_store_root(uri_or_path: str | os.PathLike) -> Location:
+    """`resolve` for a store root. A root that is an existing file (or, for a local path, sits
+    under one) is a StoreError here, before the store reads or writes anything."""
+    from ..errors import StoreError
+
+    loc = resolve(uri_or_path)
+    if loc.is_local:
+        root = Path(loc.path)
+        nearest = next((p for p in (root, *root.parents) if p.exists()), None)  # the part that exists
+        if nearest is not None and not nearest.is_dir():
+            raise StoreError(str(nearest), "is a file, not a store directory" if nearest == root else
+                             f"is a file, so the store directory {root} cannot be made under it")
+    elif loc.fs.get_file_info(loc.path).type == pafs.FileType.File:
+        raise StoreError(loc.uri, "is a file, not a store directory")
+    return loc
+
+
 def tmp_sibling(loc: Location, tag: str = "tmp") -> Location:
     """A fresh, hidden sibling path used to build something before publishing it."""
     parent, base = posixpath.split(loc.path)

@@ -32,7 +32,7 @@ from .. import __version__
 from ..errors import StoreError
 from ..phases import PHASES, decode_phases
 from .dataset import CellMatrix, _canonical_csr, content_hash, make_matrix
-from .fs import Location, resolve, tmp_sibling
+from .fs import Location, resolve_store_root, tmp_sibling
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class CellStore:
     """Datasets by name under `<root>/datasets/`."""
 
     def __init__(self, root: str = DEFAULT_STORE):
-        self.root = resolve(root)
+        self.root = resolve_store_root(root)  # a file in the way fails here, before any write
 
     def __repr__(self) -> str:
         return f"CellStore({self.root.uri!r})"
