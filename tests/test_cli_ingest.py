@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 
 from conftest import BARCODES, PHASES_OF, real_data, write_csv, write_labels
 from xfer.cli import main
@@ -91,3 +92,69 @@ def test_ingest_real_h5ad(tmp_path, capsys):
     assert _ingest(tmp_path / "s", "--src_csv", path) == 0
     ds = CellStore(str(tmp_path / "s")).read("hsiao2020_ipsc_fucci_888x101")
     assert ds.n_cells == 888 and ds.label_counts() == {"G1": 384, "S": 172, "G2M": 332}
+
+
+# ----------------------------------------------------------------------------- broken compressed inputs
+
+def _one_error_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def _gzip_cut(src, dst, keep=0.5):
+    import gzip
+    data = gzip.compress(src.read_bytes())
+    dst.write_bytes(data[:int(len(data) * keep)])
+    return dst
+
+
+@pytest.mark.parametrize("broken", ["matrix", "labels"])
+@pytest.mark.parametrize("how, msg", [("plain", "not a gzip file"), ("cut", "truncated gzip stream")])
+def test_ingest_broken_gzip_is_one_line_and_writes_nothing(tmp_path, seed_files, capsys, broken, how, msg):
+    src = seed_files["gex" if broken == "matrix" else "labels"]
+    bad = tmp_path / f"bad_{broken}.csv.gz"
+    if how == "plain":
+        bad.write_bytes(src.read_bytes())  # plain text renamed to .gz
+    else:
+        _gzip_cut(src, bad)
+    gex, labels = (bad, seed_files["labels"]) if broken == "matrix" else (seed_files["gex"], bad)
+    store = tmp_path / "store"
+    assert _ingest(store, "--src_csv", gex, "--src_label_csv", labels, "--tgt_csv", seed_files["peak"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"xfer ingest: error: {bad}: {msg}"), line
+    assert not store.exists()
+
+
+# ----------------------------------------------------------------------------- a file where the store should be
+
+@pytest.mark.parametrize("under", [False, True])
+def test_store_path_that_is_a_file(tmp_path, seed_files, capsys, under):
+    """--store naming a regular file (or a path under one): one line, the file untouched."""
+    f = tmp_path / "not_a_store"
+    f.write_text("precious\n")
+    store = f / "sub" if under else f
+    assert _ingest(store, "--src_csv", seed_files["gex"], "--src_label_csv", seed_files["labels"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"xfer ingest: error: {f}: is a file"), line
+    assert ("cannot be made under it" in line) == under
+    assert f.read_text() == "precious\n" and sorted(os.listdir(tmp_path)) == ["L_GEX.csv", "L_PEAK.csv",
+                                                                            "L_labels.csv", "not_a_store"]
+    assert main(["store", "--store", str(f)]) == 2
+    assert f"{f}: is a file, not a store directory" in capsys.readouterr().err
+
+
+def test_train_store_path_that_is_a_file(tmp_path, seed_files, capsys):
+    """xfer train reads its embeddings through the store: refused before anything is written
+    there (the output folder is made first, by the pipeline, and stays empty)."""
+    f = tmp_path / "not_a_store"
+    f.write_text("precious\n")
+    out = tmp_path / "out"
+    rc = main(["train", "--store", str(f), "--src_csv", str(seed_files["gex"]), "--src_label_csv",
+               str(seed_files["labels"]), "--tgt_csv", str(seed_files["peak"]), "--output_folder", str(out),
+               "--epochs", "1"])
+    assert rc == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line == f"xfer train: error: {f}: is a file, not a store directory", line
+    assert f.read_text() == "precious\n"
+    assert not out.exists() or os.listdir(out) == []
