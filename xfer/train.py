@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from . import losses as L
-from .checkpoint import FORMAT, cpu_copy, export_best, to_tensors
+from .checkpoint import FORMAT, cpu_copy, to_tensors
 from .config import TrainConfig
 from .cuda_graph import StepGraph
 from .device import Rows, allreduce_grads, distributed, resolve_device
@@ -278,22 +278,26 @@ class Trainer:
             return self.checkpoint()
         return build
 
+    def _predictor(self) -> dict:
+        """The checkpoint entries that describe the predictor (all but the weights and epoch)."""
+        s = self.state
+        return {"format": FORMAT, "config": self.cfg.to_dict(), "dims": dict(self.dims),
+                "preprocess": to_tensors(self.data.preprocess), "best_epoch": int(s.best_epoch),
+                "best_metric": float(s.best_metric), "metric_name": f"peak_val_{self.cfg.optim.metric}"}
+
     def checkpoint(self) -> dict:
         """The whole predictor at this epoch plus what resuming needs (see xfer.checkpoint)."""
         s = self.state
-        return {
-            "format": FORMAT, "config": self.cfg.to_dict(), "dims": dict(self.dims),
-            "preprocess": to_tensors(self.data.preprocess),
-            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
-            "epoch": s.epoch, "best_epoch": int(s.best_epoch), "best_metric": float(s.best_metric),
-            "metric_name": f"peak_val_{self.cfg.optim.metric}", "train_state": s.resume_state(),
-        }
+        return {**self._predictor(), "epoch": s.epoch,
+                "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+                "train_state": s.resume_state()}
 
     def result(self, stopped_early: bool, seconds: float) -> FitResult:
         s = self.state
         if s.best_weights is None:  # resumed after the last epoch: nothing new
             s.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        best = export_best(self.checkpoint())
+        # the best epoch's predictor, without the resume state (what best_model.pt holds)
+        best = {**self._predictor(), "epoch": s.best_epoch or s.epoch, "model": cpu_copy(s.best_weights)}
         self.finished = True  # the model now holds the best epoch's weights, not the last one's
         self.model.load_state_dict(s.best_weights)
         self.model.eval()
