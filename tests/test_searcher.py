@@ -109,6 +109,34 @@ def test_restore_fails_trials_proposed_after_the_snapshot(tmp_path):
     assert _stored(db)["t2"].state == TrialState.COMPLETE
 
 
+def test_restore_readopts_trials_that_finished_after_the_snapshot(tmp_path):
+    """A trial proposed and finished between the last snapshot and a crash is finished in the
+    study but unknown to the restored Tune state, which proposes a replacement: the
+    replacement gets that trial back (same parameters, first result kept), so the study
+    still holds one result per trial."""
+    db = tmp_path / "study.db"
+    s = _searcher(db)
+    s.suggest("t1")
+    s.save(str(tmp_path / "searcher.pkl"))
+    lost = s.suggest("t2")                # after the snapshot, and finished before the crash
+    s.on_trial_result("t2", {"epoch": 1, "objective": 0.3})
+    s.on_trial_complete("t2", {"epoch": 2, "objective": 0.45})
+    r = _searcher(db)
+    r.restore(str(tmp_path / "searcher.pkl"))
+    again = r.suggest("t9")               # Tune's replacement for the trial it lost
+    assert again == lost                  # fixed and searched parameters alike
+    r.suggest("t10")                      # later proposals are new Optuna trials again
+    assert r.internals.trials["t9"].number == s.internals.trials["t2"].number
+    assert r.internals.trials["t10"].number not in (r.internals.trials["t9"].number, 0)
+    r.on_trial_result("t9", {"epoch": 1, "objective": 0.9})
+    r.on_trial_complete("t9", {"epoch": 2, "objective": 0.99})
+    st = _stored(db)
+    assert st["t2"].state == TrialState.PRUNED and st["t2"].value == 0.45  # the first result stands
+    assert st["t2"].intermediate_values == {1: 0.3, 2: 0.45}
+    finished = [t for t in st.values() if t.state.is_finished()]
+    assert len(finished) == 1 and len(st) == 3  # t2 (finished), t1 and t10 (running)
+
+
 @pytest.mark.parametrize("field", OptunaInternals.SEARCHER_FIELDS)
 def test_a_missing_ray_field_is_named(tmp_path, field):
     s = _searcher(tmp_path / "study.db")

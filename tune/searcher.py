@@ -10,8 +10,13 @@ restore. This subclass:
 - tells a trial that ended before `max_t` epochs as PRUNED (with its last
   value as the final intermediate), so optuna-dashboard shows pruning;
 - tags each Optuna trial with its Ray trial id and the epochs it ran;
-- after `Tuner.restore`, marks Optuna trials the restored state does not know
-  as FAIL ("orphaned_by_restore");
+- after `Tuner.restore`, marks unfinished Optuna trials the restored state does
+  not know as FAIL ("orphaned_by_restore"); a trial that was proposed *and*
+  finished after the driver's last snapshot is finished in the study but
+  unknown to the restored Tune state, so Tune asks for a replacement: the
+  replacement gets that trial's parameters and its Optuna trial back
+  ("readopted"), so the study keeps exactly one result per trial (the first)
+  and the sweep its number of trials (the trial's work runs again);
 - never raises from a hook (an exception in `on_trial_result` would stop the
   whole Tune driver).
 
@@ -64,7 +69,7 @@ class OptunaInternals:
     Every access raises `PrivateFieldGone`, naming the field, when it is missing.
     """
 
-    SEARCHER_FIELDS = ("_ot_trials", "_completed_trials", "_ot_study")
+    SEARCHER_FIELDS = ("_ot_trials", "_completed_trials", "_ot_study", "_space")
     STORAGE_METHODS = ("get_trial", "set_trial_system_attr", "set_trial_state_values")
 
     def __init__(self, searcher: OptunaSearch):
@@ -85,6 +90,11 @@ class OptunaInternals:
     def study(self) -> optuna.Study | None:
         """The study (OptunaSearch._ot_study); None before the search space is set."""
         return _private(self._searcher, "_ot_study", "ray.tune.search.optuna.OptunaSearch")
+
+    @property
+    def space(self):
+        """The define-by-run space function (OptunaSearch._space)."""
+        return _private(self._searcher, "_space", "ray.tune.search.optuna.OptunaSearch")
 
     # ------------------------------------------------------------------ Optuna
     @property
@@ -110,6 +120,16 @@ class OptunaInternals:
     def unfinished(self) -> list[optuna.trial.FrozenTrial]:
         """The study's RUNNING and WAITING trials (without copying them)."""
         return self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
+
+    def finished(self) -> list[optuna.trial.FrozenTrial]:
+        """The study's COMPLETE and PRUNED trials (without copying them)."""
+        return self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+
+    def adopt(self, ray_trial_id: str, frozen: optuna.trial.FrozenTrial) -> dict:
+        """Give the Ray trial `ray_trial_id` the stored trial `frozen` (its Optuna trial and
+        its parameters, fixed ones included); returns the parameters."""
+        self.trials[ray_trial_id] = optuna.trial.Trial(self.study, self.storage_id(frozen))
+        return self.space(optuna.trial.FixedTrial(frozen.params, frozen.number))
 
     def mark_failed(self, trial, attr: str) -> None:
         """Set the system attribute `attr` and the state FAIL straight in the storage (a trial
@@ -141,6 +161,12 @@ class EpochAwareOptunaSearch(OptunaSearch):
         return OptunaInternals(self)
 
     def suggest(self, trial_id: str) -> Optional[Dict]:
+        lost = getattr(self, "_readopt", None)
+        if lost:  # a trial that finished after the last snapshot comes back under this id (see restore)
+            frozen = lost.pop(0)
+            log.info("Ray trial %s re-runs Optuna trial %d, which finished after the driver's last snapshot "
+                     "(its first result is kept)", trial_id, frozen.number)
+            return self.internals.adopt(trial_id, frozen)
         cfg = super().suggest(trial_id)
         ot_trial = self.internals.trials.get(trial_id)
         if ot_trial is not None and "ray_trial_id" not in ot_trial.user_attrs:
@@ -200,3 +226,5 @@ class EpochAwareOptunaSearch(OptunaSearch):
         for t in ot.unfinished():
             if ot.storage_id(t) not in known:
                 ot.mark_failed(t, "orphaned_by_restore")
+        # finished after the last snapshot: the restored Tune state will propose that many new trials
+        self._readopt = sorted((t for t in ot.finished() if ot.storage_id(t) not in known), key=lambda t: t.number)
