@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from conftest import write_tiny_bert
 from xfer.data.dataset import make_matrix
 from xfer.data.embed_store import EmbeddingKey, EmbeddingStore
 from xfer.embed import PCAEmbedder, embed_lines, make_embedder, resolve_source_model
@@ -34,17 +35,6 @@ SYMS = [f"GENE{i}" for i in range(1, N_GENES + 1)]
 
 # ----------------------------------------------------------------------------- fixtures
 
-def _write_model(path, *, layers=2, max_pos=4096, vocab=N_GENES + 4, seed=0):
-    import torch
-    from transformers import BertConfig, BertForMaskedLM
-
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
-                     intermediate_size=32, max_position_embeddings=max_pos, pad_token_id=0, hidden_act="relu")
-    BertForMaskedLM(cfg).save_pretrained(str(path))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def gf(tmp_path_factory):
     """Tiny Geneformer-style files: V2 model, V1 model, dictionaries in JSON / TSV."""
@@ -57,8 +47,8 @@ def gf(tmp_path_factory):
     (d / "med.json").write_text(json.dumps(med))
     (d / "map.tsv").write_text("symbol\tensembl_id\n" + "".join(f"{s}\t{e}\n" for s, e in zip(SYMS, ENS)))
     return {"dir": d, "tok": str(d / "tok.json"), "tok_v1": str(d / "tok_v1.json"), "med": str(d / "med.json"),
-            "map": str(d / "map.tsv"), "model": _write_model(d / "v2"),
-            "model_v1": _write_model(d / "v1", max_pos=2048, vocab=N_GENES + 2, seed=1)}
+            "map": str(d / "map.tsv"), "model": write_tiny_bert(d / "v2"),
+            "model_v1": write_tiny_bert(d / "v1", max_pos=2048, vocab=N_GENES + 2, seed=1)}
 
 
 def expr(n=14, seed=0, ids=True, name="lineA"):
@@ -529,21 +519,6 @@ def test_xfer_embed_writes_then_hits(gf, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- end to end through the store
-
-@pytest.fixture(scope="module")
-def sim_geneformer(tmp_path_factory, tiny_pair):
-    """A tiny Geneformer-style model whose dictionaries cover the simulator's genes."""
-    A, _ = tiny_pair
-    ids = list(A.gex.feature_ids[:300])
-    d = tmp_path_factory.mktemp("sim_gf")
-    tok = {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3, **{g: i + 4 for i, g in enumerate(ids)}}
-    (d / "tok.json").write_text(json.dumps(tok))
-    (d / "med.json").write_text(json.dumps({g: 1.0 + (i % 7) / 3 for i, g in enumerate(ids)}))
-    (d / "map.tsv").write_text("symbol\tensembl_id\n" + "".join(
-        f"{s}\t{e}\n" for s, e in zip(A.gex.features[:300], ids)))
-    return ["--model_path", _write_model(d / "model", vocab=len(tok)), "--token_dictionary_file", str(d / "tok.json"),
-            "--gene_median_file", str(d / "med.json"), "--gene_mapping_file", str(d / "map.tsv")]
-
 
 def test_embed_then_train_with_source_model_geneformer(tmp_path, tiny_store, sim_geneformer, capsys):
     from conftest import SMALL_MODEL

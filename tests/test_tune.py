@@ -116,6 +116,20 @@ def test_smoke_sweep_prunes_and_accounts_for_every_trial(smoke):
     assert "Ray dashboard: http://127.0.0.1:" in r.stdout
 
 
+def test_predict_with_the_sweeps_checkpoint_reproduces_its_scoring(smoke, store, tmp_path):
+    """best_model.pt of a sweep is a whole predictor: `xfer predict` on the test line gives the
+    predictions the sweep scored its best trial with."""
+    from test_predict import _assert_same
+    out, _ = smoke
+    r = subprocess.run(XFER + ["predict", "--checkpoint", str(out / "best_model.pt"), "--store", str(store),
+                               "--test_csv", "store:B_GEX", "--sup_peak_csv", "store:B_PEAK",
+                               "--output_folder", str(tmp_path / "pred")], env=_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_same(tmp_path / "pred" / "predictions.csv", out / "predictions_peak_test.csv")
+    _assert_same(tmp_path / "pred" / "predictions_gex.csv", out / "predictions_gex_test.csv")
+
+
 def test_no_test_label_or_test_data_reaches_the_search(smoke):
     """Trials get only the training line's datasets; the test inputs appear only in the
     driver's scoring settings."""

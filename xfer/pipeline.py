@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 from .baselines import run_baselines
-from .config import TrainConfig, drop_other_arch_params, parse_set
+from .config import ARCHS, DIVERGENCES, TrainConfig, drop_other_arch_params, parse_set
 from .data.dataset import CellMatrix
 from .data.embed_store import EmbeddingStore
 from .data.fs import write_json
@@ -50,8 +50,8 @@ def add_train_arguments(parser) -> None:
     g.add_argument("--n_components", type=int, help="pca: embedding width (default 64)")
     g.add_argument("--ensemble_model1", help="with --source_model ensemble: the first stored embedding")
     g.add_argument("--ensemble_model2", help="with --source_model ensemble: the second stored embedding")
-    g.add_argument("--arch_type", help="peak encoder: dae | vae | contrastive | hybrid | mlp")
-    g.add_argument("--divergence_type", help="mmd | kl | jensen | coral")
+    g.add_argument("--arch_type", help=f"peak encoder: {' | '.join(ARCHS)}")
+    g.add_argument("--divergence_type", help=' | '.join(DIVERGENCES))
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch_size", type=int)
     g.add_argument("--lr", type=float)
@@ -182,8 +182,8 @@ def run_train(args) -> dict:
     t0 = time.perf_counter()
     cfg = build_config(args)
     out = Path(args.output_folder)
+    p = prepare(args, cfg)  # every input is read and checked before the output folder is made
     out.mkdir(parents=True, exist_ok=True)
-    p = prepare(args, cfg)
     log.info("training line: %d cells (%d train / %d val), %d peaks after the filter, %d-D %s embedding",
              p.train.line.barcodes.shape[0], len(p.train.train_idx), len(p.train.val_idx), p.train.n_peaks,
              p.train.emb_dim, cfg.data.source_model)
@@ -215,8 +215,8 @@ def run_train(args) -> dict:
 def run_baseline(args) -> dict:
     cfg = build_config(args)
     out = Path(args.output_folder)
-    out.mkdir(parents=True, exist_ok=True)
     p = prepare(args, cfg)
     metrics = {"baselines": baselines_for(p)}
+    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", metrics)
     return metrics
