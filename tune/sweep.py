@@ -327,7 +327,7 @@ def export(grid, sw: Sweep) -> dict:
         "trial_id": best["trial_id"], "best_epoch": int(best["best_epoch"]), "epochs_run": int(best["epochs_run"]),
         "search_epochs": sw.search_epochs,
     }
-    (sw.output / "best_params.json").write_text(json.dumps(best_params, indent=1, default=str))
+    write_json(sw.output / "best_params.json", best_params)
     ckpt_file = None
     ckpt_path = _checkpoint_file(result, sw, best["trial_id"])
     if ckpt_path is not None:
