@@ -192,7 +192,7 @@ def run(src: Path, dev_seeds: list[int], eval_seeds: list[int], budget: float, o
 
 # ----------------------------------------------------------------------------- report
 
-BASELINES = ("lsi_lr", "lsi_aligned", "lsi_coral")  # the plain PEAK baselines
+BASELINES = ("lsi_lr", "lsi_aligned", "lsi_coral", "joint_lsi_z", "joint_lsi_coral")  # the plain PEAK baselines
 
 
 def report(path: Path) -> str:
@@ -250,7 +250,10 @@ def report(path: Path) -> str:
                        f"{r['peak_test']['macro_f1']:.3f} | {r['best_epoch']}/{r['epochs_run']} |")
         names = {"majority": "majority class", "lsi_lr": "LSI + LR fit on the training line (naive transfer; "
                  "on val: within-line)", "lsi_aligned": "LSI on both lines, each standardised, balanced LR "
-                 "(label-free aligned)", "lsi_coral": "the same, CORAL-aligned", "gex_lr": "LR on the expression "
+                 "(label-free aligned)", "lsi_coral": "the same, CORAL-aligned",
+                 "joint_lsi_z": "TF-IDF per line (own IDF), one SVD of both lines, z per line, balanced LR on all "
+                 "training-line cells (the recipe)", "joint_lsi_coral": "the recipe, training line CORAL-mapped onto "
+                 "the test line", "gex_lr": "LR on the expression "
                  "embedding", "marker_score": "marker-gene scores (Tirosh lists)"}
         for k, m in bl[s0].items():
             f1 = f"{m['peak_test']['macro_f1']:.3f}" if "peak_test" in m else "–"

@@ -32,7 +32,8 @@ def test_train_writes_every_output(tmp_path, tiny_store, capsys):
             assert key in m[split], (split, key)
         assert np.array(m[split]["confusion"]).shape == (3, 3)
         assert np.array(m[split]["confusion"]).sum() == m[split]["n"]
-    assert set(m["baselines"]) == {"majority", "lsi_lr", "lsi_aligned", "lsi_coral", "gex_lr", "marker_score"}
+    assert set(m["baselines"]) == {"majority", "lsi_lr", "lsi_aligned", "lsi_coral", "joint_lsi_z", "joint_lsi_coral",
+                                   "gex_lr", "marker_score"}
     assert m["baselines"]["lsi_aligned"]["peak_test"]["n"] == m["peak_test"]["n"]
     pred = pd.read_csv(out / "predictions_peak_test.csv")
     assert list(pred.columns) == ["barcode", "true", "predicted", "prob_G1", "prob_S", "prob_G2M"]
@@ -72,7 +73,9 @@ def test_baseline_command(tmp_path, tiny_store, capsys):
                  "--sup_peak_csv", "store:B_PEAK", "--output_folder", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["baselines"]["lsi_aligned"]["peak_test"]["n"] > 0
+    assert m["baselines"]["joint_lsi_z"]["peak_test"]["n"] == m["baselines"]["joint_lsi_coral"]["peak_test"]["n"] > 0
     assert "gex_test" not in m["baselines"]["majority"]  # no --test_csv given
+    assert "joint_lsi_z" in capsys.readouterr().out
 
 
 def test_train_bad_config_names_the_key(tmp_path, tiny_store, capsys):
