@@ -190,3 +190,61 @@ def test_custom_size_runs():
     a, b = simulate_pair(SimSize(40, 50, 120, 400), seed=3)
     assert a.gex.X.shape == (40, 120) and b.peak.n_cells == 50
     assert a.peak.n_features == 400
+
+
+# ----------------------------------------------------------------------------- varied assumptions
+
+def test_drawn_settings_are_deterministic_and_within_the_documented_ranges():
+    from xfer.data.simulate import VARIED_RANGES, draw_settings
+
+    draws = [draw_settings(seed, "tiny") for seed in range(40)]
+    assert draw_settings(7, "tiny") == draws[7] and draws[0] != draws[1]
+    for size, st in draws:
+        lo, hi, _ = VARIED_RANGES["n_cells"]
+        assert lo <= size.n_cells_a <= hi and lo <= size.n_cells_b <= hi
+        assert (size.n_genes, size.n_peaks) == (SIZES["tiny"].n_genes, SIZES["tiny"].n_peaks)
+        for key in ("rt_line_corr", "nascent_access", "promoter_coupling", "g2m_per_copy", "dna_depth_exponent",
+                    "shared_identical", "boundary_jitter_sd", "split_fraction_b", "peaks_b_ratio"):
+            assert VARIED_RANGES[key][0] <= getattr(st, key) <= VARIED_RANGES[key][1], key
+        for spec in st.lines:
+            g1, s, g2m = spec.phase_props
+            assert VARIED_RANGES["g1_fraction"][0] <= g1 <= VARIED_RANGES["g1_fraction"][1]
+            assert abs(g1 + s + g2m - 1) < 1e-3 and s > 0 and g2m > 0
+    # the draws span their ranges (not a handful of values near one default)
+    corr = [st.rt_line_corr for _, st in draws]
+    assert min(corr) < 0.7 and max(corr) > 0.9
+
+
+def test_settings_change_what_they_claim():
+    """Phase proportions, the test line's peak count, and fragments growing with DNA content
+    follow the settings; the defaults reproduce the unvaried simulator exactly."""
+    from dataclasses import replace
+
+    from xfer.data.simulate import LINE_SPECS, SimSettings
+
+    size = SimSize(600, 600, 300, 1_000)
+    a0, b0 = simulate_pair(size, seed=2)
+    a1, b1 = simulate_pair(size, seed=2, settings=SimSettings())
+    assert a0.peak.content_hash() == a1.peak.content_hash() and b0.gex.content_hash() == b1.gex.content_hash()
+    lines = (replace(LINE_SPECS[0], phase_props=(0.8, 0.1, 0.1)), LINE_SPECS[1])
+    st = SimSettings(lines=lines, peaks_b_ratio=0.75, dna_depth_exponent=0.0)
+    a2, b2 = simulate_pair(size, seed=2, settings=st)
+    assert a2.truth["phase"].value_counts(normalize=True)["G1"] == pytest.approx(0.8, abs=0.01)
+    assert b2.peak.n_features < 0.8 * b0.peak.n_features
+    ratio = lambda line: (line.truth.groupby("phase")["peak_total_counts"].mean()  # noqa: E731
+                          / line.truth.groupby("phase")["atac_depth_factor"].mean())
+    assert ratio(a0)["G2M"] / ratio(a0)["G1"] > 1.4          # fragments grow with DNA content ...
+    assert ratio(a2)["G2M"] / ratio(a2)["G1"] < 1.15         # ... or, with exponent 0, do not
+
+
+def test_simulate_vary_writes_its_settings(tmp_path, capsys):
+    import json
+
+    from xfer.cli import main
+
+    assert main(["simulate", "--size", "tiny", "--vary", "--seed", "3", "--out", str(tmp_path / "d"),
+                 "--formats", "csv"]) == 0
+    saved = json.loads((tmp_path / "d" / "settings.json").read_text())
+    assert saved["seed"] == 3 and set(saved["settings"]) >= {"lines", "rt_line_corr", "dna_depth_exponent"}
+    n_cells = pd.read_csv(tmp_path / "d" / "simA_labels.csv").shape[0]
+    assert n_cells == saved["size"]["n_cells_a"]

@@ -47,11 +47,22 @@ def cmd_simulate(args) -> int:
     if args.size not in SIZES:
         raise XferError(f"--size: unknown size '{args.size}'; choose from {', '.join(SIZES)}")
     t0 = time.perf_counter()
-    lines = simulate_pair(args.size, seed=args.seed)
+    size, settings = args.size, None
+    if args.vary:  # the pair's assumptions (and cells per line) drawn from documented ranges
+        from .data.simulate import draw_settings
+        size, settings = draw_settings(args.seed, args.size)
+    lines = simulate_pair(size, seed=args.seed, settings=settings)
     log.info("simulated %s in %.1f s", ", ".join(f"{ln.name}: {ln.gex.n_cells} cells" for ln in lines),
              time.perf_counter() - t0)
     file_formats = tuple(f for f in formats if f != "store")
     written = write_simulation(lines, args.out, formats=file_formats) if file_formats else {}
+    if settings is not None:
+        from dataclasses import asdict
+
+        from .data.fs import write_json
+        path = write_json(f"{args.out}/settings.json", {"seed": args.seed, "size": asdict(size),
+                                                        "settings": settings.to_dict()})
+        written.setdefault("settings", []).append(path)
     for fmt, paths in written.items():
         for p in paths:
             print(f"{fmt:5s} {p}")
@@ -163,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("simulate", help="write a simulated paired-multiome pair of cell lines")
     s.add_argument("--size", default="small", help="tiny | small | medium | seed (default small)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--vary", action="store_true",
+                   help="draw the pair's assumptions and cells per line from the documented ranges "
+                        "(xfer.data.simulate.VARIED_RANGES) with --seed; genes and peaks from --size; "
+                        "writes settings.json")
     s.add_argument("--out", default="sim_data", help="output directory for files (default ./sim_data)")
     s.add_argument("--formats", default="csv,h5ad,10x,store",
                    help="comma list of csv, h5ad, 10x, store (default: all)")

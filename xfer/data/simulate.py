@@ -116,6 +116,21 @@ own child of ``numpy.random.SeedSequence(seed)``.  Cells are generated in
 fixed chunks of 256, so the seed size (2 x ~7.5k cells, 28k genes, 92k peaks)
 never needs a dense cells x peaks array (about 2 minutes, < 3 GB on 2 cores).
 
+Varied pairs
+------------
+``draw_settings(seed)`` draws a pair's assumptions (``SimSettings``) and its
+cells per line from ``VARIED_RANGES`` (``xfer simulate --vary``): phase
+proportions per line (G1 45-80 %), how strongly phase shows in accessibility
+(nascent-copy accessibility 0.3-0.9, promoter coupling 0.1-0.45, G2/M
+compaction 0.7-1.0), how different the two lines' replication timing is
+(correlation 0.6-0.97), depth (per-cell sd 0.3-0.7, simB's median 0.4-1.2x
+simA's) and its link to DNA content (fragments grow as DNA content ** 0.4-1.0),
+FRiP per line, simB's TSS enrichment and non-cycle states, how the lines' peaks
+differ (site offsets, line-only sites 3-15 %, identical boundaries 0-40 %,
+boundary jitter 20-150 bp, split peaks 0-6 %, simB calling 0.7-1.3x simA's
+peaks) and 800-7,500 cells per line.  The defaults (no settings) are the
+constants above and give exactly the unvaried simulator.
+
 Honesty
 -------
 Plain baselines are deliberately not near-perfect: phases blend at their
@@ -148,6 +163,9 @@ __all__ = [
     "SimulatedLine",
     "LineSpec",
     "LINE_SPECS",
+    "SimSettings",
+    "VARIED_RANGES",
+    "draw_settings",
     "simulate_pair",
     "write_simulation",
 ]
@@ -263,6 +281,104 @@ CHUNK_CELLS = 256  # fixed, so the output does not depend on memory settings
 _LARGE_MEAN = 30.0  # above this, counts come from numpy's own samplers
 
 
+# ------------------------------------------------------------- pair settings
+
+
+@dataclass(frozen=True)
+class SimSettings:
+    """The assumptions a simulated pair is made under.  The defaults are the module
+    constants above (``simulate_pair`` without settings); ``draw_settings`` draws every
+    field from ``VARIED_RANGES`` so that a benchmark can span the assumptions a method
+    could overfit: how strongly phase shows in accessibility, how different the lines'
+    replication timing is, depth and its link to DNA content, phase proportions and peak
+    calling.
+    """
+
+    lines: tuple[LineSpec, LineSpec] = LINE_SPECS
+    rt_line_corr: float = RT_LINE_CORR            # correlation of the two lines' timing fields
+    nascent_access: float = NASCENT_ACCESS        # accessibility of a freshly replicated copy
+    promoter_coupling: float = PROMOTER_COUPLING  # promoter accessibility per unit of gene log-amplitude
+    g2m_per_copy: float = G2M_PER_COPY            # chromatin compaction in G2/M
+    atac_depth_sd: float = ATAC_DEPTH_SD          # per-cell log fragment depth
+    dna_depth_exponent: float = 1.0               # fragments grow as DNA content ** this (1: in proportion)
+    site_line_sd: float = SITE_LINE_SD            # simB's per-site log accessibility offset
+    site_line_only: float = SITE_LINE_ONLY        # share of sites open in one line only (each way)
+    shared_identical: float = SHARED_IDENTICAL    # shared sites called with identical boundaries
+    boundary_jitter_sd: float = BOUNDARY_JITTER_SD  # bp, per peak boundary and line
+    split_fraction_b: float = SPLIT_FRACTION_B    # simB peaks that are halves of a split site
+    peaks_b_ratio: float = PEAKS_B_RATIO          # simB calls this many times simA's peaks
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+#: Documented ranges of ``draw_settings`` (uniform; "log" ones log-uniform).  Chosen a
+#: priori to span plausible cell-line pairs, never tuned towards any model.
+VARIED_RANGES: dict[str, tuple] = {
+    "n_cells": (800, 7_500, "log"),          # per line, drawn independently
+    "g1_fraction": (0.45, 0.80),             # per line: G1-heavy, as real cell lines are
+    "s_share_of_cycling": (0.45, 0.65),      # per line: S / (S + G2M)
+    "depth_ratio_b": (0.4, 1.2, "log"),      # simB's median fragment depth relative to simA's
+    "gex_ratio_b": (0.6, 1.2, "log"),        # simB's median GEX library factor relative to simA's
+    "background": (0.10, 0.45),              # per line: background share of in-peak fragments (FRiP)
+    "promoter_enrichment_b": (-0.2, 0.5),    # simB's mean log TSS enrichment (simA 0)
+    "state_mean_b": (-0.6, 0.6),             # simB's mean of each non-cycle state
+    "rt_line_corr": (0.6, 0.97),
+    "nascent_access": (0.3, 0.9),
+    "promoter_coupling": (0.1, 0.45),
+    "g2m_per_copy": (0.7, 1.0),
+    "atac_depth_sd": (0.3, 0.7),
+    "dna_depth_exponent": (0.4, 1.0),
+    "site_line_sd": (0.4, 1.0),
+    "site_line_only": (0.03, 0.15),
+    "shared_identical": (0.0, 0.4),
+    "boundary_jitter_sd": (20.0, 150.0),
+    "split_fraction_b": (0.0, 0.06),
+    "peaks_b_ratio": (0.7, 1.3),
+}
+
+
+def draw_settings(seed: int, size: str | SimSize = "medium") -> tuple[SimSize, SimSettings]:
+    """A pair's size (cells per line drawn, genes and peaks from `size`) and settings, each
+    drawn from ``VARIED_RANGES`` with a generator of its own (independent of the pair's
+    simulation streams)."""
+    base = _resolve_size(size)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5E77]))
+
+    def u(key):
+        lo, hi, *log = VARIED_RANGES[key]
+        return float(math.exp(rng.uniform(math.log(lo), math.log(hi)))) if log else float(rng.uniform(lo, hi))
+
+    n_cells = [int(round(u("n_cells"))) for _ in range(2)]
+    props = []
+    for _ in range(2):
+        g1 = u("g1_fraction")
+        s = (1.0 - g1) * u("s_share_of_cycling")
+        props.append((round(g1, 4), round(s, 4), round(1.0 - g1 - s, 4)))
+    a, b = LINE_SPECS
+    depth_b, gex_b = u("depth_ratio_b"), u("gex_ratio_b")
+    bg = (u("background"), u("background"))
+    lines = (LineSpec(a.name, props[0], a.gex_median_factor, a.atac_median_depth, bg[0], a.promoter_enrichment,
+                      a.state_means),
+             LineSpec(b.name, props[1], a.gex_median_factor * gex_b, a.atac_median_depth * depth_b, bg[1],
+                      u("promoter_enrichment_b"), tuple(u("state_mean_b") for _ in range(N_STATES))))
+    fields = ("rt_line_corr", "nascent_access", "promoter_coupling", "g2m_per_copy", "atac_depth_sd",
+              "dna_depth_exponent", "site_line_sd", "site_line_only", "shared_identical", "boundary_jitter_sd",
+              "split_fraction_b", "peaks_b_ratio")
+    settings = SimSettings(lines=lines, **{f: u(f) for f in fields})
+    return SimSize(n_cells[0], n_cells[1], base.n_genes, base.n_peaks), settings
+
+
+def _n_peaks_b(size: SimSize, st: SimSettings) -> int:
+    return int(round(size.n_peaks * st.peaks_b_ratio))
+
+
+def _n_sites(size: SimSize, st: SimSettings) -> int:
+    return int(math.ceil(max(size.n_peaks_a, _n_peaks_b(size, st)) / CALLED_FRACTION))
+
+
 # ---------------------------------------------------------------- results
 
 
@@ -336,13 +452,13 @@ def _smooth_field(rng: np.random.Generator, n: int) -> np.ndarray:
     return field / np.sqrt((kernel**2).sum())
 
 
-def _replication_timing(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _replication_timing(rng: np.random.Generator, line_corr: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-bin replication times for both lines and the first bin of each chromosome."""
     n_bins = [length // RT_BIN + 1 for _, length in CHROMOSOMES]
     offsets = np.concatenate([[0], np.cumsum(n_bins)])
     z_a = np.concatenate([_smooth_field(rng, n) for n in n_bins])
     z_other = np.concatenate([_smooth_field(rng, n) for n in n_bins])
-    z_b = RT_LINE_CORR * z_a + math.sqrt(1 - RT_LINE_CORR**2) * z_other
+    z_b = line_corr * z_a + math.sqrt(1 - line_corr**2) * z_other
 
     def squash(z: np.ndarray) -> np.ndarray:
         return np.clip(1.0 / (1.0 + np.exp(-2.0 * z)), 0.02, 0.98)
@@ -350,11 +466,11 @@ def _replication_timing(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarra
     return squash(z_a), squash(z_b), offsets
 
 
-def _make_sites(rng: np.random.Generator, n_sites: int) -> _Sites:
+def _make_sites(rng: np.random.Generator, n_sites: int, st: SimSettings) -> _Sites:
     lengths = np.array([length for _, length in CHROMOSOMES], dtype=np.float64)
     per_chrom = np.floor(n_sites * lengths / lengths.sum()).astype(np.int64)
     per_chrom[np.argsort(-lengths)[: n_sites - per_chrom.sum()]] += 1
-    rt_a, rt_b, bin_offsets = _replication_timing(rng)
+    rt_a, rt_b, bin_offsets = _replication_timing(rng, st.rt_line_corr)
 
     chrom, centre = [], []
     for ci, ((_, length), n) in enumerate(zip(CHROMOSOMES, per_chrom)):
@@ -462,7 +578,7 @@ class _SiteModel:
     promoter_of: np.ndarray  # gene symbol or '' per site
 
 
-def _make_site_model(rng: np.random.Generator, sites: _Sites, genes: _Genes) -> _SiteModel:
+def _make_site_model(rng: np.random.Generator, sites: _Sites, genes: _Genes, st: SimSettings) -> _SiteModel:
     n = len(sites.centre)
     base = rng.beta(0.6, 12.0, n)
     prom = genes.table["promoter_site"].to_numpy()
@@ -470,17 +586,17 @@ def _make_site_model(rng: np.random.Generator, sites: _Sites, genes: _Genes) -> 
     base[prom] = rng.beta(1.5, 5.0, prom.size) * np.exp(np.clip(0.35 * expr_z, -1.0, 1.0))
     base *= np.exp(0.6 * (0.5 - sites.rt[0][sites.rt_bin]))  # early domains are more open
 
-    offset_b = rng.normal(-0.5 * SITE_LINE_SD**2, SITE_LINE_SD, n)  # mean factor 1
+    offset_b = rng.normal(-0.5 * st.site_line_sd**2, st.site_line_sd, n)  # mean factor 1
     base_a, base_b = base.copy(), base * np.exp(offset_b)
     only = rng.random(n)
-    base_b[only < SITE_LINE_ONLY] *= 0.05  # open in A only
-    base_a[(only >= SITE_LINE_ONLY) & (only < 2 * SITE_LINE_ONLY)] *= 0.05  # open in B only
+    base_b[only < st.site_line_only] *= 0.05  # open in A only
+    base_a[(only >= st.site_line_only) & (only < 2 * st.site_line_only)] *= 0.05  # open in B only
 
     amps_s, amps_g = [], []
     for li in range(2):
         a_s, a_g = np.zeros(n), np.zeros(n)
-        a_s[prom] = PROMOTER_COUPLING * genes.amp_s[li]
-        a_g[prom] = PROMOTER_COUPLING * genes.amp_g[li]
+        a_s[prom] = st.promoter_coupling * genes.amp_s[li]
+        a_g[prom] = st.promoter_coupling * genes.amp_g[li]
         amps_s.append(a_s)
         amps_g.append(a_g)
 
@@ -504,21 +620,22 @@ class _PeakSet:
 
 
 def _call_peaks(rng: np.random.Generator, sites: _Sites, model: _SiteModel,
-                size: SimSize) -> tuple[_PeakSet, _PeakSet]:
+                size: SimSize, st: SimSettings) -> tuple[_PeakSet, _PeakSet]:
     n = len(sites.centre)
-    n_split_b = int(round(size.n_peaks_b * SPLIT_FRACTION_B))
+    n_peaks_b = _n_peaks_b(size, st)
+    n_split_b = int(round(n_peaks_b * st.split_fraction_b))
     called = []
-    for li, n_sites_called in enumerate((size.n_peaks_a, size.n_peaks_b - n_split_b)):
+    for li, n_sites_called in enumerate((size.n_peaks_a, n_peaks_b - n_split_b)):
         score = np.log(model.base[li]) + rng.normal(0.0, 0.7, n)
         called.append(np.sort(np.argsort(-score)[:n_sites_called]))
 
-    identical = rng.random(n) < SHARED_IDENTICAL
+    identical = rng.random(n) < st.shared_identical
     shared_start = sites.centre - sites.width // 2
     shared_end = shared_start + sites.width
     peak_sets = []
     for li, chosen in enumerate(called):
         w = np.clip(sites.width[chosen] * np.exp(rng.normal(0.0, 0.15, chosen.size)), 150, 3_000)
-        jit = rng.normal(0.0, BOUNDARY_JITTER_SD, (2, chosen.size))
+        jit = rng.normal(0.0, st.boundary_jitter_sd, (2, chosen.size))
         start = np.round(sites.centre[chosen] - w / 2 + jit[0]).astype(np.int64)
         end = np.round(sites.centre[chosen] + w / 2 + jit[1]).astype(np.int64)
         same = identical[chosen]
@@ -605,7 +722,7 @@ def _make_barcodes(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.array([s.decode() + "-1" for s in seqs[:n]], dtype=object)
 
 
-def _make_cells(rng: np.random.Generator, spec: LineSpec, barcodes: np.ndarray) -> pd.DataFrame:
+def _make_cells(rng: np.random.Generator, spec: LineSpec, barcodes: np.ndarray, st: SimSettings) -> pd.DataFrame:
     """The per-cell truth except the count totals and DNA content; sorted by barcode."""
     n = barcodes.size
     g1, s, _ = spec.phase_props
@@ -624,7 +741,7 @@ def _make_cells(rng: np.random.Generator, spec: LineSpec, barcodes: np.ndarray) 
             "s_progress": progress,
             "program_time": np.mod(t + rng.normal(0.0, PROGRAM_TIME_SD, n), 1.0),
             "gex_library_factor": spec.gex_median_factor * np.exp(GEX_LIB_SD * z[:, 0]),
-            "atac_depth_factor": spec.atac_median_depth * np.exp(ATAC_DEPTH_SD * z[:, 1]),
+            "atac_depth_factor": spec.atac_median_depth * np.exp(st.atac_depth_sd * z[:, 1]),
             "tss_enrichment": np.exp(rng.normal(spec.promoter_enrichment, TSS_ENRICHMENT_SD, n)),
             "compartment": rng.normal(0.0, COMPARTMENT_SD, n),
         }
@@ -729,7 +846,8 @@ def _simulate_gex(seq: np.random.SeedSequence, cells: pd.DataFrame, spec: LineSp
 
 
 def _simulate_peaks(seq: np.random.SeedSequence, cells: pd.DataFrame, spec: LineSpec, li: int,
-                    sites: _Sites, model: _SiteModel, peaks: _PeakSet) -> tuple[sp.csr_matrix, np.ndarray]:
+                    sites: _Sites, model: _SiteModel, peaks: _PeakSet,
+                    st: SimSettings) -> tuple[sp.csr_matrix, np.ndarray]:
     """Insertion counts over the line's peak columns, and each cell's DNA content.
 
     Sites are simulated in a working order (cycle-gene promoters, other
@@ -752,7 +870,7 @@ def _simulate_peaks(seq: np.random.SeedSequence, cells: pd.DataFrame, spec: Line
     compartment = cells["compartment"].to_numpy().astype(f32)
     states = cells[[f"state_{k + 1}" for k in range(N_STATES)]].to_numpy(f32)
     # Per-cell scale: depth, copies (G1 1, G2M 2; S handled per site below), compaction.
-    per_copy = np.where(phase == 2, G2M_PER_COPY, 1.0)
+    per_copy = np.where(phase == 2, st.g2m_per_copy, 1.0)
     copies = np.where(phase == 2, 2.0, 1.0) * per_copy
     row_scale = (ATAC_SCALE * cells["atac_depth_factor"].to_numpy()).astype(f32)
 
@@ -782,9 +900,11 @@ def _simulate_peaks(seq: np.random.SeedSequence, cells: pd.DataFrame, spec: Line
         lam *= base[None, :]
         lam += background[None, :] / per_copy[sl, None].astype(f32)  # compaction spares background
         lam *= (row_scale[sl] * copies[sl]).astype(f32)[:, None]
-        in_s, gain, dna[sl] = _replication(rng, phase[sl], progress[sl], rt, bins, sites.n_bins)
+        in_s, gain, dna[sl] = _replication(rng, phase[sl], progress[sl], rt, bins, sites.n_bins, st.nascent_access)
         if in_s.size:
             lam[in_s] *= gain
+        if st.dna_depth_exponent != 1.0:  # fragments grow less than in proportion to DNA content
+            lam *= (dna[sl] ** (st.dna_depth_exponent - 1.0)).astype(f32)[:, None]
         flat, fragments = _sample_counts(rng, lam)
         insertions = fragments + rng.binomial(fragments, INSERT_BOTH_ENDS)
         blocks.append(_split_to_peaks(rng, flat, insertions, lam.shape, col_map, frac_map, n_peak_cols))
@@ -792,10 +912,11 @@ def _simulate_peaks(seq: np.random.SeedSequence, cells: pd.DataFrame, spec: Line
 
 
 def _replication(rng: np.random.Generator, phase: np.ndarray, progress: np.ndarray, rt: np.ndarray,
-                 bins: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 bins: np.ndarray, n_bins: int, nascent_access: float = NASCENT_ACCESS
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """S-phase replication: the S rows, their per-site accessibility gain, and DNA content.
 
-    A replicated site has 1 + NASCENT_ACCESS accessible copies (nascent chromatin
+    A replicated site has 1 + nascent_access accessible copies (nascent chromatin
     is still maturing); G1 cells have DNA content 1, G2M cells 2 (their two mature
     copies are part of the per-cell scale).
     """
@@ -806,7 +927,7 @@ def _replication(rng: np.random.Generator, phase: np.ndarray, progress: np.ndarr
     jitter = rng.normal(0.0, RT_JITTER, (in_s.size, n_bins)).astype(np.float32)
     replicated = progress[in_s, None].astype(np.float32) > (rt.astype(np.float32)[None, :] + jitter[:, bins])
     dna[in_s] = 1.0 + replicated.mean(axis=1)
-    gain = 1.0 + np.float32(NASCENT_ACCESS) * replicated.astype(np.float32)
+    gain = 1.0 + np.float32(nascent_access) * replicated.astype(np.float32)
     return in_s, gain, dna
 
 
@@ -842,23 +963,26 @@ def _resolve_size(size: str | SimSize) -> SimSize:
                          "or pass a SimSize") from None
 
 
-def simulate_pair(size: str | SimSize = "tiny", seed: int = 0) -> tuple[SimulatedLine, SimulatedLine]:
-    """Simulate the training line (simA) and the test line (simB); see the module docstring."""
+def simulate_pair(size: str | SimSize = "tiny", seed: int = 0,
+                  settings: SimSettings | None = None) -> tuple[SimulatedLine, SimulatedLine]:
+    """Simulate the training line (simA) and the test line (simB); see the module docstring.
+    `settings`: the pair's assumptions (default: the module constants; see `draw_settings`)."""
     size = _resolve_size(size)
+    st = settings or SimSettings()
     streams = _Streams(seed)
-    sites = _make_sites(streams.rng("genome"), size.n_sites)
+    sites = _make_sites(streams.rng("genome"), _n_sites(size, st), st)
     genes = _make_genes(streams.rng("genes"), size.n_genes, sites)
-    model = _make_site_model(streams.rng("sites"), sites, genes)
-    peak_sets = _call_peaks(streams.rng("calls"), sites, model, size)
+    model = _make_site_model(streams.rng("sites"), sites, genes, st)
+    peak_sets = _call_peaks(streams.rng("calls"), sites, model, size, st)
     barcodes = _make_barcodes(streams.rng("barcodes"), size.n_cells_a + size.n_cells_b)
     split_bc = (barcodes[: size.n_cells_a], barcodes[size.n_cells_a:])
 
     lines = []
-    for li, spec in enumerate(LINE_SPECS):
+    for li, spec in enumerate(st.lines):
         cells_seq, gex_seq, peak_seq = streams.line_seq(li).spawn(3)
-        cells = _make_cells(np.random.default_rng(cells_seq), spec, split_bc[li])
+        cells = _make_cells(np.random.default_rng(cells_seq), spec, split_bc[li], st)
         X_gex = _simulate_gex(gex_seq, cells, spec, li, genes)
-        X_peak, dna = _simulate_peaks(peak_seq, cells, spec, li, sites, model, peak_sets[li])
+        X_peak, dna = _simulate_peaks(peak_seq, cells, spec, li, sites, model, peak_sets[li], st)
         lines.append(_assemble_line(spec, li, cells, genes, peak_sets[li], X_gex, X_peak, dna, seed))
     return lines[0], lines[1]
 
