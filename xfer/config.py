@@ -34,7 +34,7 @@ SOURCE_MODELS_BUILTIN = ("pca",)
 MAPPER_METHODS = ("exact", "overlap", "overlap_50pct", "nearest")
 IMPUTE = ("zero", "mean")
 PEAK_TRANSFORMS = ("tfidf", "binary", "log1p")
-PEAK_REPRS = ("peaks", "lsi", "none")
+PEAK_REPRS = ("peaks", "lsi", "joint_lsi", "none")
 
 # Parameters that only mean something for one architecture.
 ARCH_PARAMS: dict[str, tuple[str, ...]] = {
@@ -110,7 +110,8 @@ class DataConfig:
     peak_filter: float = 0.05        # keep peaks non-zero in >= this fraction of training cells
     val_fraction: float = 0.2        # stratified validation split of the training line
     # What the peak encoder reads (channels are concatenated, then standardised per line):
-    peak_repr: str = "lsi"           # peaks: the filtered peaks themselves | lsi: LSI components | none
+    peak_repr: str = "lsi"           # peaks: the filtered peaks | lsi: LSI of the training line | joint_lsi:
+                                     # LSI of both lines, per-line IDF (transductive) | none
     peak_transform: str = "tfidf"    # peaks channel: tfidf (binary x IDF, no depth normalisation) | binary | log1p
     lsi_components: int = 50         # lsi channel: log TF-IDF -> truncated SVD fitted on training cells
     bin_size: int = 1_000_000        # coverage channel: fragments in genomic bins of this many bp (0 = off)

@@ -119,7 +119,7 @@ def prepare(args, cfg: TrainConfig) -> Prepared:
     embedder = make_embedder(cfg.data.source_model, n_components=cfg.data.n_components, store=store, train=src)
     embs = embed_lines(embedder, src, {"test": test_gex} if test_gex is not None else {}, store=store)
     train, pre = prepare_training(src, tgt, embs["train"], cfg.data, cfg.optim.seed,
-                                  embedder_state=predictor_state(embedder, src))
+                                  embedder_state=predictor_state(embedder, src), other_peaks=test_peak)
     test, counts = None, None
     if test_gex is not None or test_peak is not None:
         test, counts = featurise(pre, embedder, gex=test_gex, peaks=test_peak, emb=embs.get("test"))

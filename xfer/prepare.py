@@ -113,7 +113,9 @@ class PeakPreprocessor:
     n_peaks_before: int = 0
     mapping_stats: dict = field(default_factory=dict)
 
-    def fit(self, tgt: CellMatrix, train_idx: np.ndarray) -> "PeakPreprocessor":
+    def fit(self, tgt: CellMatrix, train_idx: np.ndarray, other: CellMatrix | None = None) -> "PeakPreprocessor":
+        """Fit on the training line's training cells; `other`: another line's peaks (unlabelled),
+        which the transductive `joint_lsi` basis is fitted on as well."""
         from sklearn.decomposition import PCA, TruncatedSVD
 
         c = self.cfg
@@ -133,6 +135,17 @@ class PeakPreprocessor:
                  tgt.n_features)
         if c.peak_repr == "lsi":
             T, self.lsi_idf = log_tfidf(kept)
+            k = min(c.lsi_components, min(T.shape) - 1)
+            svd = TruncatedSVD(k, random_state=0, algorithm="randomized", n_iter=7).fit(T)
+            self.lsi_components = svd.components_.astype(np.float32)
+        elif c.peak_repr == "joint_lsi":
+            # each line's log TF-IDF with its own IDF, one SVD of both lines' cells (the training
+            # cells of the training line and every cell of the other line; no label is read)
+            T = log_tfidf(kept)[0]
+            if other is not None:
+                T = sp.vstack([T, log_tfidf(self.map_counts(other))[0]]).tocsr()
+            else:
+                log.info("joint_lsi without another line's peaks: the basis is the training line's alone")
             k = min(c.lsi_components, min(T.shape) - 1)
             svd = TruncatedSVD(k, random_state=0, algorithm="randomized", n_iter=7).fit(T)
             self.lsi_components = svd.components_.astype(np.float32)
@@ -175,6 +188,8 @@ class PeakPreprocessor:
             parts.append(transform_peaks(kept_counts, self.idf, c.peak_transform))
         elif c.peak_repr == "lsi":
             parts.append(np.asarray(log_tfidf(kept_counts, self.lsi_idf)[0] @ self.lsi_components.T, np.float32))
+        elif c.peak_repr == "joint_lsi":  # the line's own IDF (label-free), the shared components
+            parts.append(np.asarray(log_tfidf(kept_counts)[0] @ self.lsi_components.T, np.float32))
         if c.bin_size > 0:
             prof = self._bin_profile(peaks)
             parts.append(prof @ self.bin_components.T if self.bin_components is not None else prof)
@@ -230,6 +245,8 @@ class PeakPreprocessor:
                   n_peaks_before=int(st.get("n_peaks_before", 0)))
         if cfg.peak_repr == "lsi":
             pre.lsi_idf, pre.lsi_components = st["lsi_idf"], st["lsi_components"]
+        elif cfg.peak_repr == "joint_lsi":
+            pre.lsi_components = st["lsi_components"]
         if cfg.bin_size > 0:
             pre.bin_keys = np.asarray(st["bin_keys"]).astype(str)
             pre.bin_components = st.get("bin_components")
@@ -240,7 +257,9 @@ class PeakPreprocessor:
         out = {"peak_names": list(map(str, self.peak_names)), "idf": self.idf, "col_mean": self.col_mean,
                "n_peaks_before": self.n_peaks_before}
         if self.lsi_components is not None:
-            out.update(lsi_idf=self.lsi_idf, lsi_components=self.lsi_components)
+            out["lsi_components"] = self.lsi_components
+        if self.lsi_idf is not None:
+            out["lsi_idf"] = self.lsi_idf
         if self.bin_keys is not None:
             out["bin_keys"] = list(map(str, self.bin_keys))
             if self.bin_components is not None:
@@ -310,15 +329,17 @@ class TrainData:
 
 
 def prepare_training(src: CellMatrix, tgt: CellMatrix, src_emb: np.ndarray, cfg: DataConfig, seed: int,
-                     embedder_state: dict | None = None) -> tuple[TrainData, PeakPreprocessor]:
+                     embedder_state: dict | None = None,
+                     other_peaks: CellMatrix | None = None) -> tuple[TrainData, PeakPreprocessor]:
     """Split, filter and transform the training line. `src` and `tgt` must be paired
-    (same barcodes in the same order, see data.inputs.pair_cells)."""
+    (same barcodes in the same order, see data.inputs.pair_cells). `other_peaks`: the test
+    line's peaks (unlabelled), for a transductive input basis (peak_repr='joint_lsi')."""
     if src.labels is None or (src.labels == UNLABELLED).all():
         raise InputError(src.source, "phase", "the training line needs phase labels (--src_label_csv or a phase column)")
     if list(src.barcodes) != list(tgt.barcodes):
         raise InputError(tgt.source, "barcode", "GEX and PEAK of the training line are not paired cell by cell")
     train_idx, val_idx = make_split(src.barcodes, src.labels, cfg.val_fraction, seed)
-    pre = PeakPreprocessor(cfg).fit(tgt, train_idx)
+    pre = PeakPreprocessor(cfg).fit(tgt, train_idx, other=other_peaks)
     peaks = pre.features(pre.training_counts(tgt), tgt)
     line = LineInputs(name=src.name, barcodes=src.barcodes, emb=np.asarray(src_emb, np.float32), peaks=peaks,
                       labels=src.labels)
