@@ -173,3 +173,18 @@ def test_errors_are_one_line_and_write_nothing(trained, files, tiny_store, tmp_p
     err = _fails(capsys, tiny_store, out, "--checkpoint", str(best), "--src_csv", "store:A_GEX",
                  "--sup_peak_csv", "store:B_PEAK")
     assert "--src_csv" in err and "already in the checkpoint" in err
+
+
+def test_joint_lsi_basis_round_trips_through_the_checkpoint(tiny_store, tmp_path):
+    """peak_repr=joint_lsi fits its basis on both lines (no labels); xfer predict rebuilds it
+    from the checkpoint, and a new line gets its own IDF."""
+    run = _train(tiny_store, tmp_path / "run", "--set=peak_repr=joint_lsi")
+    ck = torch.load(run / "best_model.pt", weights_only=True)
+    assert "lsi_components" in ck["preprocess"]["peaks"] and "lsi_idf" not in ck["preprocess"]["peaks"]
+    assert _predict(tiny_store, tmp_path / "p", "--checkpoint", str(run / "best_model.pt"), *STORE_TEST) == 0
+    _assert_same(tmp_path / "p" / "predictions.csv", run / "predictions_peak_test.csv")
+    # the basis saw the test line's cells: training on a relabelled copy gives the same weights
+    other = _train(tiny_store, tmp_path / "relabelled", "--set=peak_repr=joint_lsi", "--test_csv",
+                   "store:B_GEX_relabelled", "--sup_peak_csv", "store:B_PEAK_relabelled")
+    ck2 = torch.load(other / "best_model.pt", weights_only=True)
+    assert all(torch.equal(ck["model"][k], ck2["model"][k]) for k in ck["model"])
