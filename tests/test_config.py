@@ -81,3 +81,13 @@ def test_from_file_errors_name_the_file(tmp_path):
 def test_checkpoint_config_round_trip():
     cfg = TrainConfig.from_dict({"arch": "vae", "beta": 0.5})
     assert TrainConfig.from_dict(cfg.to_dict(), allow_inert=True) == cfg
+
+
+def test_ensemble_size_is_validated():
+    from xfer.config import TrainConfig
+    from xfer.errors import ConfigError
+
+    assert TrainConfig.from_dict({"ensemble": 3}).optim.ensemble == 3
+    for bad in (0, 33, 1.5):
+        with pytest.raises(ConfigError, match="ensemble"):
+            TrainConfig.from_dict({"ensemble": bad})

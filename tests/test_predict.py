@@ -188,3 +188,33 @@ def test_joint_lsi_basis_round_trips_through_the_checkpoint(tiny_store, tmp_path
                    "store:B_GEX_relabelled", "--sup_peak_csv", "store:B_PEAK_relabelled")
     ck2 = torch.load(other / "best_model.pt", weights_only=True)
     assert all(torch.equal(ck["model"][k], ck2["model"][k]) for k in ck["model"])
+
+
+def test_seed_ensemble_averages_its_members_and_predicts_as_trained(tiny_store, tmp_path):
+    """ensemble=2 is two runs (seeds 0 and 1, each its own split) whose test-line probabilities
+    are averaged; its checkpoint holds both predictors and xfer predict reproduces it."""
+    from xfer.checkpoint import load_checkpoint
+    from xfer.errors import StoreError
+
+    ens = _train(tiny_store, tmp_path / "ens", "--set=ensemble=2")
+    one = [_train(tiny_store, tmp_path / f"s{s}", f"--seed={s}") for s in (0, 1)]
+    cols = ["prob_G1", "prob_S", "prob_G2M"]
+    got = pd.read_csv(ens / "predictions_peak_test.csv")
+    mean = sum(pd.read_csv(r / "predictions_peak_test.csv")[cols].to_numpy() for r in one) / 2
+    np.testing.assert_allclose(got[cols].to_numpy(), mean, atol=1e-6)
+    val = pd.read_csv(ens / "predictions_peak_val.csv")  # each member on its own validation cells
+    assert sorted(val["member"].unique()) == [0, 1]
+    for m, r in enumerate(one):
+        own = pd.read_csv(r / "predictions_peak_val.csv")
+        np.testing.assert_allclose(val[val["member"] == m][cols].to_numpy(), own[cols].to_numpy(), atol=1e-6)
+    metrics = json.loads((ens / "metrics.json").read_text())
+    assert [m["seed"] for m in metrics["model"]["members"]] == [0, 1]
+    assert (ens / "training_history_member1.json").exists()
+    ck = torch.load(ens / "best_model.pt", weights_only=True)
+    assert len(ck["ensemble"]) == 2 and ck["ensemble"][1]["config"]["optim"]["seed"] == 1
+    with pytest.raises(StoreError, match="ensemble of 2 models"):
+        load_checkpoint(ens / "best_model.pt")
+    assert _predict(tiny_store, tmp_path / "p", "--checkpoint", str(ens / "best_model.pt"), *STORE_TEST) == 0
+    _assert_same(tmp_path / "p" / "predictions.csv", ens / "predictions_peak_test.csv")
+    _assert_same(tmp_path / "p" / "predictions_gex.csv", ens / "predictions_gex_test.csv")
+    assert json.loads((tmp_path / "p" / "predict.json").read_text())["model"]["members"] == 2

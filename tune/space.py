@@ -87,6 +87,7 @@ NOT_SEARCHED: dict[str, str] = {
     "patience": "trials run --search_epochs epochs and ASHA stops the weak ones",
     "grad_clip": "a numerical safety bound, not a model choice",
     "cuda_graph": "speed only: the same training either way",
+    "ensemble": "a property of the final model (xfer train): each trial trains one member",
     "disc_hidden": "the adversary's strength is searched through lambda_domain and grl_gamma",
     "randomized_dim": "CDAN's randomised-map width: an approximation setting (used only when "
                       "classes x latent_dim > 4096)",

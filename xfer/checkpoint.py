@@ -17,6 +17,9 @@ with `torch.load(weights_only=True)` (no pickled objects, nothing executed):
                   epoch's weights when they are not `model`, patience counter, RNG states,
                   history); `export_best` drops it and keeps the best epoch's weights
 
+A seed ensemble (`xfer train --set ensemble=K`) is {"format": FORMAT, "ensemble":
+[member, ...]}, each member a whole predictor as above; `xfer predict` averages them.
+
 `xfer predict` (xfer.predict) and `load_checkpoint` read them; `fit` writes them.
 """
 
@@ -72,6 +75,10 @@ def save_checkpoint(ckpt: dict, path) -> None:
     save_torch(ckpt, path)
 
 
+def ensemble_checkpoint(members: list[dict]) -> dict:
+    return {"format": FORMAT, "ensemble": list(members)}
+
+
 def export_best(ckpt: dict) -> dict:
     """The predictor of a training checkpoint: its best epoch's weights, no resume state."""
     ts = ckpt.get("train_state") or {}
@@ -103,6 +110,12 @@ def check_format(ckpt, path) -> None:
     if fmt != FORMAT:
         raise StoreError(path, f"checkpoint format '{fmt}', but this xfer reads '{FORMAT}'; retrain the model with "
                          "this version (xfer train or xfer tune)", field="format")
+    if "ensemble" in ckpt:
+        if not isinstance(ckpt["ensemble"], list) or not ckpt["ensemble"]:
+            raise StoreError(path, "an ensemble checkpoint without members", field="ensemble")
+        for m in ckpt["ensemble"]:
+            check_format(m, path)
+        return
     missing = [k for k in ("config", "dims", "preprocess", "model") if k not in ckpt]
     if missing:
         raise StoreError(path, f"incomplete checkpoint: no {', '.join(missing)}", field=missing[0])
@@ -121,7 +134,11 @@ def build_model(ckpt: dict, device="cpu"):
 
 
 def load_checkpoint(path, device="cpu"):
-    """(model, config, checkpoint dict) of a checkpoint file."""
+    """(model, config, checkpoint dict) of a single-model checkpoint file (an ensemble's
+    members: `xfer.predict.Predictor.load`)."""
     ckpt = read_checkpoint(path, device)
+    if "ensemble" in ckpt:
+        raise StoreError(path, f"a checkpoint of an ensemble of {len(ckpt['ensemble'])} models; load it with "
+                         "xfer.predict.Predictor.load (or use xfer predict)", field="ensemble")
     model, cfg = build_model(ckpt, device)
     return model, cfg, ckpt

@@ -101,6 +101,8 @@ class OptimConfig:
     seed: int = 0
     grad_clip: float = 5.0
     cuda_graph: bool = True          # CUDA: capture the training step once as a CUDA graph and replay it
+    ensemble: int = 1                # xfer train: members trained with seeds seed, seed+1, ... (each its own
+                                     # validation split, initialisation and batches), probabilities averaged
 
 
 @dataclass(frozen=True)
@@ -242,6 +244,7 @@ class TrainConfig:
         need(o.epochs >= 1, "epochs", f"must be >= 1, got {o.epochs}")
         need(o.patience >= 1, "patience", f"must be >= 1, got {o.patience}")
         need(o.grad_clip >= 0, "grad_clip", f"must be >= 0, got {o.grad_clip}")
+        need(1 <= o.ensemble <= 32, "ensemble", f"must be in 1..32, got {o.ensemble}")
         need(d.n_components >= 2, "n_components", f"must be >= 2, got {d.n_components}")
         need(0 <= d.peak_filter < 1, "peak_filter", f"must be in [0, 1), got {d.peak_filter}")
         need(0 < d.val_fraction < 0.9, "val_fraction", f"must be in (0, 0.9), got {d.val_fraction}")

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 
 from .baselines import run_baselines
 from .config import ARCHS, DIVERGENCES, TrainConfig, drop_other_arch_params, parse_set
@@ -110,14 +112,29 @@ class Prepared:
     embeddings: dict
 
 
-def prepare(args, cfg: TrainConfig) -> Prepared:
+@dataclass
+class Loaded:
+    """What every member of a run shares: the validated inputs and their expression embeddings."""
+    inputs: dict[str, CellMatrix]
+    embedder: object
+    embeddings: dict
+
+
+def load_for_training(args, cfg: TrainConfig) -> Loaded:
     inputs = load_inputs(args, require=("src", "tgt"))
-    src, tgt = inputs["src"], inputs["tgt"]
-    test_gex, test_peak = inputs.get("test"), inputs.get("sup_peak")
+    src, test_gex = inputs["src"], inputs.get("test")
     store = EmbeddingStore(args.store)
     # foundation models (no model files here) read what `xfer embed` stored for the training line
     embedder = make_embedder(cfg.data.source_model, n_components=cfg.data.n_components, store=store, train=src)
     embs = embed_lines(embedder, src, {"test": test_gex} if test_gex is not None else {}, store=store)
+    return Loaded(inputs=inputs, embedder=embedder, embeddings=embs)
+
+
+def prepare_member(loaded: Loaded, cfg: TrainConfig) -> Prepared:
+    """The split (by cfg.optim.seed), the peak preprocessing and the test line's features."""
+    inputs, embedder, embs = loaded.inputs, loaded.embedder, loaded.embeddings
+    src, tgt = inputs["src"], inputs["tgt"]
+    test_gex, test_peak = inputs.get("test"), inputs.get("sup_peak")
     train, pre = prepare_training(src, tgt, embs["train"], cfg.data, cfg.optim.seed,
                                   embedder_state=predictor_state(embedder, src), other_peaks=test_peak)
     test, counts = None, None
@@ -125,6 +142,15 @@ def prepare(args, cfg: TrainConfig) -> Prepared:
         test, counts = featurise(pre, embedder, gex=test_gex, peaks=test_peak, emb=embs.get("test"))
     return Prepared(cfg=cfg, inputs=inputs, train=train, pre=pre, embedder=embedder, test=test,
                     test_peak_counts=counts, embeddings=embs)
+
+
+def prepare(args, cfg: TrainConfig) -> Prepared:
+    return prepare_member(load_for_training(args, cfg), cfg)
+
+
+def member_configs(cfg: TrainConfig) -> list[TrainConfig]:
+    """The configs of a run's members: seeds seed, seed + 1, ... (`ensemble` of them)."""
+    return [cfg.replace(seed=cfg.optim.seed + i) if i else cfg for i in range(cfg.optim.ensemble)]
 
 
 def baselines_for(p: Prepared) -> dict:
@@ -153,61 +179,92 @@ def format_table(metrics: dict, key: str = "balanced_accuracy") -> str:
 
 
 def evaluate_model(model, p: Prepared, out: Path | None = None) -> dict:
-    """Score the final model on the four splits and write predictions_<split>.csv. The test
-    line goes through the same `Predictor` as `xfer predict`."""
-    line, va = p.train.line, p.train.val_idx
-    res = {}
-    preds = predict_probs(model, line.emb[va], line.peaks[va])
-    splits = {"gex_val": (line.barcodes[va], line.labels[va], preds["gex"]),
-              "peak_val": (line.barcodes[va], line.labels[va], preds["peak"])}
-    if p.test is not None:
-        t = p.test
-        tp = Predictor(model=model, cfg=p.cfg, peaks=p.pre, embedder=p.embedder).predict(t)
-        if "gex" in tp:
-            splits["gex_test"] = (t.barcodes, t.labels, tp["gex"])
-        if "peak" in tp:
-            splits["peak_test"] = (t.barcodes, t.labels, tp["peak"])
+    """Score one model on the four splits (see `evaluate_members`)."""
+    return evaluate_members([(model, p)], out)
+
+
+def evaluate_members(members: list[tuple[object, Prepared]], out: Path | None = None) -> dict:
+    """Score the final model (one member, or a seed ensemble) on the four splits and write
+    predictions_<split>.csv. The test line goes through the same `Predictor` as `xfer
+    predict`: an ensemble averages its members' probabilities. Validation: each member
+    predicts its own validation cells (pooled over members, with a `member` column, when
+    there are several; no member scores cells it trained on)."""
+    res, splits = {}, {}
+    val = {"gex_val": ([], [], []), "peak_val": ([], [], [])}
+    for i, (model, p) in enumerate(members):
+        line, va = p.train.line, p.train.val_idx
+        preds = predict_probs(model, line.emb[va], line.peaks[va])
+        for split, head in (("gex_val", "gex"), ("peak_val", "peak")):
+            val[split][0].append(line.barcodes[va])
+            val[split][1].append(line.labels[va])
+            val[split][2].append(preds[head])
+    for split, (bcs, ys, probs) in val.items():
+        splits[split] = (np.concatenate(bcs), np.concatenate(ys), np.concatenate(probs))
+    test = members[0][1].test
+    if test is not None:
+        heads = [Predictor(model=m, cfg=p.cfg, peaks=p.pre, embedder=p.embedder).predict(p.test) for m, p in members]
+        for head in ("gex", "peak"):
+            if head in heads[0]:
+                splits[f"{head}_test"] = (test.barcodes, test.labels, sum(h[head] for h in heads) / len(heads))
     for split, (bc, y, probs) in splits.items():
         if y is not None:
             res[split] = classification_metrics(y, probs.argmax(1))
         if out is not None:
-            predictions_table(bc, y, probs).to_csv(out / f"predictions_{split}.csv", index=False)
+            table = predictions_table(bc, y, probs)
+            if len(members) > 1 and split.endswith("_val"):
+                table.insert(1, "member", np.repeat(np.arange(len(members)), [len(p.train.val_idx) for _, p in
+                                                                               members]))
+            table.to_csv(out / f"predictions_{split}.csv", index=False)
     return res
 
 
 def run_train(args) -> dict:
-    from .checkpoint import save_checkpoint
+    from .checkpoint import ensemble_checkpoint, save_checkpoint
     from .train import fit
 
     t0 = time.perf_counter()
     cfg = build_config(args)
     out = Path(args.output_folder)
-    p = prepare(args, cfg)  # every input is read and checked before the output folder is made
-    out.mkdir(parents=True, exist_ok=True)
-    log.info("training line: %d cells (%d train / %d val), %d peaks after the filter, %d-D %s embedding",
-             p.train.line.barcodes.shape[0], len(p.train.train_idx), len(p.train.val_idx), p.train.n_peaks,
-             p.train.emb_dim, cfg.data.source_model)
+    loaded = load_for_training(args, cfg)  # every input is read and checked before the output folder is made
+    configs = member_configs(cfg)
+    members, results = [], []
+    for i, cfg_i in enumerate(configs):
+        p = prepare_member(loaded, cfg_i)
+        out.mkdir(parents=True, exist_ok=True)
+        if len(configs) > 1:
+            log.info("ensemble member %d of %d (seed %d)", i + 1, len(configs), cfg_i.optim.seed)
+        log.info("training line: %d cells (%d train / %d val), %d peaks after the filter, %d-D %s embedding",
+                 p.train.line.barcodes.shape[0], len(p.train.train_idx), len(p.train.val_idx), p.train.n_peaks,
+                 p.train.emb_dim, cfg.data.source_model)
 
-    def report(m, _ckpt):
-        if m["epoch"] == 1 or m["epoch"] % 10 == 0 or m.get("improved") or m.get("stopped_early"):
-            log.info("epoch %3d  loss %.3f  gex_val %.3f  peak_val %.3f%s", m["epoch"], m["loss/total"],
-                     m[f"gex_val_{cfg.optim.metric}"], m[f"peak_val_{cfg.optim.metric}"],
-                     "  *" if m.get("improved") else "")
+        def report(m, _ckpt):
+            if m["epoch"] == 1 or m["epoch"] % 10 == 0 or m.get("improved") or m.get("stopped_early"):
+                log.info("epoch %3d  loss %.3f  gex_val %.3f  peak_val %.3f%s", m["epoch"], m["loss/total"],
+                         m[f"gex_val_{cfg.optim.metric}"], m[f"peak_val_{cfg.optim.metric}"],
+                         "  *" if m.get("improved") else "")
 
-    train = p.train.with_adaptation(p.test) if cfg.data.adapt_test_peaks else p.train
-    if train.adapt is not None:
-        log.info("adapting to the test line's %d unlabelled PEAK cells (its labels are not read)",
-                 train.adapt.peaks.shape[0])
-    result = fit(cfg, train, report, device=args.device)
-    save_checkpoint(result.checkpoint, out / "best_model.pt")
-    write_json(out / "training_history.json", result.history)
-    metrics = evaluate_model(result.model, p, out)
-    metrics["baselines"] = baselines_for(p)
-    metrics["model"] = {"best_epoch": result.best_epoch, "best_val_metric": result.best_metric,
-                        "metric": f"peak_val_{cfg.optim.metric}", "stopped_early": result.stopped_early,
-                        "epochs_run": len(result.history), "train_seconds": round(result.seconds, 2),
-                        "config": cfg.to_flat(), "peak_mapping": p.pre.mapping_stats,
-                        "n_peaks": p.train.n_peaks, "wall_seconds": round(time.perf_counter() - t0, 2)}
+        train = p.train.with_adaptation(p.test) if cfg.data.adapt_test_peaks else p.train
+        if train.adapt is not None:
+            log.info("adapting to the test line's %d unlabelled PEAK cells (its labels are not read)",
+                     train.adapt.peaks.shape[0])
+        result = fit(cfg_i, train, report, device=args.device)
+        members.append((result.model, p))
+        results.append(result)
+        write_json(out / ("training_history.json" if i == 0 else f"training_history_member{i}.json"), result.history)
+    best = results[0].checkpoint if len(results) == 1 else ensemble_checkpoint([r.checkpoint for r in results])
+    save_checkpoint(best, out / "best_model.pt")
+    metrics = evaluate_members(members, out)
+    p0, r0 = members[0][1], results[0]
+    metrics["baselines"] = baselines_for(p0)
+    metrics["model"] = {"best_epoch": r0.best_epoch, "best_val_metric": r0.best_metric,
+                        "metric": f"peak_val_{cfg.optim.metric}", "stopped_early": r0.stopped_early,
+                        "epochs_run": len(r0.history), "train_seconds": round(sum(r.seconds for r in results), 2),
+                        "config": cfg.to_flat(), "peak_mapping": p0.pre.mapping_stats,
+                        "n_peaks": p0.train.n_peaks, "wall_seconds": round(time.perf_counter() - t0, 2)}
+    if len(results) > 1:
+        metrics["model"]["members"] = [{"seed": c.optim.seed, "best_epoch": r.best_epoch,
+                                        "best_val_metric": r.best_metric, "epochs_run": len(r.history)}
+                                       for c, r in zip(configs, results)]
     write_json(out / "metrics.json", metrics)
     return metrics
 

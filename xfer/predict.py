@@ -110,10 +110,15 @@ class Predictor:
         return cls(model=model, cfg=cfg, peaks=peaks, embedder=embedder, info=info)
 
     @classmethod
-    def load(cls, path, store=None, device="cpu", argv: list[str] | None = None) -> "Predictor":
+    def load(cls, path, store=None, device="cpu", argv: list[str] | None = None) -> "Predictor | EnsemblePredictor":
+        """The predictor of a checkpoint file: one model, or a seed ensemble of them."""
         from .checkpoint import read_checkpoint
 
-        return cls.from_checkpoint(read_checkpoint(path, device), store=store, device=device, argv=argv)
+        ckpt = read_checkpoint(path, device)
+        if "ensemble" in ckpt:
+            return EnsemblePredictor([cls.from_checkpoint(m, store=store, device=device, argv=argv)
+                                      for m in ckpt["ensemble"]])
+        return cls.from_checkpoint(ckpt, store=store, device=device, argv=argv)
 
     @property
     def device(self) -> torch.device:
@@ -127,6 +132,32 @@ class Predictor:
         """Class probabilities of each head the line has inputs for ("gex", "peak")."""
         stats = line.stats_tensors(self.device) if self.cfg.data.line_norm else None
         return predict_probs(self.model, line.emb, line.peaks, stats=stats)
+
+    def predict_cells(self, gex: CellMatrix | None = None,
+                      peaks: CellMatrix | None = None) -> tuple[dict[str, np.ndarray], dict | None]:
+        """Featurise and predict another line's cells: (probabilities per head, peak-mapping stats)."""
+        line, _ = self.line(gex=gex, peaks=peaks)
+        return self.predict(line), (dict(self.peaks.mapping_stats) if peaks is not None else None)
+
+
+@dataclass
+class EnsemblePredictor:
+    """A seed ensemble: each member featurises the cells with its own preprocessing; the
+    members' probabilities are averaged."""
+
+    members: list[Predictor]
+
+    @property
+    def info(self) -> dict:
+        return {"members": len(self.members), "epoch": [m.info.get("epoch") for m in self.members],
+                "best_metric": [m.info.get("best_metric") for m in self.members],
+                "metric_name": self.members[0].info.get("metric_name")}
+
+    def predict_cells(self, gex: CellMatrix | None = None,
+                      peaks: CellMatrix | None = None) -> tuple[dict[str, np.ndarray], dict | None]:
+        outs = [m.predict_cells(gex=gex, peaks=peaks) for m in self.members]
+        probs = {k: sum(o[0][k] for o in outs) / len(outs) for k in outs[0][0]}
+        return probs, outs[0][1]  # mapping statistics of the first member (their kept peaks differ a little)
 
 
 # ----------------------------------------------------------------------------- xfer predict
@@ -159,9 +190,8 @@ def run_predict(args) -> dict:
     predictor = Predictor.load(args.checkpoint, store=args.store, device=device, argv=data_flags_from_args(args))
     data = load_inputs(args, roles)
     gex, peaks = data.get("test"), data.get("sup_peak")
-    line, _ = predictor.line(gex=gex, peaks=peaks)
-    probs = predictor.predict(line)
-    mapping = dict(predictor.peaks.mapping_stats) if peaks is not None else None
+    probs, mapping = predictor.predict_cells(gex=gex, peaks=peaks)
+    cells = gex if gex is not None else peaks  # paired: the same cells in the same order
 
     # everything below is in memory until the last step writes it
     files: dict[str, object] = {}
@@ -172,13 +202,13 @@ def run_predict(args) -> dict:
         heads.append(("gex", gex, "predictions.csv" if peaks is None else "predictions_gex.csv"))
     metrics: dict = {}
     for head, ds, name in heads:
-        table = _predictions(line.barcodes, line.labels, probs[head])
+        table = _predictions(cells.barcodes, cells.labels, probs[head])
         files[name] = table
-        if line.labels is not None and (line.labels >= 0).any():
-            metrics[head] = classification_metrics(line.labels, probs[head].argmax(1))
+        if cells.labels is not None and (cells.labels >= 0).any():
+            metrics[head] = classification_metrics(cells.labels, probs[head].argmax(1))
         if str(ds.source).endswith(".h5ad"):
-            files[f"{Path(ds.source).name[:-len('.h5ad')]}.xfer.h5ad"] = (ds.source, line.barcodes, probs[head])
-    summary = {"checkpoint": str(args.checkpoint), "model": predictor.info, "n_cells": int(len(line.barcodes)),
+            files[f"{Path(ds.source).name[:-len('.h5ad')]}.xfer.h5ad"] = (ds.source, cells.barcodes, probs[head])
+    summary = {"checkpoint": str(args.checkpoint), "model": predictor.info, "n_cells": int(cells.n_cells),
                "inputs": {r: data[r].source for r in roles}, "peak_mapping": mapping, "metrics": metrics}
     _print_summary(summary)
 
@@ -234,7 +264,8 @@ def _print_summary(s: dict) -> None:
                   f"{', chr prefix ignored' if m.get('normalise_chrom') else ''}): {m['n_ref_mapped']} of {m['n_ref']} "
                   f"training peaks mapped ({m['fraction_ref_mapped']:.1%}; {tiers}); {m['n_query_used']} of "
                   f"{m['n_query']} peaks here used ({m['fraction_query_used']:.1%})")
-    print(f"{s['n_cells']} cells labelled with {s['checkpoint']} (epoch {s['model'].get('epoch')})")
+    ens = f", an ensemble of {s['model']['members']}" if "members" in s["model"] else ""
+    print(f"{s['n_cells']} cells labelled with {s['checkpoint']} (epoch {s['model'].get('epoch')}{ens})")
     if s["metrics"]:
         print(f"{'head':6s}" + "".join(f"{k:>19s}" for k in (*METRIC_KEYS, "majority_rate")) + f"{'n':>7s}")
         for head, r in s["metrics"].items():
