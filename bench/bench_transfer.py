@@ -48,7 +48,9 @@ DEV = (101, 102, 103, 104)
 # Each round: its candidates (overrides of the defaults shipped before this study; "default" is
 # those defaults) and its evaluation pairs. A later round is chosen on the same development pairs
 # and reported on fresh evaluation pairs: the earlier round's evaluation pairs were seen.
-BEFORE = {"lambda_balance": 0.1, "peak_repr": "lsi", "lambda_pseudo": 1.0}  # the defaults before this study
+# The defaults before this study (each run one member: the script averages ensemble members itself;
+# best epochs chosen on the training line's validation split, as before issue 12's objective).
+BEFORE = {"lambda_balance": 0.1, "peak_repr": "lsi", "lambda_pseudo": 1.0, "ensemble": 1, "objective": "source_val"}
 ROUNDS: dict[int, dict] = {
     1: {"eval": (201, 202, 203, 204, 205, 206, 207, 208), "candidates": {
         "default": {},

@@ -88,7 +88,8 @@ def seed_files(tmp_path):
 # ----------------------------------------------------------------------------- training fixtures
 
 SMALL_MODEL = {"hidden_dim": 64, "latent_dim": 32, "proj_hidden": 64, "cls_hidden": 32, "disc_hidden": 64,
-               "batch_size": 64, "epochs": 3, "n_components": 16, "warmup_epochs": 1}
+               "batch_size": 64, "epochs": 3, "n_components": 16, "warmup_epochs": 1,
+               "ensemble": 1}  # one member (the shipped default is 3): the ensemble tests set it themselves
 
 
 @pytest.fixture(scope="session")

@@ -43,7 +43,7 @@ def test_every_status_branch():
     # reported is not pinned here: trial_table counts it as stopped, which is questionable)
     assert df.loc["never_reported", "epochs_run"] == 0 and df.loc["never_reported", "status"] in TRIAL_STATUSES
     assert df.loc["full", "epochs_run"] == 4 and df.loc["asha", "epochs_run"] == 2
-    assert df.loc["full", "best_balanced_accuracy"] == 0.60 and df.loc["full", "last_balanced_accuracy"] == 0.55
+    assert df.loc["full", "best_objective"] == 0.60 and df.loc["full", "last_objective"] == 0.55
     assert df.loc["full", "param.arch"] == "dae" and df.loc["full", "node"] == "node1"
     assert df.loc["full", "wall_seconds"] == 1.5 and df.loc["full", "best_epoch"] == 3
 
@@ -53,7 +53,7 @@ def test_rows_sorted_by_best_value_missing_last():
             FakeResult(_m("c", 2, 0.6))]
     df = trial_table(grid, SW)
     assert list(df["trial_id"]) == ["a", "c", "b", "none"]
-    assert math.isnan(df["best_balanced_accuracy"].iloc[-1])
+    assert math.isnan(df["best_objective"].iloc[-1])
 
 
 def test_epoch_count_against_search_epochs():

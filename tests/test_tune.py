@@ -71,7 +71,7 @@ def test_smoke_sweep_prunes_and_accounts_for_every_trial(smoke):
     assert len(df) == 6 and df["trial_id"].is_unique                     # more trials than the 2 slots
     assert (df["status"] == "errored").sum() == 0 and df["error"].isna().all()
     assert pd.read_parquet(out / "trials.parquet").shape[0] == 6
-    assert {"param.arch", "param.lr", "best_balanced_accuracy", "node", "wall_seconds"} <= set(df.columns)
+    assert {"param.arch", "param.lr", "best_objective", "node", "wall_seconds"} <= set(df.columns)
     # Each status agrees with the epochs the trial ran: a completed trial ran all 4 search epochs
     # (patience 20 cannot stop a 4-epoch trial early); ASHA (grace 1, reduction factor 2, max_t 4)
     # stops a trial only at a rung, after epoch 1 or 2.
@@ -92,7 +92,7 @@ def test_smoke_sweep_prunes_and_accounts_for_every_trial(smoke):
     assert len(study.get_trials()) == 6 and set(by_ray_id) == set(df["trial_id"])
     for _, row in df.iterrows():
         t = by_ray_id[row["trial_id"]]
-        last = row["last_balanced_accuracy"]
+        last = row["last_objective"]
         assert t.user_attrs["epochs_run"] == row["epochs_run"], row["trial_id"]
         iv = t.intermediate_values
         assert set(range(1, row["epochs_run"])) <= set(iv) and max(iv) <= row["epochs_run"], (row["trial_id"], iv)
@@ -130,21 +130,44 @@ def test_predict_with_the_sweeps_checkpoint_reproduces_its_scoring(smoke, store,
     _assert_same(tmp_path / "pred" / "predictions_gex.csv", out / "predictions_gex_test.csv")
 
 
-def test_no_test_label_or_test_data_reaches_the_search(smoke):
-    """Trials get only the training line's datasets; the test inputs appear only in the
-    driver's scoring settings."""
+def test_trials_adapt_to_the_test_line_without_its_labels(smoke):
+    """Trials get the test line's datasets (transductive) and never score on it: no test-line
+    metric in any trial's results; the labels are dropped on read (tests/test_selection.py
+    proves relabelling the test line changes no trial's report)."""
     from tune.data import DataSpec
+    from xfer.selection import CANDIDATES, TRANSFER
     out, _ = smoke
     sweep = json.loads((out / "sweep.json").read_text())
-    assert set(DataSpec(**sweep["spec"]).to_dict()) == {"store", "src", "tgt", "src_hash", "tgt_hash"}
-    assert sweep["spec"]["src"] == "A_GEX" and sweep["spec"]["tgt"] == "A_PEAK"
-    assert "B_" not in json.dumps({k: v for k, v in sweep.items() if k != "data_args"})
+    spec = DataSpec(**sweep["spec"])
+    assert (spec.src, spec.tgt, spec.test, spec.sup_peak) == ("A_GEX", "A_PEAK", "B_GEX", "B_PEAK")
+    assert spec.transductive and sweep["objective"] == TRANSFER["with_expression"]
     results = list((out / "ray_results").rglob("result.json"))
     assert results
     for res in results:
         for line in res.read_text().splitlines():
             keys = json.loads(line).keys()
             assert not any(k.startswith(("gex_test", "peak_test")) for k in keys), keys
+    # trials.csv: every candidate and the training line's metric at each trial's best epoch
+    df = pd.read_csv(out / "trials.csv")
+    assert {f"sel.{c}" for c in CANDIDATES} | {"best_objective", "peak_val_balanced_accuracy"} <= set(df.columns)
+    done = df.dropna(subset=["best_objective"])
+    assert (done["best_objective"] == done[f"sel.{TRANSFER['with_expression']}"]).all()
+    best = json.loads((out / "best_params.json").read_text())
+    assert best["objective"] == TRANSFER["with_expression"] and best["objective_setting"] == "auto"
+
+
+def test_the_defaults_are_the_first_trial(smoke):
+    import optuna
+    from tune.space import DEFAULT_SPACE
+    from xfer.config import ALL_ARCH_PARAMS, ARCH_PARAMS, TrainConfig
+    out, _ = smoke
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{out / 'optuna_study.db'}")
+    first = min(study.get_trials(), key=lambda t: t.number)
+    defaults = TrainConfig().to_flat()
+    fixed = {k[len("--set="):].split("=")[0] for k in FIX}
+    expect = {k: defaults[k] for k in DEFAULT_SPACE if k not in fixed and
+              (k not in ALL_ARCH_PARAMS or k in ARCH_PARAMS[defaults["arch"]])}
+    assert first.params == pytest.approx(expect)
 
 
 def test_bad_space_fails_before_any_trial(tmp_path, store):

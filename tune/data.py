@@ -6,6 +6,13 @@ embeddings into the embedding store; trials receive only a small `DataSpec`
 first trial process on a node prepares the training data (split, peak filter,
 channels) and writes it to a node-local cache file under a file lock; later
 trial processes on that node load the file; within a process a memo keeps it.
+
+Transductive trials: when the sweep is given the test line (`test`, `sup_peak`),
+a trial prepares exactly what `xfer train` prepares (`xfer.pipeline.prepare_member`
+and `training_data`): the test line's unlabelled peaks as the adaptation domain and
+its expression for the selection objective. The test line's labels are dropped the
+moment its datasets are read (the driver also stores file inputs without them), so no
+trial can see one.
 """
 
 from __future__ import annotations
@@ -29,11 +36,10 @@ from xfer.data.embed_store import EmbeddingStore
 from xfer.data.fs import save_torch
 from xfer.data.inputs import pair_cells
 from xfer.data.store import CellStore
-from xfer.embed import embed_lines, make_embedder, predictor_state
-from xfer.prepare import LineInputs, TrainData, prepare_training
+from xfer.prepare import LineInputs, TrainData
 
 log = logging.getLogger(__name__)
-CACHE_FORMAT = "xfer.trialdata/2"
+CACHE_FORMAT = "xfer.trialdata/3"
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,15 @@ class DataSpec:
     tgt: str            # training line peaks dataset (store name)
     src_hash: str       # content hashes: a changed dataset never reuses a stale cache
     tgt_hash: str
+    test: str = ""      # test line expression (store name; "" = not given), read without labels
+    sup_peak: str = ""  # test line peaks (store name; "" = not given), read without labels
+    test_hash: str = ""
+    sup_peak_hash: str = ""
+
+    @property
+    def transductive(self) -> bool:
+        """Trials adapt to the test line (its peaks are given)."""
+        return bool(self.sup_peak)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,16 +78,25 @@ def cache_dir() -> Path:
     return d
 
 
-def prepare_from_store(spec: DataSpec, cfg: TrainConfig) -> TrainData:
-    """Read both datasets and the embedding from the stores and prepare the training data."""
+def read_inputs(spec: DataSpec) -> dict:
+    """The sweep's datasets from the store, paired; the test line's without labels."""
     store = CellStore(spec.store)
-    src, tgt = pair_cells(store.read(spec.src), store.read(spec.tgt))
-    estore = EmbeddingStore(spec.store)
-    embedder = make_embedder(cfg.data.source_model, n_components=cfg.data.n_components, store=estore, train=src)
-    emb = embed_lines(embedder, src, {}, store=estore)["train"]
-    data, _ = prepare_training(src, tgt, emb, cfg.data, cfg.optim.seed,
-                               embedder_state=predictor_state(embedder, src))
-    return data
+    inputs = dict(zip(("src", "tgt"), pair_cells(store.read(spec.src), store.read(spec.tgt))))
+    for role in ("test", "sup_peak"):
+        name = getattr(spec, role)
+        if name:
+            inputs[role] = store.read(name).without_labels()
+    if "test" in inputs and "sup_peak" in inputs:
+        inputs["test"], inputs["sup_peak"] = pair_cells(inputs["test"], inputs["sup_peak"])
+    return inputs
+
+
+def prepare_from_store(spec: DataSpec, cfg: TrainConfig) -> TrainData:
+    """Read the datasets and embeddings from the stores and prepare what `xfer train` would."""
+    from xfer.pipeline import embed_inputs, prepare_member, training_data
+
+    loaded = embed_inputs(read_inputs(spec), cfg, EmbeddingStore(spec.store))
+    return training_data(prepare_member(loaded, cfg))
 
 
 def load_trial_data(spec: DataSpec, cfg: TrainConfig) -> TrainData:
@@ -99,7 +123,8 @@ def load_trial_data(spec: DataSpec, cfg: TrainConfig) -> TrainData:
 
 def _pack_leaf(v):
     if isinstance(v, np.ndarray):
-        return {"__str__": [str(x) for x in v]} if v.dtype == object else torch.from_numpy(np.ascontiguousarray(v))
+        return {"__str__": [str(x) for x in v]} if v.dtype == object else torch.from_numpy(
+            np.ascontiguousarray(v) if v.flags.writeable else v.copy(order="C"))
     if sp.issparse(v):
         X = sp.csr_matrix(v)
         return {"__csr__": [torch.from_numpy(X.indptr), torch.from_numpy(X.indices), torch.from_numpy(X.data),
@@ -127,11 +152,19 @@ def _unpack(obj):
     return tree_map(_unpack_leaf, obj, is_leaf=lambda v: isinstance(v, dict) and ("__str__" in v or "__csr__" in v))
 
 
+def _line(line: LineInputs | None) -> dict | None:
+    if line is None:
+        return None
+    return {"name": line.name, "barcodes": line.barcodes, "emb": line.emb, "peaks": line.peaks, "labels": line.labels}
+
+
+def _unline(d: dict | None) -> LineInputs | None:
+    return None if d is None else LineInputs(name=d["name"], barcodes=d["barcodes"], emb=d["emb"], peaks=d["peaks"],
+                                             labels=d["labels"])
+
+
 def _save(data: TrainData, path: Path) -> None:
-    line = data.line
-    blob = {"format": CACHE_FORMAT,
-            "line": {"name": line.name, "barcodes": line.barcodes, "emb": line.emb, "peaks": line.peaks,
-                     "labels": line.labels},
+    blob = {"format": CACHE_FORMAT, "line": _line(data.line), "adapt": _line(data.adapt),
             "train_idx": data.train_idx, "val_idx": data.val_idx, "class_prior": data.class_prior,
             "line_stats": {k: list(v) for k, v in data.line_stats.items()}, "preprocess": data.preprocess}
     save_torch(_pack(blob), path)
@@ -141,9 +174,7 @@ def _load(path: Path) -> TrainData:
     blob = _unpack(torch.load(path, weights_only=True))
     if blob.get("format") != CACHE_FORMAT:
         raise ValueError(f"{path}: not a trial-data cache file")
-    ln = blob["line"]
-    line = LineInputs(name=ln["name"], barcodes=ln["barcodes"], emb=ln["emb"], peaks=ln["peaks"], labels=ln["labels"])
-    return TrainData(line=line, train_idx=blob["train_idx"], val_idx=blob["val_idx"],
+    return TrainData(line=_unline(blob["line"]), train_idx=blob["train_idx"], val_idx=blob["val_idx"],
                      class_prior=blob["class_prior"],
                      line_stats={k: tuple(v) for k, v in blob["line_stats"].items()},
-                     preprocess=blob["preprocess"])
+                     preprocess=blob["preprocess"], adapt=_unline(blob["adapt"]))

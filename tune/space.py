@@ -45,10 +45,17 @@ DEFAULT_SPACE: dict[str, Any] = {
     "lambda_domain": {"type": "float", "low": 0.01, "high": 1.0, "log": True},
     "lambda_divergence": {"type": "float", "low": 0.01, "high": 3.0, "log": True},
     "lambda_balance": {"type": "float", "low": 0.01, "high": 1.0, "log": True},
-    "lambda_entropy": {"type": "float", "low": 0.001, "high": 0.3, "log": True},
+    "lambda_entropy": {"type": "float", "low": 0.0, "high": 0.3},
+    "lambda_pseudo": {"type": "float", "low": 0.0, "high": 3.0},                   # self-training (test line)
+    "pseudo_fraction": {"type": "float", "low": 0.1, "high": 1.0},
     "grl_gamma": {"type": "float", "low": 1.0, "high": 20.0, "log": True},
     "warmup_epochs": {"type": "int", "low": 0, "high": 20},
     "label_smoothing": {"type": "float", "low": 0.0, "high": 0.2},
+    "use_cdann": {"type": "categorical", "choices": [True, False]},
+    "entropy_conditioning": {"type": "categorical", "choices": [True, False]},
+    # inputs (each distinct combination is prepared once per node and cached)
+    "peak_repr": {"type": "categorical", "choices": ["lsi", "joint_lsi"]},
+    "bin_size": {"type": "categorical", "choices": [0, 1_000_000]},
     # architecture
     "arch": {"type": "categorical", "choices": list(ARCHS)},
     "divergence": {"type": "categorical", "choices": list(DIVERGENCES)},
@@ -59,6 +66,7 @@ DEFAULT_SPACE: dict[str, Any] = {
     "latent_dim": {"type": "categorical", "choices": [64, 128, 256, 512]},
     "proj_hidden": {"type": "categorical", "choices": [256, 512, 1024]},
     "cls_hidden": {"type": "categorical", "choices": [64, 128, 256, 512]},
+    "disc_hidden": {"type": "categorical", "choices": [256, 512, 1024]},
     # architecture-specific (sampled only for their arch)
     "corruption": {"type": "float", "low": 0.0, "high": 0.3},                      # dae
     "beta": {"type": "float", "low": 0.1, "high": 4.0, "log": True},                # vae
@@ -74,33 +82,34 @@ DEFAULT_SPACE: dict[str, Any] = {
 # Keys that never belong in a search space (they are sweep settings, not trial parameters).
 NOT_SEARCHABLE = {"epochs", "seed", "metric"}
 
-_DATA = ("data preparation: every trial of a sweep shares one prepared copy of the training data "
-         "(searching it would re-prepare it per trial); fix it with --set")
-_TEST_LINE = "how the test line is read: a sweep's trials never see the test line"
+# Searched only when the sweep adapts to a test line (tune.sweep.transductive_space drops them otherwise).
+TRANSDUCTIVE_ONLY = ("lambda_pseudo", "pseudo_fraction")
+
+_DATA = ("data preparation: each distinct value is prepared once per node (a searched peak_repr and "
+         "bin_size cover the input choice); search it in a space file or fix it with --set")
+_TEST_LINE = "how the test line's peaks are matched to the training line's: a property of the inputs, not the model"
 # Every config key the default space deliberately leaves out, and why (a space file or
-# --set can still search or fix most of them). tests/test_space.py checks that each config
-# key is either in DEFAULT_SPACE or here.
+# --set can still search or fix most of them). tests/test_space.py derives the live keys
+# from TrainConfig and checks that each is either in DEFAULT_SPACE or here.
 NOT_SEARCHED: dict[str, str] = {
     "epochs": "sweep setting (--search_epochs)",
     "seed": "sweep setting (--seed)",
-    "metric": "sweep setting: defines the objective",
-    "patience": "trials run --search_epochs epochs and ASHA stops the weak ones",
+    "metric": "sweep setting: defines source_val",
+    "objective": "sweep setting (--objective): what ranks the trials",
+    "patience": "sweep setting: trials run --search_epochs epochs and ASHA stops the weak ones",
     "grad_clip": "a numerical safety bound, not a model choice",
     "cuda_graph": "speed only: the same training either way",
     "ensemble": "a property of the final model (xfer train): each trial trains one member",
-    "disc_hidden": "the adversary's strength is searched through lambda_domain and grl_gamma",
-    "randomized_dim": "CDAN's randomised-map width: an approximation setting (used only when "
-                      "classes x latent_dim > 4096)",
-    "use_cdann": "method switch (CDAN vs plain DANN), kept at CDAN; compare with --set",
-    "entropy_conditioning": "method switch (CDAN+E), kept on; compare with --set",
+    "randomized_dim": "CDAN's randomised-map width: used only when classes x latent_dim > 4096, which the "
+                      "default latent_dim choices never reach",
     "class_weighted": "part of the objective: balanced accuracy needs the class-weighted loss",
-    "lambda_pseudo": "inert in sweeps until trials adapt to the test line (issue 12)",
-    "pseudo_fraction": "inert in sweeps until trials adapt to the test line (issue 12)",
-    "val_fraction": "defines the objective's validation split; " + _DATA,
-    **{k: _DATA for k in ("source_model", "n_components", "peak_filter", "peak_repr", "peak_transform",
-                          "lsi_components", "bin_size", "bin_components", "line_norm")},
-    **{k: _TEST_LINE for k in ("adapt_test_peaks", "use_peak_mapper", "peak_mapper_method",
-                               "peak_impute_strategy", "peak_max_distance")},
+    "val_fraction": "defines source_val's validation split (and the cells every candidate validates on)",
+    "adapt_test_peaks": "sweep setting: trials adapt to the test line whenever it is given",
+    "source_model": "the expression embeddings are computed (or stored by `xfer embed`) before the sweep",
+    **{k: _DATA for k in ("n_components", "peak_filter", "peak_transform", "lsi_components", "bin_components",
+                          "line_norm")},
+    **{k: _TEST_LINE for k in ("use_peak_mapper", "peak_mapper_method", "peak_impute_strategy",
+                               "peak_max_distance")},
 }
 
 

@@ -11,9 +11,14 @@
     mark ASHA-stopped Optuna trials PRUNED (live),
     score the best trial on the test line
 
-The objective is the training line's PEAK validation metric; the test line
-(--test_csv / --sup_peak_csv) is read only after the search, to score the
-best trial's model. Everything a resume needs is in <output_folder>/sweep.json;
+Trials are transductive when the test line's peaks are given (--sup_peak_csv):
+each trains exactly as `xfer train` does, adapting to the test line's unlabelled
+cells (its labels are dropped before any trial reads it). The objective that
+ranks trials, drives ASHA and chooses each trial's best epoch is `--objective`
+(xfer.selection): `transfer`, label-free, by default when the test line is
+given, else `source_val` (the training line's PEAK validation metric). The
+shipped defaults are enqueued as the first trial. The test line's labels are
+read only after the search, to score the best trial's model. Everything a resume needs is in <output_folder>/sweep.json;
 `xfer tune --resume --output_folder DIR` restores the Tuner and finishes the
 sweep without repeating finished trials.
 """
@@ -74,6 +79,12 @@ class Sweep:
     max_failures: int
     seed: int
     data_args: dict
+    objective: str = "source_val"       # the selection candidate that ranks trials (xfer.selection)
+    objective_setting: str = "auto"     # what was asked for (--objective)
+
+    @property
+    def objective_label(self) -> str:
+        return f"peak_val_{self.metric}" if self.objective == "source_val" else self.objective
 
     @property
     def storage(self) -> Path:
@@ -131,25 +142,28 @@ def base_config(args) -> dict:
 
 
 def ingest_for_trials(args) -> dict:
-    """Put the training line into the store (file inputs are ingested) and return the DataSpec."""
+    """Put the sweep's datasets into the store (file inputs are ingested; the test line's without
+    its labels, which only the final scoring reads from the given files) and return the DataSpec."""
     from xfer.data.inputs import STORE_PREFIX, load_inputs
     from xfer.data.store import CellStore
 
     from .data import DataSpec
 
-    data = load_inputs(args, ["src", "tgt"], require=("src", "tgt"))
+    roles = ["src", "tgt"] + [r for r in ("test", "sup_peak") if getattr(args, f"{r}_csv", None)]
+    data = load_inputs(args, roles, require=("src", "tgt"))
     store = CellStore(args.store)
-    names = {}
-    for role in ("src", "tgt"):
+    names, hashes = {}, {}
+    for role in roles:
         given = getattr(args, f"{role}_csv")
         ds = data[role]
         if given.startswith(STORE_PREFIX) and not getattr(args, f"{role}_label_csv", None):
             names[role] = given[len(STORE_PREFIX):]
+        elif role in ("test", "sup_peak"):
+            names[role] = store.write(ds.without_labels(), f"{ds.name}_unlabelled").name
         else:
             names[role] = store.write(ds, ds.name).name
-    return DataSpec(store=store.root.uri, src=names["src"], tgt=names["tgt"],
-                    src_hash=store.manifest(names["src"]).content_hash,
-                    tgt_hash=store.manifest(names["tgt"]).content_hash).to_dict()
+        hashes[f"{role}_hash"] = store.manifest(names[role]).content_hash
+    return DataSpec(store=store.root.uri, **names, **hashes).to_dict()
 
 
 def new_sweep(args) -> Sweep:
@@ -167,6 +181,8 @@ def new_sweep(args) -> Sweep:
     if args.store and "://" not in args.store:
         args.store = str(Path(args.store).resolve())
     spec = ingest_for_trials(args)
+    objective = resolve_objective(base, spec)
+    space = transductive_space(space, spec["sup_peak"] != "" and base["adapt_test_peaks"])
     out.mkdir(parents=True, exist_ok=True)
     return Sweep(
         name=args.name, output=out, spec=spec, base=base, space=space.describe(),
@@ -175,7 +191,61 @@ def new_sweep(args) -> Sweep:
         trainer=_pick_trainer(args.trainer, args.num_workers), grace_period=args.grace_period or
         max(1, args.search_epochs // 8), reduction_factor=args.reduction_factor,
         checkpoint_every=args.checkpoint_every, max_failures=args.max_failures, seed=base["seed"],
-        data_args={k: getattr(args, k, None) for k in DATA_FLAGS})
+        data_args={k: getattr(args, k, None) for k in DATA_FLAGS}, objective=objective,
+        objective_setting=base["objective"])
+
+
+def resolve_objective(base: dict, spec: dict) -> str:
+    """The candidate that ranks trials, as every trial will resolve it (xfer.selection.resolve)."""
+    from xfer.selection import resolve
+
+    adapting = bool(spec.get("sup_peak")) and bool(base["adapt_test_peaks"])
+    return resolve(base["objective"], adapting, bool(spec.get("test")))
+
+
+def transductive_space(space: SearchSpace, adapting: bool) -> SearchSpace:
+    """Without a test line to adapt to, self-training is inert and the joint basis is the
+    training line's own: drop them from the space (with a log line)."""
+    from .space import TRANSDUCTIVE_ONLY
+
+    if adapting:
+        return space
+    raw = space.describe()
+    dropped = [k for k in TRANSDUCTIVE_ONLY if isinstance(raw.get(k), dict)]
+    for k in dropped:
+        del raw[k]
+    rep = raw.get("peak_repr")
+    if isinstance(rep, dict) and "joint_lsi" in rep.get("choices", []):
+        rest = [c for c in rep["choices"] if c != "joint_lsi"]
+        raw["peak_repr"] = {"type": "categorical", "choices": rest} if len(rest) > 1 else rest[0]
+        dropped.append("peak_repr=joint_lsi")
+    if dropped:
+        log.info("no test line to adapt to: not searching %s", ", ".join(dropped))
+    from .space import parse_space as _parse
+    return _parse(raw, space.source)
+
+
+def default_point(sw: Sweep) -> dict | None:
+    """The configuration the sweep's settings give without a search (the shipped defaults and
+    the command line), as a point of the space: enqueued as the first trial. None (with a log
+    line) when the space cannot produce it."""
+    from xfer.config import ARCH_PARAMS
+
+    space = parse_space(sw.space, "sweep.json")
+    defaults = {**TrainConfig().to_flat(live_only=False), **sw.base}
+    arch = space.params["arch"].value if "arch" in space.params and space.params["arch"].kind == "fixed" \
+        else defaults["arch"]
+    point = {}
+    for key, p in space.params.items():
+        if p.kind == "fixed" or (key in ALL_ARCH_PARAMS and key not in ARCH_PARAMS[arch]):
+            continue
+        v = defaults[key]
+        inside = (p.low <= v <= p.high) if p.kind in ("float", "int") else v in p.choices
+        if not inside:
+            log.info("the defaults are not a point of this space (%s=%r); not enqueued", key, v)
+            return None
+        point[key] = v
+    return point
 
 
 def _pick_trainer(choice: str, num_workers: int) -> str:
@@ -249,8 +319,10 @@ def make_tuner(sw: Sweep, restore: bool):
         return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True,
                                   restart_errored=False)
     space = parse_space(sw.space, "sweep.json")
+    point = default_point(sw)
     searcher = EpochAwareOptunaSearch(
         space=space, metric="objective", mode="max", max_t=sw.search_epochs,
+        points_to_evaluate=[point] if point else None,
         sampler=optuna.samplers.TPESampler(seed=sw.seed, n_startup_trials=min(10, max(2, sw.n_trials // 3))),
         study_name=sw.name, storage=optuna.storages.RDBStorage(f"sqlite:///{sw.study_db}"))
     n_slots = slots(sw)
@@ -276,7 +348,21 @@ def make_tuner(sw: Sweep, restore: bool):
 
 # ----------------------------------------------------------------------------- results
 
+def _at_best_epoch(r, m: dict) -> dict:
+    """The trial's report of its best epoch (every candidate's value then); its last report when
+    the history is not available or no epoch was chosen yet."""
+    hist = getattr(r, "metrics_dataframe", None)
+    best = m.get("best_epoch")
+    if hist is not None and best and "epoch" in getattr(hist, "columns", ()):
+        rows = hist[hist["epoch"] == best]
+        if len(rows):
+            return rows.iloc[-1].to_dict()
+    return m
+
+
 def trial_table(grid, sw: Sweep):
+    """One row per trial: status, its objective (best and last), every selection candidate and
+    the training line's validation metric at its best epoch, its parameters."""
     import pandas as pd
 
     rows = []
@@ -290,18 +376,22 @@ def trial_table(grid, sw: Sweep):
             status = "completed"
         else:
             status = "stopped_by_asha"
+        at_best = _at_best_epoch(r, m)
         rows.append({
             "trial_id": m.get("trial_id") or Path(r.path).name, "status": status, "epochs_run": epochs,
             "early_stopped": bool(m.get("stopped_early", False)),
-            f"best_{sw.metric}": m.get("best_objective"), f"last_{sw.metric}": m.get("objective"),
-            "best_epoch": m.get("best_epoch"), "node": m.get("hostname") or m.get("node_ip"),
+            "best_objective": m.get("best_objective"), "last_objective": m.get("objective"),
+            "best_epoch": m.get("best_epoch"),
+            f"peak_val_{sw.metric}": at_best.get(f"peak_val_{sw.metric}"),
+            **{f"sel.{k[4:]}": v for k, v in at_best.items() if k.startswith("sel/")},
+            "node": m.get("hostname") or m.get("node_ip"),
             "node_ip": m.get("node_ip"), "wall_seconds": m.get("time_total_s"),
             "error": None if r.error is None else str(r.error).splitlines()[0][:300],
             **{f"param.{k}": v for k, v in params.items()},
         })
     df = pd.DataFrame(rows)
     if len(df):
-        df = df.sort_values(f"best_{sw.metric}", ascending=False, na_position="last").reset_index(drop=True)
+        df = df.sort_values("best_objective", ascending=False, na_position="last").reset_index(drop=True)
     return df
 
 
@@ -313,7 +403,7 @@ def export(grid, sw: Sweep) -> dict:
     df.to_csv(sw.output / "trials.csv", index=False)
     df.astype({c: "string" for c in df.columns if df[c].dtype == object}).to_parquet(sw.output / "trials.parquet",
                                                                                      index=False)
-    ok = df[df["status"] != "errored"].dropna(subset=[f"best_{sw.metric}"])
+    ok = df[df["status"] != "errored"].dropna(subset=["best_objective"])
     if ok.empty:
         raise XferError(f"no trial finished without error; see {sw.output / 'trials.csv'} and the logs under "
                         f"{sw.storage / sw.name}")
@@ -323,7 +413,8 @@ def export(grid, sw: Sweep) -> dict:
     full = TrainConfig.from_dict({**sw.base, **params})
     best_params = {
         "params": {**{k: v for k, v in full.to_flat().items() if k != "epochs"}},
-        "searched": params, "objective": f"peak_val_{sw.metric}", "value": float(best[f"best_{sw.metric}"]),
+        "searched": params, "objective": sw.objective_label, "objective_setting": sw.objective_setting,
+        "value": float(best["best_objective"]),
         "trial_id": best["trial_id"], "best_epoch": int(best["best_epoch"]), "epochs_run": int(best["epochs_run"]),
         "search_epochs": sw.search_epochs,
     }

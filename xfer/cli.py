@@ -116,7 +116,7 @@ def cmd_train(args) -> int:
 
     metrics = run_train(args)
     m = metrics["model"]
-    print(f"best epoch {m['best_epoch']} of {m['epochs_run']} ({m['metric']} {m['best_val_metric']:.3f}"
+    print(f"best epoch {m['best_epoch']} of {m['epochs_run']} (objective {m['objective']} {m['best_objective']:.3f}"
           f"{', stopped early' if m['stopped_early'] else ''}), {m['train_seconds']:.1f} s training")
     print(format_table(metrics))
     print(f"outputs: {args.output_folder}/ (best_model.pt, metrics.json, training_history.json, predictions_*.csv)")

@@ -30,6 +30,11 @@ ARCHS = ("dae", "vae", "contrastive", "hybrid", "mlp")
 # kept here so that reading a config does not import torch).
 DIVERGENCES = ("mmd", "kl", "jensen", "coral")
 METRICS = ("balanced_accuracy", "accuracy", "macro_f1")
+# Model-selection objectives (xfer.selection computes them; named here so that reading a config
+# does not import torch): label-free candidates, "transfer" (the study's pick) and "auto".
+SELECTION_CANDIDATES = ("source_val", "entropy", "im", "snd", "iwcv", "dev", "agreement",
+                        "source_val+entropy", "source_val+im", "source_val+agreement")
+OBJECTIVES = ("auto", "transfer", *SELECTION_CANDIDATES)
 SOURCE_MODELS_BUILTIN = ("pca",)
 MAPPER_METHODS = ("exact", "overlap", "overlap_50pct", "nearest")
 IMPUTE = ("zero", "mean")
@@ -98,10 +103,12 @@ class OptimConfig:
     epochs: int = 100
     patience: int = 20               # early stopping: epochs without improvement of the val metric
     metric: str = "balanced_accuracy"  # on the training line's PEAK validation split
+    objective: str = "auto"          # best-epoch choice, early stopping, a sweep's ranking (xfer.selection):
+                                     # auto = transfer when adapting to a test line, else source_val
     seed: int = 0
     grad_clip: float = 5.0
     cuda_graph: bool = True          # CUDA: capture the training step once as a CUDA graph and replay it
-    ensemble: int = 1                # xfer train: members trained with seeds seed, seed+1, ... (each its own
+    ensemble: int = 3                # xfer train: members trained with seeds seed, seed+1, ... (each its own
                                      # validation split, initialisation and batches), probabilities averaged
 
 
@@ -208,6 +215,7 @@ class TrainConfig:
         need(lo.divergence in DIVERGENCES, "divergence",
              f"unknown divergence {lo.divergence!r}; choose from {', '.join(DIVERGENCES)}")
         need(o.metric in METRICS, "metric", f"unknown metric {o.metric!r}; choose from {', '.join(METRICS)}")
+        need(o.objective in OBJECTIVES, "objective", f"unknown {o.objective!r}; choose from {', '.join(OBJECTIVES)}")
         need(d.peak_repr in PEAK_REPRS, "peak_repr", f"unknown {d.peak_repr!r}; choose from {', '.join(PEAK_REPRS)}")
         need(d.peak_repr != "none" or d.bin_size > 0, "peak_repr",
              "'none' needs the coverage channel (bin_size > 0): the encoder would have no input")

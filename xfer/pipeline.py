@@ -40,6 +40,7 @@ CONFIG_FLAGS = {
     "use_cdann": "use_cdann", "batch_size": "batch_size", "lr": "lr", "patience": "patience",
     "lambda_balance": "lambda_balance", "lambda_entropy": "lambda_entropy",
     "lambda_target_class": "lambda_target_class", "lambda_pseudo": "lambda_pseudo", "metric": "metric",
+    "objective": "objective",
 }
 
 
@@ -59,6 +60,9 @@ def add_train_arguments(parser) -> None:
     g.add_argument("--lr", type=float)
     g.add_argument("--patience", type=int, help="early stopping patience in epochs")
     g.add_argument("--metric", help="validation metric: balanced_accuracy | accuracy | macro_f1")
+    g.add_argument("--objective", help="model selection (best epoch, early stopping, a sweep's ranking): transfer "
+                   "(label-free, on the test line's unlabelled cells; the default when --sup_peak_csv is given) | "
+                   "source_val (the training line's validation split) | a candidate of xfer.selection")
     g.add_argument("--lambda_balance", type=float)
     g.add_argument("--lambda_entropy", type=float)
     g.add_argument("--lambda_target_class", type=float)
@@ -121,9 +125,12 @@ class Loaded:
 
 
 def load_for_training(args, cfg: TrainConfig) -> Loaded:
-    inputs = load_inputs(args, require=("src", "tgt"))
+    return embed_inputs(load_inputs(args, require=("src", "tgt")), cfg, EmbeddingStore(args.store))
+
+
+def embed_inputs(inputs: dict[str, CellMatrix], cfg: TrainConfig, store: EmbeddingStore) -> Loaded:
+    """The expression embeddings of the training line and (when given) the test line."""
     src, test_gex = inputs["src"], inputs.get("test")
-    store = EmbeddingStore(args.store)
     # foundation models (no model files here) read what `xfer embed` stored for the training line
     embedder = make_embedder(cfg.data.source_model, n_components=cfg.data.n_components, store=store, train=src)
     embs = embed_lines(embedder, src, {"test": test_gex} if test_gex is not None else {}, store=store)
@@ -146,6 +153,12 @@ def prepare_member(loaded: Loaded, cfg: TrainConfig) -> Prepared:
 
 def prepare(args, cfg: TrainConfig) -> Prepared:
     return prepare_member(load_for_training(args, cfg), cfg)
+
+
+def training_data(p: Prepared):
+    """What the loop trains on: the training line and, with adapt_test_peaks, the test line's
+    unlabelled cells (`TrainData.with_adaptation` drops their labels)."""
+    return p.train.with_adaptation(p.test) if p.cfg.data.adapt_test_peaks else p.train
 
 
 def member_configs(cfg: TrainConfig) -> list[TrainConfig]:
@@ -256,14 +269,14 @@ def run_train(args) -> dict:
     metrics = evaluate_members(members, out)
     p0, r0 = members[0][1], results[0]
     metrics["baselines"] = baselines_for(p0)
-    metrics["model"] = {"best_epoch": r0.best_epoch, "best_val_metric": r0.best_metric,
-                        "metric": f"peak_val_{cfg.optim.metric}", "stopped_early": r0.stopped_early,
+    metrics["model"] = {"best_epoch": r0.best_epoch, "best_objective": r0.best_metric, "objective": r0.objective,
+                        "stopped_early": r0.stopped_early,
                         "epochs_run": len(r0.history), "train_seconds": round(sum(r.seconds for r in results), 2),
                         "config": cfg.to_flat(), "peak_mapping": p0.pre.mapping_stats,
                         "n_peaks": p0.train.n_peaks, "wall_seconds": round(time.perf_counter() - t0, 2)}
     if len(results) > 1:
         metrics["model"]["members"] = [{"seed": c.optim.seed, "best_epoch": r.best_epoch,
-                                        "best_val_metric": r.best_metric, "epochs_run": len(r.history)}
+                                        "best_objective": r.best_metric, "epochs_run": len(r.history)}
                                        for c, r in zip(configs, results)]
     write_json(out / "metrics.json", metrics)
     return metrics

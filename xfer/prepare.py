@@ -311,13 +311,15 @@ class TrainData:
     class_prior: np.ndarray
     line_stats: dict                       # LineNorm statistics from the training cells
     preprocess: dict                       # state for checkpoints (peaks, embedder)
-    adapt: LineInputs | None = None        # another line's unlabelled peaks to adapt to (labels stripped)
+    adapt: LineInputs | None = None        # another line's unlabelled peaks (+ expression) to adapt to (no labels)
 
     def with_adaptation(self, line: LineInputs | None) -> "TrainData":
-        """Add a line's peaks as an unlabelled adaptation domain; its labels are dropped here."""
+        """Add a line's peaks (and its expression embedding, when given: the `agreement` selection
+        candidate reads it) as an unlabelled adaptation domain; its labels are dropped here."""
         if line is None or line.peaks is None:
             return self
-        return dataclasses.replace(self, adapt=LineInputs(name=line.name, barcodes=line.barcodes, peaks=line.peaks))
+        return dataclasses.replace(self, adapt=LineInputs(name=line.name, barcodes=line.barcodes, peaks=line.peaks,
+                                                          emb=line.emb))
 
     @property
     def emb_dim(self) -> int:

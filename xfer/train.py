@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from . import losses as L
+from . import selection
 from .checkpoint import FORMAT, cpu_copy, to_tensors
 from .config import TrainConfig
 from .cuda_graph import StepGraph
@@ -65,6 +66,7 @@ class FitResult:
     checkpoint: dict              # the best epoch's predictor (what best_model.pt holds)
     stopped_early: bool = False
     seconds: float = 0.0
+    objective: str = ""           # what chose the best epoch (Trainer.objective_name)
     extra: dict = field(default_factory=dict)
 
 
@@ -158,9 +160,21 @@ class Trainer:
             w = 1.0 / np.maximum(data.class_prior, 1e-3)
             self.class_weight = torch.as_tensor(w / (w * data.class_prior).sum(), dtype=torch.float32, device=dev)
         self.PB = self.stats_b = None
+        self.EB = self.stats_eb = None
         if self.adapt:
             self.PB = Rows(data.adapt.peaks, dev, dtype, memory_budget)
-            self.stats_b = data.adapt.stats_tensors(dev)["peaks"] if cfg.data.line_norm else None
+            stats_b = data.adapt.stats_tensors(dev)
+            self.stats_b = stats_b["peaks"] if cfg.data.line_norm else None
+            if data.adapt.emb is not None:  # the test line's expression (unlabelled): the agreement candidate
+                self.EB = Rows(data.adapt.emb, dev, torch.float32, memory_budget)
+                self.stats_eb = stats_b["emb"] if cfg.data.line_norm else None
+        # model selection (xfer.selection): the candidate that chooses the best epoch, and the fixed
+        # random subsets of cells the domain classifier and SND use
+        self.objective = selection.resolve(o.objective, self.adapt, self.EB is not None)
+        self.sel_train = self.sel_test = None
+        if self.adapt:
+            self.sel_train = self.tr[torch.as_tensor(selection.subset(len(data.train_idx), o.seed), device=dev)]
+            self.sel_test = torch.as_tensor(selection.subset(len(self.PB), o.seed + 1), device=dev)
         # self-training: pseudo-labels of the adaptation line live in a device buffer refreshed in place
         self.self_training = self.adapt and lo.lambda_pseudo > 0
         self.YB = self.pseudo_weight = None
@@ -258,11 +272,29 @@ class Trainer:
         return {f"loss/{k}": v for k, v in zip(sums, means)}
 
     def validate(self) -> dict[str, dict]:
-        """Metrics of both heads on the training line's validation cells."""
+        """Metrics of both heads on the training line's validation cells and, when adapting,
+        every label-free selection candidate (`xfer.selection`) under "selection"."""
         model, E, P = self.model, self.E, self.P
         probs = _predict_rows(model, {"gex": lambda i: model.predict_source(E[i]),
                                       "peak": lambda i: model.predict_peaks(P[i])}, self.va, self.amp)
-        return {k: classification_metrics(self.y_val, v.cpu().numpy().argmax(1)) for k, v in probs.items()}
+        out = {k: classification_metrics(self.y_val, v.cpu().numpy().argmax(1)) for k, v in probs.items()}
+        source_val = out["peak"][self.cfg.optim.metric]
+        if not self.adapt:
+            out["selection"] = {"source_val": source_val}
+            return out
+        PB, EB = self.PB, self.EB
+        zp = _predict_rows(model, {"z": lambda i: model.peak_latent(P[i]).z.float()}, self.va, self.amp)["z"]
+        heads = {"z": lambda i: model.peak_latent(PB[i], self.stats_b).z.float(),
+                 "peak": lambda i: model.predict_peaks(PB[i], self.stats_b)}
+        if EB is not None:
+            heads["gex"] = lambda i: model.predict_source(EB[i], self.stats_eb)
+        test = _predict_rows(model, heads, torch.arange(len(PB), device=self.dev), self.amp)
+        z_train = _predict_rows(model, {"z": lambda i: model.peak_latent(P[i]).z.float()}, self.sel_train,
+                                self.amp)["z"]
+        out["selection"] = selection.candidate_values(
+            source_val, y_val=self.Y[self.va], p_val=probs["peak"], z_val=zp, z_train=z_train,
+            p_test=test["peak"], z_test=test["z"], p_test_gex=test.get("gex"), snd_rows=self.sel_test)
+        return out
 
     # ------------------------------------------------------------------ outputs
     def checkpoint_builder(self) -> Callable[[], dict]:
@@ -283,7 +315,12 @@ class Trainer:
         s = self.state
         return {"format": FORMAT, "config": self.cfg.to_dict(), "dims": dict(self.dims),
                 "preprocess": to_tensors(self.data.preprocess), "best_epoch": int(s.best_epoch),
-                "best_metric": float(s.best_metric), "metric_name": f"peak_val_{self.cfg.optim.metric}"}
+                "best_metric": float(s.best_metric), "metric_name": self.objective_name}
+
+    @property
+    def objective_name(self) -> str:
+        """What the best epoch was chosen by (source_val: the validation metric's own name)."""
+        return f"peak_val_{self.cfg.optim.metric}" if self.objective == "source_val" else self.objective
 
     def checkpoint(self) -> dict:
         """The whole predictor at this epoch plus what resuming needs (see xfer.checkpoint)."""
@@ -303,6 +340,7 @@ class Trainer:
         self.model.eval()
         return FitResult(model=self.model, best_epoch=s.best_epoch, best_metric=s.best_metric, history=s.history,
                          checkpoint=best, stopped_early=stopped_early, seconds=seconds,
+                         objective=self.objective_name,
                          extra={"cuda_graph": self.graph.summary() if self.graph is not None else None})
 
 
@@ -325,9 +363,12 @@ def fit(cfg: TrainConfig, data: TrainData, report: Report | None = None, *,
         val = trainer.validate()
         # a model is chosen only once the adaptation is fully on: before that it has not yet
         # been aligned to the other line, whatever the training line's validation says
-        improved = state.choose(epoch, val["peak"][o.metric], eligible=warmed or epoch == o.epochs)
+        objective = val["selection"][trainer.objective]
+        if not math.isfinite(objective):
+            raise XferError(f"the selection objective {trainer.objective} is not finite at epoch {epoch}")
+        improved = state.choose(epoch, objective, eligible=warmed or epoch == o.epochs)
         state.epoch = epoch
-        metrics = _epoch_record(cfg, state, val, losses, n_pseudo, trainer.warm, improved,
+        metrics = _epoch_record(cfg, state, objective, val, losses, n_pseudo, trainer.warm, improved,
                                 epoch_seconds=time.perf_counter() - t0, train_seconds=train_seconds)
         state.history.append(metrics)
         _check_finite(losses, epoch)
@@ -341,14 +382,16 @@ def fit(cfg: TrainConfig, data: TrainData, report: Report | None = None, *,
     return trainer.result(stopped_early, time.perf_counter() - t_start)
 
 
-def _epoch_record(cfg: TrainConfig, state: TrainState, val: dict, losses: dict, n_pseudo: int | None,
-                  warm: float, improved: bool, **seconds) -> dict:
-    """What `report` and training_history.json get for one epoch."""
+def _epoch_record(cfg: TrainConfig, state: TrainState, objective: float, val: dict, losses: dict,
+                  n_pseudo: int | None, warm: float, improved: bool, **seconds) -> dict:
+    """What `report` and training_history.json get for one epoch: `objective` (what chooses the
+    best epoch), every selection candidate as `sel/<name>`, the validation metrics, the losses."""
     o = cfg.optim
     return {
-        "epoch": state.epoch, "objective": val["peak"][o.metric], "best_epoch": state.best_epoch,
+        "epoch": state.epoch, "objective": objective, "best_epoch": state.best_epoch,
         "best_objective": state.best_metric if state.best_epoch else None,  # None: no epoch chosen yet (warm-up)
         **{f"gex_val_{k}": val["gex"][k] for k in METRIC_KEYS}, **{f"peak_val_{k}": val["peak"][k] for k in METRIC_KEYS},
+        **{f"sel/{k}": v for k, v in val["selection"].items()},
         **losses, **({"pseudo_labels": n_pseudo} if n_pseudo is not None else {}),
         "warmup": warm, "grl_lambda": L.grl_lambda((state.epoch - 1) / o.epochs, cfg.loss.grl_gamma),
         **seconds, "improved": improved,

@@ -1,0 +1,204 @@
+"""Label-free model selection for transfer: which epoch and which trial to keep.
+
+Every epoch the training loop computes each candidate below from what it may
+see: the training line's labelled validation cells and the test line's
+*unlabelled* cells (its accessibility; its expression when --test_csv is
+given). No test-line label reaches any of them. Higher is better for all.
+
+    source_val            the training line's PEAK validation metric (no transfer signal)
+    entropy               1 - mean entropy of the test line's PEAK predictions / log C
+                          (Morerio et al. 2018; SKADA-Bench's most reliable scorer)
+    im                    information maximisation: (H(mean p) - mean H(p)) / log C, confident
+                          and diverse predictions (Shi & Sha 2012; Liang et al. 2020)
+    snd                   soft neighbourhood density (Saito et al. 2021): the mean entropy of each
+                          test cell's softmax similarity (T = 0.05) to the other test cells'
+                          L2-normalised predictions, self excluded
+    iwcv                  importance-weighted validation (Sugiyama et al. 2007): the training
+                          line's validation balanced accuracy with each cell weighted by
+                          p(test | z) / p(train | z), from a logistic domain classifier on the
+                          PEAK latents z (fitted on training cells vs test cells)
+    dev                   deep embedded validation (You et al. 2019): minus the importance-weighted
+                          validation cross-entropy with its control variate
+    agreement             the balanced accuracy of the test line's PEAK predictions against the
+                          expression head's predictions on the same cells (needs --test_csv,
+                          unlabelled: the expression head transfers well, GEX test ~ gex_lr)
+    source_val+entropy    the mean of source_val and entropy
+    source_val+im         the mean of source_val and im
+    source_val+agreement  the mean of source_val and agreement
+
+`objective=transfer` is the candidate the study `bench/bench_selection.py` chose on
+development pairs (TRANSFER, with a fallback when the test line's expression is not
+given); `auto` (the default) is `transfer` when training adapts to a test line and
+`source_val` otherwise.
+
+skada (BSD-3) implements entropy, SND, IWCV and DEV as scikit-learn scorers over an
+estimator's `predict_proba` on NumPy arrays. They are not used here: these run inside
+every epoch of every trial on the trial's device (no host round trip, no estimator
+wrapper); skada's SND takes its softmax over the whole similarity matrix rather than per
+row as in the paper, and its importance weights come from kernel density estimates on
+the inputs rather than a domain classifier on the learned features. tests/test_selection.py
+checks the entropy and DEV formulas against skada's where the definitions coincide.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .config import OBJECTIVES, SELECTION_CANDIDATES as CANDIDATES
+from .errors import ConfigError
+
+NEEDS_TEST_GEX = frozenset({"agreement", "source_val+agreement"})
+# The study's picks (bench/bench_selection.py, BENCHMARKS.md): the lowest mean selection regret
+# on the development pairs, among all candidates and among those that need no test expression.
+TRANSFER = {"with_expression": "source_val+agreement", "peaks_only": "source_val+entropy"}
+
+SND_TEMPERATURE = 0.05
+MAX_CELLS = 2000  # cells per domain for SND and the domain classifier (a fixed random subset)
+
+
+def resolve(objective: str, adapting: bool, has_test_gex: bool) -> str:
+    """The candidate an objective setting means for a run."""
+    if objective not in OBJECTIVES:
+        raise ConfigError("objective", f"unknown {objective!r}; choose from {', '.join(OBJECTIVES)}")
+    if objective == "auto":
+        objective = "transfer" if adapting else "source_val"
+    if objective == "transfer":
+        if not adapting:
+            raise ConfigError("objective", "'transfer' needs the test line's peaks (--sup_peak_csv) and "
+                              "adapt_test_peaks; without them use source_val")
+        return TRANSFER["with_expression" if has_test_gex else "peaks_only"]
+    if objective != "source_val" and not adapting:
+        raise ConfigError("objective", f"{objective!r} scores the test line's unlabelled cells: give "
+                          "--sup_peak_csv (and keep adapt_test_peaks on)")
+    if objective in NEEDS_TEST_GEX and not has_test_gex:
+        raise ConfigError("objective", f"{objective!r} needs the test line's expression (--test_csv)")
+    return objective
+
+
+def available(adapting: bool, has_test_gex: bool) -> tuple[str, ...]:
+    """The candidates a run can compute."""
+    if not adapting:
+        return ("source_val",)
+    return tuple(c for c in CANDIDATES if has_test_gex or c not in NEEDS_TEST_GEX)
+
+
+# ----------------------------------------------------------------------------- the scores (pure)
+
+def _entropy_rows(p: Tensor) -> Tensor:
+    p = p.float().clamp_min(1e-12)
+    return -(p * p.log()).sum(1)
+
+
+def entropy_score(p: Tensor) -> float:
+    """1 - mean entropy / log C of predictions p (n, C): 1 = every prediction certain."""
+    return float(1.0 - _entropy_rows(p).mean() / math.log(p.shape[1]))
+
+
+def information_maximisation(p: Tensor) -> float:
+    """(H(mean prediction) - mean H(prediction)) / log C: high when predictions are both
+    confident and spread over the classes."""
+    marginal = _entropy_rows(p.float().mean(0, keepdim=True))[0]
+    return float((marginal - _entropy_rows(p).mean()) / math.log(p.shape[1]))
+
+
+def soft_neighbourhood_density(p: Tensor, temperature: float = SND_TEMPERATURE) -> float:
+    """SND (Saito et al. 2021): mean over cells of the entropy of the softmax (per row,
+    self excluded) of similarities between L2-normalised predictions."""
+    f = torch.nn.functional.normalize(p.float(), dim=1)
+    sim = f @ f.T / temperature
+    sim.fill_diagonal_(-math.inf)
+    q = torch.softmax(sim, dim=1)
+    return float(-(q * q.clamp_min(1e-30).log()).sum(1).mean())
+
+
+def domain_weights(z_train: Tensor, z_test: Tensor, z_eval: Tensor, iters: int = 50,
+                   l2: float = 1e-3) -> Tensor:
+    """Importance weights p(test | z) / p(train | z) * n_train / n_test of the rows z_eval, from an
+    L2-regularised logistic domain classifier fitted (L-BFGS) on z_train (0) vs z_test (1); the
+    features are standardised with the pooled statistics."""
+    with torch.enable_grad():
+        X = torch.cat([z_train, z_test]).float()
+        mu, sd = X.mean(0), X.std(0).clamp_min(1e-6)
+        X = (X - mu) / sd
+        y = torch.cat([torch.zeros(len(z_train)), torch.ones(len(z_test))]).to(X.device)
+        w = torch.zeros(X.shape[1], device=X.device, requires_grad=True)
+        b = torch.zeros((), device=X.device, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], max_iter=iters, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(X @ w + b, y) + l2 * (w * w).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    with torch.no_grad():
+        logit = ((z_eval.float() - mu) / sd) @ w + b
+        return logit.clamp(-20, 20).exp() * (len(z_train) / len(z_test))
+
+
+def iwcv_balanced_accuracy(y: Tensor, pred: Tensor, weights: Tensor) -> float:
+    """Importance-weighted balanced accuracy: per true class the weighted share of correct
+    predictions, averaged over the classes present."""
+    recalls = []
+    for c in torch.unique(y):
+        m = y == c
+        recalls.append(((pred[m] == c).float() * weights[m]).sum() / weights[m].sum().clamp_min(1e-12))
+    return float(torch.stack(recalls).mean())
+
+
+def dev_risk(losses: Tensor, weights: Tensor) -> float:
+    """Deep embedded validation risk (You et al. 2019): mean(w l) + eta mean(w) - eta with the
+    control variate eta = -Cov(w l, w) / Var(w)."""
+    wl, w = (weights * losses).double(), weights.double()
+    var = w.var()
+    eta = 0.0 if var == 0 else float(-(((wl - wl.mean()) * (w - w.mean())).sum() / (len(w) - 1)) / var)
+    return float(wl.mean() + eta * w.mean() - eta)
+
+
+def agreement(p_peak: Tensor, p_gex: Tensor) -> float:
+    """Balanced accuracy of the PEAK head's predictions against the expression head's."""
+    ref, pred = p_gex.argmax(1), p_peak.argmax(1)
+    return iwcv_balanced_accuracy(ref, pred, torch.ones_like(ref, dtype=torch.float32))
+
+
+# ----------------------------------------------------------------------------- all of them
+
+def subset(n: int, seed: int, k: int = MAX_CELLS) -> np.ndarray:
+    """A fixed random subset of at most k of n rows (the same every epoch)."""
+    if n <= k:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+
+
+def candidate_values(source_val: float, *, y_val: Tensor | None = None, p_val: Tensor | None = None,
+                     z_val: Tensor | None = None, z_train: Tensor | None = None, p_test: Tensor | None = None,
+                     z_test: Tensor | None = None, p_test_gex: Tensor | None = None,
+                     snd_rows: Tensor | None = None) -> dict[str, float]:
+    """Every candidate computable from what is given. p_*: class probabilities, z_*: PEAK latents;
+    *_val: the training line's validation cells (with their labels y_val), z_train: (a subset of)
+    its training cells, *_test: the test line's cells (unlabelled), p_test_gex: the expression
+    head on the same test cells; snd_rows: the test rows SND uses."""
+    out = {"source_val": float(source_val)}
+    if p_test is None:
+        return out
+    out["entropy"] = entropy_score(p_test)
+    out["im"] = information_maximisation(p_test)
+    out["snd"] = soft_neighbourhood_density(p_test if snd_rows is None else p_test[snd_rows])
+    if z_val is not None and z_train is not None and z_test is not None:
+        zt = z_test if snd_rows is None else z_test[snd_rows]
+        w = domain_weights(z_train, zt, z_val)
+        pred = p_val.argmax(1)
+        out["iwcv"] = iwcv_balanced_accuracy(y_val, pred, w)
+        ce = -p_val.float().clamp_min(1e-12).log().gather(1, y_val.view(-1, 1)).squeeze(1)
+        out["dev"] = -dev_risk(ce, w)
+    if p_test_gex is not None:
+        out["agreement"] = agreement(p_test, p_test_gex)
+    for other in ("entropy", "im", "agreement"):
+        if other in out:
+            out[f"source_val+{other}"] = 0.5 * (out["source_val"] + out[other])
+    return out
