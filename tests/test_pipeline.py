@@ -88,3 +88,19 @@ def test_train_bad_config_names_the_key(tmp_path, tiny_store, capsys):
 def test_train_requires_the_training_line(tmp_path, capsys):
     assert main(["train", "--output_folder", str(tmp_path / "x")]) == 2
     assert "--src_csv" in capsys.readouterr().err
+
+
+def test_an_objective_that_needs_the_test_line_fails_before_anything_is_written(tmp_path, tiny_store, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--store", str(tiny_store), "--src_csv", "store:A_GEX", "--tgt_csv", "store:A_PEAK",
+            "--objective", "transfer", "--output_folder", str(out), *SETS]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "config key 'objective': 'transfer' needs the test line's peaks" in err[0]
+    assert not out.exists()
+    # agreement needs the test line's expression
+    args = ["train", "--store", str(tiny_store), "--src_csv", "store:A_GEX", "--tgt_csv", "store:A_PEAK",
+            "--sup_peak_csv", "store:B_PEAK", "--objective", "agreement", "--output_folder", str(out), *SETS]
+    assert main(args) == 2
+    assert "'agreement' needs the test line's expression (--test_csv)" in capsys.readouterr().err
+    assert not out.exists()

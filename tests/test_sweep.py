@@ -60,3 +60,38 @@ def test_epoch_count_against_search_epochs():
     """A trial that reported more epochs than asked (a resumed run) is completed; one fewer is not."""
     df = trial_table([FakeResult(_m("over", 5, 0.5)), FakeResult(_m("under", 3, 0.5))], SW).set_index("trial_id")
     assert df.loc["over", "status"] == "completed" and df.loc["under", "status"] == "stopped_by_asha"
+
+
+# ----------------------------------------------------------------------------- the defaults as the first trial
+
+def _sweep_like(space: dict, base: dict | None = None):
+    from xfer.config import ALL_ARCH_PARAMS, TrainConfig
+    flat = {k: v for k, v in TrainConfig().to_flat().items() if k not in ALL_ARCH_PARAMS}
+    return SimpleNamespace(space=space, base={**flat, **(base or {})})
+
+
+def test_default_point_is_the_shipped_defaults_within_the_space():
+    from tune.space import DEFAULT_SPACE, parse_space
+    from tune.sweep import default_point
+    from xfer.config import ALL_ARCH_PARAMS, ARCH_PARAMS, TrainConfig
+
+    point = default_point(_sweep_like(DEFAULT_SPACE))
+    d = TrainConfig().to_flat()
+    assert point == {k: d[k] for k in DEFAULT_SPACE if k not in ALL_ARCH_PARAMS or k in ARCH_PARAMS[d["arch"]]}
+    # the command line's values are the defaults of its sweep
+    assert default_point(_sweep_like(DEFAULT_SPACE, {"lr": 1e-3}))["lr"] == 1e-3
+    # a space that cannot produce the defaults enqueues nothing
+    narrow = {**DEFAULT_SPACE, "lr": {"type": "float", "low": 1e-3, "high": 3e-3, "log": True}}
+    assert default_point(_sweep_like(narrow)) is None
+    parse_space(DEFAULT_SPACE)  # unchanged
+
+
+def test_without_a_test_line_self_training_and_the_joint_basis_leave_the_space():
+    from tune.space import load_space
+    from tune.sweep import transductive_space
+
+    space = load_space(None)
+    assert transductive_space(space, True) is space
+    plain = transductive_space(space, False)
+    assert "lambda_pseudo" not in plain.params and "pseudo_fraction" not in plain.params
+    assert plain.params["peak_repr"].kind == "fixed" and plain.params["peak_repr"].value == "lsi"

@@ -71,6 +71,7 @@ def cmd_tune(args) -> int:
 
 def cmd_demo(args) -> int:
     """simulate -> store -> sweep -> scored best trial, all under --output_folder."""
+    import json
     import shutil
     import time
     from pathlib import Path
@@ -92,9 +93,35 @@ def cmd_demo(args) -> int:
           f"{a.gex.n_features} genes, {a.peak.n_features}/{b.peak.n_features} peaks, in {time.perf_counter() - t0:.0f} s; "
           f"seed-layout CSVs in {out / 'data'}, store in {out / 'store'}")
     shutil.rmtree(out / "sweep", ignore_errors=True)
-    argv = ["tune", "--store", str(out / "store"),
-            "--src_csv", f"store:{a.gex.name}", "--tgt_csv", f"store:{a.peak.name}",
-            "--test_csv", f"store:{b.gex.name}", "--sup_peak_csv", f"store:{b.peak.name}",
-            "--source_model", "pca", "--n_trials", str(args.n_trials), "--search_epochs", str(args.search_epochs),
+    data = ["--store", str(out / "store"), "--src_csv", f"store:{a.gex.name}", "--tgt_csv", f"store:{a.peak.name}",
+            "--test_csv", f"store:{b.gex.name}", "--sup_peak_csv", f"store:{b.peak.name}", "--source_model", "pca"]
+    argv = ["tune", *data, "--n_trials", str(args.n_trials), "--search_epochs", str(args.search_epochs),
             "--num_cpus", str(args.num_cpus), "--output_folder", str(out / "sweep"), "--name", "demo"]
-    return cmd_tune(build_parser().parse_args(argv))
+    rc = cmd_tune(build_parser().parse_args(argv))
+    if rc:
+        return rc
+    # the shipped defaults, trained once the way a trial trains (one member, --search_epochs epochs)
+    from xfer.pipeline import run_train
+
+    shutil.rmtree(out / "defaults", ignore_errors=True)
+    print(f"\ndemo: training the shipped defaults the way a trial trains ({args.search_epochs} epochs, one member)")
+    defaults = run_train(build_parser().parse_args(
+        ["train", *data, "--epochs", str(args.search_epochs), "--set", "ensemble=1", "--device", "cpu",
+         "--output_folder", str(out / "defaults")]))
+    swept = json.loads((out / "sweep" / "metrics.json").read_text())
+    print(demo_summary(b.name, swept, defaults))
+    return 0
+
+
+def demo_summary(test_line: str, swept: dict, defaults: dict) -> str:
+    """The sweep's best trial beside the defaults and the plain baselines, on the test line."""
+    from xfer.evaluate import METRIC_KEYS
+
+    rows = [(f"sweep's best trial ({swept['model']['objective']} objective)", swept["peak_test"]),
+            ("shipped defaults, trained the same way", defaults["peak_test"])]
+    rows += [(f"baseline {k}", v["peak_test"]) for k, v in swept["baselines"].items() if "peak_test" in v]
+    lines = [f"test line {test_line}, accessibility (PEAK):",
+             f"  {'':44s}" + "".join(f"{k:>19s}" for k in METRIC_KEYS)]
+    lines += [f"  {name:44s}" + "".join(f"{r[k]:19.3f}" for k in METRIC_KEYS) for name, r in rows]
+    lines.append(f"  {'majority-class rate':44s}{swept['peak_test']['majority_rate']:19.3f}")
+    return "\n".join(lines)

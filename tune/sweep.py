@@ -180,8 +180,10 @@ def new_sweep(args) -> Sweep:
                                       and k not in ALL_ARCH_PARAMS and k != "arch"}})
     if args.store and "://" not in args.store:
         args.store = str(Path(args.store).resolve())
+    # the objective must be computable from what is given (before anything is written)
+    objective = resolve_objective(base, {"sup_peak": getattr(args, "sup_peak_csv", None),
+                                         "test": getattr(args, "test_csv", None)})
     spec = ingest_for_trials(args)
-    objective = resolve_objective(base, spec)
     space = transductive_space(space, spec["sup_peak"] != "" and base["adapt_test_peaks"])
     out.mkdir(parents=True, exist_ok=True)
     return Sweep(
@@ -456,7 +458,7 @@ def score_best(sw: Sweep, checkpoint: Path) -> dict | None:
     p = prepare(args, cfg)
     metrics = evaluate_model(model, p, sw.output)
     metrics["baselines"] = baselines_for(p)
-    metrics["model"] = {"source": "best trial of the sweep", "config": cfg.to_flat()}
+    metrics["model"] = {"source": "best trial of the sweep", "objective": sw.objective_label, "config": cfg.to_flat()}
     write_json(sw.output / "metrics.json", metrics)
     return metrics
 

@@ -14,7 +14,8 @@ Two ways to run a trial, both around the same `_run` body:
 
 Every report carries `epoch` (ASHA's time attribute and Optuna's step: Tune's
 iteration counter restarts after a restore), `timesteps_total` = epoch (the
-TensorBoard step) and `objective`, the training line's PEAK validation metric.
+TensorBoard step), `objective` (the sweep's `--objective`, see xfer.selection)
+and every selection candidate as `sel/<name>`.
 A checkpoint (`checkpoint.pt`, loaded with weights_only=True) is written
 every `checkpoint_every` epochs, at every new best epoch and at the end.
 """

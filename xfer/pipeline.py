@@ -239,6 +239,9 @@ def run_train(args) -> dict:
     cfg = build_config(args)
     out = Path(args.output_folder)
     loaded = load_for_training(args, cfg)  # every input is read and checked before the output folder is made
+    from .selection import resolve
+    resolve(cfg.optim.objective, adapting="sup_peak" in loaded.inputs and cfg.data.adapt_test_peaks,
+            has_test_gex="test" in loaded.inputs)  # the objective must be computable from the inputs given
     configs = member_configs(cfg)
     members, results = [], []
     for i, cfg_i in enumerate(configs):

@@ -1,0 +1,259 @@
+"""Issue 12: which label-free objective picks the configuration that transfers best?
+
+    python bench/bench_selection.py run bench/_data/transfer --pairs 101 102 --json bench/results/bench_selection_dev.json
+    python bench/bench_selection.py run bench/_data/transfer --pairs 401 402 403 404 --json bench/results/bench_selection_eval.json
+    python bench/bench_selection.py report bench/results/bench_selection_dev.json [bench/results/bench_selection_eval.json]
+
+The pairs are bench_transfer.py's (`prepare` makes them: varied simulator settings,
+stores with A_GEX/A_PEAK, the training line, and B_GEX/B_PEAK, the test line).
+
+`run` trains a population of N configurations (default 48) on every pair: configuration 0
+is the shipped defaults, the others are drawn from the default search space
+(`tune.space.DEFAULT_SPACE`, Optuna's RandomSampler, seed 12) — the same N on every pair.
+Each run is the one training loop (`xfer.train.fit`) exactly as a transductive trial
+trains (`xfer.pipeline.prepare_member` + `training_data`: the test line's cells
+unlabelled), for E epochs (default 30, the search budget) with no early stopping. Every
+epoch records each selection candidate (`sel/<name>`, what the trial reports) and, for
+this study alone, the true PEAK-test balanced accuracy, computed here from the epoch's
+weights and the test line's labels, which never enter training.
+
+Per candidate and pair (`report`):
+  - each run's chosen epoch is the candidate's best eligible epoch (after the warm-up, or
+    the last), as a trial chooses it; the run's score is the candidate's value there;
+  - Spearman rho between the runs' scores and their true accuracy at those epochs;
+  - regret: the best true accuracy in the population (any run, any eligible epoch) minus
+    the true accuracy of the candidate's pick (the run with the highest score, at its
+    chosen epoch).
+The rule, fixed here before any evaluation pair is run: the pick is the candidate with the
+lowest mean regret over the development pairs (ties: the higher mean rho, then the order
+of xfer.selection.CANDIDATES); and, separately, the same among the candidates that need
+no test-line expression (the fallback when --test_csv is not given). Evaluation pairs only
+report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+POPULATION_SEED = 12
+
+
+def population(n: int) -> list[dict]:
+    """Configuration 0: the shipped defaults (every searched key at its default); then n - 1
+    random draws from the default space."""
+    import optuna
+
+    from tune.space import load_space
+    from xfer.config import ALL_ARCH_PARAMS, ARCH_PARAMS, TrainConfig
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = load_space(None)
+    d = TrainConfig().to_flat()
+    configs = [{k: d[k] for k in space.params if k not in ALL_ARCH_PARAMS or k in ARCH_PARAMS[d["arch"]]}]
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=POPULATION_SEED))
+    for _ in range(n - 1):
+        t = study.ask()
+        configs.append(space(t))
+        study.tell(t, 0.0)
+    return configs
+
+
+_DATA: dict = {}
+
+
+def _prepared(pair_dir: Path, cfg):
+    """(TrainData with the unlabelled test line, the test line's features and labels), per
+    pair and data settings, memoised in the worker process."""
+    key = (str(pair_dir), cfg.data, cfg.optim.seed)
+    if key not in _DATA:
+        from argparse import Namespace
+
+        from xfer.pipeline import load_for_training, prepare_member, training_data
+
+        args = Namespace(store=str(pair_dir / "store"), src_csv="store:A_GEX", tgt_csv="store:A_PEAK",
+                         test_csv="store:B_GEX", sup_peak_csv="store:B_PEAK", label_column=None, orient="auto",
+                         src_label_csv=None, tgt_label_csv=None, test_label_csv=None, sup_peak_label_csv=None)
+        p = prepare_member(load_for_training(args, cfg), cfg)
+        train = training_data(p)
+        assert train.adapt is not None and train.adapt.labels is None
+        if any(k[0] != key[0] for k in _DATA):
+            _DATA.clear()  # one pair's data at a time per worker (memory)
+        _DATA[key] = (train, p.test)
+    return _DATA[key]
+
+
+def _run(job: tuple) -> dict:
+    pair_dir, i, params, epochs, out = job
+    out = Path(out)
+    if out.exists():
+        return json.loads(out.read_text())
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(1)
+    from xfer.checkpoint import build_model
+    from xfer.config import ALL_ARCH_PARAMS, TrainConfig
+    from xfer.evaluate import classification_metrics
+    from xfer.train import fit
+
+    base = {k: v for k, v in TrainConfig().to_flat().items() if k not in ALL_ARCH_PARAMS}
+    cfg = TrainConfig.from_dict({**base, **params, "epochs": epochs, "patience": epochs + 1, "ensemble": 1,
+                                 "objective": "source_val"})
+    t0 = time.perf_counter()
+    train, test = _prepared(Path(pair_dir), cfg)
+    stats = {k: tuple(torch.as_tensor(a) for a in v) for k, v in test.stats().items()}
+    x_test = torch.as_tensor(test.peaks.toarray() if hasattr(test.peaks, "toarray") else test.peaks,
+                             dtype=torch.float32)
+    holder = {}
+    history = []
+
+    def report(m, make_checkpoint):
+        ck = make_checkpoint()
+        if "model" not in holder:
+            holder["model"] = build_model(ck, "cpu")[0]
+        model = holder["model"]
+        model.load_state_dict(ck["model"])
+        model.eval()
+        probs = model.predict_peaks(x_test, stats["peaks"] if cfg.data.line_norm else None).numpy()
+        truth = classification_metrics(test.labels, probs.argmax(1))["balanced_accuracy"]
+        history.append({"epoch": m["epoch"], "warmup": m["warmup"], "truth": truth,
+                        **{k[4:]: v for k, v in m.items() if k.startswith("sel/")}})
+
+    fit(cfg, train, report, device="cpu")
+    res = {"pair": int(Path(pair_dir).name[4:]), "config": i, "params": params, "history": history,
+           "seconds": round(time.perf_counter() - t0, 1)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res))
+    print(f"pair {res['pair']} config {i}: {res['seconds']} s, last truth {history[-1]['truth']:.3f}", flush=True)
+    return res
+
+
+def run(root: Path, pairs: list[int], n: int, epochs: int, workers: int, out_json: Path) -> None:
+    configs = population(n)
+    jobs = [(str(root / f"pair{p}"), i, c, epochs, str(root / "selection" / f"e{epochs}" / f"pair{p}_c{i}.json"))
+            for p in pairs for i, c in enumerate(configs)]
+    jobs.sort(key=lambda j: (j[0], j[2]["peak_repr"], j[2]["bin_size"], j[1]))  # workers reuse prepared data
+    with ProcessPoolExecutor(workers) as pool:
+        runs = list(pool.map(_run, jobs))
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps({"machine": f"{os.cpu_count()} CPU cores", "pairs": pairs, "n": n,
+                                    "epochs": epochs, "population_seed": POPULATION_SEED, "runs": runs}))
+    print(report([out_json]))
+
+
+# ----------------------------------------------------------------------------- analysis
+
+def _spearman(a, b) -> float:
+    from scipy.stats import spearmanr
+
+    r = spearmanr(a, b).statistic
+    return float(r) if r == r else float("nan")
+
+
+def analyse(runs: list[dict]) -> dict:
+    """{pair: {candidate: {"rho", "regret", "pick_truth", "pick_config"}}, "oracle", "defaults"}."""
+    from xfer.selection import CANDIDATES
+
+    out = {}
+    for pair in sorted({r["pair"] for r in runs}):
+        rs = [r for r in runs if r["pair"] == pair]
+        elig = {r["config"]: [h for h in r["history"] if h["warmup"] >= 1] or r["history"][-1:] for r in rs}
+        oracle = max(h["truth"] for e in elig.values() for h in e)
+        res = {"oracle": oracle}
+        for c in CANDIDATES:
+            scores, truths = [], []
+            for r in rs:
+                e = elig[r["config"]]
+                vals = [h.get(c, float("nan")) for h in e]
+                if not all(math.isfinite(v) for v in vals):
+                    break
+                j = max(range(len(e)), key=lambda k: vals[k])
+                scores.append(vals[j])
+                truths.append(e[j]["truth"])
+            else:
+                pick = max(range(len(rs)), key=lambda k: scores[k])
+                res[c] = {"rho": _spearman(scores, truths), "regret": oracle - truths[pick],
+                          "pick_truth": truths[pick], "pick_config": rs[pick]["config"]}
+        d = next(r for r in rs if r["config"] == 0)
+        res["defaults_last"] = d["history"][-1]["truth"]
+        out[pair] = res
+    return out
+
+
+def choose(dev: dict) -> dict:
+    """The rule (see the module doc): lowest mean regret over the development pairs."""
+    from xfer.selection import CANDIDATES, NEEDS_TEST_GEX
+
+    def key(c):
+        reg = sum(dev[p][c]["regret"] for p in dev) / len(dev)
+        rho = sum(dev[p][c]["rho"] for p in dev) / len(dev)
+        return (reg, -rho, CANDIDATES.index(c))
+
+    every = [c for c in CANDIDATES if all(c in dev[p] for p in dev)]
+    return {"with_expression": min(every, key=key),
+            "peaks_only": min((c for c in every if c not in NEEDS_TEST_GEX), key=key)}
+
+
+def report(paths: list[Path]) -> str:
+    from xfer.selection import CANDIDATES
+
+    blocks = []
+    picks = None
+    for k, path in enumerate(paths):
+        data = json.loads(Path(path).read_text())
+        a = analyse(data["runs"])
+        pairs = sorted(a)
+        if k == 0:
+            picks = choose(a)
+        title = "Development" if k == 0 else "Evaluation"
+        lines = [f"{title} pairs {', '.join(map(str, pairs))} ({data['n']} configurations, {data['epochs']} epochs): "
+                 "Spearman rho with the true PEAK-test balanced accuracy / selection regret", "",
+                 "| candidate | " + " | ".join(f"pair {p} rho / regret" for p in pairs) + " | mean rho | mean regret |",
+                 "|---|" + "---|" * (len(pairs) + 2)]
+        for c in CANDIDATES:
+            if not all(c in a[p] for p in pairs):
+                continue
+            cells = [f"{a[p][c]['rho']:+.2f} / {a[p][c]['regret']:.3f}" for p in pairs]
+            mr = sum(a[p][c]["rho"] for p in pairs) / len(pairs)
+            mg = sum(a[p][c]["regret"] for p in pairs) / len(pairs)
+            mark = " **(pick)**" if c in picks.values() else ""
+            lines.append(f"| {c}{mark} | " + " | ".join(cells) + f" | {mr:+.2f} | {mg:.3f} |")
+        lines.append("| best in population (oracle) | " + " | ".join(f"{a[p]['oracle']:.3f}" for p in pairs) + " | | |")
+        lines.append("| defaults (config 0), last epoch | " +
+                     " | ".join(f"{a[p]['defaults_last']:.3f}" for p in pairs) + " | | |")
+        blocks.append("\n".join(lines))
+    blocks.append(f"Pick (rule fixed in the script, development pairs only): {picks}")
+    return "\n\n".join(blocks)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("root")
+    r.add_argument("--pairs", type=int, nargs="+", required=True)
+    r.add_argument("--n", type=int, default=48)
+    r.add_argument("--epochs", type=int, default=30)
+    r.add_argument("--workers", type=int, default=2)
+    r.add_argument("--json", required=True)
+    p = sub.add_parser("report")
+    p.add_argument("json", nargs="+")
+    args = ap.parse_args()
+    if args.cmd == "run":
+        run(Path(args.root), args.pairs, args.n, args.epochs, args.workers, Path(args.json))
+    else:
+        print(report([Path(j) for j in args.json]))
+
+
+if __name__ == "__main__":
+    main()
