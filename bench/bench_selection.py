@@ -97,7 +97,6 @@ def _run(job: tuple) -> dict:
     if out.exists():
         return json.loads(out.read_text())
     os.environ["OMP_NUM_THREADS"] = "1"
-    import numpy as np
     import torch
 
     torch.set_num_threads(1)
