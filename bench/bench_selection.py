@@ -183,8 +183,8 @@ def analyse(runs: list[dict]) -> dict:
                 pick = max(range(len(rs)), key=lambda k: scores[k])
                 res[c] = {"rho": _spearman(scores, truths), "regret": oracle - truths[pick],
                           "pick_truth": truths[pick], "pick_config": rs[pick]["config"]}
-        d = next(r for r in rs if r["config"] == 0)
-        res["defaults_last"] = d["history"][-1]["truth"]
+        d = next((r for r in rs if r["config"] == 0), None)
+        res["defaults_last"] = d["history"][-1]["truth"] if d else float("nan")
         out[pair] = res
     return out
 

@@ -18,9 +18,11 @@ ranks trials, drives ASHA and chooses each trial's best epoch is `--objective`
 (xfer.selection): `transfer`, label-free, by default when the test line is
 given, else `source_val` (the training line's PEAK validation metric). The
 shipped defaults are enqueued as the first trial. The test line's labels are
-read only after the search, to score the best trial's model. Everything a resume needs is in <output_folder>/sweep.json;
-`xfer tune --resume --output_folder DIR` restores the Tuner and finishes the
-sweep without repeating finished trials.
+read only after the search, to score the best trial's model.
+
+Everything a resume needs is in <output_folder>/sweep.json; `xfer tune --resume
+--output_folder DIR` restores the Tuner and finishes the sweep without
+repeating finished trials.
 """
 
 from __future__ import annotations
@@ -223,8 +225,7 @@ def transductive_space(space: SearchSpace, adapting: bool) -> SearchSpace:
         dropped.append("peak_repr=joint_lsi")
     if dropped:
         log.info("no test line to adapt to: not searching %s", ", ".join(dropped))
-    from .space import parse_space as _parse
-    return _parse(raw, space.source)
+    return parse_space(raw, space.source)
 
 
 def default_point(sw: Sweep) -> dict | None:

@@ -15,8 +15,10 @@ with_adaptation` drops that line's labels before they get here).
     train_epoch            shuffled mini-batches through `step`: one optimiser step on the
                            objective of `xfer.objective.batch_loss` (eager, or replayed as a
                            CUDA graph, `xfer.cuda_graph.StepGraph`)
-    validate               the GEX and PEAK validation splits of the training line
-    TrainState.choose      best-epoch choice and early stopping: the best epoch is chosen
+    validate               the GEX and PEAK validation splits of the training line and, when
+                           adapting, every label-free selection candidate (xfer.selection)
+    TrainState.choose      best-epoch choice and early stopping by the objective (`objective`:
+                           transfer or source_val, see xfer.selection): the best epoch is chosen
                            among the epochs after the warm-up (the adaptation fully on; the
                            last epoch if training ends sooner), and the patience counts
                            epochs from there
