@@ -54,7 +54,7 @@ from .errors import ConfigError
 NEEDS_TEST_GEX = frozenset({"agreement", "source_val+agreement"})
 # The study's picks (bench/bench_selection.py, BENCHMARKS.md): the lowest mean selection regret
 # on the development pairs, among all candidates and among those that need no test expression.
-TRANSFER = {"with_expression": "source_val+agreement", "peaks_only": "source_val+entropy"}
+TRANSFER = {"with_expression": "agreement", "peaks_only": "iwcv"}
 
 SND_TEMPERATURE = 0.05
 MAX_CELLS = 2000  # cells per domain for SND and the domain classifier (a fixed random subset)
