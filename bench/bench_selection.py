@@ -163,6 +163,8 @@ def analyse(runs: list[dict]) -> dict:
     """{pair: {candidate: {"rho", "regret", "pick_truth", "pick_config"}}, "oracle", "defaults"}."""
     from xfer.selection import CANDIDATES
 
+    for r in runs:  # the development runs were recorded when the means were named source_val+<x>
+        r["history"] = [{k.replace("+", "_"): v for k, v in h.items()} for h in r["history"]]
     out = {}
     for pair in sorted({r["pair"] for r in runs}):
         rs = [r for r in runs if r["pair"] == pair]

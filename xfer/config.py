@@ -33,7 +33,7 @@ METRICS = ("balanced_accuracy", "accuracy", "macro_f1")
 # Model-selection objectives (xfer.selection computes them; named here so that reading a config
 # does not import torch): label-free candidates, "transfer" (the study's pick) and "auto".
 SELECTION_CANDIDATES = ("source_val", "entropy", "im", "snd", "iwcv", "dev", "agreement",
-                        "source_val+entropy", "source_val+im", "source_val+agreement")
+                        "source_val_entropy", "source_val_im", "source_val_agreement")
 OBJECTIVES = ("auto", "transfer", *SELECTION_CANDIDATES)
 SOURCE_MODELS_BUILTIN = ("pca",)
 MAPPER_METHODS = ("exact", "overlap", "overlap_50pct", "nearest")

@@ -22,22 +22,22 @@ given). No test-line label reaches any of them. Higher is better for all.
     agreement             the balanced accuracy of the test line's PEAK predictions against the
                           expression head's predictions on the same cells (needs --test_csv,
                           unlabelled: the expression head transfers well, GEX test ~ gex_lr)
-    source_val+entropy    the mean of source_val and entropy
-    source_val+im         the mean of source_val and im
-    source_val+agreement  the mean of source_val and agreement
+    source_val_entropy    the mean of source_val and entropy
+    source_val_im         the mean of source_val and im
+    source_val_agreement  the mean of source_val and agreement
 
 `objective=transfer` is the candidate the study `bench/bench_selection.py` chose on
-development pairs (TRANSFER, with a fallback when the test line's expression is not
-given); `auto` (the default) is `transfer` when training adapts to a test line and
+development pairs by its fixed rule (TRANSFER: `agreement`, and `iwcv` when the test line's
+expression is not given); `auto` (the default) is `transfer` when training adapts to a test line and
 `source_val` otherwise.
 
 skada (BSD-3) implements entropy, SND, IWCV and DEV as scikit-learn scorers over an
 estimator's `predict_proba` on NumPy arrays. They are not used here: these run inside
 every epoch of every trial on the trial's device (no host round trip, no estimator
-wrapper); skada's SND takes its softmax over the whole similarity matrix rather than per
-row as in the paper, and its importance weights come from kernel density estimates on
-the inputs rather than a domain classifier on the learned features. tests/test_selection.py
-checks the entropy and DEV formulas against skada's where the definitions coincide.
+wrapper, no refit of the model's feature extractor through skorch); and skada's
+importance weights come from kernel density estimates on the inputs rather than a domain
+classifier on the learned features. The formulas are the papers' (skada's SND and DEV
+compute the same ones); tests/test_selection.py checks each against its definition.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from torch import Tensor
 from .config import OBJECTIVES, SELECTION_CANDIDATES as CANDIDATES
 from .errors import ConfigError
 
-NEEDS_TEST_GEX = frozenset({"agreement", "source_val+agreement"})
+NEEDS_TEST_GEX = frozenset({"agreement", "source_val_agreement"})
 # The study's picks (bench/bench_selection.py, BENCHMARKS.md): the lowest mean selection regret
 # on the development pairs, among all candidates and among those that need no test expression.
 TRANSFER = {"with_expression": "agreement", "peaks_only": "iwcv"}
@@ -200,5 +200,5 @@ def candidate_values(source_val: float, *, y_val: Tensor | None = None, p_val: T
         out["agreement"] = agreement(p_test, p_test_gex)
     for other in ("entropy", "im", "agreement"):
         if other in out:
-            out[f"source_val+{other}"] = 0.5 * (out["source_val"] + out[other])
+            out[f"source_val_{other}"] = 0.5 * (out["source_val"] + out[other])
     return out
