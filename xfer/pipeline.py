@@ -255,11 +255,11 @@ def run_train(args) -> dict:
 
         def report(m, _ckpt):
             if m["epoch"] == 1 or m["epoch"] % 10 == 0 or m.get("improved") or m.get("stopped_early"):
-                log.info("epoch %3d  loss %.3f  gex_val %.3f  peak_val %.3f%s", m["epoch"], m["loss/total"],
-                         m[f"gex_val_{cfg.optim.metric}"], m[f"peak_val_{cfg.optim.metric}"],
-                         "  *" if m.get("improved") else "")
+                log.info("epoch %3d  loss %.3f  gex_val %.3f  peak_val %.3f  objective %.3f%s", m["epoch"],
+                         m["loss/total"], m[f"gex_val_{cfg.optim.metric}"], m[f"peak_val_{cfg.optim.metric}"],
+                         m["objective"], "  *" if m.get("improved") else "")
 
-        train = p.train.with_adaptation(p.test) if cfg.data.adapt_test_peaks else p.train
+        train = training_data(p)
         if train.adapt is not None:
             log.info("adapting to the test line's %d unlabelled PEAK cells (its labels are not read)",
                      train.adapt.peaks.shape[0])
