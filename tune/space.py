@@ -80,7 +80,7 @@ DEFAULT_SPACE: dict[str, Any] = {
 }
 
 # Keys that never belong in a search space (they are sweep settings, not trial parameters).
-NOT_SEARCHABLE = {"epochs", "seed", "metric"}
+NOT_SEARCHABLE = {"epochs", "seed", "metric", "objective"}
 
 # Searched only when the sweep adapts to a test line (tune.sweep.transductive_space drops them otherwise).
 TRANSDUCTIVE_ONLY = ("lambda_pseudo", "pseudo_fraction")
