@@ -53,12 +53,11 @@ def population(n: int) -> list[dict]:
     import optuna
 
     from tune.space import load_space
-    from xfer.config import ALL_ARCH_PARAMS, ARCH_PARAMS, TrainConfig
+    from tune.sweep import default_point
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = load_space(None)
-    d = TrainConfig().to_flat()
-    configs = [{k: d[k] for k in space.params if k not in ALL_ARCH_PARAMS or k in ARCH_PARAMS[d["arch"]]}]
+    configs = [default_point(space, {})]
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=POPULATION_SEED))
     for _ in range(n - 1):
         t = study.ask()

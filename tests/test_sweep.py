@@ -65,9 +65,11 @@ def test_epoch_count_against_search_epochs():
 # ----------------------------------------------------------------------------- the defaults as the first trial
 
 def _sweep_like(space: dict, base: dict | None = None):
+    """(space, base) as a sweep holds them."""
+    from tune.space import parse_space
     from xfer.config import ALL_ARCH_PARAMS, TrainConfig
     flat = {k: v for k, v in TrainConfig().to_flat().items() if k not in ALL_ARCH_PARAMS}
-    return SimpleNamespace(space=space, base={**flat, **(base or {})})
+    return parse_space(space), {**flat, **(base or {})}
 
 
 def test_default_point_is_the_shipped_defaults_within_the_space():
@@ -75,14 +77,14 @@ def test_default_point_is_the_shipped_defaults_within_the_space():
     from tune.sweep import default_point
     from xfer.config import ALL_ARCH_PARAMS, ARCH_PARAMS, TrainConfig
 
-    point = default_point(_sweep_like(DEFAULT_SPACE))
+    point = default_point(*_sweep_like(DEFAULT_SPACE))
     d = TrainConfig().to_flat()
     assert point == {k: d[k] for k in DEFAULT_SPACE if k not in ALL_ARCH_PARAMS or k in ARCH_PARAMS[d["arch"]]}
     # the command line's values are the defaults of its sweep
-    assert default_point(_sweep_like(DEFAULT_SPACE, {"lr": 1e-3}))["lr"] == 1e-3
+    assert default_point(*_sweep_like(DEFAULT_SPACE, {"lr": 1e-3}))["lr"] == 1e-3
     # a space that cannot produce the defaults enqueues nothing
     narrow = {**DEFAULT_SPACE, "lr": {"type": "float", "low": 1e-3, "high": 3e-3, "log": True}}
-    assert default_point(_sweep_like(narrow)) is None
+    assert default_point(*_sweep_like(narrow)) is None
     parse_space(DEFAULT_SPACE)  # unchanged
 
 

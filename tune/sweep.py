@@ -183,8 +183,9 @@ def new_sweep(args) -> Sweep:
     if args.store and "://" not in args.store:
         args.store = str(Path(args.store).resolve())
     # the objective must be computable from what is given (before anything is written)
-    objective = resolve_objective(base, {"sup_peak": getattr(args, "sup_peak_csv", None),
-                                         "test": getattr(args, "test_csv", None)})
+    from xfer.selection import resolve_for  # imports torch: not at module import (the CLI imports this module)
+    objective = resolve_for(TrainConfig.from_dict(base), bool(getattr(args, "sup_peak_csv", None)),
+                            bool(getattr(args, "test_csv", None)))
     spec = ingest_for_trials(args)
     space = transductive_space(space, spec["sup_peak"] != "" and base["adapt_test_peaks"])
     out.mkdir(parents=True, exist_ok=True)
@@ -197,14 +198,6 @@ def new_sweep(args) -> Sweep:
         checkpoint_every=args.checkpoint_every, max_failures=args.max_failures, seed=base["seed"],
         data_args={k: getattr(args, k, None) for k in DATA_FLAGS}, objective=objective,
         objective_setting=base["objective"])
-
-
-def resolve_objective(base: dict, spec: dict) -> str:
-    """The candidate that ranks trials, as every trial will resolve it (xfer.selection.resolve)."""
-    from xfer.selection import resolve
-
-    adapting = bool(spec.get("sup_peak")) and bool(base["adapt_test_peaks"])
-    return resolve(base["objective"], adapting, bool(spec.get("test")))
 
 
 def transductive_space(space: SearchSpace, adapting: bool) -> SearchSpace:
@@ -228,14 +221,13 @@ def transductive_space(space: SearchSpace, adapting: bool) -> SearchSpace:
     return parse_space(raw, space.source)
 
 
-def default_point(sw: Sweep) -> dict | None:
-    """The configuration the sweep's settings give without a search (the shipped defaults and
-    the command line), as a point of the space: enqueued as the first trial. None (with a log
-    line) when the space cannot produce it."""
+def default_point(space: SearchSpace, base: dict) -> dict | None:
+    """The configuration a sweep's settings give without a search (the shipped defaults overridden
+    by `base`, the sweep's fixed settings), as a point of `space`: enqueued as the first trial.
+    None (with a log line) when the space cannot produce it."""
     from xfer.config import ARCH_PARAMS
 
-    space = parse_space(sw.space, "sweep.json")
-    defaults = {**TrainConfig().to_flat(live_only=False), **sw.base}
+    defaults = {**TrainConfig().to_flat(live_only=False), **base}
     arch = space.params["arch"].value if "arch" in space.params and space.params["arch"].kind == "fixed" \
         else defaults["arch"]
     point = {}
@@ -322,7 +314,7 @@ def make_tuner(sw: Sweep, restore: bool):
         return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True,
                                   restart_errored=False)
     space = parse_space(sw.space, "sweep.json")
-    point = default_point(sw)
+    point = default_point(space, sw.base)
     searcher = EpochAwareOptunaSearch(
         space=space, metric="objective", mode="max", max_t=sw.search_epochs,
         points_to_evaluate=[point] if point else None,

@@ -101,7 +101,7 @@ class OptimConfig:
     weight_decay: float = 1e-4
     batch_size: int = 256
     epochs: int = 100
-    patience: int = 20               # early stopping: epochs without improvement of the val metric
+    patience: int = 20               # early stopping: epochs without improvement of the objective
     metric: str = "balanced_accuracy"  # on the training line's PEAK validation split
     objective: str = "auto"          # best-epoch choice, early stopping, a sweep's ranking (xfer.selection):
                                      # auto = transfer when adapting to a test line, else source_val

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 from .baselines import run_baselines
 from .config import ARCHS, DIVERGENCES, TrainConfig, drop_other_arch_params, parse_set
 from .data.dataset import CellMatrix
@@ -27,6 +26,7 @@ from .embed import embed_lines, make_embedder, predictor_state
 from .evaluate import classification_metrics, predictions_table
 from .predict import Predictor, featurise, predict_probs
 from .prepare import LineInputs, PeakPreprocessor, TrainData, prepare_training
+from .selection import resolve_for
 
 log = logging.getLogger(__name__)
 
@@ -239,9 +239,7 @@ def run_train(args) -> dict:
     cfg = build_config(args)
     out = Path(args.output_folder)
     loaded = load_for_training(args, cfg)  # every input is read and checked before the output folder is made
-    from .selection import resolve
-    resolve(cfg.optim.objective, adapting="sup_peak" in loaded.inputs and cfg.data.adapt_test_peaks,
-            has_test_gex="test" in loaded.inputs)  # the objective must be computable from the inputs given
+    resolve_for(cfg, "sup_peak" in loaded.inputs, "test" in loaded.inputs)  # the objective must be computable
     configs = member_configs(cfg)
     members, results = [], []
     for i, cfg_i in enumerate(configs):

@@ -79,6 +79,12 @@ def resolve(objective: str, adapting: bool, has_test_gex: bool) -> str:
     return objective
 
 
+def resolve_for(cfg, test_peaks: bool, test_gex: bool) -> str:
+    """The candidate a run's config means given which test-line inputs it has: it adapts when
+    the test line's peaks are given and adapt_test_peaks is on (as `TrainData.with_adaptation`)."""
+    return resolve(cfg.optim.objective, test_peaks and cfg.data.adapt_test_peaks, test_gex)
+
+
 def available(adapting: bool, has_test_gex: bool) -> tuple[str, ...]:
     """The candidates a run can compute."""
     if not adapting:

@@ -277,26 +277,34 @@ class Trainer:
         """Metrics of both heads on the training line's validation cells and, when adapting,
         every label-free selection candidate (`xfer.selection`) under "selection"."""
         model, E, P = self.model, self.E, self.P
-        probs = _predict_rows(model, {"gex": lambda i: model.predict_source(E[i]),
-                                      "peak": lambda i: model.predict_peaks(P[i])}, self.va, self.amp)
-        out = {k: classification_metrics(self.y_val, v.cpu().numpy().argmax(1)) for k, v in probs.items()}
+        val = _predict_rows(model, {"gex": lambda i: model.predict_source(E[i]),
+                                    "peak": lambda i: model.peak_latent(P[i]).z.float()}, self.va, self.amp)
+        z_val = val["peak"]
+        val["peak"] = self._classify(z_val)  # the PEAK latents are encoded once, for the metrics and the candidates
+        out = {k: classification_metrics(self.y_val, v.cpu().numpy().argmax(1)) for k, v in val.items()}
         source_val = out["peak"][self.cfg.optim.metric]
         if not self.adapt:
             out["selection"] = {"source_val": source_val}
             return out
         PB, EB = self.PB, self.EB
-        zp = _predict_rows(model, {"z": lambda i: model.peak_latent(P[i]).z.float()}, self.va, self.amp)["z"]
-        heads = {"z": lambda i: model.peak_latent(PB[i], self.stats_b).z.float(),
-                 "peak": lambda i: model.predict_peaks(PB[i], self.stats_b)}
+        heads = {"z": lambda i: model.peak_latent(PB[i], self.stats_b).z.float()}
         if EB is not None:
             heads["gex"] = lambda i: model.predict_source(EB[i], self.stats_eb)
         test = _predict_rows(model, heads, torch.arange(len(PB), device=self.dev), self.amp)
         z_train = _predict_rows(model, {"z": lambda i: model.peak_latent(P[i]).z.float()}, self.sel_train,
                                 self.amp)["z"]
         out["selection"] = selection.candidate_values(
-            source_val, y_val=self.Y[self.va], p_val=probs["peak"], z_val=zp, z_train=z_train,
-            p_test=test["peak"], z_test=test["z"], p_test_gex=test.get("gex"), snd_rows=self.sel_test)
+            source_val, y_val=self.Y[self.va], p_val=val["peak"], z_val=z_val, z_train=z_train,
+            p_test=self._classify(test["z"]), z_test=test["z"], p_test_gex=test.get("gex"), snd_rows=self.sel_test)
         return out
+
+    @torch.no_grad()
+    def _classify(self, z: torch.Tensor) -> torch.Tensor:
+        """Class probabilities of PEAK latents (eval mode, float32), as `CDANN.predict_peaks`."""
+        self.model.eval()
+        probs = torch.softmax(self.model.classify(z).float(), -1)
+        self.model.train()
+        return probs
 
     # ------------------------------------------------------------------ outputs
     def checkpoint_builder(self) -> Callable[[], dict]:
