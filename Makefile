@@ -15,7 +15,11 @@ endif
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test install clean bench-store bench-mapper
+# System packages the cluster tests start for real (tests/test_slurm.py): installed when
+# missing, as root on Debian/Ubuntu; elsewhere the test says what is missing and skips.
+SYSTEM_PACKAGES ?= slurm-wlm munge
+
+.PHONY: demo test install system-packages clean bench-store bench-mapper
 
 install: $(STAMP)
 
@@ -28,7 +32,15 @@ $(STAMP): pyproject.toml requirements.lock
 demo: $(STAMP)
 	$(VENV)/bin/xfer demo
 
-test: $(STAMP)
+system-packages:
+	@if ! command -v slurmctld >/dev/null 2>&1 || ! command -v munged >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing $(SYSTEM_PACKAGES) (for tests/test_slurm.py)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
+	  else echo "not root or no apt-get: tests/test_slurm.py will be skipped (needs $(SYSTEM_PACKAGES))"; fi; \
+	fi
+
+test: $(STAMP) system-packages
 	$(PY) -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 bench-store: $(STAMP)

@@ -33,6 +33,9 @@ def register(sub) -> None:
     g.add_argument("--trainer", choices=("auto", "function", "torch"), default="auto",
                    help="function: the loop inside the Tune trial (fast path); torch: a Ray Train TorchTrainer "
                         "per trial; auto: torch only when --num_workers > 1")
+    g.add_argument("--storage", help="where Tune keeps results and checkpoints: a shared path or a URI such as "
+                                     "s3://bucket/sweeps (default: <output_folder>/ray_results); trials on every node "
+                                     "write there")
     g.add_argument("--resume", action="store_true", help="finish the sweep in --output_folder after a crash")
     g.add_argument("--name", default="sweep", help="sweep name (Tune experiment and Optuna study)")
     p.set_defaults(func=cmd_tune)

@@ -88,9 +88,18 @@ class Sweep:
     def objective_label(self) -> str:
         return f"peak_val_{self.metric}" if self.objective == "source_val" else self.objective
 
+    storage_uri: str = ""               # Tune's storage (results, checkpoints): a path or URI; "" = output/ray_results
+
     @property
-    def storage(self) -> Path:
-        return self.output / "ray_results"
+    def storage(self) -> str:
+        """Where Tune keeps results and checkpoints (a path or a URI, for messages)."""
+        return self.storage_uri or str(self.output / "ray_results")
+
+    def storage_location(self):
+        """(pyarrow file system, path) of the storage (xfer.data.fs.Location)."""
+        from xfer.data.fs import resolve
+
+        return resolve(self.storage)
 
     @property
     def study_db(self) -> Path:
@@ -186,6 +195,7 @@ def new_sweep(args) -> Sweep:
     from xfer.selection import resolve_for  # imports torch: not at module import (the CLI imports this module)
     objective = resolve_for(TrainConfig.from_dict(base), bool(getattr(args, "sup_peak_csv", None)),
                             bool(getattr(args, "test_csv", None)))
+    storage = _check_storage(getattr(args, "storage", None))
     spec = ingest_for_trials(args)
     space = transductive_space(space, spec["sup_peak"] != "" and base["adapt_test_peaks"])
     out.mkdir(parents=True, exist_ok=True)
@@ -197,7 +207,22 @@ def new_sweep(args) -> Sweep:
         max(1, args.search_epochs // 8), reduction_factor=args.reduction_factor,
         checkpoint_every=args.checkpoint_every, max_failures=args.max_failures, seed=base["seed"],
         data_args={k: getattr(args, k, None) for k in DATA_FLAGS}, objective=objective,
-        objective_setting=base["objective"])
+        objective_setting=base["objective"], storage_uri=storage)
+
+
+def _check_storage(storage: str | None) -> str:
+    """--storage as a sweep keeps it: a local path made absolute, or a URI that pyarrow opens
+    and that holds no sweep yet ("" = the output folder's ray_results)."""
+    from xfer.data.fs import resolve
+
+    if not storage:
+        return ""
+    try:
+        loc = resolve(storage)
+        loc.fs.get_file_info(loc.path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad URI or an unreachable server
+        raise ConfigError("storage", f"{storage}: cannot be opened ({str(e).splitlines()[0]})") from None
+    return storage if "://" in storage else loc.path
 
 
 def transductive_space(space: SearchSpace, adapting: bool) -> SearchSpace:
@@ -294,8 +319,17 @@ def make_trainable(sw: Sweep):
         per_worker["GPU"] = sw.gpus_per_trial / sw.num_workers
     fn = partial(trainer_trial, spec=sw.spec, base=sw.base, checkpoint_every=sw.checkpoint_every,
                  num_workers=sw.num_workers, resources_per_worker=per_worker,
-                 train_storage=str(sw.output / "ray_train"))
+                 train_storage=_train_storage(sw))
     return tune.with_resources(fn, {"cpu": 0.01})
+
+
+def _train_storage(sw: Sweep) -> str:
+    """Ray Train's storage for TorchTrainer trials: ray_train beside the output folder, or a
+    ray_train prefix next to Tune's storage when that is a URI (query string kept)."""
+    if not sw.storage_uri or "://" not in sw.storage_uri:
+        return str(sw.output / "ray_train")
+    head, _, query = sw.storage_uri.partition("?")
+    return head.rstrip("/") + "_train" + (f"?{query}" if query else "")
 
 
 def make_tuner(sw: Sweep, restore: bool):
@@ -307,12 +341,14 @@ def make_tuner(sw: Sweep, restore: bool):
     from .searcher import EpochAwareOptunaSearch
 
     trainable = make_trainable(sw)
-    path = sw.storage / sw.name
+    loc = sw.storage_location()
+    fs = None if loc.is_local else loc.fs
+    path = f"{loc.path.rstrip('/')}/{sw.name}"
     if restore:
-        if not tune.Tuner.can_restore(str(path)):
-            raise XferError(f"--resume: no restorable sweep state under {path}")
-        return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                  restart_errored=False)
+        if not tune.Tuner.can_restore(path, storage_filesystem=fs):
+            raise XferError(f"--resume: no restorable sweep state under {sw.storage} ({sw.name})")
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                  restart_errored=False, storage_filesystem=fs)
     space = parse_space(sw.space, "sweep.json")
     point = default_point(space, sw.base)
     searcher = EpochAwareOptunaSearch(
@@ -334,7 +370,7 @@ def make_tuner(sw: Sweep, restore: bool):
             trial_dirname_creator=lambda t: t.trial_id,
         ),
         run_config=tune.RunConfig(
-            name=sw.name, storage_path=str(sw.storage), verbose=1,
+            name=sw.name, storage_path=loc.path, storage_filesystem=fs, verbose=1,
             failure_config=tune.FailureConfig(max_failures=sw.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         ),
@@ -355,9 +391,29 @@ def _at_best_epoch(r, m: dict) -> dict:
     return m
 
 
+def error_line(error: BaseException) -> str:
+    """One line that says what went wrong: the exception at the bottom of a Ray traceback
+    (`FileNotFoundError: ...`), not Ray's `ray::ImplicitFunc.train()` header line."""
+    import re
+
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    named = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception|Exit|Interrupt|Died)\b.*:", ln)]
+    return (named[-1] if named else lines[0] if lines else type(error).__name__)[:300]
+
+
+def _nodes_of(r, m: dict) -> list[str]:
+    """The Ray node ids a trial ran on, in order (several when it was restored elsewhere)."""
+    hist = getattr(r, "metrics_dataframe", None)
+    ids = list(hist["node_id"].dropna()) if hist is not None and "node_id" in getattr(hist, "columns", ()) else []
+    if m.get("node_id"):
+        ids.append(m["node_id"])
+    return list(dict.fromkeys(ids))
+
+
 def trial_table(grid, sw: Sweep):
     """One row per trial: status, its objective (best and last), every selection candidate and
-    the training line's validation metric at its best epoch, its parameters."""
+    the training line's validation metric at its best epoch, where it ran (hostname, IP, the
+    Ray node id of its last epoch and every node id it reported from), its parameters."""
     import pandas as pd
 
     rows = []
@@ -380,8 +436,9 @@ def trial_table(grid, sw: Sweep):
             f"peak_val_{sw.metric}": at_best.get(f"peak_val_{sw.metric}"),
             **{f"sel.{k[4:]}": v for k, v in at_best.items() if k.startswith("sel/")},
             "node": m.get("hostname") or m.get("node_ip"),
-            "node_ip": m.get("node_ip"), "wall_seconds": m.get("time_total_s"),
-            "error": None if r.error is None else str(r.error).splitlines()[0][:300],
+            "node_ip": m.get("node_ip"), "node_id": m.get("node_id"), "node_ids": ";".join(_nodes_of(r, m)),
+            "wall_seconds": m.get("time_total_s"),
+            "error": None if r.error is None else error_line(r.error),
             **{f"param.{k}": v for k, v in params.items()},
         })
     df = pd.DataFrame(rows)
@@ -401,7 +458,7 @@ def export(grid, sw: Sweep) -> dict:
     ok = df[df["status"] != "errored"].dropna(subset=["best_objective"])
     if ok.empty:
         raise XferError(f"no trial finished without error; see {sw.output / 'trials.csv'} and the logs under "
-                        f"{sw.storage / sw.name}")
+                        f"{sw.storage} ({sw.name})")
     best = ok.iloc[0]
     result = next(r for r in grid if (r.metrics or {}).get("trial_id", Path(r.path).name) == best["trial_id"])
     params = {**result.config}

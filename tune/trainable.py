@@ -15,7 +15,9 @@ Two ways to run a trial, both around the same `_run` body:
 Every report carries `epoch` (ASHA's time attribute and Optuna's step: Tune's
 iteration counter restarts after a restore), `timesteps_total` = epoch (the
 TensorBoard step), `objective` (the sweep's `--objective`, see xfer.selection)
-and every selection candidate as `sel/<name>`.
+and every selection candidate as `sel/<name>`, and `node_id`, the Ray node the epoch ran on
+(rank 0's node for TorchTrainer trials): a trial restored elsewhere after a node died
+shows both.
 A checkpoint (`checkpoint.pt`, loaded with weights_only=True) is written
 every `checkpoint_every` epochs, at every new best epoch and at the end.
 """
@@ -85,24 +87,30 @@ def function_trial(params: dict, *, spec: dict, base: dict, checkpoint_every: in
     _threads(res.get("CPU", 1))
     device = "cuda" if res.get("GPU", 0) > 0 and torch.cuda.is_available() else "cpu"
 
+    node_id = ray.get_runtime_context().get_node_id()
+
     def report(m, ckpt_dir):
-        tune.report(m, checkpoint=tune.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
+        tune.report({**m, "node_id": node_id},
+                    checkpoint=tune.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
 
     _run(params, spec, base, checkpoint_every, device, tune.get_checkpoint, report)
 
 
 def _worker_loop(loop_config: dict) -> None:
     """Ray Train worker: the same loop; every rank reports, rank 0 attaches checkpoints."""
+    import ray
     import ray.train
     import ray.train.torch
 
     ctx = ray.train.get_context()
+    node_id = ray.get_runtime_context().get_node_id()
     res = loop_config["resources_per_worker"]
     _threads(res.get("CPU", 1))
     device = str(ray.train.torch.get_device()) if res.get("GPU", 0) > 0 else "cpu"
 
     def report(m, ckpt_dir):
-        ray.train.report(m, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
+        ray.train.report({**m, "node_id": node_id},
+                         checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
 
     _run(loop_config["params"], loop_config["spec"], loop_config["base"], loop_config["checkpoint_every"], device,
          ray.train.get_checkpoint, report, is_rank0=ctx.get_world_rank() == 0)

@@ -1,0 +1,292 @@
+"""Cluster-wide sweeps on a real multi-node Ray cluster on this machine (cluster/local_cluster.sh:
+a head and two worker nodes, one CPU each, token authentication on, every port on loopback
+where Ray allows it), with the stores and Tune's storage on a local S3 server (moto):
+
+- a sweep with everything on S3 whose trials run on several nodes, its driver SIGKILLed
+  mid-sweep and finished with --resume;
+- a sweep submitted as a Ray job (the sweep's name as the submission id), followed with
+  `ray job logs`, stopped with `ray job stop` and finished by a resubmission with --resume;
+- a worker node killed mid-sweep (SIGKILL to its raylet): its trials resume from their
+  checkpoints on the surviving nodes and every trial is accounted for once.
+
+The module starts and stops its own cluster and S3 server; each step is bounded in time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import SMALL_MODEL
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.xdist_group("cluster")]
+moto_server = pytest.importorskip("moto.server")
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "cluster" / "local_cluster.sh"
+RAY = str(Path(sys.executable).with_name("ray"))
+XFER = [sys.executable, "-m", "xfer.cli"]
+FIX = [f"--set={k}={v}" for k, v in SMALL_MODEL.items()
+       if k in ("hidden_dim", "latent_dim", "proj_hidden", "batch_size")]
+FIX += ["--set=n_layers=1", "--set=n_components=16", "--set=disc_hidden=64", "--set=cls_hidden=32"]
+AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def _free_block(n: int = 50) -> int:
+    """A port P with P..P+n free, in 20000-32000 (clear of Ray's worker ports and the ephemeral range)."""
+    for _ in range(200):
+        p = random.randrange(20000, 32000 - n, 10)
+        try:
+            socks = []
+            for q in range(p, p + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", q))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        return p
+    raise RuntimeError("no free port block")
+
+
+@pytest.fixture(scope="module")
+def s3():
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    import boto3
+
+    boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1",
+                 aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(Bucket="xfer")
+    yield f"endpoint_override={host}:{port}&scheme=http&region=us-east-1", f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(s3):
+    """A head and two worker nodes; yields (env for clients, dashboard URL, cluster dir)."""
+    d = Path(tempfile.mkdtemp(prefix="xc", dir="/tmp"))  # short: Ray's socket paths must fit in 107 bytes
+    port = _free_block()
+    env = {**os.environ, **AWS, "OMP_NUM_THREADS": "1", "XFER_CLUSTER_DIR": str(d)}
+    for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "XFER_NODE_CACHE"):
+        env.pop(k, None)
+    r = subprocess.run([str(SCRIPT), "start", "--workers", "2", "--cpus", "1", "--port", str(port),
+                        "--dashboard-port", str(port + 2)], env=env, capture_output=True, text=True, timeout=180)
+    try:
+        assert r.returncode == 0, r.stdout + r.stderr
+        address = r.stdout.strip().splitlines()[-1]
+        assert address == f"127.0.0.1:{port}"                  # the address is the last line
+        token = d / "auth_token"
+        assert token.stat().st_mode & 0o077 == 0 and not str(token).startswith(str(ROOT))
+        client = {**env, "RAY_ADDRESS": address, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+        st = subprocess.run([str(SCRIPT), "status"], env=env, capture_output=True, text=True, timeout=60)
+        assert st.returncode == 0 and st.stdout.count(" 1 node_") == 3, st.stdout + st.stderr
+        yield client, f"http://127.0.0.1:{port + 2}", d
+    finally:
+        subprocess.run([str(SCRIPT), "stop"], env=env, capture_output=True, timeout=120)
+        left = subprocess.run(["pgrep", "-f", f"{d}/(head|w[0-9]+)/"], capture_output=True, text=True).stdout.split()
+        live = [p for p in left if Path(f"/proc/{p}/stat").exists()
+                and Path(f"/proc/{p}/stat").read_text().split(") ")[-1][0] != "Z"]
+        assert not live, f"processes of the cluster still running after stop: {live}"
+
+
+@pytest.fixture(scope="module")
+def s3_store(s3, tiny_store):
+    """The tiny pair's datasets copied into a store on S3."""
+    from xfer.data.store import CellStore
+
+    q, _ = s3
+    mp = pytest.MonkeyPatch()
+    for k, v in AWS.items():
+        mp.setenv(k, v)
+    uri = f"s3://xfer/store?{q}"
+    local, remote = CellStore(str(tiny_store)), CellStore(uri)
+    for name in ("A_GEX", "A_PEAK", "B_GEX", "B_PEAK"):
+        remote.write(local.read(name), name)
+    mp.undo()
+    return uri
+
+
+def _sweep_args(store: str, out: Path, name: str, n: int, epochs: int, *extra: str) -> list[str]:
+    return ["tune", "--address", "auto", "--store", store, "--src_csv", "store:A_GEX", "--tgt_csv", "store:A_PEAK",
+            "--output_folder", str(out), "--name", name, "--n_trials", str(n), "--search_epochs", str(epochs),
+            "--grace_period", str(epochs), "--cpus_per_trial", "1", *FIX, *extra]
+
+
+def _study(db: Path) -> dict:
+    """{state: count} of the sweep's Optuna study (empty while it does not exist)."""
+    if not db.exists():
+        return {}
+    try:
+        with sqlite3.connect(db) as c:
+            return dict(c.execute("select state, count(*) from trials group by state").fetchall())
+    except sqlite3.Error:
+        return {}
+
+
+def _finished(db: Path) -> dict:
+    with sqlite3.connect(db) as c:
+        return dict(c.execute("select t.number, v.value from trials t join trial_values v using(trial_id) "
+                              "where t.state in ('COMPLETE','PRUNED')").fetchall())
+
+
+def _wait(pred, timeout: float, what: str, proc=None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = pred()
+        if v:
+            return v
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the sweep ended before {what}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _accounted(out: Path, n: int, epochs: int, restarted: bool = False) -> pd.DataFrame:
+    """Every trial once in trials.csv and in the Optuna study, each with the right status. After
+    a driver restart the study may also hold trials the dead driver had proposed but Tune never
+    started: FAIL, tagged orphaned_by_restore (tune/searcher.py)."""
+    df = pd.read_csv(out / "trials.csv")
+    assert len(df) == n and df["trial_id"].is_unique, df[["trial_id", "status"]]
+    assert (df["status"] == "completed").all() and (df["epochs_run"] == epochs).all(), \
+        df[["status", "epochs_run", "error"]].to_string()
+    st = _study(out / "optuna_study.db")
+    assert st.get("COMPLETE") == n and len(_finished(out / "optuna_study.db")) == n, st
+    if restarted:
+        with sqlite3.connect(out / "optuna_study.db") as c:
+            failed = c.execute("select count(*) from trials where state = 'FAIL'").fetchone()[0]
+            orphans = c.execute("select count(*) from trial_system_attributes where key = 'orphaned_by_restore'"
+                                ).fetchone()[0]
+        assert set(st) <= {"COMPLETE", "FAIL"} and failed == orphans, st
+    else:
+        assert st == {"COMPLETE": n}
+    return df
+
+
+def test_s3_sweep_spans_nodes_and_resumes_after_the_driver_dies(cluster, s3, s3_store, tmp_path):
+    client, _, _ = cluster
+    q, endpoint = s3
+    out, n, epochs = tmp_path / "sweep", 6, 4
+    args = _sweep_args(s3_store, out, "s3sweep", n, epochs, "--storage", f"s3://xfer/sweeps?{q}")
+    proc = subprocess.Popen(XFER + args, env=client, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        _wait(lambda: sum(_study(out / "optuna_study.db").get(s, 0) for s in ("COMPLETE", "PRUNED")) >= 2,
+              300, "two trials finished", proc)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the sweep ended before it could be killed"
+    done = _finished(out / "optuna_study.db")
+    assert 2 <= len(done) < n
+    r = subprocess.run(XFER + ["tune", "--resume", "--address", "auto", "--output_folder", str(out)], env=client,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    df = _accounted(out, n, epochs, restarted=True)
+    assert all(_finished(out / "optuna_study.db")[k] == v for k, v in done.items())  # kept, not rerun
+    assert df["node_id"].nunique() >= 2, df[["trial_id", "node_id"]]                  # several nodes
+    import boto3
+
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **{
+        k.lower(): v for k, v in AWS.items() if k != "AWS_DEFAULT_REGION"}).list_objects_v2(
+        Bucket="xfer", Prefix="sweeps/s3sweep/")["Contents"]]
+    assert any(k.endswith("/checkpoint.pt") for k in keys)                              # checkpoints on S3
+    assert not (out / "ray_results").exists() and (out / "best_model.pt").exists()
+    assert json.loads((out / "sweep.json").read_text())["storage_uri"].startswith("s3://xfer/sweeps")
+
+
+def _job(client, *argv, timeout=120):
+    return subprocess.run([RAY, "job", *argv], env=client, capture_output=True, text=True, timeout=timeout)
+
+
+def _job_status(client, dash, sid) -> str:
+    """The job's status as `ray job status` words it (ray/dashboard/modules/job/cli.py)."""
+    text = (lambda r: r.stdout + r.stderr)(_job(client, "status", "--address", dash, sid))
+    for phrase, status in ((f"Job '{sid}' succeeded", "SUCCEEDED"), (f"Job '{sid}' was stopped", "STOPPED"),
+                           (f"Job '{sid}' failed", "FAILED")):
+        if phrase in text:
+            return status
+    m = re.search(rf"Status for job '{re.escape(sid)}': (\w+)", text)
+    return m.group(1) if m else "?"
+
+
+def test_sweep_as_a_ray_job_stopped_and_resubmitted(cluster, tiny_store, tmp_path):
+    client, dash, _ = cluster
+    out, n, epochs, name = tmp_path / "sweep", 6, 4, "jobsweep"
+    entry = [*XFER, *_sweep_args(str(tiny_store), out, name, n, epochs)]
+    r = _job(client, "submit", "--address", dash, "--submission-id", name, "--no-wait", "--", *entry)
+    assert r.returncode == 0, r.stdout + r.stderr
+    _wait(lambda: sum(_study(out / "optuna_study.db").get(s, 0) for s in ("COMPLETE", "PRUNED")) >= 2, 300,
+          "two trials finished")
+    logs = _job(client, "logs", "--address", dash, name).stdout
+    assert "trial slot" in logs, logs[-2000:]                                          # the driver's progress
+    r = _job(client, "stop", "--address", dash, name)
+    assert r.returncode == 0, r.stdout + r.stderr
+    _wait(lambda: _job_status(client, dash, name) == "STOPPED", 60, "the job to stop")
+    done = _finished(out / "optuna_study.db")
+    assert len(done) < n
+    sid = f"{name}-resume"
+    r = _job(client, "submit", "--address", dash, "--submission-id", sid, "--no-wait", "--",
+             *XFER, "tune", "--resume", "--address", "auto", "--output_folder", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    status = _wait(lambda: (s := _job_status(client, dash, sid)) in ("SUCCEEDED", "FAILED", "STOPPED") and s, 600,
+                   "the resubmitted job to end")
+    assert status == "SUCCEEDED", _job(client, "logs", "--address", dash, sid).stdout[-3000:]
+    _accounted(out, n, epochs, restarted=True)
+    assert all(_finished(out / "optuna_study.db")[k] == v for k, v in done.items())
+
+
+def test_worker_node_killed_mid_sweep(cluster, tiny_store, tmp_path):
+    """Last in the module: the cluster loses a node for good."""
+    client, dash, d = cluster
+    nodes = json.loads(subprocess.run([RAY, "list", "nodes", "--address", dash, "--format", "json"], env=client,
+                                      capture_output=True, text=True, timeout=60).stdout)
+    w1 = next(x["node_id"] for x in nodes if "w1" in x["resources_total"])
+    out, n, epochs = tmp_path / "sweep", 6, 10
+    proc = subprocess.Popen(XFER + _sweep_args(str(tiny_store), out, "killsweep", n, epochs, "--checkpoint_every", "1"),
+                            env=client, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+    def running_on_w1():
+        """A trial that has reported from w1 and has epochs left."""
+        for f in (out / "ray_results" / "killsweep").glob("*/result.json"):
+            lines = f.read_text().strip().splitlines()
+            last = json.loads(lines[-1]) if lines else {}
+            if last.get("node_id") == w1 and last.get("epoch", epochs) <= epochs - 4:
+                return last["trial_id"]
+        return None
+
+    try:
+        moved = _wait(running_on_w1, 300, "a trial running on worker 1", proc)
+        k = subprocess.run([str(SCRIPT), "kill-node", "1"], env=client, capture_output=True, text=True, timeout=30)
+        assert k.returncode == 0, k.stderr
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    df = _accounted(out, n, epochs).set_index("trial_id")
+    ids = df.loc[moved, "node_ids"].split(";")
+    assert ids[0] == w1 and len(ids) >= 2 and w1 not in ids[1:], ids        # resumed elsewhere
+    # resumed from its checkpoint, not from scratch: after the move it reports each later epoch once
+    hist = [json.loads(x) for x in (out / "ray_results" / "killsweep" / moved / "result.json").read_text().splitlines()]
+    after = [h["epoch"] for h in hist if h.get("node_id") != w1]
+    assert after and after[0] > 1 and after == sorted(set(after)) and after[-1] == epochs, after
+
