@@ -58,6 +58,7 @@ def slurm():
         pytest.skip(f"needs root and slurm-wlm + munge ({', '.join(missing) or 'not root'}); "
                     "`make test` installs them")
     d = Path(tempfile.mkdtemp(prefix="slurm", dir="/tmp"))
+    os.chmod(d, 0o755)  # the munge user must reach its own directory inside
     for sub in ("state", "spool", "log", "munge"):
         (d / sub).mkdir()
     # munged runs as the munge user with its own socket, key and state here
