@@ -97,3 +97,27 @@ def test_without_a_test_line_self_training_and_the_joint_basis_leave_the_space()
     plain = transductive_space(space, False)
     assert "lambda_pseudo" not in plain.params and "pseudo_fraction" not in plain.params
     assert plain.params["peak_repr"].kind == "fixed" and plain.params["peak_repr"].value == "lsi"
+
+
+# ----------------------------------------------------------------------------- where trials ran, what failed
+
+def test_node_ids_record_every_node_a_trial_reported_from():
+    import pandas as pd
+
+    moved = FakeResult(_m("moved", 4, 0.6, node_id="n2"))
+    moved.metrics_dataframe = pd.DataFrame({"epoch": [1, 2, 3, 4], "node_id": ["n1", "n1", "n2", "n2"]})
+    still = FakeResult(_m("still", 4, 0.5, node_id="n1"))
+    df = trial_table([moved, still], SW).set_index("trial_id")
+    assert df.loc["moved", "node_id"] == "n2" and df.loc["moved", "node_ids"] == "n1;n2"
+    assert df.loc["still", "node_ids"] == "n1"
+
+
+def test_error_column_names_the_exception_not_rays_header():
+    from tune.sweep import error_line
+
+    ray_err = RuntimeError("\x1b[36mray::ImplicitFunc.restore()\x1b[39m (pid=1169, ip=10.0.0.2)\n"
+                           "  File \"trainable.py\", line 547, in restore\n    raise ValueError(\n"
+                           "ValueError: Could not recover from checkpoint as it does not exist on storage anymore.")
+    assert error_line(ray_err).startswith("ValueError: Could not recover from checkpoint")
+    assert error_line(RuntimeError("CUDA out of memory\ntraceback...")) == "CUDA out of memory"
+    assert error_line(KeyError()) == "KeyError"

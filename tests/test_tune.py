@@ -180,6 +180,16 @@ def test_bad_space_fails_before_any_trial(tmp_path, store):
     assert not (out / "sweep.json").exists() and not (out / "ray_results").exists()
 
 
+def test_unusable_storage_fails_before_anything_is_written(tmp_path, store):
+    out = tmp_path / "sweep"
+    r = subprocess.run(XFER + _tune_args(store, out, "--storage", "nosuchfs://bucket/sweeps"), env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    err = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(err) == 1 and "storage" in err[0] and "nosuchfs://bucket/sweeps" in err[0], r.stderr
+    assert not out.exists()
+
+
 def test_torch_trainer_trials(tmp_path, store):
     """Multi-worker trials: a Ray Train TorchTrainer with 2 data-parallel workers per trial."""
     out = tmp_path / "sweep"

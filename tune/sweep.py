@@ -339,6 +339,7 @@ def make_tuner(sw: Sweep, restore: bool):
     from ray.tune.search import ConcurrencyLimiter
 
     from .searcher import EpochAwareOptunaSearch
+    from .trainable import KEEP_CHECKPOINTS
 
     trainable = make_trainable(sw)
     loc = sw.storage_location()
@@ -372,7 +373,7 @@ def make_tuner(sw: Sweep, restore: bool):
         run_config=tune.RunConfig(
             name=sw.name, storage_path=loc.path, storage_filesystem=fs, verbose=1,
             failure_config=tune.FailureConfig(max_failures=sw.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
         ),
     )
 

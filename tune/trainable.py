@@ -37,6 +37,13 @@ from xfer.train import fit
 from .data import DataSpec, load_trial_data
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# Checkpoints Tune (and Ray Train) keep per trial. A restored sweep restarts each trial from the
+# newest checkpoint its last state snapshot (every second) names; Tune deletes checkpoints beyond
+# this many as new ones arrive, so the named one survives unless the trial wrote this many more
+# in the last second before the crash. With 2, one trial of a fast test sweep (4 epochs, S3
+# storage, driver SIGKILLed, --resume) errored in Tune's restore, the step that fails when the
+# checkpoint is gone from storage.
+KEEP_CHECKPOINTS = 4
 
 
 def trial_config(base: dict, params: dict) -> TrainConfig:
@@ -133,7 +140,8 @@ def trainer_trial(params: dict, *, spec: dict, base: dict, checkpoint_every: int
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=resources_per_worker.get("GPU", 0) > 0,
                                                resources_per_worker=resources_per_worker),
         run_config=ray.train.RunConfig(name=f"train-{trial_id}", storage_path=train_storage,
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                                       checkpoint_config=ray.train.CheckpointConfig(
+                                           num_to_keep=KEEP_CHECKPOINTS),
                                        callbacks=[TuneReportCallback()]),
     )
     trainer.fit()
