@@ -198,6 +198,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="small")
     ap.add_argument("--json", default="bench/results/bench_cluster.json")
+    ap.add_argument("--parts", nargs="+", default=["store_read", "trial_startup", "node_death"],
+                    choices=["store_read", "trial_startup", "node_death"], help="run these (merged into --json)")
     args = ap.parse_args()
     env = {**os.environ, **AWS, "OMP_NUM_THREADS": "1"}
     for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "XFER_NODE_CACHE"):
@@ -207,13 +209,16 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_cluster_"))
     try:
         local, remote = make_store(args.size, work, q)
-        res = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
-               "size": args.size, "store_read": store_read(local, remote)}
-        print("store_read", res["store_read"], flush=True)
-        res["trial_startup"] = trial_startup(local, work, env)
-        print("trial_startup", res["trial_startup"], flush=True)
-        res["node_death"] = node_death(local, work, env)
-        print("node_death", res["node_death"], flush=True)
+        path = Path(args.json)
+        res = json.loads(path.read_text()) if path.exists() else {}
+        res.update({"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
+                    "size": args.size})
+        parts = {"store_read": lambda: store_read(local, remote),
+                 "trial_startup": lambda: trial_startup(local, work, env),
+                 "node_death": lambda: node_death(local, work, env)}
+        for part in args.parts:
+            res[part] = {**parts[part](), "date": time.strftime("%Y-%m-%d %H:%M")}
+            print(part, res[part], flush=True)
     finally:
         server.stop()
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -208,6 +208,7 @@ def test_s3_sweep_spans_nodes_and_resumes_after_the_driver_dies(cluster, s3, s3_
         Bucket="xfer", Prefix="sweeps/s3sweep/")["Contents"]]
     assert any(k.endswith("/checkpoint.pt") for k in keys)                              # checkpoints on S3
     assert not (out / "ray_results").exists() and (out / "best_model.pt").exists()
+    assert not (out / ".best_checkpoint.pt").exists()                                 # the download is gone
     assert json.loads((out / "sweep.json").read_text())["storage_uri"].startswith("s3://xfer/sweeps")
 
 

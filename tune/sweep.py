@@ -83,12 +83,11 @@ class Sweep:
     data_args: dict
     objective: str = "source_val"       # the selection candidate that ranks trials (xfer.selection)
     objective_setting: str = "auto"     # what was asked for (--objective)
+    storage_uri: str = ""               # Tune's storage (results, checkpoints): a path or URI; "" = output/ray_results
 
     @property
     def objective_label(self) -> str:
         return f"peak_val_{self.metric}" if self.objective == "source_val" else self.objective
-
-    storage_uri: str = ""               # Tune's storage (results, checkpoints): a path or URI; "" = output/ray_results
 
     @property
     def storage(self) -> str:
@@ -212,7 +211,7 @@ def new_sweep(args) -> Sweep:
 
 def _check_storage(storage: str | None) -> str:
     """--storage as a sweep keeps it: a local path made absolute, or a URI that pyarrow opens
-    and that holds no sweep yet ("" = the output folder's ray_results)."""
+    and whose server answers ("" = the output folder's ray_results)."""
     from xfer.data.fs import resolve
 
     if not storage:
@@ -477,6 +476,8 @@ def export(grid, sw: Sweep) -> dict:
     if ckpt_path is not None:
         ckpt_file = sw.output / "best_model.pt"
         save_checkpoint(export_best(read_checkpoint(ckpt_path)), ckpt_file)
+        if ckpt_path.parent == sw.output:  # the download from remote storage
+            ckpt_path.unlink(missing_ok=True)
     return {"table": df, "best": best_params, "checkpoint": ckpt_file}
 
 
