@@ -146,7 +146,7 @@ def run(root: Path, pairs: list[int], n: int, epochs: int, workers: int, out_jso
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps({"machine": f"{os.cpu_count()} CPU cores", "pairs": pairs, "n": n,
                                     "epochs": epochs, "population_seed": POPULATION_SEED, "runs": runs}))
-    print(report([out_json]))
+    print(report([out_json], pick=False))
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -204,7 +204,9 @@ def choose(dev: dict) -> dict:
             "peaks_only": min((c for c in every if c not in NEEDS_TEST_GEX), key=key)}
 
 
-def report(paths: list[Path]) -> str:
+def report(paths: list[Path], pick: bool = True) -> str:
+    """Tables per file: the first is the development study (whose rule picks), the others
+    evaluation pairs; pick=False: one file's table alone, no pick (what `run` prints)."""
     from xfer.selection import CANDIDATES
 
     blocks = []
@@ -215,7 +217,7 @@ def report(paths: list[Path]) -> str:
         pairs = sorted(a)
         if k == 0:
             picks = choose(a)
-        title = "Development" if k == 0 else "Evaluation"
+        title = ("Development" if k == 0 else "Evaluation") if pick else "Population on"
         lines = [f"{title} pairs {', '.join(map(str, pairs))} ({data['n']} configurations, {data['epochs']} epochs): "
                  "Spearman rho with the true PEAK-test balanced accuracy / selection regret", "",
                  "| candidate | " + " | ".join(f"pair {p} rho / regret" for p in pairs) + " | mean rho | mean regret |",
@@ -226,13 +228,14 @@ def report(paths: list[Path]) -> str:
             cells = [f"{a[p][c]['rho']:+.2f} / {a[p][c]['regret']:.3f}" for p in pairs]
             mr = sum(a[p][c]["rho"] for p in pairs) / len(pairs)
             mg = sum(a[p][c]["regret"] for p in pairs) / len(pairs)
-            mark = " **(pick)**" if c in picks.values() else ""
+            mark = " **(pick)**" if pick and c in picks.values() else ""
             lines.append(f"| {c}{mark} | " + " | ".join(cells) + f" | {mr:+.2f} | {mg:.3f} |")
         lines.append("| best in population (oracle) | " + " | ".join(f"{a[p]['oracle']:.3f}" for p in pairs) + " | | |")
         lines.append("| defaults (config 0), last epoch | " +
                      " | ".join(f"{a[p]['defaults_last']:.3f}" for p in pairs) + " | | |")
         blocks.append("\n".join(lines))
-    blocks.append(f"Pick (rule fixed in the script, development pairs only): {picks}")
+    if pick:
+        blocks.append(f"Pick (rule fixed in the script, development pairs only): {picks}")
     return "\n\n".join(blocks)
 
 
