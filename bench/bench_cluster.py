@@ -167,7 +167,6 @@ def node_death(store: str, work: Path, env: dict) -> dict:
                 time.sleep(0.2)
             if victim is None:
                 raise SystemExit("no trial ran on worker 1")
-            last_epoch = _results(out, "death")[victim][-1]["epoch"]
             t_kill = time.time()
             subprocess.run([str(SCRIPT), "kill-node", "1", "--dir", str(d)], env=env, check=True, timeout=30)
             back = None
@@ -184,8 +183,10 @@ def node_death(store: str, work: Path, env: dict) -> dict:
         import pandas as pd
 
         df = pd.read_csv(out / "trials.csv") if (out / "trials.csv").exists() else pd.DataFrame()
-        resumed = [r for r in _results(out, "death")[victim] if r.get("node_id") != w1]
-        return {"seconds_to_report_again": round(back, 1) if back else None, "last_epoch_on_w1": last_epoch,
+        rows = _results(out, "death")[victim]
+        resumed = [r for r in rows if r.get("node_id") != w1]
+        return {"seconds_to_report_again": round(back, 1) if back else None,
+                "last_epoch_on_w1": max(r["epoch"] for r in rows if r.get("node_id") == w1),
                 "first_epoch_elsewhere": resumed[0]["epoch"] if resumed else None,
                 "sweep_rc": proc.returncode, "trials": len(df),
                 "statuses": df["status"].value_counts().to_dict() if len(df) else {},
