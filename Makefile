@@ -40,8 +40,11 @@ system-packages:
 	  else echo "not root or no apt-get: tests/test_slurm.py will be skipped (needs $(SYSTEM_PACKAGES))"; fi; \
 	fi
 
+# The cluster tests (tests/test_cluster.py, tests/test_slurm.py: their own Ray nodes, S3
+# server and SLURM daemons) run after the rest, in a pytest process of their own.
 test: $(STAMP) system-packages
-	$(PY) -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not cluster" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m cluster $(PYTEST_ARGS)
 
 bench-store: $(STAMP)
 	$(PY) bench/bench_store.py

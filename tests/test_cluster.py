@@ -32,7 +32,7 @@ import pytest
 
 from conftest import SMALL_MODEL
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.xdist_group("cluster")]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.cluster]
 moto_server = pytest.importorskip("moto.server")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,18 +107,15 @@ def cluster(s3):
 
 @pytest.fixture(scope="module")
 def s3_store(s3, tiny_store):
-    """The tiny pair's datasets copied into a store on S3."""
-    from xfer.data.store import CellStore
-
+    """The tiny pair's datasets copied into a store on S3 (in a child process: pyarrow's S3
+    client, the AWS SDK, stays out of the pytest worker, which goes on to run other modules)."""
     q, _ = s3
-    mp = pytest.MonkeyPatch()
-    for k, v in AWS.items():
-        mp.setenv(k, v)
     uri = f"s3://xfer/store?{q}"
-    local, remote = CellStore(str(tiny_store)), CellStore(uri)
-    for name in ("A_GEX", "A_PEAK", "B_GEX", "B_PEAK"):
-        remote.write(local.read(name), name)
-    mp.undo()
+    code = ("import sys; from xfer.data.store import CellStore; a, b = CellStore(sys.argv[1]), CellStore(sys.argv[2])\n"
+            "for n in ('A_GEX', 'A_PEAK', 'B_GEX', 'B_PEAK'): b.write(a.read(n), n)")
+    r = subprocess.run([sys.executable, "-c", code, str(tiny_store), uri], env={**os.environ, **AWS},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
     return uri
 
 

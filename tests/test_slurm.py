@@ -23,7 +23,7 @@ import pytest
 
 from conftest import SMALL_MODEL
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("cluster")]
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "cluster" / "slurm_ray.sbatch"
