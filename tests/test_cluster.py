@@ -226,12 +226,14 @@ def _job_status(client, dash, sid) -> str:
 
 def test_sweep_as_a_ray_job_stopped_and_resubmitted(cluster, tiny_store, tmp_path):
     client, dash, _ = cluster
-    out, n, epochs, name = tmp_path / "sweep", 6, 4, "jobsweep"
+    # enough work that the stop lands mid-sweep on an idle machine too: 12 trials of 10 epochs
+    # on 3 slots, stopped as soon as the first has finished
+    out, n, epochs, name = tmp_path / "sweep", 12, 10, "jobsweep"
     entry = [*XFER, *_sweep_args(str(tiny_store), out, name, n, epochs)]
     r = _job(client, "submit", "--address", dash, "--submission-id", name, "--no-wait", "--", *entry)
     assert r.returncode == 0, r.stdout + r.stderr
-    _wait(lambda: sum(_study(out / "optuna_study.db").get(s, 0) for s in ("COMPLETE", "PRUNED")) >= 2, 300,
-          "two trials finished")
+    _wait(lambda: sum(_study(out / "optuna_study.db").get(s, 0) for s in ("COMPLETE", "PRUNED")) >= 1, 300,
+          "a trial finished")
     logs = _job(client, "logs", "--address", dash, name).stdout
     assert "trial slot" in logs, logs[-2000:]                                          # the driver's progress
     r = _job(client, "stop", "--address", dash, name)
@@ -256,8 +258,9 @@ def test_worker_node_killed_mid_sweep(cluster, tiny_store, tmp_path):
     nodes = json.loads(subprocess.run([RAY, "list", "nodes", "--address", dash, "--format", "json"], env=client,
                                       capture_output=True, text=True, timeout=60).stdout)
     w1 = next(x["node_id"] for x in nodes if "w1" in x["resources_total"])
-    out, n, epochs = tmp_path / "sweep", 6, 10
-    proc = subprocess.Popen(XFER + _sweep_args(str(tiny_store), out, "killsweep", n, epochs, "--checkpoint_every", "1"),
+    out, n, epochs = tmp_path / "sweep", 6, 30  # long enough that the kill lands mid-trial on an idle machine
+    proc = subprocess.Popen(XFER + _sweep_args(str(tiny_store), out, "killsweep", n, epochs, "--checkpoint_every", "1",
+                                               "--set=patience=100"),
                             env=client, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
@@ -266,7 +269,7 @@ def test_worker_node_killed_mid_sweep(cluster, tiny_store, tmp_path):
         for f in (out / "ray_results" / "killsweep").glob("*/result.json"):
             lines = f.read_text().strip().splitlines()
             last = json.loads(lines[-1]) if lines else {}
-            if last.get("node_id") == w1 and last.get("epoch", epochs) <= epochs - 4:
+            if last.get("node_id") == w1 and last.get("epoch", epochs) <= epochs // 3:
                 return last["trial_id"]
         return None
 
