@@ -258,7 +258,8 @@ def test_worker_node_killed_mid_sweep(cluster, tiny_store, tmp_path):
     nodes = json.loads(subprocess.run([RAY, "list", "nodes", "--address", dash, "--format", "json"], env=client,
                                       capture_output=True, text=True, timeout=60).stdout)
     w1 = next(x["node_id"] for x in nodes if "w1" in x["resources_total"])
-    out, n, epochs = tmp_path / "sweep", 6, 30  # long enough that the kill lands mid-trial on an idle machine
+    # long trials: a worker outlives its killed raylet by a second or two and may finish a short one
+    out, n, epochs = tmp_path / "sweep", 6, 100
     proc = subprocess.Popen(XFER + _sweep_args(str(tiny_store), out, "killsweep", n, epochs, "--checkpoint_every", "1",
                                                "--set=patience=100"),
                             env=client, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -269,12 +270,12 @@ def test_worker_node_killed_mid_sweep(cluster, tiny_store, tmp_path):
         for f in (out / "ray_results" / "killsweep").glob("*/result.json"):
             lines = f.read_text().strip().splitlines()
             last = json.loads(lines[-1]) if lines else {}
-            if last.get("node_id") == w1 and last.get("epoch", epochs) <= epochs // 3:
+            if last.get("node_id") == w1 and last.get("epoch", epochs) <= epochs // 10:
                 return last["trial_id"]
         return None
 
     try:
-        moved = _wait(running_on_w1, 300, "a trial running on worker 1", proc)
+        _wait(running_on_w1, 300, "a trial running on worker 1", proc)
         k = subprocess.run([str(SCRIPT), "kill-node", "1"], env=client, capture_output=True, text=True, timeout=30)
         assert k.returncode == 0, k.stderr
         _, err = proc.communicate(timeout=600)
@@ -284,10 +285,15 @@ def test_worker_node_killed_mid_sweep(cluster, tiny_store, tmp_path):
             proc.wait()
     assert proc.returncode == 0, err[-3000:]
     df = _accounted(out, n, epochs).set_index("trial_id")
-    ids = df.loc[moved, "node_ids"].split(";")
-    assert ids[0] == w1 and len(ids) >= 2 and w1 not in ids[1:], ids        # resumed elsewhere
-    # resumed from its checkpoint, not from scratch: after the move it reports each later epoch once
-    hist = [json.loads(x) for x in (out / "ray_results" / "killsweep" / moved / "result.json").read_text().splitlines()]
-    after = [h["epoch"] for h in hist if h.get("node_id") != w1]
-    assert after and after[0] > 1 and after == sorted(set(after)) and after[-1] == epochs, after
+    # the trials that ran on worker 1 when it died went on elsewhere (which ones is timing: a trial
+    # Tune placed on the node in the second before Ray marked it dead moves too)
+    moved = [t for t, ids in df["node_ids"].items() if ids.split(";")[0] == w1 and len(ids.split(";")) >= 2]
+    assert moved, df["node_ids"]
+    for t in moved:
+        assert w1 not in df.loc[t, "node_ids"].split(";")[1:]
+        # resumed from its last checkpoint (one every epoch), not from scratch: every epoch once
+        hist = [json.loads(x) for x in (out / "ray_results" / "killsweep" / t / "result.json").read_text().splitlines()]
+        on_w1 = [h["epoch"] for h in hist if h.get("node_id") == w1]
+        after = [h["epoch"] for h in hist if h.get("node_id") != w1]
+        assert after == list(range(max(on_w1) + 1, epochs + 1)), (on_w1, after)
 
