@@ -40,14 +40,15 @@ while [ $# -gt 0 ]; do
     *) echo "local_cluster.sh: unknown option $1" >&2; usage ;;
   esac
 done
-DIR=$(mkdir -p "$DIR" && cd "$DIR" && pwd)
+[ "$cmd" = start ] && mkdir -p "$DIR"
+[ -d "$DIR" ] && DIR=$(cd "$DIR" && pwd)   # absolute: the processes' command lines name it
 TOKEN_FILE=$DIR/auth_token
 
 # Ports of node k (0 = head): a block of 10 above the head's GCS port, so several clusters
 # on one machine only need different --port values. Keep them clear of Ray's worker ports
 # (10002-19999 by default) and of the kernel's ephemeral range (32768-60999 on Linux):
 # below 10000 or in 20000-32000.
-# Worker processes take ports the OS chooses.
+# Ray's worker processes take ports the OS chooses.
 ports() {  # k -> "node_manager object_manager agent_listen agent_grpc runtime_env metrics"
   local b=$((PORT + 10 + 10 * $1))
   echo "$b $((b + 1)) $((b + 2)) $((b + 3)) $((b + 4)) $((b + 5))"

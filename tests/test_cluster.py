@@ -96,6 +96,9 @@ def cluster(s3):
         client = {**env, "RAY_ADDRESS": address, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
         st = subprocess.run([str(SCRIPT), "status"], env=env, capture_output=True, text=True, timeout=60)
         assert st.returncode == 0 and st.stdout.count(" 1 node_") == 3, st.stdout + st.stderr
+        wrong = subprocess.run([RAY, "status", "--address", address], capture_output=True, text=True, timeout=60,
+                               env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64})
+        assert wrong.returncode != 0 and "InvalidAuthToken" in wrong.stderr   # the token is checked
         yield client, f"http://127.0.0.1:{port + 2}", d
     finally:
         subprocess.run([str(SCRIPT), "stop"], env=env, capture_output=True, timeout=120)
