@@ -121,3 +121,16 @@ def test_error_column_names_the_exception_not_rays_header():
     assert error_line(ray_err).startswith("ValueError: Could not recover from checkpoint")
     assert error_line(RuntimeError("CUDA out of memory\ntraceback...")) == "CUDA out of memory"
     assert error_line(KeyError()) == "KeyError"
+
+
+def test_storage_settings(tmp_path, monkeypatch):
+    from types import SimpleNamespace as NS
+
+    from tune.sweep import _check_storage, _train_storage
+
+    monkeypatch.chdir(tmp_path)
+    assert _check_storage(None) == "" and _check_storage("") == ""
+    assert _check_storage("rel/results") == str(tmp_path / "rel" / "results")      # absolute for every node
+    sw = NS(storage_uri="s3://b/sweeps?endpoint_override=h:1&scheme=http", output=tmp_path)
+    assert _train_storage(sw) == "s3://b/sweeps_train?endpoint_override=h:1&scheme=http"
+    assert _train_storage(NS(storage_uri="", output=tmp_path)) == str(tmp_path / "ray_train")
