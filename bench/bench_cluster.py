@@ -107,6 +107,12 @@ def stop_cluster(d: Path, env: dict) -> None:
     subprocess.run([str(SCRIPT), "stop", "--dir", str(d)], env=env, capture_output=True, timeout=120)
 
 
+def list_nodes(client: dict, dash: str) -> list[dict]:
+    """The cluster's nodes as Ray's state API lists them (node_id, is_head_node, resources_total)."""
+    return json.loads(subprocess.run([RAY, "list", "nodes", "--address", dash, "--format", "json"], env=client,
+                                     capture_output=True, text=True, timeout=60, check=True).stdout)
+
+
 def _results(out: Path, name: str) -> dict:
     res = {}
     for f in (out / "ray_results" / name).glob("*/result.json"):
@@ -120,9 +126,7 @@ def trial_startup(store: str, work: Path, env: dict) -> dict:
     d = Path(tempfile.mkdtemp(prefix="xb", dir="/tmp"))
     client, dash = start_cluster(d, 1, env)
     try:
-        nodes = json.loads(subprocess.run([RAY, "list", "nodes", "--address", dash, "--format", "json"], env=client,
-                                          capture_output=True, text=True, timeout=60).stdout)
-        names = {x["node_id"]: ("head" if x["is_head_node"] else "worker") for x in nodes}
+        names = {x["node_id"]: ("head" if x["is_head_node"] else "worker") for x in list_nodes(client, dash)}
         out = work / "startup"
         r = subprocess.run(XFER + ["tune", "--address", "auto", "--store", store, "--src_csv", "store:A_GEX",
                                    "--tgt_csv", "store:A_PEAK", "--test_csv", "store:B_GEX", "--sup_peak_csv",
@@ -148,9 +152,7 @@ def node_death(store: str, work: Path, env: dict) -> dict:
     d = Path(tempfile.mkdtemp(prefix="xb", dir="/tmp"))
     client, dash = start_cluster(d, 2, env)
     try:
-        nodes = json.loads(subprocess.run([RAY, "list", "nodes", "--address", dash, "--format", "json"], env=client,
-                                          capture_output=True, text=True, timeout=60).stdout)
-        w1 = next(x["node_id"] for x in nodes if "w1" in x["resources_total"])
+        w1 = next(x["node_id"] for x in list_nodes(client, dash) if "w1" in x["resources_total"])
         out, epochs, n = work / "death", 12, 6
         proc = subprocess.Popen(XFER + ["tune", "--address", "auto", "--store", store, "--src_csv", "store:A_GEX",
                                         "--tgt_csv", "store:A_PEAK", "--n_trials", str(n), "--search_epochs",

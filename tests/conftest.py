@@ -85,6 +85,20 @@ def seed_files(tmp_path):
     }
 
 
+def study_states(db) -> dict:
+    """{state: count} of a sweep's Optuna study (SQLite); empty while it does not exist or is locked."""
+    import sqlite3
+    from pathlib import Path
+
+    if not Path(db).exists():
+        return {}
+    try:
+        with sqlite3.connect(db) as c:
+            return dict(c.execute("select state, count(*) from trials group by state").fetchall())
+    except sqlite3.Error:
+        return {}
+
+
 # ----------------------------------------------------------------------------- training fixtures
 
 SMALL_MODEL = {"hidden_dim": 64, "latent_dim": 32, "proj_hidden": 64, "cls_hidden": 32, "disc_hidden": 64,

@@ -30,7 +30,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import SMALL_MODEL
+from conftest import SMALL_MODEL, study_states
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.cluster]
 moto_server = pytest.importorskip("moto.server")
@@ -128,17 +128,6 @@ def _sweep_args(store: str, out: Path, name: str, n: int, epochs: int, *extra: s
             "--grace_period", str(epochs), "--cpus_per_trial", "1", *FIX, *extra]
 
 
-def _study(db: Path) -> dict:
-    """{state: count} of the sweep's Optuna study (empty while it does not exist)."""
-    if not db.exists():
-        return {}
-    try:
-        with sqlite3.connect(db) as c:
-            return dict(c.execute("select state, count(*) from trials group by state").fetchall())
-    except sqlite3.Error:
-        return {}
-
-
 def _finished(db: Path) -> dict:
     with sqlite3.connect(db) as c:
         return dict(c.execute("select t.number, v.value from trials t join trial_values v using(trial_id) "
@@ -165,7 +154,7 @@ def _accounted(out: Path, n: int, epochs: int, restarted: bool = False) -> pd.Da
     assert len(df) == n and df["trial_id"].is_unique, df[["trial_id", "status"]]
     assert (df["status"] == "completed").all() and (df["epochs_run"] == epochs).all(), \
         df[["status", "epochs_run", "error"]].to_string()
-    st = _study(out / "optuna_study.db")
+    st = study_states(out / "optuna_study.db")
     assert st.get("COMPLETE") == n and len(_finished(out / "optuna_study.db")) == n, st
     if restarted:
         with sqlite3.connect(out / "optuna_study.db") as c:
@@ -186,7 +175,7 @@ def test_s3_sweep_spans_nodes_and_resumes_after_the_driver_dies(cluster, s3, s3_
     proc = subprocess.Popen(XFER + args, env=client, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        _wait(lambda: sum(_study(out / "optuna_study.db").get(s, 0) for s in ("COMPLETE", "PRUNED")) >= 2,
+        _wait(lambda: sum(study_states(out / "optuna_study.db").get(s, 0) for s in ("COMPLETE", "PRUNED")) >= 2,
               300, "two trials finished", proc)
     finally:
         if proc.poll() is None:
@@ -246,7 +235,7 @@ def test_sweep_as_a_ray_job_stopped_and_resubmitted(cluster, tiny_store, tmp_pat
     entry = [*XFER, *_sweep_args(str(tiny_store), out, name, n, epochs)]
     r = _job(client, "submit", "--address", dash, "--submission-id", name, "--no-wait", "--", *entry)
     assert r.returncode == 0, r.stdout + r.stderr
-    _wait(lambda: sum(_study(out / "optuna_study.db").get(s, 0) for s in ("COMPLETE", "PRUNED")) >= 1, 300,
+    _wait(lambda: sum(study_states(out / "optuna_study.db").get(s, 0) for s in ("COMPLETE", "PRUNED")) >= 1, 300,
           "a trial finished")
     logs = _job(client, "logs", "--address", dash, name).stdout
     assert "trial slot" in logs, logs[-2000:]                                          # the driver's progress

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import SMALL_MODEL
+from conftest import SMALL_MODEL, study_states
 
 pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray")]
 
@@ -43,16 +43,6 @@ def _tune_args(store, out, *extra, test=True):
     if test:
         args += ["--test_csv", "store:B_GEX", "--sup_peak_csv", "store:B_PEAK"]
     return args
-
-
-def _study_states(db: Path) -> dict:
-    if not db.exists():
-        return {}
-    try:
-        with sqlite3.connect(db) as c:
-            return dict(c.execute("select state, count(*) from trials group by state").fetchall())
-    except sqlite3.Error:
-        return {}
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +202,7 @@ def test_resume_after_sigkill_of_the_driver(tmp_path, store):
     finished_before = 0
     try:
         while time.time() < deadline and proc.poll() is None:
-            st = _study_states(out / "optuna_study.db")
+            st = study_states(out / "optuna_study.db")
             finished_before = st.get("COMPLETE", 0) + st.get("PRUNED", 0)
             if finished_before >= 2:
                 break
