@@ -12,6 +12,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from conftest import study_states
 from tune.searcher import EpochAwareOptunaSearch, OptunaInternals, PrivateFieldGone
 from tune.space import load_space
 
@@ -90,6 +91,11 @@ def test_hooks_keep_an_honest_study(tmp_path):
     assert s.internals.completed == set(st)
 
 
+def _restored(*trials) -> dict:
+    """A restored Tune trial list as SweepSearchGenerator hands it to reconcile."""
+    return {t: {"trial_id": t, "status": "RUNNING", "config": {}} for t in trials}
+
+
 def test_restore_fails_trials_proposed_after_the_snapshot(tmp_path):
     db = tmp_path / "study.db"
     s = _searcher(db)
@@ -100,13 +106,31 @@ def test_restore_fails_trials_proposed_after_the_snapshot(tmp_path):
     s.suggest("t3")                       # proposed after the snapshot: orphaned by a restore
     r = _searcher(db)
     r.restore(str(tmp_path / "searcher.pkl"))
+    r.reconcile(_restored("t1", "t2"))
     st = _stored(db)
     assert st["t1"].state == TrialState.COMPLETE
     assert st["t2"].state == TrialState.RUNNING and "orphaned_by_restore" not in st["t2"].system_attrs
     assert st["t3"].state == TrialState.FAIL and st["t3"].system_attrs["orphaned_by_restore"] is True
-    assert set(r.internals.trials) == {"t1", "t2"}  # the restored searcher reads its own state
+    assert set(r.internals.trials) == {"t1", "t2"} and r.internals.completed == {"t1"}
     r.on_trial_complete("t2", {"epoch": MAX_T, "objective": 0.6})
     assert _stored(db)["t2"].state == TrialState.COMPLETE
+
+
+def test_restore_trusts_the_trial_list_over_an_older_searcher_snapshot(tmp_path):
+    """The trial list is newer than the searcher's snapshot (they reach storage separately):
+    a Ray trial the snapshot does not know gets its Optuna trial back by its tag, and is
+    told when it ends, instead of being failed as an orphan."""
+    db = tmp_path / "study.db"
+    s = _searcher(db)
+    s.suggest("t1")
+    s.save(str(tmp_path / "searcher.pkl"))
+    s.suggest("t2")                       # in the restored trial list, not in the searcher snapshot
+    r = _searcher(db)
+    r.restore(str(tmp_path / "searcher.pkl"))
+    r.reconcile(_restored("t1", "t2"))
+    assert set(r.internals.trials) == {"t1", "t2"} and "orphaned_by_restore" not in _stored(db)["t2"].system_attrs
+    r.on_trial_complete("t2", {"epoch": MAX_T, "objective": 0.7})
+    assert _stored(db)["t2"].state == TrialState.COMPLETE and _stored(db)["t2"].value == pytest.approx(0.7)
 
 
 def test_restore_readopts_trials_that_finished_after_the_snapshot(tmp_path):
@@ -123,6 +147,7 @@ def test_restore_readopts_trials_that_finished_after_the_snapshot(tmp_path):
     s.on_trial_complete("t2", {"epoch": 2, "objective": 0.45})
     r = _searcher(db)
     r.restore(str(tmp_path / "searcher.pkl"))
+    r.reconcile(_restored("t1"))
     again = r.suggest("t9")               # Tune's replacement for the trial it lost
     assert again == lost                  # fixed and searched parameters alike
     r.suggest("t10")                      # later proposals are new Optuna trials again
@@ -135,6 +160,112 @@ def test_restore_readopts_trials_that_finished_after_the_snapshot(tmp_path):
     assert st["t2"].intermediate_values == {1: 0.3, 2: 0.45}
     finished = [t for t in st.values() if t.state.is_finished()]
     assert len(finished) == 1 and len(st) == 3  # t2 (finished), t1 and t10 (running)
+    # a second restore whose searcher snapshot lost the re-adoption: t9 finds its trial by its parameters
+    q = _searcher(db)
+    q.restore(str(tmp_path / "searcher.pkl"))
+    q.reconcile({"t1": {"config": {}}, "t9": {"config": again}, "t10": {"config": {}}})
+    assert q.internals.trials["t9"].number == s.internals.trials["t2"].number and q._readopt == []
+
+
+# ----------------------------------------------------------------------------- the search generator
+
+N, SLOTS = 6, 3
+
+
+def _generator(db):
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+
+    from tune.searcher import SweepSearchGenerator
+
+    g = SweepSearchGenerator(ConcurrencyLimiter(_searcher(db), max_concurrent=SLOTS))
+    g.add_configurations([tune.Experiment("sweep", lambda config: None, num_samples=N)])
+    return g
+
+
+def _snapshot(g, trials: dict, where):
+    """What TuneController.save_to_dir writes: the trial list, then the search generator's state."""
+    import json
+
+    where.mkdir()
+    (where / "experiment_state-s.json").write_text(json.dumps({"trial_data": [t.get_json_state() for t in trials.values()]}))
+    g.save_to_dir(str(where), session_str="s")
+
+
+def _finish(g, trial, value):
+    from ray.tune.experiment import Trial
+
+    g.on_trial_complete(trial.trial_id, {"epoch": MAX_T, "objective": value})
+    trial.set_status(Trial.TERMINATED)
+
+
+@pytest.mark.parametrize("trial_list,generator,searcher", [
+    (t, gen, srch) for t in ("old", "new") for gen in ("old", "new") for srch in ("old", "new")])
+def test_a_restore_from_snapshots_of_different_moments_accounts_for_every_trial(tmp_path, trial_list, generator,
+                                                                                  searcher):
+    """Tune uploads the trial list, the generator (count, limiter) and the searcher as separate
+    files; a driver killed between uploads restores them from different moments. Every mix
+    ends with exactly N Ray trials and N Optuna trials COMPLETE, the rest FAIL as orphans, none
+    RUNNING, and no finished trial told twice. (Ray's own restore, measured before this
+    generator: N+1 trials and one Optuna trial RUNNING forever for the (new, old, new) mix.)"""
+    import json
+    import shutil
+
+    from ray.tune.experiment import Trial
+
+    db = tmp_path / "study.db"
+    g = _generator(db)
+    trials = {}
+
+    def propose():
+        t = g.next_trial()
+        assert t is not None
+        t.set_status(Trial.RUNNING)
+        trials[t.trial_id] = t
+        return t
+
+    t1, t2, t3 = propose(), propose(), propose()
+    _finish(g, t1, 0.1)
+    _snapshot(g, trials, tmp_path / "old")
+    t4 = propose()
+    _finish(g, t2, 0.2)
+    propose()                                                    # t5
+    _snapshot(g, trials, tmp_path / "new")
+    _finish(g, t3, 0.3)                                          # after the last snapshot: the study knows
+    t6 = propose()
+    _finish(g, t4, 0.4)
+    _finish(g, t6, 0.6)                                          # proposed and finished after it
+    first = {t.number: t.value for t in _finished(db)}
+    mix = tmp_path / "mix"                                       # the driver dies here
+    mix.mkdir()
+    shutil.copy(tmp_path / trial_list / "experiment_state-s.json", mix)
+    shutil.copy(tmp_path / generator / "search_gen_state-s.json", mix)
+    shutil.copy(tmp_path / searcher / "searcher-state-s.pkl", mix)
+
+    r = _generator(db)                                           # Tuner.restore: the generator as first built
+    r.restore_from_dir(str(mix))
+    restored = [json.loads(js) for js, _ in json.loads((mix / "experiment_state-s.json").read_text())["trial_data"]]
+    ray_trials = len(restored)
+    for st in restored:                                          # Tune resumes the unfinished ones
+        if st["status"] != "TERMINATED":
+            _finish(r, trials[st["trial_id"]], 0.9)
+    while (t := r.next_trial()) is not None:                     # and asks for the rest
+        ray_trials += 1
+        t.set_status(Trial.RUNNING)
+        _finish(r, t, 0.5)
+    assert r.is_finished() and ray_trials == N
+    st = study_states(db)
+    assert st.get("COMPLETE") == N and set(st) <= {"COMPLETE", "FAIL"}, st
+    assert all(t.system_attrs.get("orphaned_by_restore") for t in _all(db) if t.state == TrialState.FAIL)
+    assert all(v == first[num] for num, v in ((t.number, t.value) for t in _finished(db)) if num in first)
+
+
+def _all(db):
+    return optuna.load_study(study_name="s", storage=f"sqlite:///{db}").get_trials(deepcopy=True)
+
+
+def _finished(db):
+    return [t for t in _all(db) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
 
 
 @pytest.mark.parametrize("field", OptunaInternals.SEARCHER_FIELDS)

@@ -1,42 +1,66 @@
-"""OptunaSearch that keeps an honest, durable Optuna study.
+"""OptunaSearch that keeps an honest, durable Optuna study, and a search generator
+whose restore agrees with the trials Tune restored.
 
 Ray 2.60's stock `OptunaSearch` (measured here) records a trial that ASHA
 stopped as COMPLETE with its last value, keys intermediate values on
 `training_iteration` (which restarts when a trial is restored), and leaves
 trials proposed after the driver's last snapshot RUNNING forever after a
-restore. This subclass:
+restore. `EpochAwareOptunaSearch`:
 
 - reports intermediate values at the reported `epoch`;
 - tells a trial that ended before `max_t` epochs as PRUNED (with its last
   value as the final intermediate), so optuna-dashboard shows pruning;
 - tags each Optuna trial with its Ray trial id and the epochs it ran;
-- after `Tuner.restore`, marks unfinished Optuna trials the restored state does
-  not know as FAIL ("orphaned_by_restore"); a trial that was proposed *and*
-  finished after the driver's last snapshot is finished in the study but
-  unknown to the restored Tune state, so Tune asks for a replacement: the
-  replacement gets that trial's parameters and its Optuna trial back
-  ("readopted"), so the study keeps exactly one result per trial (the first)
-  and the sweep its number of trials (the trial's work runs again);
 - never raises from a hook (an exception in `on_trial_result` would stop the
   whole Tune driver).
+
+Restoring a sweep (`Tuner.restore`) reads three snapshots that Tune writes as
+separate files and uploads separately: the trial list (`experiment_state-*.json`),
+the search generator with its ConcurrencyLimiter (`search_gen_state-*.json`:
+how many trials were proposed, which are live) and this searcher
+(`searcher-state-*.pkl`: Ray trial id -> Optuna trial). A driver killed while
+they upload (S3 storage makes that window wide) leaves them from different
+moments; Ray's own restore then proposes extra trials (a stale count) and never
+tells the study about trials the stale limiter does not know (measured: 7
+trials for `--n_trials 6`, one Optuna trial RUNNING forever). `SweepSearchGenerator`
+therefore takes the trial list as the truth and rebuilds the rest from it and
+from the study (SQLite, always current) in `EpochAwareOptunaSearch.reconcile`:
+
+- each restored Ray trial gets its Optuna trial back (by the `ray_trial_id`
+  tag, else the snapshot's map, else equal parameters for a trial that re-ran
+  another);
+- unfinished Optuna trials no restored Ray trial owns are marked FAIL
+  ("orphaned_by_restore"): they were proposed after the trial list's snapshot;
+- Optuna trials that *finished* but no restored Ray trial owns (proposed and
+  finished after the snapshot) are handed to the replacements Tune asks for
+  ("readopted"): the replacement gets that trial's parameters and its Optuna
+  trial, so the study keeps exactly one result per trial (the first) and the
+  sweep its number of trials (the trial's work runs again);
+- the proposal count is the number of restored trials and the limiter's live
+  set is the restored trials that will run again.
 
 The study lives in SQLite (`optuna.storages.RDBStorage`), so it survives the
 driver and `optuna-dashboard sqlite:///.../optuna_study.db` opens it.
 
-All of this needs private fields of Ray's OptunaSearch and of Optuna; every
-access to them goes through `OptunaInternals` below, which names the field
-when an upgrade removes one. The searcher checks them when it is built (before
-any trial), and tests/test_searcher.py exercises each of them.
+All of this needs private fields of Ray's OptunaSearch, SearchGenerator and
+ConcurrencyLimiter and of Optuna; every access to them goes through
+`OptunaInternals` and `GeneratorInternals` below, which name the field when an
+upgrade removes one. Both check their fields when built (before any trial), and
+tests/test_searcher.py exercises each of them.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import logging
-from typing import Dict, Optional
+import os
+from typing import Dict, Mapping, Optional
 
 import optuna
 import ray
 from optuna.trial import TrialState
+from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 log = logging.getLogger(__name__)
@@ -217,14 +241,140 @@ class EpochAwareOptunaSearch(OptunaSearch):
             log.warning("optuna tell failed for %s: %r", trial_id, e)
         ot.completed.add(trial_id)
 
-    def restore(self, checkpoint_path: str) -> None:
-        super().restore(checkpoint_path)
+    def reconcile(self, restored: Mapping[str, dict]) -> None:
+        """Make this searcher agree with the Ray trials Tune restored and with the study.
+
+        `restored`: {Ray trial id: its saved state} (at least `config`), the trial list
+        Tune resumes from. Called by SweepSearchGenerator after a restore; see the module
+        docstring for the rules."""
         ot = self.internals
         if ot.study is None:
             return
-        known = {ot.storage_id(t) for t in ot.trials.values()}
-        for t in ot.unfinished():
-            if ot.storage_id(t) not in known:
-                ot.mark_failed(t, "orphaned_by_restore")
-        # finished after the last snapshot: the restored Tune state will propose that many new trials
-        self._readopt = sorted((t for t in ot.finished() if ot.storage_id(t) not in known), key=lambda t: t.number)
+        everything = ot.study.get_trials(deepcopy=False)
+        by_sid = {ot.storage_id(t): t for t in everything}
+        by_tag = {t.user_attrs["ray_trial_id"]: t for t in everything if "ray_trial_id" in t.user_attrs}
+        snapshot = {rid: by_sid.get(ot.storage_id(t)) for rid, t in ot.trials.items()}
+        owner: dict[str, optuna.trial.FrozenTrial] = {}
+        for rid in restored:   # by tag first: a tag never lies, the snapshot may be stale
+            t = by_tag.get(rid)
+            if t is not None:
+                owner[rid] = t
+        taken = {ot.storage_id(t) for t in owner.values()}
+        for rid, info in restored.items():
+            if rid in owner:
+                continue
+            t = snapshot.get(rid)   # a Ray trial that re-ran another trial (readopted) has no tag
+            if t is None or ot.storage_id(t) in taken:
+                config = info.get("config") or {}
+                t = next((f for f in everything if ot.storage_id(f) not in taken
+                          and f.state in (TrialState.COMPLETE, TrialState.PRUNED) and f.params and all(config.get(k) == v for k, v in f.params.items())), None)
+            if t is not None:
+                owner[rid] = t
+                taken.add(ot.storage_id(t))
+        ot.trials.clear()
+        ot.trials.update({rid: optuna.trial.Trial(ot.study, ot.storage_id(t)) for rid, t in owner.items()})
+        finished_now = {rid for rid, t in owner.items() if t.state.is_finished()}
+        kept_done = ot.completed & set(restored)
+        ot.completed.clear()
+        ot.completed.update(kept_done | finished_now)
+        orphans = [t for t in everything if t.state == TrialState.RUNNING and ot.storage_id(t) not in taken]
+        for t in orphans:   # proposed after the trial list's snapshot; never ran to the end as a Ray trial Tune knows
+            ot.mark_failed(t, "orphaned_by_restore")
+        # finished after the snapshot: the restored Tune state will propose that many new trials
+        self._readopt = sorted((t for t in ot.finished() if ot.storage_id(t) not in taken), key=lambda t: t.number)
+        log.info("restored searcher: %d Ray trial(s) matched to Optuna trials, %d orphaned, %d to re-adopt",
+                 len(owner), len(orphans), len(self._readopt))
+
+
+class GeneratorInternals:
+    """The private state of Ray's SearchGenerator and ConcurrencyLimiter (2.60) that a
+    restore must rebuild:
+        SearchGenerator._counter               trials proposed so far (stops at num_samples)
+        ConcurrencyLimiter.live_trials         Ray trial ids it will pass completions on for
+        ConcurrencyLimiter.num_unfinished_live_trials, .cached_results
+    """
+
+    GENERATOR_FIELDS = ("_counter", "searcher")
+    LIMITER_FIELDS = ("live_trials", "num_unfinished_live_trials", "cached_results", "searcher")
+
+    def __init__(self, gen: SearchGenerator):
+        self._gen = gen
+
+    def limiters(self) -> list[ConcurrencyLimiter]:
+        out, s = [], _private(self._gen, "searcher", "ray.tune.search.SearchGenerator")
+        while isinstance(s, ConcurrencyLimiter):
+            out.append(s)
+            s = _private(s, "searcher", "ray.tune.search.ConcurrencyLimiter")
+        return out
+
+    def base(self):
+        s = _private(self._gen, "searcher", "ray.tune.search.SearchGenerator")
+        while hasattr(s, "searcher"):
+            s = s.searcher
+        return s
+
+    def set_counter(self, n: int) -> None:
+        _private(self._gen, "_counter", "ray.tune.search.SearchGenerator")
+        self._gen._counter = int(n)
+
+    def set_live(self, live: set) -> None:
+        for lim in self.limiters():
+            for name in self.LIMITER_FIELDS:
+                _private(lim, name, "ray.tune.search.ConcurrencyLimiter")
+            lim.live_trials = set(live)
+            lim.num_unfinished_live_trials = len(live)
+            lim.cached_results = {}
+
+    def check(self) -> None:
+        for name in self.GENERATOR_FIELDS:
+            _private(self._gen, name, "ray.tune.search.SearchGenerator")
+        for lim in self.limiters():
+            for name in self.LIMITER_FIELDS:
+                _private(lim, name, "ray.tune.search.ConcurrencyLimiter")
+
+
+# Tune's trial statuses that a restore with resume_unfinished=True, resume_errored=True does not run again
+_NOT_RERUN = {"TERMINATED"}
+
+
+def restored_trials(dirpath: str) -> dict[str, dict] | None:
+    """{Ray trial id: saved trial state} from the newest `experiment_state-*.json` in
+    `dirpath`, the file TuneController.resume restores from (it picks the newest name the
+    same way; `sync_down_experiment_state` has just copied it there from the storage).
+    Plain JSON: the trial states' pickled fields stay undecoded. None without such a file."""
+    from ray.tune.execution.tune_controller import TuneController
+
+    names = fnmatch.filter(os.listdir(dirpath), TuneController.CKPT_FILE_TMPL.format("*"))
+    if not names:
+        return None
+    path = os.path.join(dirpath, max(names))
+    try:
+        with open(path) as f:
+            data = json.load(f)["trial_data"]
+        states = [json.loads(trial_json) for trial_json, _meta in data]
+        return {st["trial_id"]: st for st in states}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RuntimeError(f"{path}: cannot read the restored trial list ({e!r})") from None
+
+
+class SweepSearchGenerator(SearchGenerator):
+    """Tune's SearchGenerator whose restore takes the restored trial list as the truth
+    (module docstring): the proposal count, the ConcurrencyLimiter's live set and the
+    searcher's trial map are rebuilt from it, whichever moments their own snapshots are from."""
+
+    def __init__(self, searcher):
+        super().__init__(searcher)
+        GeneratorInternals(self).check()
+
+    def restore_from_dir(self, dirpath: str):
+        super().restore_from_dir(dirpath)
+        trials = restored_trials(dirpath)
+        if trials is None:
+            log.warning("no experiment state in %s: the searcher keeps its own snapshot", dirpath)
+            return
+        gi = GeneratorInternals(self)
+        gi.set_counter(len(trials))
+        gi.set_live({tid for tid, st in trials.items() if st.get("status") not in _NOT_RERUN})
+        base = gi.base()
+        if isinstance(base, EpochAwareOptunaSearch):
+            base.reconcile(trials)

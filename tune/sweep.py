@@ -337,7 +337,7 @@ def make_tuner(sw: Sweep, restore: bool):
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
 
-    from .searcher import EpochAwareOptunaSearch
+    from .searcher import EpochAwareOptunaSearch, SweepSearchGenerator
     from .trainable import KEEP_CHECKPOINTS
 
     trainable = make_trainable(sw)
@@ -362,7 +362,7 @@ def make_tuner(sw: Sweep, restore: bool):
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=ConcurrencyLimiter(searcher, max_concurrent=n_slots),
+            search_alg=SweepSearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=n_slots)),
             scheduler=ASHAScheduler(time_attr="epoch", max_t=sw.search_epochs, grace_period=sw.grace_period,
                                     reduction_factor=sw.reduction_factor),
             metric="objective", mode="max", num_samples=sw.n_trials,
