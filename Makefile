@@ -15,9 +15,11 @@ endif
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-# System packages the cluster tests start for real (tests/test_slurm.py): installed when
-# missing, as root on Debian/Ubuntu; elsewhere the test says what is missing and skips.
-SYSTEM_PACKAGES ?= slurm-wlm munge
+# System packages that tests start for real: SLURM + munge (tests/test_slurm.py), Prometheus
+# (tests/test_metrics.py), headless Chromium (tests/test_report.py). Installed when missing, as
+# root on Debian/Ubuntu; elsewhere each test says what is missing and skips.
+SYSTEM_PACKAGES ?= slurm-wlm munge prometheus chromium
+SYSTEM_COMMANDS ?= slurmctld munged prometheus chromium
 
 .PHONY: demo test install system-packages clean bench-store bench-mapper
 
@@ -33,11 +35,12 @@ demo: $(STAMP)
 	$(VENV)/bin/xfer demo
 
 system-packages:
-	@if ! command -v slurmctld >/dev/null 2>&1 || ! command -v munged >/dev/null 2>&1; then \
+	@missing=""; for c in $(SYSTEM_COMMANDS); do command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing $(SYSTEM_PACKAGES) (for tests/test_slurm.py)"; \
+	    echo "installing $(SYSTEM_PACKAGES) (missing:$$missing; for the SLURM, Prometheus and Chromium tests)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
-	  else echo "not root or no apt-get: tests/test_slurm.py will be skipped (needs $(SYSTEM_PACKAGES))"; fi; \
+	  else echo "not root or no apt-get: the tests needing$$missing will be skipped"; fi; \
 	fi
 
 # The cluster tests (tests/test_cluster.py, tests/test_slurm.py: their own Ray nodes, S3

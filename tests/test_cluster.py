@@ -6,6 +6,8 @@ where Ray allows it), with the stores and Tune's storage on a local S3 server (m
   mid-sweep and finished with --resume;
 - a sweep submitted as a Ray job (the sweep's name as the submission id), followed with
   `ray job logs`, stopped with `ray job stop` and finished by a resubmission with --resume;
+- inspection: the dashboard's actor list (token-authenticated API) names every running trial,
+  Prometheus (Debian's) scrapes per-trial metrics, TorchTrainer trials are listed as Train runs;
 - a worker node killed mid-sweep (SIGKILL to its raylet): its trials resume from their
   checkpoints on the surviving nodes and every trial is accounted for once.
 
@@ -106,6 +108,9 @@ def cluster(s3):
         live = [p for p in left if Path(f"/proc/{p}/stat").exists()
                 and Path(f"/proc/{p}/stat").read_text().split(") ")[-1][0] != "Z"]
         assert not live, f"processes of the cluster still running after stop: {live}"
+        import shutil
+
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -246,6 +251,113 @@ def test_sweep_as_a_ray_job_stopped_and_resubmitted(cluster, tiny_store, tmp_pat
     assert status == "SUCCEEDED", _job(client, "logs", "--address", dash, sid).stdout[-3000:]
     _accounted(out, n, epochs, restarted=True)
     assert all(_finished(out / "optuna_study.db")[k] == v for k, v in done.items())
+
+
+def _api(dash: str, d: Path, path: str):
+    """A token-authenticated call to the dashboard's HTTP API (JSON, or the text of an error)."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(dash + path, headers={"Authorization": f"Bearer {(d / 'auth_token').read_text().strip()}"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+    except (urllib.error.URLError, ValueError, OSError) as e:
+        return {"error": repr(e)}
+
+
+@pytest.fixture
+def prometheus(cluster, tmp_path):
+    """Debian's Prometheus, configured from cluster/prometheus.yml with the head's service-discovery file
+    (1 s intervals), on loopback; yields its URL."""
+    import shutil
+
+    import yaml
+
+    if not shutil.which("prometheus"):
+        pytest.skip("prometheus not installed (make test installs Debian's package as root)")
+    _, _, d = cluster
+    cfg = yaml.safe_load((ROOT / "cluster" / "prometheus.yml").read_text())
+    cfg["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    sd = cfg["scrape_configs"][0]["file_sd_configs"][0]
+    sd["files"], sd["refresh_interval"] = [str(d / "head" / "prom_metrics_service_discovery.json")], "1s"
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
+    port = _free_block(2)
+    proc = subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--web.listen-address=127.0.0.1:{port}", f"--storage.tsdb.path={tmp_path / 'tsdb'}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait(lambda: _prom(url, "up"), 60, "Prometheus to answer")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _prom(url: str, query: str) -> list:
+    """The instant vector Prometheus answers for `query` ([] while it cannot answer)."""
+    import urllib.parse
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/api/v1/query?query={urllib.parse.quote(query)}", timeout=10) as r:
+            return json.loads(r.read())["data"]["result"]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def test_dashboard_and_prometheus_show_every_running_trial(cluster, prometheus, tiny_store, tmp_path):
+    """During a sweep with one actor per trial (--no-reuse_actors), the dashboard's actor list (a
+    token-authenticated API call) names every trial while it runs, Prometheus scrapes each trial's
+    metrics tagged with its id, and the driver's job carries the sweep's name."""
+    client, dash, d = cluster
+    out, n, epochs = tmp_path / "sweep", 4, 10
+    proc = subprocess.Popen(XFER + _sweep_args(str(tiny_store), out, "inspect", n, epochs, "--no-reuse_actors"),
+                            env=client, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    named, scraped, polls = set(), {}, 0
+    try:
+        deadline = time.time() + 400
+        while proc.poll() is None and time.time() < deadline:
+            actors = _api(dash, d, "/api/v0/actors?detail=1&limit=1000").get("data", {}).get("result", {}).get(
+                "result", [])
+            named |= {a["repr_name"].split()[1] for a in actors
+                      if a["state"] == "ALIVE" and (a.get("repr_name") or "").startswith("trial ")}
+            for r in _prom(prometheus, 'ray_xfer_trial_epoch{sweep="inspect"}'):
+                scraped[r["metric"]["trial_id"]] = r["metric"]
+            polls += 1
+            time.sleep(0.5)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    df = _accounted(out, n, epochs).set_index("trial_id")
+    assert set(df.index) <= named, (sorted(df.index), sorted(named), polls)         # every trial, by its id
+    assert scraped and set(scraped) <= set(df.index), scraped                          # per-trial metrics
+    for tid, tags in scraped.items():
+        assert (tags["arch"], tags["divergence"]) == (df.loc[tid, "param.arch"], df.loc[tid, "param.divergence"])
+    jobs = _api(dash, d, "/api/jobs/")
+    assert any((j.get("metadata") or {}).get("xfer_sweep") == "inspect" for j in jobs), jobs
+
+
+def test_torch_trials_are_listed_as_train_runs(cluster, tiny_store, tmp_path):
+    """A TorchTrainer trial runs with Ray Train's state tracking on: the dashboard lists its run,
+    named train-<trial id> (Ray 2.60 serves Train V2 runs at /api/train/v2/runs/v1)."""
+    client, dash, d = cluster
+    out = tmp_path / "sweep"
+    r = subprocess.run(XFER + _sweep_args(str(tiny_store), out, "trainruns", 1, 2, "--trainer", "torch"), env=client,
+                       capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    [tid] = pd.read_csv(out / "trials.csv")["trial_id"]
+    runs = _api(dash, d, "/api/train/v2/runs/v1").get("train_runs", [])
+    assert f"train-{tid}" in {x["name"] for x in runs}, runs
 
 
 def test_worker_node_killed_mid_sweep(cluster, tiny_store, tmp_path):

@@ -104,6 +104,11 @@ def test_smoke_sweep_prunes_and_accounts_for_every_trial(smoke):
     assert {"gex_val", "gex_test", "peak_val", "peak_test", "baselines"} <= set(m)
     assert list((out / "ray_results").rglob("events.out.tfevents*")), "no TensorBoard logs"
     assert "Ray dashboard: http://127.0.0.1:" in r.stdout
+    # the compact progress display (tune/progress.py; plain lines, as stdout is a pipe), not Tune's tables
+    assert "Trial status:" not in r.stdout and "\x1b[" not in r.stdout
+    ended = [ln for ln in r.stdout.splitlines() if ln.startswith("trial ")]
+    assert len(ended) == 6 and sum("stopped by ASHA" in ln for ln in ended) == len(stopped), ended
+    assert "sweep 'sweep' finished: 6 of 6 trials" in r.stdout
 
 
 def test_predict_with_the_sweeps_checkpoint_reproduces_its_scoring(smoke, store, tmp_path):
@@ -226,4 +231,5 @@ def test_resume_after_sigkill_of_the_driver(tmp_path, store):
         after = dict(c.execute("select t.number, v.value from trials t join trial_values v using(trial_id) "
                                "where t.state in ('COMPLETE','PRUNED')").fetchall())
     assert len(after) == 6                                    # nothing lost, nothing run twice
+    assert "sweep 'sweep' finished: 6 of 6 trials" in r.stdout  # the resumed sweep shows the display too
     assert all(after[n] == v for n, v in done.items())        # finished trials kept their results

@@ -8,8 +8,9 @@ trials proposed after the driver's last snapshot RUNNING forever after a
 restore. `EpochAwareOptunaSearch`:
 
 - reports intermediate values at the reported `epoch`;
-- tells a trial that ended before `max_t` epochs as PRUNED (with its last
-  value as the final intermediate), so optuna-dashboard shows pruning;
+- records every epoch's value as an intermediate value, the last one included;
+- tells a trial that ended before `max_t` epochs as PRUNED, so optuna-dashboard
+  shows pruning;
 - tags each Optuna trial with its Ray trial id and the epochs it ran;
 - never raises from a hook (an exception in `on_trial_result` would stop the
   whole Tune driver).
@@ -223,17 +224,19 @@ class EpochAwareOptunaSearch(OptunaSearch):
         value = result.get(self.metric) if result else None
         step = result.get(self._step_attr) if result else None
         try:
-            if ot.stored(ot_trial).state.is_finished():
+            stored = ot.stored(ot_trial)
+            if stored.state.is_finished():
                 ot.completed.add(trial_id)  # re-run after a restore: keep the first result
                 return
             if step is not None:
                 ot_trial.set_user_attr("epochs_run", int(step))
+                if value is not None and not error and int(step) not in stored.intermediate_values:
+                    ot_trial.report(float(value), int(step))  # the last epoch too: whole curves in the dashboard
             if error:
                 ot.tell(ot_trial, state=TrialState.FAIL)
             elif value is None:
                 ot.tell(ot_trial, state=TrialState.PRUNED)
             elif step is not None and int(step) < self._max_t and not (result or {}).get("stopped_early"):
-                ot_trial.report(float(value), int(step))
                 ot.tell(ot_trial, state=TrialState.PRUNED)
             else:
                 ot.tell(ot_trial, float(value))

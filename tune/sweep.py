@@ -51,6 +51,17 @@ DATA_FLAGS = ("src_csv", "src_label_csv", "tgt_csv", "tgt_label_csv", "test_csv"
 TRIAL_STATUSES = ("completed", "stopped_by_asha", "errored")
 
 
+def trial_status(metrics: dict, search_epochs: int, errored: bool) -> str:
+    """How a trial that ended ended (one of TRIAL_STATUSES), from its last report: `completed`
+    when it ran all search epochs or its own early stopping ended it, else `stopped_by_asha`.
+    trials.csv and the progress display (tune/progress.py) both use it."""
+    if errored:
+        return "errored"
+    if int(metrics.get("epoch", 0) or 0) >= search_epochs or metrics.get("stopped_early"):
+        return "completed"
+    return "stopped_by_asha"
+
+
 def ray_environment() -> None:
     """Environment Ray must see before it is imported (inherited by trial processes)."""
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
@@ -84,6 +95,7 @@ class Sweep:
     objective: str = "source_val"       # the selection candidate that ranks trials (xfer.selection)
     objective_setting: str = "auto"     # what was asked for (--objective)
     storage_uri: str = ""               # Tune's storage (results, checkpoints): a path or URI; "" = output/ray_results
+    reuse_actors: bool = True           # fast path: Tune reuses a trial's actor for the next (tune/trainable.py)
 
     @property
     def objective_label(self) -> str:
@@ -206,7 +218,8 @@ def new_sweep(args) -> Sweep:
         max(1, args.search_epochs // 8), reduction_factor=args.reduction_factor,
         checkpoint_every=args.checkpoint_every, max_failures=args.max_failures, seed=base["seed"],
         data_args={k: getattr(args, k, None) for k in DATA_FLAGS}, objective=objective,
-        objective_setting=base["objective"], storage_uri=storage)
+        objective_setting=base["objective"], storage_uri=storage,
+        reuse_actors=bool(getattr(args, "reuse_actors", True)))
 
 
 def _check_storage(storage: str | None) -> str:
@@ -278,17 +291,32 @@ def _pick_trainer(choice: str, num_workers: int) -> str:
 
 # ----------------------------------------------------------------------------- ray
 
-def start_ray(address: str | None, num_cpus: int | None, num_gpus: int | None):
+# Trial processes get these (the job's runtime environment): Ray Train's state tracking lists each
+# TorchTrainer trial's run (`train-<trial id>`) in the dashboard.
+TRIAL_ENV = {"RAY_TRAIN_ENABLE_STATE_TRACKING": "1"}
+
+
+def start_ray(address: str | None, num_cpus: int | None, num_gpus: int | None, sweep: str = "",
+              quiet: bool = False):
+    """quiet: Ray's own loggers in this process show warnings and errors, not INFO lines
+    (`xfer tune -v` keeps them)."""
     import ray
 
     if ray.is_initialized():
         return ray.get_runtime_context()
+    from ray.job_config import JobConfig
+
+    # the sweep's name goes into the job's metadata (the dashboard's job view; a submitted job's own
+    # metadata wins); set variables stay as they are (a submitted job's runtime env must not conflict)
+    env = {k: v for k, v in TRIAL_ENV.items() if k not in os.environ}
+    kw = {"log_to_driver": False, "job_config": JobConfig(metadata={"xfer_sweep": sweep}),
+          "runtime_env": {"env_vars": env} if env else None,
+          "logging_level": logging.WARNING if quiet else logging.INFO}
     if address:
-        return ray.init(address=address, log_to_driver=False)
+        return ray.init(address=address, **kw)
     # The dashboard stays on: without it Ray Train never frees the placement groups of
     # stopped trials (measured with ray 2.60) and a sweep hangs.
-    return ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                    log_to_driver=False)
+    return ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1", **kw)
 
 
 def slots(sw: Sweep) -> int:
@@ -308,18 +336,18 @@ def slots(sw: Sweep) -> int:
 def make_trainable(sw: Sweep):
     from ray import tune
 
-    from .trainable import function_trial, trainer_trial
+    from .trainable import function_trial, labelled, trainer_trial
 
     if sw.trainer == "function":
         fn = partial(function_trial, spec=sw.spec, base=sw.base, checkpoint_every=sw.checkpoint_every)
-        return tune.with_resources(fn, {"cpu": sw.cpus_per_trial, "gpu": sw.gpus_per_trial})
+        return labelled(tune.with_resources(fn, {"cpu": sw.cpus_per_trial, "gpu": sw.gpus_per_trial}))
     per_worker = {"CPU": max(0.01, sw.cpus_per_trial / sw.num_workers - 0.01)}
     if sw.gpus_per_trial > 0:
         per_worker["GPU"] = sw.gpus_per_trial / sw.num_workers
     fn = partial(trainer_trial, spec=sw.spec, base=sw.base, checkpoint_every=sw.checkpoint_every,
                  num_workers=sw.num_workers, resources_per_worker=per_worker,
                  train_storage=_train_storage(sw))
-    return tune.with_resources(fn, {"cpu": 0.01})
+    return labelled(tune.with_resources(fn, {"cpu": 0.01}))
 
 
 def _train_storage(sw: Sweep) -> str:
@@ -331,7 +359,37 @@ def _train_storage(sw: Sweep) -> str:
     return head.rstrip("/") + "_train" + (f"?{query}" if query else "")
 
 
-def make_tuner(sw: Sweep, restore: bool):
+def display(sw: Sweep, verbose: bool, progress_every: float = 30.0) -> tuple[int, list]:
+    """(Tune's verbosity, callbacks): Tune's own status tables with -v, else none of them and
+    the compact display of tune/progress.py (Tune still reports an errored trial);
+    progress_every: seconds between its status lines when the output is not a terminal."""
+    if verbose:
+        return 1, []
+    from .progress import SweepProgress
+
+    return 0, [SweepProgress(sw.n_trials, sw.search_epochs, sw.objective_label, sw.name, interval_s=progress_every)]
+
+
+def _redisplay(tuner, sw: Sweep, verbose: bool, progress_every: float) -> None:
+    """Tuner.restore brings back the RunConfig pickled when the sweep started (tuner.pkl), its
+    display included; this invocation's -v decides instead. Tune (2.60) has no public way to
+    change a restored Tuner's RunConfig: this reaches its private TunerInternal."""
+    from .progress import SweepProgress
+
+    internal = getattr(tuner, "_local_tuner", None)
+    run_config = internal.get_run_config() if internal is not None and hasattr(internal, "get_run_config") else None
+    if run_config is None:
+        log.warning("--resume: cannot set the display of the restored sweep (Tuner._local_tuner is gone in this "
+                    "Ray version); it keeps the one it started with")
+        return
+    level, callbacks = display(sw, verbose, progress_every)
+    run_config.verbose = level
+    run_config.callbacks = [c for c in (run_config.callbacks or []) if not isinstance(c, SweepProgress)] + callbacks
+
+
+def make_tuner(sw: Sweep, restore: bool, verbose: bool = False, progress_every: float = 30.0):
+    """The Tuner of a new sweep, or the restored one (restore); verbose: Tune's own tables
+    instead of the compact progress display (see `display`)."""
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -347,8 +405,10 @@ def make_tuner(sw: Sweep, restore: bool):
     if restore:
         if not tune.Tuner.can_restore(path, storage_filesystem=fs):
             raise XferError(f"--resume: no restorable sweep state under {sw.storage} ({sw.name})")
-        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                  restart_errored=False, storage_filesystem=fs)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                   restart_errored=False, storage_filesystem=fs)
+        _redisplay(tuner, sw, verbose, progress_every)
+        return tuner
     space = parse_space(sw.space, "sweep.json")
     point = default_point(space, sw.base)
     searcher = EpochAwareOptunaSearch(
@@ -359,6 +419,7 @@ def make_tuner(sw: Sweep, restore: bool):
     n_slots = slots(sw)
     log.info("%d concurrent trial slot(s); %s trials", n_slots,
              "function (fast path)" if sw.trainer == "function" else f"TorchTrainer x{sw.num_workers}")
+    tune_verbosity, callbacks = display(sw, verbose, progress_every)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -366,11 +427,11 @@ def make_tuner(sw: Sweep, restore: bool):
             scheduler=ASHAScheduler(time_attr="epoch", max_t=sw.search_epochs, grace_period=sw.grace_period,
                                     reduction_factor=sw.reduction_factor),
             metric="objective", mode="max", num_samples=sw.n_trials,
-            reuse_actors=sw.trainer == "function",
+            reuse_actors=sw.trainer == "function" and sw.reuse_actors,
             trial_dirname_creator=lambda t: t.trial_id,
         ),
         run_config=tune.RunConfig(
-            name=sw.name, storage_path=loc.path, storage_filesystem=fs, verbose=1,
+            name=sw.name, storage_path=loc.path, storage_filesystem=fs, verbose=tune_verbosity, callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=sw.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
         ),
@@ -421,12 +482,7 @@ def trial_table(grid, sw: Sweep):
         m = r.metrics or {}
         params = {k: v for k, v in (r.config or {}).items()}
         epochs = int(m.get("epoch", 0) or 0)
-        if r.error is not None:
-            status = "errored"
-        elif epochs >= sw.search_epochs or m.get("stopped_early"):
-            status = "completed"
-        else:
-            status = "stopped_by_asha"
+        status = trial_status(m, sw.search_epochs, errored=r.error is not None)
         at_best = _at_best_epoch(r, m)
         rows.append({
             "trial_id": m.get("trial_id") or Path(r.path).name, "status": status, "epochs_run": epochs,
@@ -527,16 +583,31 @@ def run(args) -> dict:
         from .data import DataSpec, load_trial_data
         load_trial_data(DataSpec(**sw.spec), _TC.from_dict(sw.base))
         sw.save()
-    ctx = start_ray(getattr(args, "address", None), getattr(args, "num_cpus", None), getattr(args, "num_gpus", None))
+    verbose = bool(getattr(args, "tune_verbose", False))  # a display choice of this invocation, not in sweep.json
+    ctx = start_ray(getattr(args, "address", None), getattr(args, "num_cpus", None), getattr(args, "num_gpus", None),
+                    sw.name, quiet=not verbose)
     dashboard = getattr(ctx, "dashboard_url", None)
     if dashboard:
         log.info("Ray dashboard: http://%s", dashboard)
     t0 = time.perf_counter()
-    grid = make_tuner(sw, restore=args.resume).fit()
+    if not verbose:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # its INFO lines ("A new study created ...")
+    tuner = make_tuner(sw, restore=args.resume, verbose=verbose,
+                       progress_every=float(getattr(args, "progress_every", 30.0)))
+    try:
+        grid = tuner.fit()
+    finally:
+        from .progress import close_all
+
+        close_all()  # a live display still drawn when fit() raised
     wall = time.perf_counter() - t0
     exported = export(grid, sw)
     metrics = None
     if exported["checkpoint"] is not None and (sw.data_args.get("test_csv") or sw.data_args.get("sup_peak_csv")):
         metrics = score_best(sw, exported["checkpoint"])
+    from xfer.report import try_write_report  # report.html: a failure is a warning, never a failed sweep
+
     return {"sweep": sw, "table": exported["table"], "best": exported["best"], "metrics": metrics,
-            "dashboard": dashboard, "wall_seconds": wall}
+            "dashboard": dashboard, "wall_seconds": wall, "report": try_write_report(sw.output)}

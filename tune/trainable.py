@@ -20,6 +20,17 @@ and every selection candidate as `sel/<name>`, and `node_id`, the Ray node the e
 shows both.
 A checkpoint (`checkpoint.pt`, loaded with weights_only=True) is written
 every `checkpoint_every` epochs, at every new best epoch and at the end.
+
+Inspection. A trial's actor is named after its trial (`trial <id> <arch>/<divergence>`,
+`trial_label`): Ray shows an actor's `__repr__` in the dashboard's actor view and in the
+prefix of its log lines. Ray 2.60 records the dashboard's name once, when the actor is
+created (from the creation task's reply; no API changes it later), so an actor that Tune
+reuses for later trials (the fast path's default, ~2 s saved per trial) keeps its first
+trial's name there; its log lines follow the current trial (each trial prints Ray's
+actor-name marker when it starts). `xfer tune --no-reuse_actors` gives every trial its own
+actor, so the dashboard's actor list names every running trial. Every report is also
+exported as Ray metrics (`TrialMetrics`), tagged with the trial id, architecture, divergence
+and sweep, for Prometheus.
 """
 
 from __future__ import annotations
@@ -44,6 +55,66 @@ CHECKPOINT_FILE = "checkpoint.pt"
 # storage, driver SIGKILLed, --resume) errored in Tune's restore, the step that fails when the
 # checkpoint is gone from storage.
 KEEP_CHECKPOINTS = 4
+
+
+def trial_label(trial_id: str, params: dict) -> str:
+    """How a trial names itself in the Ray dashboard and in log prefixes."""
+    return f"trial {trial_id} {params.get('arch', '?')}/{params.get('divergence', '?')}"
+
+
+def announce(label: str) -> None:
+    """Rename this actor in Ray's log prefixes from here on: Ray's log monitor reads this marker
+    line (ray_constants.LOG_PREFIX_ACTOR_NAME, the one Ray prints itself after creating an
+    actor) from the worker's stdout/stderr and prefixes the following lines with `label`."""
+    import sys
+
+    try:
+        from ray._private.ray_constants import LOG_PREFIX_ACTOR_NAME as marker
+    except ImportError:  # the marker moved: log prefixes keep the actor's first name
+        return
+    for stream in (sys.stdout, sys.stderr):
+        print(f"{marker}{label}", file=stream, flush=True)
+
+
+class TrialMetrics:
+    """Each report as Ray metrics, tagged trial_id, arch, divergence and sweep: Ray's metrics
+    agent on every node exports them (as `ray_xfer_trial_epoch`, `ray_xfer_trial_objective`,
+    `ray_xfer_trial_loss{part=...}`) and Prometheus scrapes them through Ray's service-discovery
+    file (README: "Inspecting sweeps")."""
+
+    TAGS = ("trial_id", "arch", "divergence", "sweep")
+    _gauges: dict | None = None  # one set per process (a reused actor records every trial it runs)
+
+    def __init__(self, trial_id: str, params: dict, sweep: str):
+        self.tags = {"trial_id": trial_id, "arch": str(params.get("arch", "")),
+                     "divergence": str(params.get("divergence", "")), "sweep": sweep}
+
+    @classmethod
+    def gauges(cls) -> dict:
+        if cls._gauges is None:
+            from ray.util.metrics import Gauge
+
+            cls._gauges = {
+                "epoch": Gauge("xfer_trial_epoch", "epochs a trial has run", tag_keys=cls.TAGS),
+                "objective": Gauge("xfer_trial_objective", "the sweep objective at a trial's last epoch",
+                                   tag_keys=cls.TAGS),
+                "loss": Gauge("xfer_trial_loss", "a trial's loss parts (epoch means)", tag_keys=cls.TAGS + ("part",)),
+            }
+        return cls._gauges
+
+    def record(self, m: dict) -> None:
+        try:
+            g = self.gauges()
+            g["epoch"].set(float(m["epoch"]), tags=self.tags)
+            if m.get("objective") is not None:
+                g["objective"].set(float(m["objective"]), tags=self.tags)
+            for k, v in m.items():
+                if k.startswith("loss/"):
+                    g["loss"].set(float(v), tags={**self.tags, "part": k[len("loss/"):]})
+        except Exception as e:  # noqa: BLE001 - metrics must never stop a trial
+            import logging
+
+            logging.getLogger(__name__).debug("trial metrics not recorded: %r", e)
 
 
 def trial_config(base: dict, params: dict) -> TrainConfig:
@@ -95,12 +166,34 @@ def function_trial(params: dict, *, spec: dict, base: dict, checkpoint_every: in
     device = "cuda" if res.get("GPU", 0) > 0 and torch.cuda.is_available() else "cpu"
 
     node_id = ray.get_runtime_context().get_node_id()
+    ctx = tune.get_context()
+    announce(trial_label(ctx.get_trial_id(), params))
+    metrics = TrialMetrics(ctx.get_trial_id(), params, ctx.get_experiment_name())
 
     def report(m, ckpt_dir):
+        metrics.record(m)
         tune.report({**m, "node_id": node_id},
                     checkpoint=tune.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
 
     _run(params, spec, base, checkpoint_every, device, tune.get_checkpoint, report)
+
+
+def labelled(trainable):
+    """Tune's trainable for `trainable` (a function, or what tune.with_resources made of one),
+    as a class `XferTrial` whose actor is named after its current trial (`trial_label`; see the
+    module docstring for what the dashboard shows when actors are reused)."""
+    from ray.tune.trainable import Trainable, wrap_function
+
+    base = trainable if isinstance(trainable, type) and issubclass(trainable, Trainable) else wrap_function(trainable)
+
+    class XferTrial(base):
+        def __repr__(self):
+            try:
+                return trial_label(self.trial_id, self.config)
+            except Exception:  # noqa: BLE001 - before setup, or a config without the keys
+                return "xfer trial"
+
+    return XferTrial
 
 
 def _worker_loop(loop_config: dict) -> None:
@@ -114,13 +207,17 @@ def _worker_loop(loop_config: dict) -> None:
     res = loop_config["resources_per_worker"]
     _threads(res.get("CPU", 1))
     device = str(ray.train.torch.get_device()) if res.get("GPU", 0) > 0 else "cpu"
+    metrics = TrialMetrics(loop_config["trial_id"], loop_config["params"], loop_config["sweep"])
+    rank0 = ctx.get_world_rank() == 0
 
     def report(m, ckpt_dir):
+        if rank0:
+            metrics.record(m)
         ray.train.report({**m, "node_id": node_id},
                          checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
 
     _run(loop_config["params"], loop_config["spec"], loop_config["base"], loop_config["checkpoint_every"], device,
-         ray.train.get_checkpoint, report, is_rank0=ctx.get_world_rank() == 0)
+         ray.train.get_checkpoint, report, is_rank0=rank0)
 
 
 def trainer_trial(params: dict, *, spec: dict, base: dict, checkpoint_every: int = 5, num_workers: int = 1,
@@ -133,10 +230,12 @@ def trainer_trial(params: dict, *, spec: dict, base: dict, checkpoint_every: int
 
     resources_per_worker = dict(resources_per_worker or {"CPU": 1})
     trial_id = tune.get_context().get_trial_id()
+    announce(trial_label(trial_id, params))
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"params": params, "spec": spec, "base": base, "checkpoint_every": checkpoint_every,
-                           "resources_per_worker": resources_per_worker},
+                           "resources_per_worker": resources_per_worker, "trial_id": trial_id,
+                           "sweep": tune.get_context().get_experiment_name()},
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=resources_per_worker.get("GPU", 0) > 0,
                                                resources_per_worker=resources_per_worker),
         run_config=ray.train.RunConfig(name=f"train-{trial_id}", storage_path=train_storage,

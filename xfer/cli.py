@@ -7,6 +7,8 @@
     xfer baseline   the plain baselines alone
     xfer predict    label new cells with a trained model (a checkpoint)
     xfer store      list the datasets and embeddings in a store
+    xfer results    one CSV row (and a Markdown table row) per trained model folder
+    xfer report     report.html of a sweep or a training run (plotly, offline)
 
 Commands of installed plugins join these: the tune package adds `xfer tune`
 (Ray Tune sweeps) and `xfer demo` (simulation + a local sweep).
@@ -162,6 +164,25 @@ def cmd_store(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- results / report
+
+def cmd_results(args) -> int:
+    from .results import markdown_table, run_results
+
+    rows = run_results(args.model_dirs, args.output_csv)
+    print("accuracy / balanced accuracy per split\n")
+    print(markdown_table(rows))
+    print(f"\n{len(rows)} model(s) -> {args.output_csv}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    print(f"report: {write_report(args.output_folder)}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,6 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("store", help="list the datasets and embeddings in a store")
     add_store_argument(s)
     s.set_defaults(func=cmd_store)
+
+    s = sub.add_parser("results", help="one row per model folder (xfer train / xfer tune outputs): the four splits, "
+                       "the majority-class rate and the best plain baseline (the seed's comprehensive results)")
+    s.add_argument("--model_dirs", nargs="+", required=True, metavar="DIR", help="folders holding metrics.json")
+    s.add_argument("--output_csv", default="comprehensive_results.csv",
+                   help="the CSV to write (default comprehensive_results.csv)")
+    s.set_defaults(func=cmd_results)
+
+    s = sub.add_parser("report", help="write report.html (self-contained, offline) for a sweep or training folder")
+    s.add_argument("--output_folder", required=True, help="an `xfer tune` or `xfer train` output folder")
+    s.set_defaults(func=cmd_report)
 
     for ep in _plugins():
         ep.load()(sub)  # e.g. `xfer tune` from the tune package (Ray stays out of xfer)

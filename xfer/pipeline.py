@@ -247,7 +247,7 @@ def run_train(args) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         if len(configs) > 1:
             log.info("ensemble member %d of %d (seed %d)", i + 1, len(configs), cfg_i.optim.seed)
-        log.info("training line: %d cells (%d train / %d val), %d peaks after the filter, %d-D %s embedding",
+        log.info("training line: %d cells (%d train / %d val), %d encoder inputs per cell, %d-D %s embedding",
                  p.train.line.barcodes.shape[0], len(p.train.train_idx), len(p.train.val_idx), p.train.n_peaks,
                  p.train.emb_dim, cfg.data.source_model)
 

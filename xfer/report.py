@@ -1,0 +1,285 @@
+"""`xfer report`: report.html, one self-contained page about a sweep or an `xfer train` folder.
+
+The page works offline: plotly.js is inlined once in its head and every figure
+is a plotly figure (the sweep's from `optuna.visualization`); nothing is fetched.
+
+- A sweep folder (sweep.json, trials.csv, optuna_study.db; metrics.json when the
+  best trial was scored): the trials table; every trial's objective per epoch
+  (Optuna's intermediate values) with ASHA's rungs marked; parameter
+  importances; parallel coordinates; each trial's objective against the
+  training line's validation metric; the best trial on the four splits beside
+  the baselines, with its confusion matrices.
+- An `xfer train` folder (metrics.json, training_history.json): the loss parts
+  and validation curves per epoch, the four splits beside the baselines and the
+  confusion matrices.
+
+Everything is read and checked first; a missing or malformed file or field
+stops with one line naming both, and report.html is written atomically.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from pathlib import Path
+
+from .errors import InputError, XferError
+from .evaluate import METRIC_KEYS
+from .phases import PHASES
+from .results import SPLIT_NAMES, read_json, read_metrics
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "report.html"
+PARALLEL_PARAMS = 8  # parameters on the parallel coordinates (the most important ones)
+METRIC_NAMES = {"accuracy": "acc.", "balanced_accuracy": "bal. acc.", "macro_f1": "macro-F1"}
+STYLE = """body{font-family:system-ui,sans-serif;margin:24px auto;padding:0 16px;max-width:1200px;color:#222}
+h1{font-size:22px}h2{font-size:18px;margin-top:32px;border-bottom:1px solid #ddd}
+.table{overflow-x:auto;font-size:12px}table{border-collapse:collapse}.note{color:#666}
+th,td{padding:2px 6px;text-align:right;border-bottom:1px solid #eee;white-space:nowrap}th[colspan]{text-align:center}"""
+
+
+def asha_rungs(grace_period: int, reduction_factor: int, max_t: int) -> list[int]:
+    """ASHA's milestones: grace_period * reduction_factor^k up to max_t epochs."""
+    rungs, r = [], grace_period
+    while r <= max_t:
+        rungs.append(r)
+        r *= reduction_factor
+    return rungs
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{html.escape(text)}</p>'
+
+
+def _table(df, **kw) -> str:
+    body = df.to_html(border=0, na_rep="–", float_format=lambda v: f"{v:.4g}", **kw)
+    return f'<div class="table">{body}</div>'
+
+
+# ----------------------------------------------------------------------------- both kinds
+
+def metrics_items(m: dict) -> list:
+    """The model and every baseline on each scored split (+ the majority-class rate), and the
+    model's confusion matrices."""
+    import pandas as pd
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    splits = [s for s in SPLIT_NAMES if s in m]
+    if not splits:
+        return [_note("metrics.json holds no scored split")]
+    rows = {"model": m, **{f"baseline {k}": v for k, v in m["baselines"].items()}}
+    data = {name: {(SPLIT_NAMES[s], METRIC_NAMES[k]): res[s][k] for s in splits if s in res for k in METRIC_KEYS}
+            for name, res in rows.items()}
+    data["majority-class rate"] = {(SPLIT_NAMES[s], METRIC_NAMES["accuracy"]): m[s]["majority_rate"] for s in splits}
+    cols = pd.MultiIndex.from_product([[SPLIT_NAMES[s] for s in splits], METRIC_NAMES.values()])
+    table = pd.DataFrame.from_dict(data, orient="index").reindex(index=list(data), columns=cols)
+    fig = make_subplots(rows=1, cols=len(splits), horizontal_spacing=0.05, subplot_titles=[
+        f"{SPLIT_NAMES[s]}<br>n {m[s]['n']}, bal. acc. {m[s]['balanced_accuracy']:.3f}" for s in splits])
+    for i, s in enumerate(splits, 1):
+        fig.add_trace(go.Heatmap(z=m[s]["confusion"], x=list(PHASES), y=list(PHASES), colorscale="Blues",
+                                 showscale=False, texttemplate="%{z}",
+                                 hovertemplate="true %{y}, predicted %{x}: %{z}<extra></extra>"), 1, i)
+        fig.update_xaxes(title_text="predicted", row=1, col=i)
+        fig.update_yaxes(autorange="reversed", title_text="true" if i == 1 else None, row=1, col=i)
+    fig.update_layout(height=380, margin={"t": 110},
+                      title="confusion matrices of the model (rows true, columns predicted)")
+    return [_table(table), fig]
+
+
+# ----------------------------------------------------------------------------- xfer train
+
+def _curves(hist: list[dict], keys: list[str], title: str, best):
+    import plotly.graph_objects as go
+
+    fig = go.Figure([go.Scatter(x=[e["epoch"] for e in hist if k in e], y=[e[k] for e in hist if k in e],
+                                mode="lines+markers", name=k) for k in keys])
+    if best:
+        fig.add_vline(x=best, line_dash="dot", line_color="grey", annotation_text=f"best epoch {best}")
+    return fig.update_layout(title=title, xaxis_title="epoch", height=420)
+
+
+def train_report(folder: Path) -> tuple[str, list]:
+    m = read_metrics(folder / "metrics.json", require=())
+    path = folder / "training_history.json"
+    hist = read_json(path)
+    if not isinstance(hist, list) or not hist:
+        raise InputError(path, None, "not a list of epochs")
+    for i, e in enumerate(hist):
+        if not isinstance(e, dict) or not isinstance(e.get("epoch"), int):
+            raise InputError(path, f"[{i}].epoch", "missing or not an integer")
+    model, cfg = m["model"], m["model"]["config"]
+    best = model.get("best_epoch")
+    losses = sorted({k for e in hist for k in e if k.startswith("loss/")})
+    vals = [k for k in [f"{h}_val_{k}" for h in ("gex", "peak") for k in METRIC_KEYS] + ["objective"]
+            if any(k in e for e in hist)]
+    members = len(model.get("members", [])) or 1
+    summary = (f"{cfg['arch']} / {cfg['divergence']} on {cfg['source_model']} embeddings; "
+               f"best epoch {best} of {len(hist)} by the {model.get('objective', '?')} objective"
+               + (f"; curves of the first of {members} ensemble members" if members > 1 else ""))
+    return f"xfer train: {folder}", [
+        ("Training", [_note(summary),
+                      _curves(hist, losses, "loss parts per epoch", best),
+                      _curves(hist, vals, "validation metrics (the training line's held-out cells) and the objective",
+                              best)]),
+        ("The model on the four splits, beside the baselines", metrics_items(m)),
+    ]
+
+
+# ----------------------------------------------------------------------------- xfer tune
+
+def _read_sweep_settings(path: Path) -> dict:
+    sw = read_json(path)
+    if not isinstance(sw, dict):
+        raise InputError(path, None, "not a JSON object")
+    for k in ("name", "metric"):
+        if not isinstance(sw.get(k), str):
+            raise InputError(path, k, "missing or not a string")
+    for k, low in (("search_epochs", 1), ("grace_period", 1), ("reduction_factor", 2)):
+        if not isinstance(sw.get(k), int) or sw[k] < low:
+            raise InputError(path, k, f"missing or not an integer >= {low}")
+    return sw
+
+
+def _read_trials(path: Path, columns: list[str]):
+    import pandas as pd
+
+    if not path.is_file():
+        raise InputError(path, None, "not found")
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise InputError(path, None, f"not a readable CSV ({str(e).splitlines()[0]})") from None
+    for c in columns:
+        if c not in df.columns:
+            raise InputError(path, c, "missing column")
+    for c in columns[2:]:
+        if not pd.api.types.is_numeric_dtype(df[c]):
+            raise InputError(path, c, "not numeric")
+    return df
+
+
+def _load_study(path: Path, name: str):
+    """The sweep's Optuna study; the file is checked read-only first (never created or changed)."""
+    import sqlite3
+
+    import optuna
+
+    if not path.is_file():
+        raise InputError(path, None, "not found")
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as c:
+            names = {r[0] for r in c.execute("select study_name from studies")}
+    except sqlite3.Error as e:
+        raise InputError(path, "studies", f"not an Optuna study database ({e})") from None
+    if name not in names:
+        raise InputError(path, f"study '{name}'", f"not in the database (it holds {sorted(names)})")
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{path}")
+
+
+def sweep_report(folder: Path) -> tuple[str, list]:
+    import plotly.graph_objects as go
+    from optuna import visualization as ov
+    from optuna.trial import TrialState
+
+    sw = _read_sweep_settings(folder / "sweep.json")
+    metric_col = f"peak_val_{sw['metric']}"
+    df = _read_trials(folder / "trials.csv", ["trial_id", "status", "epochs_run", "best_objective", metric_col])
+    study = _load_study(folder / "optuna_study.db", sw["name"])
+    metrics = read_metrics(folder / "metrics.json", require=()) if (folder / "metrics.json").exists() else None
+    objective = sw.get("objective", "source_val")
+
+    counts = ", ".join(f"{v} {k}" for k, v in df["status"].value_counts().items())
+    shown = [c for c in ("trial_id", "status", "epochs_run", "best_epoch", "best_objective", metric_col,
+                         "wall_seconds", "node", "error") if c in df and df[c].notna().any()]
+    table = df[shown + [c for c in df if c.startswith("param.")]].rename(columns=lambda c: c.removeprefix("param."))
+
+    rungs = asha_rungs(sw["grace_period"], sw["reduction_factor"], sw["search_epochs"])
+    inter = ov.plot_intermediate_values(study)
+    names = {f"Trial{t.number}": f"#{t.number} {t.user_attrs.get('ray_trial_id', '')} ({t.state.name.lower()})"
+             for t in study.trials}
+    inter.for_each_trace(lambda tr: tr.update(name=names.get(tr.name, tr.name)))
+    for r in rungs:
+        inter.add_vline(x=r, line_dash="dash", line_color="grey", annotation_text=f"rung {r}")
+    inter.update_layout(title=f"objective ({objective}) per epoch; ASHA rungs at epochs {rungs}",
+                        xaxis_title="epoch", yaxis_title=objective, height=440)
+
+    done = sum(t.state == TrialState.COMPLETE for t in study.trials)
+    top = None  # the parallel coordinates show the most important parameters when importances are known
+    if done < 2:
+        importance = _note(f"parameter importances need at least 2 completed trials (this sweep has {done})")
+    else:
+        try:
+            importance = ov.plot_param_importances(study)
+            top = list(importance.data[0].y)[::-1][:PARALLEL_PARAMS]  # the bars run from least important up
+            importance.update_layout(height=140 + 22 * len(importance.data[0].y))
+        except Exception as e:  # noqa: BLE001 - too few or too alike trials: a note, not a failed report
+            importance = _note(f"parameter importances could not be computed: {str(e).splitlines()[0]}")
+    parallel = (ov.plot_parallel_coordinate(study, params=top).update_layout(height=480) if done else
+                _note("parallel coordinates need a completed trial"))
+
+    scatter = go.Figure([go.Scatter(x=g[metric_col], y=g["best_objective"], mode="markers", name=status,
+                                    text=g["trial_id"], marker={"size": 9},
+                                    hovertemplate="%{text}: %{x:.3f}, %{y:.3f}<extra></extra>")
+                         for status, g in df.groupby("status")])
+    scatter.update_layout(title="each trial at its best epoch: the objective against the training line's metric",
+                          xaxis_title=f"training line's PEAK validation {sw['metric']} ({metric_col})",
+                          yaxis_title=f"best objective ({objective})", height=440)
+
+    best = df.dropna(subset=["best_objective"]).sort_values("best_objective", ascending=False)
+    summary = (f"sweep '{sw['name']}': {len(df)} trials ({counts}), up to {sw['search_epochs']} epochs each, "
+               f"ranked by {objective}" + (f"; best trial {best.iloc[0]['trial_id']} "
+                                           f"({best.iloc[0]['best_objective']:.4g})" if len(best) else ""))
+    scored = (metrics_items(metrics) if metrics is not None else
+              [_note("no metrics.json: the sweep was given no test line to score its best trial on")])
+    return f"xfer tune: {folder}", [
+        ("Trials", [_note(summary), _table(table, index=False)]),
+        ("Intermediate values", [_note("each trial's objective per epoch; dashed lines: ASHA's rungs"), inter]),
+        ("Parameter importances", [importance]),
+        ("Parallel coordinates (completed trials" + (f"; the {len(top)} most important parameters)" if top else ")"),
+         [parallel]),
+        ("Objective against the training line's metric", [scatter]),
+        ("The best trial on the four splits, beside the baselines", scored),
+    ]
+
+
+# ----------------------------------------------------------------------------- page
+
+def render(title: str, sections: list) -> str:
+    """The page: plotly.js once in the head, then each section's HTML and figures."""
+    from plotly.offline import get_plotlyjs
+
+    body = []
+    for heading, items in sections:
+        body.append(f"<h2>{html.escape(heading)}</h2>")
+        for it in items:
+            body.append(it if isinstance(it, str) else it.update_layout(template="plotly_white").to_html(
+                full_html=False, include_plotlyjs=False, config={"displaylogo": False}))
+    return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f'<style>{STYLE}</style>\n<script type="text/javascript">{get_plotlyjs()}</script>\n</head>'
+            f"<body><h1>{html.escape(title)}</h1>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def write_report(folder) -> Path:
+    """Read and check the folder, then write folder/report.html atomically."""
+    from .data.fs import write_bytes_atomic
+
+    folder = Path(folder)
+    if (folder / "sweep.json").is_file():
+        title, sections = sweep_report(folder)
+    elif (folder / "metrics.json").is_file():
+        title, sections = train_report(folder)
+    else:
+        raise XferError(f"{folder}: neither a sweep folder (sweep.json) nor an `xfer train` folder "
+                        "(metrics.json + training_history.json)")
+    return write_bytes_atomic(folder / REPORT_FILE, render(title, sections).encode())
+
+
+def try_write_report(folder) -> Path | None:
+    """write_report for the end of a sweep: a failure is a warning, never a failed sweep."""
+    try:
+        return write_report(folder)
+    except Exception as e:  # noqa: BLE001 - the sweep's results are written; the report is extra
+        log.warning("report.html not written: %s", e)
+        return None
