@@ -120,7 +120,7 @@ def test_sweep_report_renders(sweep_dir, tmp_path, capsys):
     dom = _render(sweep_dir, tmp_path, 5)
     for r in (1, 2, 4):                                      # ASHA's rungs for grace 1, factor 2, 4 epochs
         assert f">rung {r}<" in dom
-    assert "Hyperparameter Importances" in dom and "Parallel Coordinate Plot" in dom
+    assert "parameter importances (fANOVA" in dom and "Parallel Coordinate Plot" in dom
     assert "#0 0000a1b2 (complete)" in page and "#1 0001a1b2 (pruned)" in page
     assert "baseline lsi_aligned" in page and "majority-class rate" in page
 
@@ -133,10 +133,16 @@ def test_train_report_renders(train_dir, tmp_path, capsys):
     assert "baseline joint_lsi_z" in page
 
 
-def test_importances_with_too_few_completed_trials_are_a_note(train_dir, tmp_path, capsys):
+def test_importances_count_trials_stopped_by_asha(train_dir, tmp_path, capsys):
+    """One trial ran every epoch, the others were stopped at a rung: the importances and parallel
+    coordinates still see every trial (at its best epoch); with one trial there is a note."""
     folder = make_sweep(tmp_path / "sweep", train_dir, completed=(0,))
     page = _report(folder, capsys)
-    assert "parameter importances need at least 2 completed trials (this sweep has 1)" in page
+    assert "parameter importances (fANOVA" in page and page.count("Plotly.newPlot") == 5
+    assert "need at least 2 trials" not in page
+    one = make_sweep(tmp_path / "one", train_dir, n_trials=1, completed=(0,))
+    page = _report(one, capsys)
+    assert "parameter importances need at least 2 trials that reported (this sweep has 1)" in page
     assert page.count("Plotly.newPlot") == 4
 
 

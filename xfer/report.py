@@ -160,6 +160,33 @@ def _read_trials(path: Path, columns: list[str]):
     return df
 
 
+AT_BEST = ("every trial that reported counts, valued at its best epoch (ASHA stops most trials early: Optuna's "
+           "own importances would see only the few that ran every epoch); a trial stopped early was judged on "
+           "fewer epochs, so its value is a lower bound")
+
+
+def _at_best(study):
+    """An in-memory copy of the study in which every trial that reported (COMPLETE or PRUNED)
+    is COMPLETE with its best objective, for the importances and parallel coordinates."""
+    import optuna
+    from optuna.trial import TrialState
+
+    quiet = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory"
+    try:
+        copy = optuna.create_study(directions=study.directions)
+    finally:
+        optuna.logging.set_verbosity(quiet)
+    best = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        values = list(t.intermediate_values.values()) + ([t.value] if t.value is not None else [])
+        values = [v for v in values if v == v]
+        if values and t.params:
+            copy.add_trial(optuna.trial.create_trial(params=t.params, distributions=t.distributions,
+                                                     value=best(values)))
+    return copy
+
+
 def _load_study(path: Path, name: str):
     """The sweep's Optuna study; the file is checked read-only first (never created or changed)."""
     import sqlite3
@@ -181,7 +208,6 @@ def _load_study(path: Path, name: str):
 def sweep_report(folder: Path) -> tuple[str, list]:
     import plotly.graph_objects as go
     from optuna import visualization as ov
-    from optuna.trial import TrialState
 
     sw = _read_sweep_settings(folder / "sweep.json")
     metric_col = f"peak_val_{sw['metric']}"
@@ -205,19 +231,23 @@ def sweep_report(folder: Path) -> tuple[str, list]:
     inter.update_layout(title=f"objective ({objective}) per epoch; ASHA rungs at epochs {rungs}",
                         xaxis_title="epoch", yaxis_title=objective, height=440)
 
-    done = sum(t.state == TrialState.COMPLETE for t in study.trials)
+    reached = _at_best(study)
     top = None  # the parallel coordinates show the most important parameters when importances are known
-    if done < 2:
-        importance = _note(f"parameter importances need at least 2 completed trials (this sweep has {done})")
+    if len(reached.trials) < 2:
+        importance = _note(f"parameter importances need at least 2 trials that reported (this sweep has "
+                           f"{len(reached.trials)})")
     else:
         try:
-            importance = ov.plot_param_importances(study)
+            from optuna.importance import FanovaImportanceEvaluator
+
+            importance = ov.plot_param_importances(reached, evaluator=FanovaImportanceEvaluator(seed=0))
             top = list(importance.data[0].y)[::-1][:PARALLEL_PARAMS]  # the bars run from least important up
-            importance.update_layout(height=140 + 22 * len(importance.data[0].y))
+            importance.update_layout(height=140 + 22 * len(importance.data[0].y),
+                                     title="parameter importances (fANOVA of each trial's best objective)")
         except Exception as e:  # noqa: BLE001 - too few or too alike trials: a note, not a failed report
             importance = _note(f"parameter importances could not be computed: {str(e).splitlines()[0]}")
-    parallel = (ov.plot_parallel_coordinate(study, params=top).update_layout(height=480) if done else
-                _note("parallel coordinates need a completed trial"))
+    parallel = (ov.plot_parallel_coordinate(reached, params=top).update_layout(height=480) if reached.trials else
+                _note("parallel coordinates need a trial that reported"))
 
     scatter = go.Figure([go.Scatter(x=g[metric_col], y=g["best_objective"], mode="markers", name=status,
                                     text=g["trial_id"], marker={"size": 9},
@@ -236,9 +266,9 @@ def sweep_report(folder: Path) -> tuple[str, list]:
     return f"xfer tune: {folder}", [
         ("Trials", [_note(summary), _table(table, index=False)]),
         ("Intermediate values", [_note("each trial's objective per epoch; dashed lines: ASHA's rungs"), inter]),
-        ("Parameter importances", [importance]),
-        ("Parallel coordinates (completed trials" + (f"; the {len(top)} most important parameters)" if top else ")"),
-         [parallel]),
+        ("Parameter importances", [_note(AT_BEST), importance]),
+        ("Parallel coordinates (each trial at its best epoch" +
+         (f"; the {len(top)} most important parameters)" if top else ")"), [parallel]),
         ("Objective against the training line's metric", [scatter]),
         ("The best trial on the four splits, beside the baselines", scored),
     ]
