@@ -134,3 +134,57 @@ def test_storage_settings(tmp_path, monkeypatch):
     sw = NS(storage_uri="s3://b/sweeps?endpoint_override=h:1&scheme=http", output=tmp_path)
     assert _train_storage(sw) == "s3://b/sweeps_train?endpoint_override=h:1&scheme=http"
     assert _train_storage(NS(storage_uri="", output=tmp_path)) == str(tmp_path / "ray_train")
+
+
+# ----------------------------------------------------------------------------- checkpoint policy
+
+def _walk(policy, improved_at, epochs, write_s=0.01, epoch_s=0.5):
+    """Epochs at which `policy` checkpoints a trial of `epochs` epochs improving at `improved_at`."""
+    saved = []
+    for e in range(1, epochs + 1):
+        if policy.due({"epoch": e, "improved": e in improved_at, "epoch_seconds": epoch_s}, last=e == epochs):
+            policy.saved(e, write_s)
+            saved.append(e)
+    return saved
+
+
+def test_checkpoint_policy_fixed_interval_rungs_and_end():
+    from tune.trainable import CheckpointPolicy
+
+    # 5 epochs after the last checkpoint; ASHA rungs 2 4 8 get one only after a new best epoch
+    assert _walk(CheckpointPolicy(5, rungs=(2, 4, 8)), improved_at={1, 3, 6, 7}, epochs=12) == [2, 4, 8, 12]
+    assert _walk(CheckpointPolicy(5, rungs=(2, 4, 8)), improved_at={1}, epochs=12) == [2, 7, 12]
+    assert _walk(CheckpointPolicy(5, rungs=(2, 4, 8)), improved_at=set(), epochs=12) == [5, 10, 12]
+
+
+def test_checkpoint_policy_auto_interval_follows_the_cost():
+    from tune.trainable import CheckpointPolicy
+
+    p = CheckpointPolicy(0)                              # auto: 5 until a write was timed
+    assert _walk(p, set(), 5, write_s=0.1, epoch_s=0.5) == [5]
+    assert p.every == 4                                  # 0.1 s / (5 % of 0.5 s) = 4 epochs
+    p = CheckpointPolicy(0)
+    _walk(p, set(), 5, write_s=10.0, epoch_s=0.1)
+    assert p.every == p.max_every                        # never more epochs than a failure may cost
+    p = CheckpointPolicy(0)
+    _walk(p, set(), 5, write_s=1e-4, epoch_s=1.0)
+    assert p.every == 1                                  # cheap writes: every epoch
+
+
+def test_checkpoint_policy_keeps_the_best_weights_wherever_asha_stops():
+    """Wherever ASHA stops a trial (a rung) or the trial ends, its last checkpoint holds its best
+    epoch (the sweep exports the best trial's best weights from its last checkpoint)."""
+    import random
+
+    from tune.trainable import CheckpointPolicy
+
+    rng = random.Random(0)
+    rungs, epochs = (3, 6, 12, 24), 30
+    for _ in range(200):
+        improved = {e for e in range(1, epochs + 1) if rng.random() < 0.3}
+        for stop in (*rungs, epochs):
+            p = CheckpointPolicy(rng.choice([0, 1, 5, 25]), rungs=rungs)
+            saved = _walk(p, improved, stop, write_s=rng.uniform(0.001, 1), epoch_s=rng.uniform(0.05, 2))
+            best = max((e for e in improved if e <= stop), default=0)
+            if stop == epochs or best:
+                assert saved and saved[-1] >= best, (stop, improved, saved)

@@ -23,7 +23,9 @@ def register(sub) -> None:
     g.add_argument("--space", help="search space file (YAML/JSON, see tune/space.py); default: the built-in space")
     g.add_argument("--grace_period", type=int, default=0, help="ASHA grace period in epochs (default search_epochs/8)")
     g.add_argument("--reduction_factor", type=int, default=2, help="ASHA reduction factor (default 2)")
-    g.add_argument("--checkpoint_every", type=int, default=5, help="checkpoint every N epochs (and at each best)")
+    g.add_argument("--checkpoint_every", type=int, default=0,
+                   help="checkpoint every N epochs; 0 (default): as often as keeps writing within 5%% of a trial's "
+                        "compute (and at the end, and at an ASHA rung after a new best epoch)")
     g.add_argument("--max_failures", type=int, default=2, help="retries of a failed trial (default 2)")
     g.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
     g.add_argument("--num_cpus", type=int, help="CPUs of the local cluster (default: all)")

@@ -197,6 +197,8 @@ def new_sweep(args) -> Sweep:
     base = base_config(rest)
     if args.n_trials < 1 or args.search_epochs < 1:
         raise ConfigError("n_trials" if args.n_trials < 1 else "search_epochs", "must be >= 1")
+    if args.checkpoint_every < 0:
+        raise ConfigError("checkpoint_every", "must be >= 0 (0: as often as the cost allows)")
     # every value a trial can get must make a valid config with the base
     TrainConfig.from_dict({**base, **{k: p.value for k, p in space.params.items() if p.kind == "fixed"
                                       and k not in ALL_ARCH_PARAMS and k != "arch"}})
@@ -336,15 +338,19 @@ def slots(sw: Sweep) -> int:
 def make_trainable(sw: Sweep):
     from ray import tune
 
+    from xfer.report import asha_rungs
+
     from .trainable import function_trial, labelled, trainer_trial
 
+    rungs = tuple(asha_rungs(sw.grace_period, sw.reduction_factor, sw.search_epochs))  # where ASHA may stop a trial
     if sw.trainer == "function":
-        fn = partial(function_trial, spec=sw.spec, base=sw.base, checkpoint_every=sw.checkpoint_every)
+        fn = partial(function_trial, spec=sw.spec, base=sw.base, checkpoint_every=sw.checkpoint_every,
+                     rungs=rungs)
         return labelled(tune.with_resources(fn, {"cpu": sw.cpus_per_trial, "gpu": sw.gpus_per_trial}))
     per_worker = {"CPU": max(0.01, sw.cpus_per_trial / sw.num_workers - 0.01)}
     if sw.gpus_per_trial > 0:
         per_worker["GPU"] = sw.gpus_per_trial / sw.num_workers
-    fn = partial(trainer_trial, spec=sw.spec, base=sw.base, checkpoint_every=sw.checkpoint_every,
+    fn = partial(trainer_trial, spec=sw.spec, base=sw.base, checkpoint_every=sw.checkpoint_every, rungs=rungs,
                  num_workers=sw.num_workers, resources_per_worker=per_worker,
                  train_storage=_train_storage(sw))
     return labelled(tune.with_resources(fn, {"cpu": 0.01}))

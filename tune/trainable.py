@@ -18,8 +18,9 @@ TensorBoard step), `objective` (the sweep's `--objective`, see xfer.selection)
 and every selection candidate as `sel/<name>`, and `node_id`, the Ray node the epoch ran on
 (rank 0's node for TorchTrainer trials): a trial restored elsewhere after a node died
 shows both.
-A checkpoint (`checkpoint.pt`, loaded with weights_only=True) is written
-every `checkpoint_every` epochs, at every new best epoch and at the end.
+A checkpoint (`checkpoint.pt`, loaded with weights_only=True; the whole training state) is
+written as `CheckpointPolicy` says: at the end, at an ASHA rung when the best epoch changed
+since the last one, and periodically at a cost-driven interval (or every `checkpoint_every`).
 
 Inspection. A trial's actor is named after its trial (`trial <id> <arch>/<divergence>`,
 `trial_label`): Ray shows an actor's `__repr__` in the dashboard's actor view and in the
@@ -35,7 +36,9 @@ and sweep, for Prometheus.
 
 from __future__ import annotations
 
+import math
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -126,8 +129,51 @@ def _scalars(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, bool)) and not isinstance(v, complex)}
 
 
+class CheckpointPolicy:
+    """When a trial writes a checkpoint (always the whole training state: what resume needs,
+    with the best epoch's weights, which stay on the device between checkpoints).
+
+    - At the last epoch (all epochs, or stopped early by patience).
+    - At each of ASHA's rungs (`rungs`: the epochs where ASHA may stop the trial) when the best
+      epoch changed since the last checkpoint, so the best weights are in storage wherever ASHA
+      stops the trial (the sweep exports the best trial's best weights from its last checkpoint).
+    - Periodically, for resume after a failure: `every` epochs after the last checkpoint, or with `every` = 0
+      (auto, the default) as often as keeps writing within `budget` (5 %) of the trial's compute:
+      after each write the interval becomes ceil(write seconds / (budget x mean epoch seconds)),
+      the write timed from building the checkpoint to its report's return (Tune copies it to the
+      storage then: an upload to S3 counts),
+      at most `max_every` epochs (the epochs a failure can cost); 5 until a write was timed.
+
+    Before this policy a trial wrote at every new best epoch as well: 10-20 checkpoints of a
+    50-epoch trial (76 MB each for the default model on seed-sized data; BENCHMARKS.md).
+    """
+
+    def __init__(self, every: int = 0, rungs=(), *, budget: float = 0.05, max_every: int = 25, first: int = 5):
+        self.fixed = int(every) > 0
+        self.every = int(every) if self.fixed else first
+        self.rungs = frozenset(int(r) for r in rungs)
+        self.budget, self.max_every = budget, max_every
+        self.last_saved = 0          # the epoch of the last checkpoint (0: none in this run)
+        self.dirty = False           # a best epoch since the last checkpoint
+        self.epoch_seconds: list[float] = []
+
+    def due(self, m: dict, last: bool) -> bool:
+        epoch = int(m["epoch"])
+        if m.get("improved"):
+            self.dirty = True
+        if isinstance(m.get("epoch_seconds"), (int, float)):
+            self.epoch_seconds.append(float(m["epoch_seconds"]))
+        return last or (self.dirty and epoch in self.rungs) or epoch - self.last_saved >= self.every
+
+    def saved(self, epoch: int, seconds: float) -> None:
+        self.last_saved, self.dirty = int(epoch), False
+        if not self.fixed and self.epoch_seconds:
+            per_epoch = sum(self.epoch_seconds) / len(self.epoch_seconds)
+            self.every = max(1, min(self.max_every, math.ceil(seconds / (self.budget * max(per_epoch, 1e-9)))))
+
+
 def _run(params: dict, spec: dict, base: dict, checkpoint_every: int, device: str,
-         get_checkpoint: Callable, report: Callable, is_rank0: bool = True) -> None:
+         get_checkpoint: Callable, report: Callable, is_rank0: bool = True, rungs=()) -> None:
     cfg = trial_config(base, params)
     data = load_trial_data(DataSpec(**spec), cfg)
     resume = None
@@ -136,16 +182,21 @@ def _run(params: dict, spec: dict, base: dict, checkpoint_every: int, device: st
         with ckpt.as_directory() as d:
             resume = read_checkpoint(Path(d) / CHECKPOINT_FILE)
     epochs = cfg.optim.epochs
+    policy = CheckpointPolicy(checkpoint_every, rungs)
+    if resume is not None:
+        policy.last_saved = int(resume["epoch"])
 
     def on_epoch(metrics: dict, make_checkpoint) -> None:
         m = _scalars(metrics)
         m["timesteps_total"] = m["epoch"]
         last = m["epoch"] >= epochs or m.get("stopped_early", False)
-        save = m.get("improved") or m["epoch"] % checkpoint_every == 0 or last
-        if save and is_rank0:
+        if is_rank0 and policy.due(m, last):
             with tempfile.TemporaryDirectory() as d:
+                t0 = time.perf_counter()
                 torch.save(make_checkpoint(), Path(d) / CHECKPOINT_FILE)
+                m["checkpoint_seconds"] = time.perf_counter() - t0  # built and written
                 report(m, d)
+                policy.saved(m["epoch"], time.perf_counter() - t0)  # + the report, which copies it to storage
         else:
             report(m, None)
 
@@ -156,7 +207,7 @@ def _threads(n_cpus: float) -> None:
     torch.set_num_threads(max(1, int(n_cpus)))
 
 
-def function_trial(params: dict, *, spec: dict, base: dict, checkpoint_every: int = 5) -> None:
+def function_trial(params: dict, *, spec: dict, base: dict, checkpoint_every: int = 0, rungs=()) -> None:
     """Tune function trainable (fast path)."""
     import ray
     from ray import tune
@@ -175,7 +226,7 @@ def function_trial(params: dict, *, spec: dict, base: dict, checkpoint_every: in
         tune.report({**m, "node_id": node_id},
                     checkpoint=tune.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
 
-    _run(params, spec, base, checkpoint_every, device, tune.get_checkpoint, report)
+    _run(params, spec, base, checkpoint_every, device, tune.get_checkpoint, report, rungs=rungs)
 
 
 def labelled(trainable):
@@ -217,10 +268,10 @@ def _worker_loop(loop_config: dict) -> None:
                          checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
 
     _run(loop_config["params"], loop_config["spec"], loop_config["base"], loop_config["checkpoint_every"], device,
-         ray.train.get_checkpoint, report, is_rank0=rank0)
+         ray.train.get_checkpoint, report, is_rank0=rank0, rungs=loop_config.get("rungs", ()))
 
 
-def trainer_trial(params: dict, *, spec: dict, base: dict, checkpoint_every: int = 5, num_workers: int = 1,
+def trainer_trial(params: dict, *, spec: dict, base: dict, checkpoint_every: int = 0, rungs=(), num_workers: int = 1,
                   resources_per_worker: dict | None = None, train_storage: str = "") -> None:
     """Tune function that runs the trial as a Ray Train TorchTrainer (multi-worker path)."""
     import ray.train
@@ -234,6 +285,7 @@ def trainer_trial(params: dict, *, spec: dict, base: dict, checkpoint_every: int
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"params": params, "spec": spec, "base": base, "checkpoint_every": checkpoint_every,
+                           "rungs": list(rungs),
                            "resources_per_worker": resources_per_worker, "trial_id": trial_id,
                            "sweep": tune.get_context().get_experiment_name()},
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=resources_per_worker.get("GPU", 0) > 0,
