@@ -52,7 +52,6 @@ after different stops).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -595,19 +594,16 @@ def report(path: Path) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run")
-    r.add_argument("root")
-    r.add_argument("--pairs", type=int, nargs="+", required=True)
-    r.add_argument("--n_trials", type=int, default=16)
-    r.add_argument("--epochs", type=int, default=20)
-    r.add_argument("--num_cpus", type=int, default=2)
-    r.add_argument("--workers", type=int, default=2, help="FIFO trials at a time (one torch thread each)")
-    r.add_argument("--json", default="bench/results/bench_asha.json")
-    p = sub.add_parser("report")
-    p.add_argument("json")
-    args = ap.parse_args()
+    from _cli import pairs_cli
+
+    def options(r):
+        r.add_argument("--n_trials", type=int, default=16)
+        r.add_argument("--epochs", type=int, default=20)
+        r.add_argument("--num_cpus", type=int, default=2)
+        r.add_argument("--workers", type=int, default=2, help="FIFO trials at a time (one torch thread each)")
+        r.add_argument("--json", default="bench/results/bench_asha.json")
+
+    args = pairs_cli(__doc__, options)
     if args.cmd == "run":
         run(Path(args.root).resolve(), args.pairs, args.n_trials, args.epochs, args.num_cpus, args.workers,
             Path(args.json))

@@ -33,7 +33,6 @@ report.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -240,18 +239,15 @@ def report(paths: list[Path], pick: bool = True) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run")
-    r.add_argument("root")
-    r.add_argument("--pairs", type=int, nargs="+", required=True)
-    r.add_argument("--n", type=int, default=48)
-    r.add_argument("--epochs", type=int, default=30)
-    r.add_argument("--workers", type=int, default=2)
-    r.add_argument("--json", required=True)
-    p = sub.add_parser("report")
-    p.add_argument("json", nargs="+")
-    args = ap.parse_args()
+    from _cli import pairs_cli
+
+    def options(r):
+        r.add_argument("--n", type=int, default=48)
+        r.add_argument("--epochs", type=int, default=30)
+        r.add_argument("--workers", type=int, default=2)
+        r.add_argument("--json", required=True)
+
+    args = pairs_cli(__doc__, options, report_nargs="+")
     if args.cmd == "run":
         run(Path(args.root), args.pairs, args.n, args.epochs, args.workers, Path(args.json))
     else:

@@ -21,7 +21,6 @@ Every run reads the test line's labels only through its final scoring.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -125,19 +124,16 @@ def report(path: Path) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run")
-    r.add_argument("root")
-    r.add_argument("--pairs", type=int, nargs="+", required=True)
-    r.add_argument("--n_trials", type=int, default=30)
-    r.add_argument("--epochs", type=int, default=30)
-    r.add_argument("--num_cpus", type=int, default=2)
-    r.add_argument("--retrain", action="store_true")
-    r.add_argument("--json", default="bench/results/bench_sweeps.json")
-    p = sub.add_parser("report")
-    p.add_argument("json")
-    args = ap.parse_args()
+    from _cli import pairs_cli
+
+    def options(r):
+        r.add_argument("--n_trials", type=int, default=30)
+        r.add_argument("--epochs", type=int, default=30)
+        r.add_argument("--num_cpus", type=int, default=2)
+        r.add_argument("--retrain", action="store_true")
+        r.add_argument("--json", default="bench/results/bench_sweeps.json")
+
+    args = pairs_cli(__doc__, options)
     if args.cmd == "run":
         run(Path(args.root).resolve(), args.pairs, args.n_trials, args.epochs, args.num_cpus, args.retrain,
             Path(args.json))

@@ -99,6 +99,18 @@ def study_states(db) -> dict:
         return {}
 
 
+def stop_process(proc, timeout: float = 30) -> None:
+    """Terminate a server a test started; kill it if it does not exit within `timeout` seconds."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 # ----------------------------------------------------------------------------- training fixtures
 
 SMALL_MODEL = {"hidden_dim": 64, "latent_dim": 32, "proj_hidden": 64, "cls_hidden": 32, "disc_hidden": 64,

@@ -27,12 +27,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from conftest import SMALL_MODEL, study_states
+from conftest import SMALL_MODEL, stop_process, study_states
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.cluster]
 moto_server = pytest.importorskip("moto.server")
@@ -133,6 +134,20 @@ def _sweep_args(store: str, out: Path, name: str, n: int, epochs: int, *extra: s
             "--grace_period", str(epochs), "--cpus_per_trial", "1", *FIX, *extra]
 
 
+@contextmanager
+def _driver(args: list[str], env: dict, stderr=subprocess.PIPE):
+    """`xfer` + args in a process group of its own; SIGKILLed, with the Ray processes it started,
+    if it still runs when the block ends."""
+    proc = subprocess.Popen(XFER + args, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
+                            start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def _finished(db: Path) -> dict:
     with sqlite3.connect(db) as c:
         return dict(c.execute("select t.number, v.value from trials t join trial_values v using(trial_id) "
@@ -177,15 +192,9 @@ def test_s3_sweep_spans_nodes_and_resumes_after_the_driver_dies(cluster, s3, s3_
     q, endpoint = s3
     out, n, epochs = tmp_path / "sweep", 6, 4
     args = _sweep_args(s3_store, out, "s3sweep", n, epochs, "--storage", f"s3://xfer/sweeps?{q}")
-    proc = subprocess.Popen(XFER + args, env=client, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
+    with _driver(args, client, stderr=subprocess.DEVNULL) as proc:
         _wait(lambda: sum(study_states(out / "optuna_study.db").get(s, 0) for s in ("COMPLETE", "PRUNED")) >= 2,
               300, "two trials finished", proc)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the sweep ended before it could be killed"
     done = _finished(out / "optuna_study.db")
     assert 2 <= len(done) < n
@@ -291,12 +300,7 @@ def prometheus(cluster, tmp_path):
         _wait(lambda: _prom(url, "up"), 60, "Prometheus to answer")
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def _prom(url: str, query: str) -> list:
@@ -317,11 +321,8 @@ def test_dashboard_and_prometheus_show_every_running_trial(cluster, prometheus, 
     metrics tagged with its id, and the driver's job carries the sweep's name."""
     client, dash, d = cluster
     out, n, epochs = tmp_path / "sweep", 4, 10
-    proc = subprocess.Popen(XFER + _sweep_args(str(tiny_store), out, "inspect", n, epochs, "--no-reuse_actors"),
-                            env=client, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
     named, scraped, polls = set(), {}, 0
-    try:
+    with _driver(_sweep_args(str(tiny_store), out, "inspect", n, epochs, "--no-reuse_actors"), client) as proc:
         deadline = time.time() + 400
         while proc.poll() is None and time.time() < deadline:
             actors = _api(dash, d, "/api/v0/actors?detail=1&limit=1000").get("data", {}).get("result", {}).get(
@@ -333,10 +334,6 @@ def test_dashboard_and_prometheus_show_every_running_trial(cluster, prometheus, 
             polls += 1
             time.sleep(0.5)
         _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     assert proc.returncode == 0, err[-3000:]
     df = _accounted(out, n, epochs).set_index("trial_id")
     assert set(df.index) <= named, (sorted(df.index), sorted(named), polls)         # every trial, by its id
@@ -368,11 +365,6 @@ def test_worker_node_killed_mid_sweep(cluster, tiny_store, tmp_path):
     w1 = next(x["node_id"] for x in nodes if "w1" in x["resources_total"])
     # long trials: a worker outlives its killed raylet by a second or two and may finish a short one
     out, n, epochs = tmp_path / "sweep", 6, 100
-    proc = subprocess.Popen(XFER + _sweep_args(str(tiny_store), out, "killsweep", n, epochs, "--checkpoint_every", "1",
-                                               "--set=patience=100"),
-                            env=client, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-
     def running_on_w1():
         """A trial that has reported from w1 and has epochs left."""
         for f in (out / "ray_results" / "killsweep").glob("*/result.json"):
@@ -382,15 +374,12 @@ def test_worker_node_killed_mid_sweep(cluster, tiny_store, tmp_path):
                 return last["trial_id"]
         return None
 
-    try:
+    with _driver(_sweep_args(str(tiny_store), out, "killsweep", n, epochs, "--checkpoint_every", "1",
+                             "--set=patience=100"), client) as proc:
         _wait(running_on_w1, 300, "a trial running on worker 1", proc)
         k = subprocess.run([str(SCRIPT), "kill-node", "1"], env=client, capture_output=True, text=True, timeout=30)
         assert k.returncode == 0, k.stderr
         _, err = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     assert proc.returncode == 0, err[-3000:]
     df = _accounted(out, n, epochs).set_index("trial_id")
     # the trials that ran on worker 1 when it died went on elsewhere (which ones is timing: a trial

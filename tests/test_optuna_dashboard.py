@@ -16,6 +16,7 @@ from pathlib import Path
 import optuna
 import pytest
 
+from conftest import stop_process
 from tune.searcher import EpochAwareOptunaSearch
 from tune.space import load_space
 
@@ -68,9 +69,4 @@ def test_optuna_dashboard_serves_the_sweep_study(tmp_path):
         [pruned] = [t for t in detail["trials"] if t["state"] == "Pruned"]
         assert [v["step"] for v in pruned["intermediate_values"]] == [1]
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=10)

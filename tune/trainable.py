@@ -229,15 +229,13 @@ def function_trial(params: dict, *, spec: dict, base: dict, checkpoint_every: in
     _run(params, spec, base, checkpoint_every, device, tune.get_checkpoint, report, rungs=rungs)
 
 
-def labelled(trainable):
-    """Tune's trainable for `trainable` (a function, or what tune.with_resources made of one),
-    as a class `XferTrial` whose actor is named after its current trial (`trial_label`; see the
+def labelled(fn):
+    """Tune's trainable for the function `fn` (tune.with_resources' resources included), as a
+    class `XferTrial` whose actor is named after its current trial (`trial_label`; see the
     module docstring for what the dashboard shows when actors are reused)."""
-    from ray.tune.trainable import Trainable, wrap_function
+    from ray.tune.trainable import wrap_function
 
-    base = trainable if isinstance(trainable, type) and issubclass(trainable, Trainable) else wrap_function(trainable)
-
-    class XferTrial(base):
+    class XferTrial(wrap_function(fn)):
         def __repr__(self):
             try:
                 return trial_label(self.trial_id, self.config)

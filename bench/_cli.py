@@ -1,0 +1,23 @@
+"""The command line the pair benchmarks share (bench_sweeps, bench_selection, bench_asha):
+
+    python bench/bench_X.py run ROOT --pairs 401 402 [options] [--json FILE]
+    python bench/bench_X.py report FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+
+def pairs_cli(doc: str, options: Callable[[argparse.ArgumentParser], None],
+              report_nargs: str | None = None) -> argparse.Namespace:
+    """Parsed `run` / `report` arguments; `options` adds the run's own (its --json among them)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("root")
+    r.add_argument("--pairs", type=int, nargs="+", required=True)
+    options(r)
+    sub.add_parser("report").add_argument("json", nargs=report_nargs)
+    return ap.parse_args()
