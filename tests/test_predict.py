@@ -218,3 +218,36 @@ def test_seed_ensemble_averages_its_members_and_predicts_as_trained(tiny_store, 
     _assert_same(tmp_path / "p" / "predictions.csv", ens / "predictions_peak_test.csv")
     _assert_same(tmp_path / "p" / "predictions_gex.csv", ens / "predictions_gex_test.csv")
     assert json.loads((tmp_path / "p" / "predict.json").read_text())["model"]["members"] == 2
+
+
+def test_an_ensemble_of_different_configs_is_scored_and_predicted_member_by_member(tiny_store, tmp_path):
+    """A sweep's final model averages trials that differ in architecture and inputs: each member
+    is featurised with its own preprocessing. `evaluate_checkpoint` (how `xfer tune` scores it)
+    and `xfer predict` both give the mean of the members' own test-line predictions."""
+    from argparse import Namespace
+
+    from xfer.checkpoint import ensemble_checkpoint, export_best, read_checkpoint, save_checkpoint
+    from xfer.pipeline import evaluate_checkpoint
+
+    runs = [_train(tiny_store, tmp_path / "mlp", "--set=ensemble=1", "--set=arch=mlp"),
+            _train(tiny_store, tmp_path / "dae", "--set=ensemble=1", "--set=arch=dae", "--set=bin_size=0",
+                   "--set=lr=0.002")]
+    members = [export_best(read_checkpoint(r / "best_model.pt")) for r in runs]
+    assert members[0]["config"]["model"]["arch"] != members[1]["config"]["model"]["arch"]
+    ens = ensemble_checkpoint(members)
+    save_checkpoint(ens, tmp_path / "ens.pt")
+    args = Namespace(store=str(tiny_store), src_csv="store:A_GEX", tgt_csv="store:A_PEAK", test_csv="store:B_GEX",
+                     sup_peak_csv="store:B_PEAK", src_label_csv=None, tgt_label_csv=None, test_label_csv=None,
+                     sup_peak_label_csv=None, label_column=None, orient="auto")
+    (tmp_path / "scored").mkdir()
+    metrics, _ = evaluate_checkpoint(args, ens, tmp_path / "scored")
+    cols = ["prob_G1", "prob_S", "prob_G2M"]
+    for split in ("peak_test", "gex_test"):
+        got = pd.read_csv(tmp_path / "scored" / f"predictions_{split}.csv")
+        mean = sum(pd.read_csv(r / f"predictions_{split}.csv")[cols].to_numpy() for r in runs) / 2
+        np.testing.assert_allclose(got[cols].to_numpy(), mean, atol=1e-6)
+    single, _ = evaluate_checkpoint(args, members[0])
+    assert single["peak_test"] == json.loads((runs[0] / "metrics.json").read_text())["peak_test"]
+    assert {"accuracy", "balanced_accuracy", "macro_f1", "majority_rate"} <= set(metrics["peak_test"])
+    assert _predict(tiny_store, tmp_path / "p", "--checkpoint", str(tmp_path / "ens.pt"), *STORE_TEST) == 0
+    _assert_same(tmp_path / "p" / "predictions.csv", tmp_path / "scored" / "predictions_peak_test.csv")

@@ -92,16 +92,27 @@ def test_smoke_sweep_prunes_and_accounts_for_every_trial(smoke):
         else:
             assert t.state == optuna.trial.TrialState.PRUNED, row["trial_id"]
             assert iv[row["epochs_run"]] == pytest.approx(last), (row["trial_id"], iv)
-    # best_params.json feeds `xfer train --config_path`; best_model.pt rebuilds its model
+    # best_params.json (the best trial) feeds `xfer train --config_path`; best_model.pt averages the
+    # best epochs of the top 4 ranked trials (--final_ensemble's default), each a whole predictor
+    import torch
     from xfer.config import TrainConfig
-    from xfer.checkpoint import load_checkpoint
     cfg = TrainConfig.from_file(out / "best_params.json")
     assert cfg.model.hidden_dim == SMALL_MODEL["hidden_dim"]
-    model, ck_cfg, ck = load_checkpoint(out / "best_model.pt")
-    assert ck_cfg.model.arch == cfg.model.arch
-    # the test line only scores the best trial, after the search
+    bp = json.loads((out / "best_params.json").read_text())
+    top = list(df[df["status"] != "errored"].dropna(subset=["best_objective"])["trial_id"][:4])
+    assert bp["final_model"]["asked"] == 4 and [m["trial_id"] for m in bp["final_model"]["members"]] == top
+    assert top[0] == bp["trial_id"]
+    ck = torch.load(out / "best_model.pt", weights_only=True)
+    members = ck["ensemble"] if len(top) > 1 else [ck]
+    assert len(members) == len(top) and all("train_state" not in m for m in members)
+    for m, tid in zip(members, top):
+        row = df.set_index("trial_id").loc[tid]
+        assert m["config"]["model"]["arch"] == row["param.arch"] and m["epoch"] == row["best_epoch"], tid
+    assert members[0]["config"]["model"]["arch"] == cfg.model.arch
+    # the test line only scores the final model, after the search
     m = json.loads((out / "metrics.json").read_text())
     assert {"gex_val", "gex_test", "peak_val", "peak_test", "baselines"} <= set(m)
+    assert m["model"]["n_members"] == len(top)
     assert list((out / "ray_results").rglob("events.out.tfevents*")), "no TensorBoard logs"
     assert "Ray dashboard: http://127.0.0.1:" in r.stdout
     # the compact progress display (tune/progress.py; plain lines, as stdout is a pipe), not Tune's tables
@@ -173,6 +184,17 @@ def test_bad_space_fails_before_any_trial(tmp_path, store):
     assert r.returncode == 2
     assert "bad.yaml: config key 'lr': needs low < high" in r.stderr
     assert not (out / "sweep.json").exists() and not (out / "ray_results").exists()
+
+
+@pytest.mark.parametrize("k", ["0", "33"])
+def test_final_ensemble_outside_1_to_32_fails_before_anything_is_written(tmp_path, store, k):
+    out = tmp_path / "sweep"
+    r = subprocess.run(XFER + _tune_args(store, out, "--n_trials", "6", "--final_ensemble", k), env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    err = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(err) == 1 and "final_ensemble" in err[0] and "1..32" in err[0], r.stderr
+    assert not out.exists()
 
 
 def test_unusable_storage_fails_before_anything_is_written(tmp_path, store):

@@ -26,6 +26,10 @@ def register(sub) -> None:
     g.add_argument("--checkpoint_every", type=int, default=0,
                    help="checkpoint every N epochs; 0 (default): as often as keeps writing within 5%% of a trial's "
                         "compute (and at the end, and at an ASHA rung after a new best epoch)")
+    g.add_argument("--final_ensemble", type=int, default=4, metavar="K",
+                   help="best_model.pt averages the best epochs of the top K trials (default 4, chosen on "
+                        "development pairs: BENCHMARKS.md, 'What a sweep returns'; fewer when fewer trials reached an "
+                        "eligible epoch); 1: the best trial alone")
     g.add_argument("--max_failures", type=int, default=2, help="retries of a failed trial (default 2)")
     g.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
     g.add_argument("--num_cpus", type=int, help="CPUs of the local cluster (default: all)")
@@ -78,6 +82,10 @@ def cmd_tune(args) -> int:
           f"({', '.join(f'{v} {k}' for k, v in counts.items())})")
     print(f"best trial {best['trial_id']}: {best['objective']} {best['value']:.3f} at epoch {best['best_epoch']} "
           f"(arch {best['params']['arch']}, divergence {best['params']['divergence']})")
+    members = best["final_model"]["members"]
+    if len(members) > 1:
+        print(f"best_model.pt: the top {len(members)} trials averaged "
+              "(" + ", ".join(f"{m['trial_id']} {m['value']:.3f}" for m in members) + ")")
     if res["metrics"] is not None:
         print(format_table(res["metrics"]))
     print(f"results: {sw.output}/ (best_params.json, trials.csv, trials.parquet, optuna_study.db, best_model.pt"
@@ -123,13 +131,14 @@ def cmd_demo(args) -> int:
     rc = cmd_tune(build_parser().parse_args(argv))
     if rc:
         return rc
-    # the shipped defaults, trained once the way a trial trains (one member, --search_epochs epochs)
+    # the shipped defaults (their ensemble of three), trained for the trials' --search_epochs epochs
     from xfer.pipeline import run_train
 
     shutil.rmtree(out / "defaults", ignore_errors=True)
-    print(f"\ndemo: training the shipped defaults the way a trial trains ({args.search_epochs} epochs, one member)")
+    print(f"\ndemo: training the shipped defaults ({args.search_epochs} epochs as in the trials, the shipped "
+          "ensemble of three)")
     defaults = run_train(build_parser().parse_args(
-        ["train", *data, "--epochs", str(args.search_epochs), "--set", "ensemble=1", "--device", "cpu",
+        ["train", *data, "--epochs", str(args.search_epochs), "--device", "cpu",
          "--output_folder", str(out / "defaults")]))
     swept = json.loads((out / "sweep" / "metrics.json").read_text())
     print(demo_summary(b.name, swept, defaults))
@@ -143,11 +152,13 @@ def cmd_demo(args) -> int:
 
 
 def demo_summary(test_line: str, swept: dict, defaults: dict) -> str:
-    """The sweep's best trial beside the defaults and the plain baselines, on the test line."""
+    """The sweep's final model beside the shipped defaults and the plain baselines, on the test line."""
     from xfer.evaluate import METRIC_KEYS
 
-    rows = [(f"sweep's best trial ({swept['model']['objective']} objective)", swept["peak_test"]),
-            ("shipped defaults, trained the same way", defaults["peak_test"])]
+    n = swept["model"].get("n_members", 1)
+    rows = [(f"sweep's {'best trial' if n == 1 else f'top {n} trials'} ({swept['model']['objective']})",
+             swept["peak_test"]),
+            (f"shipped defaults ({len(defaults['model'].get('members') or [0])} members)", defaults["peak_test"])]
     rows += [(f"baseline {k}", v["peak_test"]) for k, v in swept["baselines"].items() if "peak_test" in v]
     lines = [f"test line {test_line}, accessibility (PEAK):",
              f"  {'':44s}" + "".join(f"{k:>19s}" for k in METRIC_KEYS)]

@@ -96,6 +96,7 @@ class Sweep:
     objective_setting: str = "auto"     # what was asked for (--objective)
     storage_uri: str = ""               # Tune's storage (results, checkpoints): a path or URI; "" = output/ray_results
     reuse_actors: bool = True           # fast path: Tune reuses a trial's actor for the next (tune/trainable.py)
+    final_ensemble: int = 1             # best_model.pt averages the top K trials (1 in sweeps saved before it)
 
     @property
     def objective_label(self) -> str:
@@ -199,6 +200,8 @@ def new_sweep(args) -> Sweep:
         raise ConfigError("n_trials" if args.n_trials < 1 else "search_epochs", "must be >= 1")
     if args.checkpoint_every < 0:
         raise ConfigError("checkpoint_every", "must be >= 0 (0: as often as the cost allows)")
+    if not 1 <= args.final_ensemble <= 32:
+        raise ConfigError("final_ensemble", f"must be in 1..32, got {args.final_ensemble}")
     # every value a trial can get must make a valid config with the base
     TrainConfig.from_dict({**base, **{k: p.value for k, p in space.params.items() if p.kind == "fixed"
                                       and k not in ALL_ARCH_PARAMS and k != "arch"}})
@@ -221,7 +224,7 @@ def new_sweep(args) -> Sweep:
         checkpoint_every=args.checkpoint_every, max_failures=args.max_failures, seed=base["seed"],
         data_args={k: getattr(args, k, None) for k in DATA_FLAGS}, objective=objective,
         objective_setting=base["objective"], storage_uri=storage,
-        reuse_actors=bool(getattr(args, "reuse_actors", True)))
+        reuse_actors=bool(getattr(args, "reuse_actors", True)), final_ensemble=args.final_ensemble)
 
 
 def _check_storage(storage: str | None) -> str:
@@ -510,8 +513,10 @@ def trial_table(grid, sw: Sweep):
 
 
 def export(grid, sw: Sweep) -> dict:
-    """trials.csv / trials.parquet, best_params.json, best_model.pt (the best trial's best epoch)."""
-    from xfer.checkpoint import export_best, read_checkpoint, save_checkpoint
+    """trials.csv / trials.parquet, best_params.json (the best trial), best_model.pt (the best
+    epochs of the top `final_ensemble` trials that left a checkpoint, their probabilities
+    averaged; one trial: its model alone)."""
+    from xfer.checkpoint import ensemble_checkpoint, save_checkpoint
 
     df = trial_table(grid, sw)
     df.to_csv(sw.output / "trials.csv", index=False)
@@ -522,8 +527,7 @@ def export(grid, sw: Sweep) -> dict:
         raise XferError(f"no trial finished without error; see {sw.output / 'trials.csv'} and the logs under "
                         f"{sw.storage} ({sw.name})")
     best = ok.iloc[0]
-    result = next(r for r in grid if (r.metrics or {}).get("trial_id", Path(r.path).name) == best["trial_id"])
-    params = {**result.config}
+    params = {**_result_of(grid, best["trial_id"]).config}
     full = TrainConfig.from_dict({**sw.base, **params})
     best_params = {
         "params": {**{k: v for k, v in full.to_flat().items() if k != "epochs"}},
@@ -532,15 +536,43 @@ def export(grid, sw: Sweep) -> dict:
         "trial_id": best["trial_id"], "best_epoch": int(best["best_epoch"]), "epochs_run": int(best["epochs_run"]),
         "search_epochs": sw.search_epochs,
     }
-    write_json(sw.output / "best_params.json", best_params)
+    members = top_members(ok, sw.final_ensemble, lambda tid: _checkpoint_file(_result_of(grid, tid), sw, tid))
     ckpt_file = None
-    ckpt_path = _checkpoint_file(result, sw, best["trial_id"])
-    if ckpt_path is not None:
+    if members:
         ckpt_file = sw.output / "best_model.pt"
-        save_checkpoint(export_best(read_checkpoint(ckpt_path)), ckpt_file)
-        if ckpt_path.parent == sw.output:  # the download from remote storage
-            ckpt_path.unlink(missing_ok=True)
+        ckpts = [c for _, c in members]
+        save_checkpoint(ckpts[0] if len(ckpts) == 1 else ensemble_checkpoint(ckpts), ckpt_file)
+    best_params["final_model"] = {
+        "asked": sw.final_ensemble,
+        "members": [{"trial_id": r["trial_id"], "value": float(r["best_objective"]), "best_epoch": int(r["best_epoch"]),
+                     "epochs_run": int(r["epochs_run"]), "arch": r.get("param.arch")} for r, _ in members]}
+    write_json(sw.output / "best_params.json", best_params)
     return {"table": df, "best": best_params, "checkpoint": ckpt_file}
+
+
+def _result_of(grid, trial_id: str):
+    return next(r for r in grid if (r.metrics or {}).get("trial_id", Path(r.path).name) == trial_id)
+
+
+def top_members(ranked, k: int, checkpoint_of) -> list[tuple[dict, dict]]:
+    """(trial row, its best epoch's predictor) of the top `k` trials of `ranked` (trial_table's
+    rows, best first) that left a checkpoint (`checkpoint_of(trial_id)`: its file or None). Each
+    member is whole, with its own config and preprocessing: a sweep's trials differ in
+    architecture and inputs."""
+    from xfer.checkpoint import export_best, read_checkpoint
+
+    members = []
+    for _, row in ranked.iterrows():
+        if len(members) == k:
+            break
+        path = checkpoint_of(row["trial_id"])
+        if path is None:
+            log.warning("trial %s left no checkpoint: not in best_model.pt", row["trial_id"])
+            continue
+        members.append((row.to_dict(), export_best(read_checkpoint(path))))
+        if path.name == ".best_checkpoint.pt":  # a download from remote storage
+            path.unlink(missing_ok=True)
+    return members
 
 
 def _checkpoint_file(result, sw: Sweep, trial_id: str) -> Path | None:
@@ -563,16 +595,16 @@ def _checkpoint_file(result, sw: Sweep, trial_id: str) -> Path | None:
 
 
 def score_best(sw: Sweep, checkpoint: Path) -> dict | None:
-    """The best trial's model on the four splits (test line only here) + baselines."""
-    from xfer.pipeline import baselines_for, evaluate_model, prepare
-    from xfer.checkpoint import load_checkpoint
+    """The sweep's final model (best_model.pt) on the four splits (test line only here) + baselines."""
+    from xfer.checkpoint import read_checkpoint
+    from xfer.pipeline import baselines_for, evaluate_checkpoint
 
-    model, cfg, _ = load_checkpoint(checkpoint)
-    args = Namespace(**sw.data_args)
-    p = prepare(args, cfg)
-    metrics = evaluate_model(model, p, sw.output)
+    ckpt = read_checkpoint(checkpoint)
+    metrics, p = evaluate_checkpoint(Namespace(**sw.data_args), ckpt, sw.output)
     metrics["baselines"] = baselines_for(p)
-    metrics["model"] = {"source": "best trial of the sweep", "objective": sw.objective_label, "config": cfg.to_flat()}
+    n = len(ckpt.get("ensemble", [ckpt]))
+    metrics["model"] = {"source": "best trial of the sweep" if n == 1 else f"the sweep's top {n} trials, averaged",
+                        "objective": sw.objective_label, "config": p.cfg.to_flat(), "n_members": n}
     write_json(sw.output / "metrics.json", metrics)
     return metrics
 

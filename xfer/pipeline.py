@@ -231,6 +231,28 @@ def evaluate_members(members: list[tuple[object, Prepared]], out: Path | None = 
     return res
 
 
+def evaluate_checkpoint(args, ckpt: dict, out: Path | None = None) -> tuple[dict, Prepared]:
+    """Score a saved predictor (one model, or an ensemble whose members may differ in config,
+    as a sweep's top trials do) the way `xfer train` scores what it trains: each member is
+    prepared with its own config from the same inputs. Returns (metrics, the first member's
+    Prepared, for the baselines)."""
+    from dataclasses import replace
+
+    from .checkpoint import build_model
+
+    loaded, prepared, members = {}, {}, []
+    for m in ckpt["ensemble"] if "ensemble" in ckpt else [ckpt]:
+        model, cfg = build_model(m)
+        key = (cfg.data.source_model, cfg.data.n_components)  # what the expression embedding depends on
+        if key not in loaded:
+            loaded[key] = load_for_training(args, cfg)
+        pkey = (repr(cfg.data), cfg.optim.seed)  # what the split and the preprocessing depend on
+        if pkey not in prepared:
+            prepared[pkey] = prepare_member(loaded[key], cfg)
+        members.append((model, replace(prepared[pkey], cfg=cfg)))
+    return evaluate_members(members, out), members[0][1]
+
+
 def run_train(args) -> dict:
     from .checkpoint import ensemble_checkpoint, save_checkpoint
     from .train import fit

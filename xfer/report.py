@@ -4,11 +4,11 @@ The page works offline: plotly.js is inlined once in its head and every figure
 is a plotly figure (the sweep's from `optuna.visualization`); nothing is fetched.
 
 - A sweep folder (sweep.json, trials.csv, optuna_study.db; metrics.json when the
-  best trial was scored): the trials table; every trial's objective per epoch
+  final model was scored): the trials table; every trial's objective per epoch
   (Optuna's intermediate values) with ASHA's rungs marked; parameter
   importances; parallel coordinates; each trial's objective against the
-  training line's validation metric; the best trial on the four splits beside
-  the baselines, with its confusion matrices.
+  training line's validation metric; the sweep's final model (best_model.pt)
+  on the four splits beside the baselines, with its confusion matrices.
 - An `xfer train` folder (metrics.json, training_history.json): the loss parts
   and validation curves per epoch, the four splits beside the baselines and the
   confusion matrices.
@@ -262,7 +262,9 @@ def sweep_report(folder: Path) -> tuple[str, list]:
                f"ranked by {objective}" + (f"; best trial {best.iloc[0]['trial_id']} "
                                            f"({best.iloc[0]['best_objective']:.4g})" if len(best) else ""))
     scored = (metrics_items(metrics) if metrics is not None else
-              [_note("no metrics.json: the sweep was given no test line to score its best trial on")])
+              [_note("no metrics.json: the sweep was given no test line to score its final model on")])
+    n = ((metrics or {}).get("model") or {}).get("n_members", 1)
+    final = "The best trial" if n == 1 else f"The final model (the top {n} trials averaged)"
     return f"xfer tune: {folder}", [
         ("Trials", [_note(summary), _table(table, index=False)]),
         ("Intermediate values", [_note("each trial's objective per epoch; dashed lines: ASHA's rungs"), inter]),
@@ -270,7 +272,7 @@ def sweep_report(folder: Path) -> tuple[str, list]:
         ("Parallel coordinates (each trial at its best epoch" +
          (f"; the {len(top)} most important parameters)" if top else ")"), [parallel]),
         ("Objective against the training line's metric", [scatter]),
-        ("The best trial on the four splits, beside the baselines", scored),
+        (f"{final} on the four splits, beside the baselines", scored),
     ]
 
 

@@ -1,0 +1,233 @@
+"""What a sweep returns: its best trial alone, or its top K trials averaged (`xfer tune --final_ensemble K`)?
+
+    python bench/bench_sweep_ensemble.py dev bench/_data/transfer --pairs 401 402 403 404   # choose K
+    python bench/bench_sweep_ensemble.py run bench/_data/transfer --pairs 501 502 503 504   # report
+    python bench/bench_sweep_ensemble.py report bench/results/bench_sweep_ensemble.json
+
+dev: the `--objective transfer` sweeps that bench_sweeps.py ran on pairs 401-404 (30 trials of
+up to 30 epochs; those pairs reported issue 12 and chose nothing about the final model).
+For each K in CANDIDATES, the top K trials' best epochs, averaged, are scored on the pair's
+test line by the product's own functions (`tune.sweep.top_members`, `ensemble_checkpoint`,
+`xfer.pipeline.evaluate_checkpoint`: what `xfer tune` writes as best_model.pt and scores).
+THE RULE, fixed here before any evaluation pair ran: the K with the highest mean PEAK-test
+balanced accuracy over the development pairs; a K within 0.001 of a smaller one loses to it.
+That K is `xfer tune`'s default (tune/cli.py); `run` refuses to start when they differ.
+
+run: on fresh evaluation pairs (bench_transfer.py's simulator, seeds never used before), each
+run exactly the command a user types:
+  sweep     `xfer tune --objective transfer`, 30 trials of up to 30 epochs, the default
+            final ensemble: its metrics.json is what a user gets
+  top1      the same sweep's best trial alone (K = 1), scored the same way (for reference)
+  defaults  `xfer train` with the shipped defaults (100 epochs, the ensemble of three):
+            what a user gets without a sweep
+beside the best plain PEAK baseline of each pair (picked after the fact, every one we have).
+The test line's labels are read only by the final scoring.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_sweeps import _call, _data, _summary  # noqa: E402
+
+CANDIDATES = (1, 2, 3, 4, 5, 8)
+TIE = 0.001
+
+
+def _sweep_checkpoints(sweep_dir: Path):
+    """trial id -> its newest checkpoint file in a finished sweep's local storage."""
+    name = json.loads((sweep_dir / "sweep.json").read_text())["name"]
+
+    def checkpoint_of(trial_id: str) -> Path | None:
+        found = sorted((sweep_dir / "ray_results" / name / trial_id).glob("checkpoint_*/checkpoint.pt"))
+        return found[-1] if found else None
+    return checkpoint_of
+
+
+def score_top(sweep_dir: Path, ks: tuple[int, ...]) -> dict:
+    """PEAK-test metrics of the top-K ensemble of a finished sweep, for each K."""
+    import pandas as pd
+    from tune.sweep import top_members
+    from xfer.checkpoint import ensemble_checkpoint
+    from xfer.pipeline import evaluate_checkpoint
+
+    sw = json.loads((sweep_dir / "sweep.json").read_text())
+    df = pd.read_csv(sweep_dir / "trials.csv")
+    ranked = df[df["status"] != "errored"].dropna(subset=["best_objective"]).sort_values(
+        "best_objective", ascending=False, kind="stable")
+    members = top_members(ranked, max(ks), _sweep_checkpoints(sweep_dir))
+    out = {}
+    for k in ks:  # as `xfer tune` does: up to k, when fewer trials reached an eligible epoch
+        ck = [c for _, c in members[:k]]
+        m, _ = evaluate_checkpoint(Namespace(**sw["data_args"]), ck[0] if len(ck) == 1 else ensemble_checkpoint(ck))
+        out[k] = {**m["peak_test"], "members": [r["trial_id"] for r, _ in members[:k]]}
+    return {"by_k": out, "n_ranked": len(ranked)}
+
+
+def choose(dev: dict) -> int:
+    """THE RULE (module docstring): highest mean dev PEAK-test balanced accuracy; ties to the smaller K."""
+    means = {k: sum(p["by_k"][str(k)]["balanced_accuracy"] for p in dev.values()) / len(dev)
+             for k in CANDIDATES if all(str(k) in p["by_k"] for p in dev.values())}
+    best = None
+    for k in sorted(means):
+        if best is None or means[k] > means[best] + TIE:
+            best = k
+    return best
+
+
+def cmd_dev(root: Path, pairs: list[int], sweeps: str, out_json: Path) -> None:
+    res = {"machine": f"{os.cpu_count()} CPU cores", "sweeps": sweeps, "candidates": list(CANDIDATES), "pairs": {}}
+    for p in pairs:
+        t = time.perf_counter()
+        r = score_top(root / sweeps / f"pair{p}" / "transfer", CANDIDATES)
+        res["pairs"][str(p)] = {"by_k": {str(k): v for k, v in r["by_k"].items()}, "n_ranked": r["n_ranked"]}
+        print(f"pair {p}: " + ", ".join(f"K={k} {v['balanced_accuracy']:.3f}" for k, v in r["by_k"].items())
+              + f" ({time.perf_counter() - t:.0f} s)", flush=True)
+    res["chosen"] = choose(res["pairs"])
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(res, indent=1))
+    print(f"chosen K = {res['chosen']}")
+
+
+def _default_k() -> int:
+    from xfer.cli import build_parser
+    return build_parser().parse_args(["tune", "--src_csv", "a", "--tgt_csv", "b", "--output_folder", "o"]).final_ensemble
+
+
+def cmd_run(root: Path, pairs: list[int], n_trials: int, epochs: int, num_cpus: int, dev_json: Path,
+            out_json: Path, part: str = "both") -> None:
+    """`part`: both, or only the sweeps or only the defaults (two lanes at once on one machine;
+    a later `both` run collects what they left, as finished runs are read, not repeated)."""
+    chosen, shipped = json.loads(dev_json.read_text())["chosen"], _default_k()
+    if chosen != shipped:
+        raise SystemExit(f"{dev_json} chose K = {chosen} but xfer tune's default is {shipped}: ship the rule's K first")
+    res = json.loads(out_json.read_text()) if out_json.exists() else {}
+    res.update({"machine": f"{os.cpu_count()} CPU cores", "n_trials": n_trials, "epochs": epochs, "final_ensemble": chosen})
+    res.setdefault("pairs", {})
+    for p in pairs:
+        pd_, base = root / f"pair{p}", root / "sweep_ensemble" / f"pair{p}"
+        base.mkdir(parents=True, exist_ok=True)
+        r = res["pairs"].get(str(p), {})
+        if part in ("both", "defaults"):
+            m = _call(["train", *_data(pd_), "--device", "cpu", "--output_folder", str(base / "defaults")],
+                      base / "defaults", base / "defaults.log")
+            r["defaults"] = {**_summary(m), "seconds": m["model"]["wall_seconds"]}
+            r["settings"] = json.loads((pd_ / "settings.json").read_text())
+        if part == "defaults":
+            res["pairs"][str(p)] = r
+            out_json.parent.mkdir(parents=True, exist_ok=True)
+            out_json.write_text(json.dumps(res, indent=1))
+            continue
+        m = _call(["tune", *_data(pd_), "--objective", "transfer", "--n_trials", str(n_trials), "--search_epochs",
+                   str(epochs), "--num_cpus", str(num_cpus), "--output_folder", str(base / "sweep"),
+                   "--name", f"ens_{p}"], base / "sweep", base / "sweep.log")
+        r["sweep"] = {**_summary(m), "n_members": m["model"]["n_members"],
+                      "final_model": json.loads((base / "sweep" / "best_params.json").read_text())["final_model"]}
+        top1 = score_top(base / "sweep", (1,))["by_k"][1]
+        r["top1"] = {**_summary({"peak_test": top1, "baselines": m["baselines"]}), "trial": top1["members"][0]}
+        res["pairs"][str(p)] = r
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        out_json.write_text(json.dumps(res, indent=1))
+    if part == "both":
+        print(report(out_json))
+
+
+def _se(r: dict) -> float:
+    v = r["peak_test"]
+    return math.sqrt(v * (1 - v) / r["n"])
+
+
+def report(path: Path, dev_path: Path | None = None) -> str:
+    lines = []
+    dev_path = dev_path or path.with_name(path.stem + "_dev.json")
+    if dev_path.exists():
+        dev = json.loads(dev_path.read_text())
+        dp = sorted(dev["pairs"], key=int)
+        lines += ["Development (PEAK-test balanced accuracy of the top-K trials averaged):", "",
+                  "| K | " + " | ".join(f"pair {p}" for p in dp) + " | mean |", "|---|" + "---|" * (len(dp) + 1)]
+        for k in dev["candidates"]:
+            vals = [dev["pairs"][p]["by_k"].get(str(k), {}).get("balanced_accuracy") for p in dp]
+            if None in vals:
+                continue
+            mark = " **(rule's pick)**" if k == dev["chosen"] else ""
+            lines.append(f"| {k}{mark} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {sum(vals) / len(vals):.3f} |")
+        lines.append("")
+    if not path.exists():
+        return "\n".join(lines)
+    d = json.loads(path.read_text())
+    pairs = sorted(d["pairs"], key=int)
+    k = d["final_ensemble"]
+    lines += [f"Evaluation: {d['n_trials']} trials of up to {d['epochs']} epochs per sweep; PEAK-test balanced "
+              "accuracy ± SE", "",
+              f"| pair | cells A / B | sweep (top {k}, what `xfer tune` returns) | its best trial alone | shipped "
+              "defaults (`xfer train`) | best plain baseline | sweep − defaults | sweep − baseline |",
+              "|---|---|---|---|---|---|---|---|"]
+    dd, db, above_d, above_b = [], [], 0, 0
+    for p in pairs:
+        r = d["pairs"][p]
+        s, t, f = r["sweep"], r["top1"], r["defaults"]
+        sz = r["settings"]["size"]
+        a, b = s["peak_test"] - f["peak_test"], s["peak_test"] - s["best_baseline_value"]
+        dd.append(a)
+        db.append(b)
+        above_d += a > 0
+        above_b += b > 0
+        lines.append(f"| {p} | {sz['n_cells_a']} / {sz['n_cells_b']} | {s['peak_test']:.3f} ± {_se(s):.3f} | "
+                     f"{t['peak_test']:.3f} | {f['peak_test']:.3f} ± {_se(f):.3f} | {s['best_baseline_value']:.3f} "
+                     f"({s['best_baseline']}) | {a:+.3f} | {b:+.3f} |")
+    n = len(pairs)
+
+    def sd(x):
+        m = sum(x) / len(x)
+        return math.sqrt(sum((v - m) ** 2 for v in x) / (len(x) - 1) / len(x)) if len(x) > 1 else float("nan")
+    lines += ["", f"sweep − shipped defaults: mean {sum(dd) / n:+.3f} ± {sd(dd):.3f} (SE over pairs), above on "
+              f"{above_d} of {n}; sweep − best plain baseline: mean {sum(db) / n:+.3f} ± {sd(db):.3f}, above on "
+              f"{above_b} of {n}", "",
+              "| pair | model | accuracy | balanced accuracy | macro-F1 | majority-class rate |", "|---|---|---|---|---|---|"]
+    for p in pairs:
+        r = d["pairs"][p]
+        for name in ("sweep", "top1", "defaults"):
+            x = r[name]
+            if "accuracy" in x:
+                lines.append(f"| {p} | {name} | {x['accuracy']:.3f} | {x['peak_test']:.3f} | {x['macro_f1']:.3f} | "
+                             f"{x['majority_rate']:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    from _cli import pairs_cli
+
+    def dev_options(d):
+        d.add_argument("--sweeps", default="sweeps/n30_e30", help="bench_sweeps.py's sweeps under ROOT")
+        d.add_argument("--json", default="bench/results/bench_sweep_ensemble_dev.json")
+
+    def run_options(r):
+        r.add_argument("--n_trials", type=int, default=30)
+        r.add_argument("--epochs", type=int, default=30)
+        r.add_argument("--num_cpus", type=int, default=2)
+        r.add_argument("--dev_json", default="bench/results/bench_sweep_ensemble_dev.json")
+        r.add_argument("--json", default="bench/results/bench_sweep_ensemble.json")
+        r.add_argument("--part", choices=("both", "sweep", "defaults"), default="both",
+                       help="only the sweeps or only the defaults (two lanes at once; then `both` collects)")
+
+    args = pairs_cli(__doc__, run_options, more={"dev": dev_options})
+    if args.cmd == "dev":
+        cmd_dev(Path(args.root).resolve(), args.pairs, args.sweeps, Path(args.json))
+    elif args.cmd == "run":
+        cmd_run(Path(args.root).resolve(), args.pairs, args.n_trials, args.epochs, args.num_cpus,
+                Path(args.dev_json), Path(args.json), args.part)
+    else:
+        print(report(Path(args.json)))
+
+
+if __name__ == "__main__":
+    main()
