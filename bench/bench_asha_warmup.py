@@ -1,0 +1,136 @@
+"""Should ASHA judge a trial before its warm-up ends? A replay on development curves only.
+
+    python bench/bench_asha_warmup.py bench/results/bench_selection_dev.json [--sweeps 200] [--json FILE]
+
+bench_selection.py trained 48 configurations of the default search space for all 30 epochs on
+development pairs 101 and 102 and kept every epoch's objective (`agreement`), its warm-up
+factor and the PEAK-test balanced accuracy (`truth`, read here only to score the pick). Each
+replayed sweep draws 30 of the 48 (the shipped defaults first, as `xfer tune` does; the rest
+in a random order), runs them 2 at a time with each epoch lasting its measured time, and
+lets a scheduler stop trials at its rungs (grace 3, reduction factor 2, max_t 30: `xfer tune
+--search_epochs 30`'s defaults). The sweep's pick is the trial with the best objective over its
+eligible epochs (after its warm-up, or its 30th epoch), as trials.csv ranks.
+
+  asha         Ray's AsyncHyperBandScheduler as `xfer tune` runs it (bench_asha.Asha, checked
+               against Ray's own decisions there): every trial judged at every rung it reaches
+  asha_warm    the same, except that a trial still in its warm-up at a rung is neither judged
+               nor recorded there: it is judged at the first rung it reaches with the
+               adaptation fully on (or runs on when none is left)
+  fifo         every trial runs all 30 epochs
+
+Only development pairs: this chooses nothing shipped; it says what a real sweep with the
+second scheduler should be evaluated on.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_asha import Asha  # noqa: E402
+
+MAX_T, GRACE, RF, SLOTS, N_TRIALS = 30, 3, 2, 2, 30
+
+
+def _eligible(h: list[dict], upto: int) -> list[int]:
+    """Epochs (1-based) a trial that ran `upto` epochs may choose: fully warmed, or the 30th."""
+    return [e for e in range(1, upto + 1) if h[e - 1]["warmup"] >= 1.0 or e == MAX_T]
+
+
+def replay(runs: list[dict], policy: str) -> dict:
+    """One sweep over `runs` in order: epochs run, the pick and its truth."""
+    sched = Asha(GRACE, RF, MAX_T) if policy != "fifo" else None
+    upto = {}
+    events, t_free, nxt = [], [0.0] * SLOTS, 0
+
+    def start(slot: int, t0: float) -> None:
+        nonlocal nxt
+        if nxt < len(runs):
+            i, nxt = nxt, nxt + 1
+            heapq.heappush(events, (t0 + runs[i]["epoch_s"], i, 1, slot))
+
+    for s in range(SLOTS):
+        start(s, 0.0)
+    while events:
+        t, i, e, slot = heapq.heappop(events)
+        h = runs[i]["history"]
+        upto[i] = e
+        stop = e >= MAX_T
+        if sched is not None:
+            warm = h[e - 1]["warmup"] >= 1.0
+            if policy == "asha_warm" and not warm and e < MAX_T:
+                stop = False  # not judged, not recorded: judged at its first warmed rung
+            else:
+                stop = sched.on_result(str(i), e, h[e - 1]["agreement"])
+        if stop:
+            start(slot, t)
+        else:
+            heapq.heappush(events, (t + runs[i]["epoch_s"], i, e + 1, slot))
+    best = None
+    for i, n in upto.items():
+        h = runs[i]["history"]
+        el = _eligible(h, n)
+        if not el:
+            continue
+        e = max(el, key=lambda k: h[k - 1]["agreement"])
+        if best is None or h[e - 1]["agreement"] > best[0]:
+            best = (h[e - 1]["agreement"], i, e)
+    _, i, e = best
+    return {"epochs": sum(upto.values()), "truth": runs[i]["history"][e - 1]["truth"],
+            "ranked": sum(bool(_eligible(runs[j]["history"], n)) for j, n in upto.items())}
+
+
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("dev_json")
+    ap.add_argument("--sweeps", type=int, default=200, help="replayed sweeps per pair (random trial orders)")
+    ap.add_argument("--json", default="bench/results/bench_asha_warmup.json")
+    args = ap.parse_args()
+    d = json.loads(Path(args.dev_json).read_text())
+    out = {"source": args.dev_json, "sweeps": args.sweeps, "grace": GRACE, "rf": RF, "max_t": MAX_T,
+           "slots": SLOTS, "n_trials": N_TRIALS, "pairs": {}}
+    for pair in d["pairs"]:
+        runs = sorted((r for r in d["runs"] if r["pair"] == pair), key=lambda r: r["config"])
+        for r in runs:
+            r["epoch_s"] = r["seconds"] / len(r["history"])
+        best_truth = max(max(h["truth"] for h in r["history"]) for r in runs)
+        rng = random.Random(pair)
+        res = {p: [] for p in ("asha", "asha_warm", "fifo")}
+        for _ in range(args.sweeps):
+            order = [runs[0]] + rng.sample(runs[1:], N_TRIALS - 1)  # config 0: the shipped defaults
+            for p in res:
+                res[p].append(replay(order, p))
+        summ = {}
+        for p, rs in res.items():
+            tr = np.array([r["truth"] for r in rs])
+            summ[p] = {"truth_mean": float(tr.mean()), "truth_se": float(tr.std(ddof=1) / np.sqrt(len(tr))),
+                       "epochs_mean": float(np.mean([r["epochs"] for r in rs])),
+                       "ranked_mean": float(np.mean([r["ranked"] for r in rs]))}
+        diff = np.array([a["truth"] - b["truth"] for a, b in zip(res["asha_warm"], res["asha"])])
+        summ["asha_warm_minus_asha"] = {"mean": float(diff.mean()), "se": float(diff.std(ddof=1) / np.sqrt(len(diff))),
+                                        "better": int((diff > 0).sum()), "worse": int((diff < 0).sum())}
+        summ["defaults_truth"] = float(runs[0]["history"][max(_eligible(runs[0]["history"], MAX_T),
+                                                              key=lambda k: runs[0]["history"][k - 1]["agreement"]) - 1]
+                                       ["truth"])
+        summ["best_of_48_truth_any_epoch"] = best_truth
+        out["pairs"][str(pair)] = summ
+        print(f"pair {pair}: " + "; ".join(
+            f"{p} truth {summ[p]['truth_mean']:.4f} ± {summ[p]['truth_se']:.4f}, {summ[p]['epochs_mean']:.0f} epochs, "
+            f"{summ[p]['ranked_mean']:.1f} ranked" for p in ("asha", "asha_warm", "fifo"))
+              + f"; warm − asha {summ['asha_warm_minus_asha']['mean']:+.4f} ± {summ['asha_warm_minus_asha']['se']:.4f}"
+              f" (better in {summ['asha_warm_minus_asha']['better']}, worse in {summ['asha_warm_minus_asha']['worse']})"
+              f"; defaults alone {summ['defaults_truth']:.4f}", flush=True)
+    Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
