@@ -48,7 +48,7 @@ def replay(runs: list[dict], policy: str) -> dict:
     """One sweep over `runs` in order: epochs run, the pick and its truth."""
     sched = Asha(GRACE, RF, MAX_T) if policy != "fifo" else None
     upto = {}
-    events, t_free, nxt = [], [0.0] * SLOTS, 0
+    events, nxt = [], 0
 
     def start(slot: int, t0: float) -> None:
         nonlocal nxt
