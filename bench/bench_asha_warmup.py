@@ -1,6 +1,7 @@
-"""Should ASHA judge a trial before its warm-up ends? A replay on development curves only.
+"""Should ASHA judge a trial before its warm-up ends? A replay on development curves, then real sweeps.
 
-    python bench/bench_asha_warmup.py bench/results/bench_selection_dev.json [--sweeps 200] [--json FILE]
+    python bench/bench_asha_warmup.py replay bench/results/bench_selection_dev.json [--sweeps 200]
+    python bench/bench_asha_warmup.py sweeps bench/_data/transfer --pairs 504 503 502 501
 
 bench_selection.py trained 48 configurations of the default search space for all 30 epochs on
 development pairs 101 and 102 and kept every epoch's objective (`agreement`), its warm-up
@@ -18,8 +19,10 @@ eligible epochs (after its warm-up, or its 30th epoch), as trials.csv ranks.
                adaptation fully on (or runs on when none is left)
   fifo         every trial runs all 30 epochs
 
-Only development pairs: this chooses nothing shipped; it says what a real sweep with the
-second scheduler should be evaluated on.
+The replay uses development pairs only and chooses nothing shipped. `sweeps` then runs the
+real thing on the evaluation pairs of bench_sweep_ensemble.py (501-504), whose plain-ASHA
+sweeps it reuses: the same command with `--asha_after_warmup` (an option, off by default),
+its final model scored as `xfer tune` scores it. The test line's labels only score.
 """
 
 from __future__ import annotations
@@ -87,14 +90,7 @@ def replay(runs: list[dict], policy: str) -> dict:
             "ranked": sum(bool(_eligible(runs[j]["history"], n)) for j, n in upto.items())}
 
 
-def main() -> None:
-    import argparse
-
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("dev_json")
-    ap.add_argument("--sweeps", type=int, default=200, help="replayed sweeps per pair (random trial orders)")
-    ap.add_argument("--json", default="bench/results/bench_asha_warmup.json")
-    args = ap.parse_args()
+def cmd_replay(args) -> None:
     d = json.loads(Path(args.dev_json).read_text())
     out = {"source": args.dev_json, "sweeps": args.sweeps, "grace": GRACE, "rf": RF, "max_t": MAX_T,
            "slots": SLOTS, "n_trials": N_TRIALS, "pairs": {}}
@@ -130,6 +126,52 @@ def main() -> None:
               f" (better in {summ['asha_warm_minus_asha']['better']}, worse in {summ['asha_warm_minus_asha']['worse']})"
               f"; defaults alone {summ['defaults_truth']:.4f}", flush=True)
     Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+def cmd_sweeps(root: Path, pairs: list[int], out_json: Path) -> None:
+    import pandas as pd
+
+    from bench_sweeps import _call, _data, _summary
+
+    res = json.loads(out_json.read_text()) if out_json.exists() else {"pairs": {}}
+    for p in pairs:
+        base = root / "sweep_ensemble" / f"pair{p}"
+        plain = json.loads((base / "sweep" / "sweep.json").read_text())
+        _call(["tune", *_data(root / f"pair{p}"), "--objective", "transfer", "--n_trials", str(plain["n_trials"]),
+                   "--search_epochs", str(plain["search_epochs"]), "--num_cpus", "2", "--asha_after_warmup",
+                   "--output_folder", str(base / "sweep_warm"), "--name", f"warm_{p}"],
+                  base / "sweep_warm", base / "sweep_warm.log")
+        r = {}
+        for arm, d in (("asha", base / "sweep"), ("asha_after_warmup", base / "sweep_warm")):
+            df = pd.read_csv(d / "trials.csv")
+            mm = json.loads((d / "metrics.json").read_text())
+            r[arm] = {**_summary(mm), "epochs_run": int(df["epochs_run"].sum()),
+                      "ranked": int(df["best_objective"].notna().sum()), "n_trials": len(df),
+                      "best_objective": float(df["best_objective"].max())}
+        res["pairs"][str(p)] = r
+        out_json.write_text(json.dumps(res, indent=1))
+        print(f"pair {p}: " + "; ".join(f"{a} {v['peak_test']:.3f} ({v['epochs_run']} epochs, {v['ranked']} ranked)"
+                                       for a, v in r.items()), flush=True)
+
+
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    rp = sub.add_parser("replay")
+    rp.add_argument("dev_json")
+    rp.add_argument("--sweeps", type=int, default=200, help="replayed sweeps per pair (random trial orders)")
+    rp.add_argument("--json", default="bench/results/bench_asha_warmup.json")
+    sw = sub.add_parser("sweeps")
+    sw.add_argument("root")
+    sw.add_argument("--pairs", type=int, nargs="+", required=True)
+    sw.add_argument("--json", default="bench/results/bench_asha_warmup_sweeps.json")
+    args = ap.parse_args()
+    if args.cmd == "replay":
+        cmd_replay(args)
+    else:
+        cmd_sweeps(Path(args.root).resolve(), args.pairs, Path(args.json))
 
 
 if __name__ == "__main__":

@@ -188,3 +188,79 @@ def test_checkpoint_policy_keeps_the_best_weights_wherever_asha_stops():
             best = max((e for e in improved if e <= stop), default=0)
             if stop == epochs or best:
                 assert saved and saved[-1] >= best, (stop, improved, saved)
+
+
+def _ray_judged_epochs(after_warmup: bool, warm_from: int, rungs=(3, 6, 12, 24), max_t: int = 30) -> tuple:
+    """(epochs at which Ray's scheduler recorded the trial at a rung, epochs it said STOP) for one
+    trial reporting every epoch beside rivals that set high cutoffs (so a judged trial is stopped
+    unless it reports well)."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from tune.searcher import AfterWarmupASHA
+
+    class _T:
+        def __init__(self, tid):
+            self.trial_id = tid
+
+    s = AfterWarmupASHA(time_attr="epoch", metric="objective", mode="max", max_t=max_t, grace_period=rungs[0],
+                        reduction_factor=2, after_warmup=after_warmup)
+    rivals = [_T(f"r{i}") for i in range(4)]
+    me = _T("me")
+    for t in (*rivals, me):
+        s.on_trial_add(None, t)
+    for t in rivals:
+        for e in range(1, max_t):
+            s.on_trial_result(None, t, {"epoch": e, "objective": 0.9, "warmup": 1.0})
+    judged, stops = [], []
+    for e in range(1, max_t + 1):
+        before = sum("me" in rec for _, rec in s._trial_info["me"]._rungs)
+        a = s.on_trial_result(None, me, {"epoch": e, "objective": 0.1, "warmup": min(1.0, e / warm_from)})
+        if sum("me" in rec for _, rec in s._trial_info["me"]._rungs) > before:
+            judged.append(e)
+        if a == TrialScheduler.STOP:
+            stops.append(e)
+    return judged, stops
+
+
+def test_asha_after_warmup_judges_a_trial_only_once_warmed_and_the_policy_knows_when():
+    """`--asha_after_warmup`: Ray's scheduler neither judges nor stops a trial while its warm-up
+    is on; CheckpointPolicy.judged predicts the epochs at which it is judged (where it may be
+    stopped, so where its best weights must be in storage), with and without the option."""
+    from tune.trainable import CheckpointPolicy
+
+    for after in (False, True):
+        for warm_from in (1, 5, 6, 11, 20, 29):
+            judged, stops = _ray_judged_epochs(after, warm_from)
+            p = CheckpointPolicy(0, rungs=(3, 6, 12, 24), after_warmup=after)
+            # before max_t (there the trial ends anyway, and its last epoch always checkpoints)
+            mine = [e for e in range(1, 30) if p.judged(e, min(1.0, e / warm_from) >= 1.0)]
+            assert mine == judged, (after, warm_from, mine, judged)
+            if after:
+                assert all(e >= warm_from for e in judged + stops), (warm_from, judged, stops)
+            assert not stops or stops[0] == judged[0]  # a poor trial goes at its first judgment
+    assert _ray_judged_epochs(False, 11)[0] == [3, 6, 12, 24]
+    assert _ray_judged_epochs(True, 11)[0][0] == 11          # between rungs: recorded at rung 6
+
+
+def test_checkpoint_policy_keeps_the_best_weights_wherever_asha_after_warmup_stops():
+    import random
+
+    from tune.trainable import CheckpointPolicy
+
+    rng = random.Random(1)
+    rungs, epochs = (3, 6, 12, 24), 30
+    for _ in range(200):
+        warm_from = rng.randint(1, 25)
+        improved = {e for e in range(warm_from, epochs + 1) if rng.random() < 0.3} | {warm_from}
+        ref = CheckpointPolicy(0, rungs=rungs, after_warmup=True)
+        may_stop = [e for e in range(1, epochs + 1) if ref.judged(e, e >= warm_from)]
+        for stop in (*may_stop, epochs):
+            p = CheckpointPolicy(rng.choice([0, 1, 5, 25]), rungs=rungs, after_warmup=True)
+            saved = []
+            for e in range(1, stop + 1):
+                m = {"epoch": e, "improved": e in improved, "epoch_seconds": 0.5, "warmup": 1.0 if e >= warm_from else 0.5}
+                if p.due(m, last=e == epochs):
+                    p.saved(e, rng.uniform(0.001, 1))
+                    saved.append(e)
+            best = max((e for e in improved if e <= stop), default=0)
+            assert saved and saved[-1] >= best, (warm_from, stop, improved, saved)

@@ -186,6 +186,28 @@ def test_bad_space_fails_before_any_trial(tmp_path, store):
     assert not (out / "sweep.json").exists() and not (out / "ray_results").exists()
 
 
+def test_asha_after_warmup_never_stops_a_trial_before_it_can_be_chosen(tmp_path, store):
+    """`--asha_after_warmup`: with a 3-epoch warm-up (the adaptation fully on from epoch 4) and
+    rungs at 1, 2 and 4, no trial is stopped before epoch 4, so every trial has an eligible
+    epoch to be ranked by; best_model.pt still holds each member's best epoch."""
+    out = tmp_path / "sweep"
+    r = subprocess.run(XFER + _tune_args(store, out, "--n_trials", "5", "--search_epochs", "6", "--grace_period", "1",
+                                         "--reduction_factor", "2", "--set=warmup_epochs=3", "--asha_after_warmup",
+                                         "--final_ensemble", "2"),
+                       env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "sweep.json").read_text())["asha_after_warmup"] is True
+    df = pd.read_csv(out / "trials.csv")
+    assert len(df) == 5 and (df["status"] != "errored").all()
+    assert (df["epochs_run"] >= 4).all(), df[["trial_id", "status", "epochs_run"]]
+    assert df["best_objective"].notna().all() and (df["best_epoch"] >= 4).all()
+    import torch
+    ck = torch.load(out / "best_model.pt", weights_only=True)
+    top = df.set_index("trial_id").loc[[m["trial_id"] for m in
+                                        json.loads((out / "best_params.json").read_text())["final_model"]["members"]]]
+    assert [m["epoch"] for m in ck["ensemble"]] == list(top["best_epoch"])
+
+
 @pytest.mark.parametrize("k", ["0", "33"])
 def test_final_ensemble_outside_1_to_32_fails_before_anything_is_written(tmp_path, store, k):
     out = tmp_path / "sweep"

@@ -23,6 +23,10 @@ def register(sub) -> None:
     g.add_argument("--space", help="search space file (YAML/JSON, see tune/space.py); default: the built-in space")
     g.add_argument("--grace_period", type=int, default=0, help="ASHA grace period in epochs (default search_epochs/8)")
     g.add_argument("--reduction_factor", type=int, default=2, help="ASHA reduction factor (default 2)")
+    g.add_argument("--asha_after_warmup", action=argparse.BooleanOptionalAction, default=False,
+                   help="ASHA judges a trial only once its adaptation is fully on (after its searched warm-up); "
+                        "about twice the epochs of plain ASHA (BENCHMARKS.md, 'Judging trials only after their "
+                        "warm-up'; default off)")
     g.add_argument("--checkpoint_every", type=int, default=0,
                    help="checkpoint every N epochs; 0 (default): as often as keeps writing within 5%% of a trial's "
                         "compute (and at the end, and at an ASHA rung after a new best epoch)")

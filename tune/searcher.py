@@ -61,6 +61,7 @@ from typing import Dict, Mapping, Optional
 import optuna
 import ray
 from optuna.trial import TrialState
+from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
@@ -381,3 +382,20 @@ class SweepSearchGenerator(SearchGenerator):
         base = gi.base()
         if isinstance(base, EpochAwareOptunaSearch):
             base.reconcile(trials)
+
+
+class AfterWarmupASHA(AsyncHyperBandScheduler):
+    """Ray's ASHA; with `after_warmup` (`xfer tune --asha_after_warmup`) a trial is neither
+    judged nor recorded at a rung while its adaptation is still warming up (`warmup` < 1 in
+    its report): Ray's rule judges it at the first epoch it reports warmed, at the highest
+    rung it has passed unjudged. Without it, exactly ASHAScheduler."""
+
+    def __init__(self, *args, after_warmup: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.after_warmup = after_warmup
+
+    def on_trial_result(self, tune_controller, trial, result: Dict) -> str:
+        if (self.after_warmup and float(result.get("warmup", 1.0)) < 1.0
+                and result.get(self._time_attr, 0) < self._max_t):
+            return TrialScheduler.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)

@@ -97,6 +97,7 @@ class Sweep:
     storage_uri: str = ""               # Tune's storage (results, checkpoints): a path or URI; "" = output/ray_results
     reuse_actors: bool = True           # fast path: Tune reuses a trial's actor for the next (tune/trainable.py)
     final_ensemble: int = 1             # best_model.pt averages the top K trials (1 in sweeps saved before it)
+    asha_after_warmup: bool = False     # ASHA judges a trial only once its adaptation is fully on
 
     @property
     def objective_label(self) -> str:
@@ -224,7 +225,8 @@ def new_sweep(args) -> Sweep:
         checkpoint_every=args.checkpoint_every, max_failures=args.max_failures, seed=base["seed"],
         data_args={k: getattr(args, k, None) for k in DATA_FLAGS}, objective=objective,
         objective_setting=base["objective"], storage_uri=storage,
-        reuse_actors=bool(getattr(args, "reuse_actors", True)), final_ensemble=args.final_ensemble)
+        reuse_actors=bool(getattr(args, "reuse_actors", True)), final_ensemble=args.final_ensemble,
+        asha_after_warmup=bool(getattr(args, "asha_after_warmup", False)))
 
 
 def _check_storage(storage: str | None) -> str:
@@ -348,12 +350,13 @@ def make_trainable(sw: Sweep):
     rungs = tuple(asha_rungs(sw.grace_period, sw.reduction_factor, sw.search_epochs))  # where ASHA may stop a trial
     if sw.trainer == "function":
         fn = partial(function_trial, spec=sw.spec, base=sw.base, checkpoint_every=sw.checkpoint_every,
-                     rungs=rungs)
+                     rungs=rungs, after_warmup=sw.asha_after_warmup)
         return labelled(tune.with_resources(fn, {"cpu": sw.cpus_per_trial, "gpu": sw.gpus_per_trial}))
     per_worker = {"CPU": max(0.01, sw.cpus_per_trial / sw.num_workers - 0.01)}
     if sw.gpus_per_trial > 0:
         per_worker["GPU"] = sw.gpus_per_trial / sw.num_workers
     fn = partial(trainer_trial, spec=sw.spec, base=sw.base, checkpoint_every=sw.checkpoint_every, rungs=rungs,
+                 after_warmup=sw.asha_after_warmup,
                  num_workers=sw.num_workers, resources_per_worker=per_worker,
                  train_storage=_train_storage(sw))
     return labelled(tune.with_resources(fn, {"cpu": 0.01}))
@@ -401,10 +404,9 @@ def make_tuner(sw: Sweep, restore: bool, verbose: bool = False, progress_every: 
     instead of the compact progress display (see `display`)."""
     import optuna
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
 
-    from .searcher import EpochAwareOptunaSearch, SweepSearchGenerator
+    from .searcher import AfterWarmupASHA, EpochAwareOptunaSearch, SweepSearchGenerator
     from .trainable import KEEP_CHECKPOINTS
 
     trainable = make_trainable(sw)
@@ -433,8 +435,8 @@ def make_tuner(sw: Sweep, restore: bool, verbose: bool = False, progress_every: 
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=SweepSearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=n_slots)),
-            scheduler=ASHAScheduler(time_attr="epoch", max_t=sw.search_epochs, grace_period=sw.grace_period,
-                                    reduction_factor=sw.reduction_factor),
+            scheduler=AfterWarmupASHA(time_attr="epoch", max_t=sw.search_epochs, grace_period=sw.grace_period,
+                                      reduction_factor=sw.reduction_factor, after_warmup=sw.asha_after_warmup),
             metric="objective", mode="max", num_samples=sw.n_trials,
             reuse_actors=sw.trainer == "function" and sw.reuse_actors,
             trial_dirname_creator=lambda t: t.trial_id,

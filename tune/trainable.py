@@ -134,9 +134,13 @@ class CheckpointPolicy:
     with the best epoch's weights, which stay on the device between checkpoints).
 
     - At the last epoch (all epochs, or stopped early by patience).
-    - At each of ASHA's rungs (`rungs`: the epochs where ASHA may stop the trial) when the best
-      epoch changed since the last checkpoint, so the best weights are in storage wherever ASHA
-      stops the trial (the sweep exports the best trial's best weights from its last checkpoint).
+    - At each epoch where ASHA may stop the trial, when the best epoch changed since the last
+      checkpoint, so the best weights are in storage wherever ASHA stops the trial (the sweep
+      exports its top trials' best weights from their last checkpoints). Those epochs follow
+      Ray's rule: an epoch at or past a rung of `rungs` where the trial has not been judged yet
+      (the highest such rung is then judged); with `after_warmup` (`xfer tune
+      --asha_after_warmup`) only epochs with the adaptation fully on count, so the first judged
+      epoch may fall between rungs.
     - Periodically, for resume after a failure: `every` epochs after the last checkpoint, or with `every` = 0
       (auto, the default) as often as keeps writing within `budget` (5 %) of the trial's compute:
       after each write the interval becomes ceil(write seconds / (budget x mean epoch seconds)),
@@ -148,10 +152,12 @@ class CheckpointPolicy:
     50-epoch trial (76 MB each for the default model on seed-sized data; BENCHMARKS.md).
     """
 
-    def __init__(self, every: int = 0, rungs=(), *, budget: float = 0.05, max_every: int = 25, first: int = 5):
+    def __init__(self, every: int = 0, rungs=(), *, budget: float = 0.05, max_every: int = 25, first: int = 5,
+                 after_warmup: bool = False):
         self.fixed = int(every) > 0
         self.every = int(every) if self.fixed else first
-        self.rungs = frozenset(int(r) for r in rungs)
+        self.pending = sorted(int(r) for r in rungs)   # rungs ASHA has not judged this trial at yet
+        self.after_warmup = after_warmup
         self.budget, self.max_every = budget, max_every
         self.last_saved = 0          # the epoch of the last checkpoint (0: none in this run)
         self.dirty = False           # a best epoch since the last checkpoint
@@ -163,7 +169,23 @@ class CheckpointPolicy:
             self.dirty = True
         if isinstance(m.get("epoch_seconds"), (int, float)):
             self.epoch_seconds.append(float(m["epoch_seconds"]))
-        return last or (self.dirty and epoch in self.rungs) or epoch - self.last_saved >= self.every
+        judged = self.judged(epoch, float(m.get("warmup", 1.0)) >= 1.0)
+        return last or (self.dirty and judged) or epoch - self.last_saved >= self.every
+
+    def judged(self, epoch: int, warm: bool) -> bool:
+        """Whether ASHA judges (and may stop) the trial at this epoch, as Ray's
+        AsyncHyperBandScheduler decides with a report every epoch; call once per epoch."""
+        if self.after_warmup and not warm:
+            return False
+        below = [r for r in self.pending if r <= epoch]
+        if below:
+            self.pending.remove(max(below))
+        return bool(below)
+
+    def resumed_at(self, epoch: int) -> None:
+        """After a restore at `epoch`: its rungs were judged before (the driver kept ASHA's state)."""
+        self.last_saved = int(epoch)
+        self.pending = [r for r in self.pending if r > epoch]
 
     def saved(self, epoch: int, seconds: float) -> None:
         self.last_saved, self.dirty = int(epoch), False
@@ -173,7 +195,8 @@ class CheckpointPolicy:
 
 
 def _run(params: dict, spec: dict, base: dict, checkpoint_every: int, device: str,
-         get_checkpoint: Callable, report: Callable, is_rank0: bool = True, rungs=()) -> None:
+         get_checkpoint: Callable, report: Callable, is_rank0: bool = True, rungs=(),
+         after_warmup: bool = False) -> None:
     cfg = trial_config(base, params)
     data = load_trial_data(DataSpec(**spec), cfg)
     resume = None
@@ -182,9 +205,9 @@ def _run(params: dict, spec: dict, base: dict, checkpoint_every: int, device: st
         with ckpt.as_directory() as d:
             resume = read_checkpoint(Path(d) / CHECKPOINT_FILE)
     epochs = cfg.optim.epochs
-    policy = CheckpointPolicy(checkpoint_every, rungs)
+    policy = CheckpointPolicy(checkpoint_every, rungs, after_warmup=after_warmup)
     if resume is not None:
-        policy.last_saved = int(resume["epoch"])
+        policy.resumed_at(int(resume["epoch"]))
 
     def on_epoch(metrics: dict, make_checkpoint) -> None:
         m = _scalars(metrics)
@@ -207,7 +230,8 @@ def _threads(n_cpus: float) -> None:
     torch.set_num_threads(max(1, int(n_cpus)))
 
 
-def function_trial(params: dict, *, spec: dict, base: dict, checkpoint_every: int = 0, rungs=()) -> None:
+def function_trial(params: dict, *, spec: dict, base: dict, checkpoint_every: int = 0, rungs=(),
+                   after_warmup: bool = False) -> None:
     """Tune function trainable (fast path)."""
     import ray
     from ray import tune
@@ -226,7 +250,8 @@ def function_trial(params: dict, *, spec: dict, base: dict, checkpoint_every: in
         tune.report({**m, "node_id": node_id},
                     checkpoint=tune.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
 
-    _run(params, spec, base, checkpoint_every, device, tune.get_checkpoint, report, rungs=rungs)
+    _run(params, spec, base, checkpoint_every, device, tune.get_checkpoint, report, rungs=rungs,
+         after_warmup=after_warmup)
 
 
 def labelled(fn):
@@ -266,10 +291,12 @@ def _worker_loop(loop_config: dict) -> None:
                          checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
 
     _run(loop_config["params"], loop_config["spec"], loop_config["base"], loop_config["checkpoint_every"], device,
-         ray.train.get_checkpoint, report, is_rank0=rank0, rungs=loop_config.get("rungs", ()))
+         ray.train.get_checkpoint, report, is_rank0=rank0, rungs=loop_config.get("rungs", ()),
+         after_warmup=loop_config.get("after_warmup", False))
 
 
-def trainer_trial(params: dict, *, spec: dict, base: dict, checkpoint_every: int = 0, rungs=(), num_workers: int = 1,
+def trainer_trial(params: dict, *, spec: dict, base: dict, checkpoint_every: int = 0, rungs=(),
+                  after_warmup: bool = False, num_workers: int = 1,
                   resources_per_worker: dict | None = None, train_storage: str = "") -> None:
     """Tune function that runs the trial as a Ray Train TorchTrainer (multi-worker path)."""
     import ray.train
@@ -283,7 +310,7 @@ def trainer_trial(params: dict, *, spec: dict, base: dict, checkpoint_every: int
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"params": params, "spec": spec, "base": base, "checkpoint_every": checkpoint_every,
-                           "rungs": list(rungs),
+                           "rungs": list(rungs), "after_warmup": after_warmup,
                            "resources_per_worker": resources_per_worker, "trial_id": trial_id,
                            "sweep": tune.get_context().get_experiment_name()},
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=resources_per_worker.get("GPU", 0) > 0,
