@@ -183,9 +183,12 @@ class CheckpointPolicy:
         return bool(below)
 
     def resumed_at(self, epoch: int) -> None:
-        """After a restore at `epoch`: its rungs were judged before (the driver kept ASHA's state)."""
+        """After a restore at `epoch`: its rungs were judged before (the driver kept ASHA's state).
+        After the warm-up rule which of them were judged depends on when the trial warmed: all
+        stay pending, so a judgement is never missed (at worst a checkpoint too many)."""
         self.last_saved = int(epoch)
-        self.pending = [r for r in self.pending if r > epoch]
+        if not self.after_warmup:
+            self.pending = [r for r in self.pending if r > epoch]
 
     def saved(self, epoch: int, seconds: float) -> None:
         self.last_saved, self.dirty = int(epoch), False
