@@ -1,6 +1,7 @@
 """What a sweep returns: its best trial alone, or its top K trials averaged (`xfer tune --final_ensemble K`)?
 
-    python bench/bench_sweep_ensemble.py dev bench/_data/transfer --pairs 401 402 403 404   # choose K
+    OMP_NUM_THREADS=1 python bench/bench_sweep_ensemble.py dev bench/_data/transfer --pairs 401 402 403 404
+    (one thread, as the figures were made: with more, float sums change and a near-tie may flip a cell)
     python bench/bench_sweep_ensemble.py run bench/_data/transfer --pairs 501 502 503 504   # report
     python bench/bench_sweep_ensemble.py report bench/results/bench_sweep_ensemble.json
 
@@ -37,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_sweeps import _call, _data, _summary  # noqa: E402
+from bench_sweeps import _call, _data, _se, _summary  # noqa: E402
 
 CANDIDATES = (1, 2, 3, 4, 5, 8)
 TIE = 0.001
@@ -65,10 +66,11 @@ def score_top(sweep_dir: Path, ks: tuple[int, ...]) -> dict:
     ranked = df[df["status"] != "errored"].dropna(subset=["best_objective"]).sort_values(
         "best_objective", ascending=False, kind="stable")
     members = top_members(ranked, max(ks), _sweep_checkpoints(sweep_dir))
-    out = {}
+    out, cache = {}, {}  # the inputs and each member's preparation, once for every K
     for k in ks:  # as `xfer tune` does: up to k, when fewer trials reached an eligible epoch
         ck = [c for _, c in members[:k]]
-        m, _ = evaluate_checkpoint(Namespace(**sw["data_args"]), ck[0] if len(ck) == 1 else ensemble_checkpoint(ck))
+        m, _ = evaluate_checkpoint(Namespace(**sw["data_args"]), ck[0] if len(ck) == 1 else ensemble_checkpoint(ck),
+                                   cache=cache)
         out[k] = {**m["peak_test"], "members": [r["trial_id"] for r, _ in members[:k]]}
     return {"by_k": out, "n_ranked": len(ranked)}
 
@@ -139,11 +141,6 @@ def cmd_run(root: Path, pairs: list[int], n_trials: int, epochs: int, num_cpus: 
         out_json.write_text(json.dumps(res, indent=1))
     if part == "both":
         print(report(out_json))
-
-
-def _se(r: dict) -> float:
-    v = r["peak_test"]
-    return math.sqrt(v * (1 - v) / r["n"])
 
 
 def report(path: Path, dev_path: Path | None = None) -> str:

@@ -162,7 +162,7 @@ def demo_summary(test_line: str, swept: dict, defaults: dict) -> str:
     n = swept["model"].get("n_members", 1)
     rows = [(f"sweep's {'best trial' if n == 1 else f'top {n} trials'} ({swept['model']['objective']})",
              swept["peak_test"]),
-            (f"shipped defaults ({len(defaults['model'].get('members') or [0])} members)", defaults["peak_test"])]
+            (f"shipped defaults ({defaults['model']['config']['ensemble']} members)", defaults["peak_test"])]
     rows += [(f"baseline {k}", v["peak_test"]) for k, v in swept["baselines"].items() if "peak_test" in v]
     lines = [f"test line {test_line}, accessibility (PEAK):",
              f"  {'':44s}" + "".join(f"{k:>19s}" for k in METRIC_KEYS)]

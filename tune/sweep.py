@@ -539,17 +539,17 @@ def export(grid, sw: Sweep) -> dict:
         "search_epochs": sw.search_epochs,
     }
     members = top_members(ok, sw.final_ensemble, lambda tid: _checkpoint_file(_result_of(grid, tid), sw, tid))
-    ckpt_file = None
+    final = None
     if members:
-        ckpt_file = sw.output / "best_model.pt"
         ckpts = [c for _, c in members]
-        save_checkpoint(ckpts[0] if len(ckpts) == 1 else ensemble_checkpoint(ckpts), ckpt_file)
+        final = ckpts[0] if len(ckpts) == 1 else ensemble_checkpoint(ckpts)
+        save_checkpoint(final, sw.output / "best_model.pt")
     best_params["final_model"] = {
         "asked": sw.final_ensemble,
         "members": [{"trial_id": r["trial_id"], "value": float(r["best_objective"]), "best_epoch": int(r["best_epoch"]),
                      "epochs_run": int(r["epochs_run"]), "arch": r.get("param.arch")} for r, _ in members]}
     write_json(sw.output / "best_params.json", best_params)
-    return {"table": df, "best": best_params, "checkpoint": ckpt_file}
+    return {"table": df, "best": best_params, "final": final}  # final: what best_model.pt holds
 
 
 def _result_of(grid, trial_id: str):
@@ -596,12 +596,11 @@ def _checkpoint_file(result, sw: Sweep, trial_id: str) -> Path | None:
     return found[-1] if found else None
 
 
-def score_best(sw: Sweep, checkpoint: Path) -> dict | None:
-    """The sweep's final model (best_model.pt) on the four splits (test line only here) + baselines."""
-    from xfer.checkpoint import read_checkpoint
+def score_best(sw: Sweep, ckpt: dict) -> dict | None:
+    """The sweep's final model (what best_model.pt holds) on the four splits (test line only
+    here) + baselines."""
     from xfer.pipeline import baselines_for, evaluate_checkpoint
 
-    ckpt = read_checkpoint(checkpoint)
     metrics, p = evaluate_checkpoint(Namespace(**sw.data_args), ckpt, sw.output)
     metrics["baselines"] = baselines_for(p)
     n = len(ckpt.get("ensemble", [ckpt]))
@@ -645,8 +644,8 @@ def run(args) -> dict:
     wall = time.perf_counter() - t0
     exported = export(grid, sw)
     metrics = None
-    if exported["checkpoint"] is not None and (sw.data_args.get("test_csv") or sw.data_args.get("sup_peak_csv")):
-        metrics = score_best(sw, exported["checkpoint"])
+    if exported["final"] is not None and (sw.data_args.get("test_csv") or sw.data_args.get("sup_peak_csv")):
+        metrics = score_best(sw, exported["final"])
     from xfer.report import try_write_report  # report.html: a failure is a warning, never a failed sweep
 
     return {"sweep": sw, "table": exported["table"], "best": exported["best"], "metrics": metrics,

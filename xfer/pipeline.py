@@ -231,16 +231,19 @@ def evaluate_members(members: list[tuple[object, Prepared]], out: Path | None = 
     return res
 
 
-def evaluate_checkpoint(args, ckpt: dict, out: Path | None = None) -> tuple[dict, Prepared]:
+def evaluate_checkpoint(args, ckpt: dict, out: Path | None = None, cache: dict | None = None
+                        ) -> tuple[dict, Prepared]:
     """Score a saved predictor (one model, or an ensemble whose members may differ in config,
     as a sweep's top trials do) the way `xfer train` scores what it trains: each member is
     prepared with its own config from the same inputs. Returns (metrics, the first member's
-    Prepared, for the baselines)."""
+    Prepared, for the baselines). `cache`: a dict kept between calls on the same inputs, so
+    members that share their inputs are read and prepared once."""
     from dataclasses import replace
 
     from .checkpoint import build_model
 
-    loaded, prepared, members = {}, {}, []
+    cache = {} if cache is None else cache
+    loaded, prepared, members = cache.setdefault("loaded", {}), cache.setdefault("prepared", {}), []
     for m in ckpt["ensemble"] if "ensemble" in ckpt else [ckpt]:
         model, cfg = build_model(m)
         key = (cfg.data.source_model, cfg.data.n_components)  # what the expression embedding depends on
