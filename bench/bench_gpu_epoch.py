@@ -11,7 +11,11 @@ GPU, bf16 autocast. Variants, all through `xfer.train.fit`:
 
   paired   the training line alone (encoder and decoder once per step)
   adapt    the shipped default: plus a 7,432-cell unlabelled adaptation line (encoder
-           and decoder twice per step, a third domain for the discriminator)
+           and decoder twice per step, a third domain for the discriminator), with
+           self-training (lambda_pseudo=1: pseudo-labels refreshed by one pass over the
+           adaptation line at the start of each epoch after the warm-up, here from epoch 1)
+  adapt_nopseudo  the same without self-training (lambda_pseudo=0; the `adapt` of the
+           first GPU run, before self-training became the default)
   *_eager  the same with cuda_graph=False (one kernel launch per op, as plain PyTorch)
 
 The plain-PyTorch reference step (bench/reference/gpu_reference.py, 66 ms per
@@ -102,7 +106,8 @@ def main() -> int:
            "batch_size": bs, "variants": {}}
     adapt = data.with_adaptation(other)
     for name, d, c in (("paired", data, cfg), ("paired_eager", data, cfg.replace(cuda_graph=False)),
-                       ("adapt", adapt, cfg), ("adapt_eager", adapt, cfg.replace(cuda_graph=False))):
+                       ("adapt", adapt, cfg), ("adapt_eager", adapt, cfg.replace(cuda_graph=False)),
+                       ("adapt_nopseudo", adapt, cfg.replace(lambda_pseudo=0.0))):
         out["variants"][name] = run_variant(name, d, c, dev)
         if dev == "cuda":
             torch.cuda.empty_cache()

@@ -25,6 +25,9 @@ Run by bench/gpu_sweep.sh (which brings Ray, Optuna and the rest onto PYTHONPATH
 4. Writes DIR/gpu_sweep.json after every step (a time-out keeps what was measured). A step starts
    only if the longest step so far fits in what is left of --budget_s, and is stopped at it.
 
+--prepare_only --work W: steps 1-2 alone, into W; a later run with --work W and the same settings
+reuses them (gpu_sweep.sh prepares while the GPU runs the epoch benchmark).
+
 --cpu (XFER_GPU_SWEEP_CPU=1 in gpu_sweep.sh): no GPU; each share g becomes g x --num_cpus CPUs
 per trial (the same 1/g concurrency), tiny sizes, bench_tune's fixed model; to test the script
 end to end on a machine without a GPU.
@@ -419,8 +422,14 @@ def main() -> int:
                          "so far still fits, and is stopped at the budget (default 330)")
     ap.add_argument("--full_pair", action="store_true",
                     help="simulate the test line in full too (unused by the sweeps; about twice the time)")
-    ap.add_argument("--work", help="working folder, kept (default: a fresh temporary one, removed at the end)")
+    ap.add_argument("--work", help="working folder, kept (default: a fresh temporary one, removed at the end); "
+                                   "data prepared there before with the same settings is reused")
+    ap.add_argument("--prepare_only", action="store_true",
+                    help="simulate and prepare the data into --work, then exit (gpu_sweep.sh runs this beside the "
+                         "epoch benchmark)")
     args = ap.parse_args()
+    if args.prepare_only and not args.work:
+        ap.error("--prepare_only needs --work (the folder the sweeps then read)")
     args.size = args.size or ("tiny" if args.cpu else "seed")
     args.n_trials = args.n_trials or (4 if args.cpu else 12)
     args.epochs = args.epochs or (3 if args.cpu else 20)
@@ -464,10 +473,24 @@ def main() -> int:
         out_json.write_text(json.dumps(res, indent=1, default=str))
 
     store = work / "store"
-    res["data"] = simulate(args.size, store, args.full_pair)
-    print(f"simulated {res['data']}", flush=True)
-    res["data"].update(warm_cache(store, args.epochs, args.fixed))
-    print(f"prepared the trial data in {res['data']['prepare_s']:.1f} s", flush=True)
+    data_json = work / "data.json"  # written once the store and the node cache are complete
+    key = {"size": args.size, "epochs": args.epochs, "fixed": args.fixed, "full_pair": args.full_pair}
+    prior = json.loads(data_json.read_text()) if data_json.exists() else None
+    if prior and prior.get("key") == key:
+        res["data"] = {**prior["data"], "prepared_by": "an earlier --prepare_only run (its timings)"}
+        print(f"reusing the data prepared in {work}: {prior['data']}", flush=True)
+    else:
+        data_json.unlink(missing_ok=True)
+        res["data"] = simulate(args.size, store, args.full_pair)
+        print(f"simulated {res['data']}", flush=True)
+        res["data"].update(warm_cache(store, args.epochs, args.fixed))
+        print(f"prepared the trial data in {res['data']['prepare_s']:.1f} s", flush=True)
+        tmp = data_json.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": key, "data": res["data"]}, default=str))
+        tmp.replace(data_json)
+    if args.prepare_only:
+        print(f"gpu_sweep: data prepared in {work} ({time.perf_counter() - t_start:.0f} s)", flush=True)
+        return 0
     save()
     smi = Smi(out)
     steps = [s.strip() for s in args.shares.split(",") if s.strip()]

@@ -8,9 +8,10 @@
 #     (unpacks, exits 3), then at once, while the machine is warm, ["bench/_deps/deps.part2.tar.xz"]
 #   here, no GPU: python bench/pack_deps.py --python-version 3.11 --out /tmp/d/deps.tar.xz;
 #     XFER_DEPS_PACK=/tmp/d XFER_GPU_SWEEP_CPU=1 OUT=/tmp/o PYTHON=venv/bin/python bash bench/gpu_sweep.sh
-# Writes $OUT/gpu_sweep.json, gpu_sweep.log, sweeps.log, smi_gpu.csv, smi_apps.csv. Arguments go to
-# bench/gpu_sweep.py (defaults: seed-sized pair, 12 trials x 20 epochs, shares 1,plain,0.25,0.125,0.5,
-# every step ended within --budget_s 330 s of its start).
+# Writes $OUT/gpu_sweep.json, gpu_sweep.log (every step's output), sweeps.log, smi_gpu.csv,
+# smi_apps.csv; with XFER_GPU_EPOCH=1 also bench_gpu_epoch.json (the device returns 8 files at most). Arguments go to
+# bench/gpu_sweep.py (defaults: seed-sized pair, 12 trials x 20 epochs, shares 1,plain,0.25,0.125,0.5);
+# everything ends within XFER_GPU_SWEEP_DEADLINE (570) s of the start.
 set -u -o pipefail
 export PYTHONUNBUFFERED=1 OUT="${OUT:-.}"
 PY="${PYTHON:-python3}"
@@ -80,8 +81,38 @@ EOF
 command -v nvidia-smi >/dev/null && nvidia-smi -L | tee -a "$OUT/gpu_sweep.log"
 echo "gpu_sweep: set-up ${SECONDS} s" | tee -a "$OUT/gpu_sweep.log"
 
-# 4. the benchmark (its own budget ends every step in time; this is a safety net)
-timeout "${XFER_GPU_SWEEP_TIMEOUT:-560}" "$PY" bench/gpu_sweep.py --out "$OUT" "$@" 2>&1 | tee -a "$OUT/gpu_sweep.log"
+# 4. the data, prepared (steps 1-2 of gpu_sweep.py) on all CPUs but two; on those two, meanwhile, with
+#    XFER_GPU_EPOCH=1: the GPU tests and the epoch benchmark with its plain-PyTorch reference
+#    (bench/gpu_run.sh's first two parts; --smoke on a CPU)
+WORK="${XFER_GPU_SWEEP_WORK:-/tmp/gpu_sweep_work}"
+ncpu=$(nproc)
+pin_prep=() pin_epoch=()
+if [ "$ncpu" -ge 8 ] && command -v taskset >/dev/null; then
+  pin_prep=(taskset -c "2-$((ncpu - 1))") pin_epoch=(taskset -c 0-1)
+fi
+"${pin_prep[@]}" "$PY" bench/gpu_sweep.py --work "$WORK" --prepare_only "$@" >"$WORK.prepare.log" 2>&1 &
+prep=$!
+if [ "${XFER_GPU_EPOCH:-0}" = 1 ]; then
+  smoke=(); [ "${XFER_GPU_SWEEP_CPU:-0}" = 1 ] && smoke=(--smoke)
+  t=$SECONDS
+  timeout 150 "${pin_epoch[@]}" "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -n 15 \
+    | tee -a "$OUT/gpu_sweep.log"
+  echo "gpu_sweep: GPU tests $((SECONDS - t)) s" | tee -a "$OUT/gpu_sweep.log"
+  t=$SECONDS
+  timeout 200 "${pin_epoch[@]}" "$PY" bench/bench_gpu_epoch.py "${smoke[@]}" >>"$OUT/gpu_sweep.log" 2>&1
+  echo "gpu_sweep: epoch benchmark + reference rc $? in $((SECONDS - t)) s" | tee -a "$OUT/gpu_sweep.log"
+fi
+wait $prep
+prc=$?
+tail -n 40 "$WORK.prepare.log" >>"$OUT/gpu_sweep.log"; tail -n 3 "$WORK.prepare.log"
+[ $prc -eq 0 ] || { echo "gpu_sweep: preparing the data failed (rc $prc): see gpu_sweep.log"; exit 2; }
+
+# 5. the sweeps: every step ends by the deadline (XFER_GPU_SWEEP_DEADLINE s after this script began,
+#    default 570), less 25 s for the summary; a later --budget_s in the arguments wins
+left=$(( ${XFER_GPU_SWEEP_DEADLINE:-570} - SECONDS ))
+[ $left -gt 60 ] || { echo "gpu_sweep: only $left s left before the deadline, no sweep run"; exit 2; }
+timeout "$left" "$PY" bench/gpu_sweep.py --out "$OUT" --work "$WORK" --budget_s "$((left - 25))" "$@" 2>&1 \
+  | tee -a "$OUT/gpu_sweep.log"
 rc=$?
 echo "gpu_sweep: rc $rc, ${SECONDS} s in all" | tee -a "$OUT/gpu_sweep.log"
 exit $rc
