@@ -81,12 +81,57 @@ def run_variant(name: str, data: TrainData, cfg: TrainConfig, dev: str) -> dict:
     return out
 
 
+def validate_breakdown(cfg: TrainConfig, data: TrainData, dev: str, reps: int = 5) -> dict:
+    """Where an `adapt` epoch's time outside its steps goes: the per-epoch validation (every
+    label-free selection candidate, xfer.selection) timed whole, with the domain classifier of
+    IWCV / DEV fitted by each solver, and with that classifier left out (weights of 1: timing only,
+    never shipped); and the self-training refresh. Medians of `reps` calls after one warm-up, on
+    the model after one epoch."""
+    from xfer import selection
+    from xfer.train import Trainer
+
+    tr = Trainer(cfg, data, dev)
+    tr.begin_epoch(1)
+    tr.train_epoch(1)
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+
+    def timed(fn):
+        fn()
+        sync()
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            sync()
+            ts.append(time.perf_counter() - t)
+        return round(1e3 * statistics.median(ts), 2)
+
+    orig = selection.domain_weights
+    out, sel = {}, {}
+    try:
+        for name, fn in (("lbfgs", lambda *a, **k: orig(*a, **{**k, "solver": "lbfgs"})),
+                         ("newton", lambda *a, **k: orig(*a, **{**k, "solver": "newton"})),
+                         ("no_domain_classifier", lambda zt, zs, ze, **k: torch.ones(len(ze), device=ze.device))):
+            selection.domain_weights = fn
+            out[f"validate_ms_{name}"] = timed(tr.validate)
+            sel[name] = {k: round(v, 5) for k, v in tr.validate()["selection"].items() if k in ("iwcv", "dev")}
+    finally:
+        selection.domain_weights = orig
+    out["iwcv_dev_by_solver"] = {k: v for k, v in sel.items() if k != "no_domain_classifier"}
+    if tr.self_training:
+        out["refresh_pseudo_labels_ms"] = timed(tr.refresh_pseudo_labels)
+    print("validate_breakdown", json.dumps(out), flush=True)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--batch_size", type=int, default=1024)
     ap.add_argument("--skip_reference", action="store_true")
+    ap.add_argument("--variants", default="paired,paired_eager,adapt,adapt_eager,adapt_nopseudo",
+                    help="which variants to run (comma-separated)")
     args = ap.parse_args()
     if args.smoke:
         n, n_b, P, E, hidden, latent, bs = 600, 500, 2000, 64, 128, 64, 128
@@ -105,12 +150,16 @@ def main() -> int:
            "cells": n, "train_cells": len(data.train_idx), "adapt_cells": n_b, "peaks": P, "emb_dim": E,
            "batch_size": bs, "variants": {}}
     adapt = data.with_adaptation(other)
+    todo = set(args.variants.split(","))
     for name, d, c in (("paired", data, cfg), ("paired_eager", data, cfg.replace(cuda_graph=False)),
                        ("adapt", adapt, cfg), ("adapt_eager", adapt, cfg.replace(cuda_graph=False)),
                        ("adapt_nopseudo", adapt, cfg.replace(lambda_pseudo=0.0))):
+        if name not in todo:
+            continue
         out["variants"][name] = run_variant(name, d, c, dev)
         if dev == "cuda":
             torch.cuda.empty_cache()
+    out["adapt_validate"] = validate_breakdown(cfg, adapt, dev)
     dest = Path(os.environ.get("OUT", ".")) / "bench_gpu_epoch.json"
     dest.write_text(json.dumps(out, indent=1))
     if dev == "cuda" and not args.skip_reference:

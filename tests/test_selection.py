@@ -52,18 +52,40 @@ def test_dev_risk_control_variate():
     assert S.dev_risk(torch.tensor(loss), torch.ones(50, dtype=torch.float64)) == pytest.approx(loss.mean())
 
 
-def test_domain_weights_upweight_test_like_cells():
+@pytest.mark.parametrize("solver", ["lbfgs", "newton"])
+def test_domain_weights_upweight_test_like_cells(solver):
     g = torch.Generator().manual_seed(0)
     z_train = torch.randn(400, 4, generator=g)
     z_test = torch.randn(400, 4, generator=g) + torch.tensor([2.0, 0, 0, 0])
     probe = torch.tensor([[0.0, 0, 0, 0], [1.0, 0, 0, 0], [2.0, 0, 0, 0]])
-    w = S.domain_weights(z_train, z_test, probe)
+    w = S.domain_weights(z_train, z_test, probe, solver=solver)
     # the true density ratio is exp(2x - 2): e^-2, 1 and e^2 at x = 0, 1, 2 (the midpoint weighs 1)
     assert w[0] < w[1] < w[2]
     assert w.log().tolist() == pytest.approx([-2.0, 0.0, 2.0], abs=0.4)
     y, pred = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 1, 1])
     # class 0: weighted recall 3/4; class 1: 1 -> mean 0.875
     assert S.iwcv_balanced_accuracy(y, pred, torch.tensor([3.0, 1.0, 1.0, 1.0])) == pytest.approx(0.875)
+
+
+def test_domain_weight_solvers_reach_the_same_optimum():
+    """Both solvers fit the same L2-regularised logistic regression: scikit-learn's lbfgs on the
+    same objective (C = 1 / (2 l2 n), intercept unpenalised) gives the same log-weights."""
+    from sklearn.linear_model import LogisticRegression
+
+    g = torch.Generator().manual_seed(1)
+    z_train = torch.randn(300, 20, generator=g)
+    z_test = 1.2 * torch.randn(300, 20, generator=g) + 0.4 * torch.randn(20, generator=g)
+    probe = torch.randn(50, 20, generator=g)
+    X = torch.cat([z_train, z_test])
+    mu, sd = X.mean(0), X.std(0)
+    clf = LogisticRegression(C=1 / (2 * 1e-3 * 600), tol=1e-10, max_iter=10_000).fit(
+        ((X - mu) / sd).numpy(), np.r_[np.zeros(300), np.ones(300)])
+    expected = clf.decision_function(((probe - mu) / sd).numpy())
+    for solver in ("lbfgs", "newton"):
+        got = S.domain_weights(z_train, z_test, probe, solver=solver).log().numpy()
+        assert got == pytest.approx(expected, abs=2e-3), solver
+    with pytest.raises(ValueError, match="unknown solver"):
+        S.domain_weights(z_train, z_test, probe, solver="sgd")
 
 
 def test_agreement_is_balanced_accuracy_against_the_expression_head():
