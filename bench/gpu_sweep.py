@@ -275,6 +275,11 @@ def run_sweep(store: Path, work: Path, out: Path, args, share: float, smi: Smi, 
         f["overhead_vs_ideal"] = f["sweep_wall_s"] / f["ideal_wall_s"] - 1
         f["epochs_per_s"] = f["epochs_total"] / f["sweep_wall_s"]
     f["epoch_s_median"] = _median_epoch(sweep_out)
+    if f["sweep_wall_s"]:  # Tuner.fit's slot-time split as bench_overhead.py splits it (from every epoch's report)
+        from bench_overhead import breakdown
+
+        b = breakdown(sweep_out / "ray_results", f["sweep_wall_s"], slots)
+        f["slot_time"] = {"slot_seconds": b["slot_seconds"], "parts": b["parts"]}
     # per trial: torch's peak and what nvidia-smi saw of its process
     mem = {}
     if mem_file.exists():
@@ -393,6 +398,11 @@ def summary(res: dict) -> str:
                          f"{r.get('overhead_vs_ideal', 0) + 1:9.2f} {r.get('epochs_per_s', 0):8.1f} "
                          f"{g.get('util_mean_pct') or 0:10.0f} {g.get('memory_used_max_mib') or 0:8.0f} "
                          f"{a.get('max') or 0:9.0f}")
+    for key, r in res["runs"].items():
+        st = r.get("slot_time")
+        if st:
+            lines.append(f"{key}: slot-time {st['slot_seconds']:.1f} s = " + ", ".join(
+                f"{k} {100 * v / st['slot_seconds']:.0f} %" for k, v in st["parts"].items()))
     return "\n".join(lines)
 
 
