@@ -102,6 +102,8 @@ def cmd_run(root: Path, pairs: list[int], out_json: Path) -> None:
 
 def report(path: Path, dev_path: Path | None = None) -> str:
     lines = []
+    if path.stem.endswith("_dev"):  # given the development file: the evaluation one lies beside it
+        dev_path, path = path, path.with_name(path.stem[:-len("_dev")] + ".json")
     dev_path = dev_path or path.with_name(path.stem + "_dev.json")
     for label, pth in (("Development", dev_path), ("Evaluation", path)):
         if not pth.exists():
