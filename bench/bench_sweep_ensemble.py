@@ -28,7 +28,6 @@ The test line's labels are read only by the final scoring.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -38,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_sweeps import _call, _data, _se, _summary  # noqa: E402
+from bench_sweeps import _call, _data, _se, _summary, mean_se  # noqa: E402
 
 CANDIDATES = (1, 2, 3, 4, 5, 8)
 TIE = 0.001
@@ -182,12 +181,9 @@ def report(path: Path, dev_path: Path | None = None) -> str:
                      f"{t['peak_test']:.3f} | {f['peak_test']:.3f} ± {_se(f):.3f} | {s['best_baseline_value']:.3f} "
                      f"({s['best_baseline']}) | {a:+.3f} | {b:+.3f} |")
     n = len(pairs)
-
-    def sd(x):
-        m = sum(x) / len(x)
-        return math.sqrt(sum((v - m) ** 2 for v in x) / (len(x) - 1) / len(x)) if len(x) > 1 else float("nan")
-    lines += ["", f"sweep − shipped defaults: mean {sum(dd) / n:+.3f} ± {sd(dd):.3f} (SE over pairs), above on "
-              f"{above_d} of {n}; sweep − best plain baseline: mean {sum(db) / n:+.3f} ± {sd(db):.3f}, above on "
+    (md, sd_d), (mb, sd_b) = mean_se(dd), mean_se(db)
+    lines += ["", f"sweep − shipped defaults: mean {md:+.3f} ± {sd_d:.3f} (SE over pairs), above on "
+              f"{above_d} of {n}; sweep − best plain baseline: mean {mb:+.3f} ± {sd_b:.3f}, above on "
               f"{above_b} of {n}", "",
               "| pair | model | accuracy | balanced accuracy | macro-F1 | majority-class rate |", "|---|---|---|---|---|---|"]
     for p in pairs:

@@ -29,7 +29,6 @@ The test line's labels are read only by each run's final scoring.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -37,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_sweeps import _call, _data, _se, _summary  # noqa: E402
+from bench_sweeps import _call, _data, _se, _summary, mean_se  # noqa: E402
 
 TIE = 0.001
 DEV_PAIRS = 4
@@ -114,20 +113,25 @@ def report(path: Path, dev_path: Path | None = None) -> str:
         lines += [f"{label} (PEAK-test balanced accuracy ± SE):", "",
                   "| pair | " + " | ".join(cols) + " | best plain baseline | retrained − sweep |",
                   "|---|" + "---|" * (len(cols) + 2)]
-        diffs = []
+        diffs: dict[str, list[float]] = {}  # retrained − each other model, per pair
         for p in pairs:
             r = d["pairs"][p]
             cells = [f"{r[c]['peak_test']:.3f} ± {_se(r[c]):.3f}" if c in r else "—" for c in cols]
             b = r["sweep"]
             diff = r["retrained"]["peak_test"] - r["sweep"]["peak_test"] if "retrained" in r else None
-            if diff is not None:
-                diffs.append(diff)
+            if "retrained" in r:
+                for other in ("sweep", "defaults"):
+                    if other in r:
+                        diffs.setdefault(other, []).append(r["retrained"]["peak_test"] - r[other]["peak_test"])
+                diffs.setdefault("best plain baseline", []).append(r["retrained"]["peak_test"] - b["best_baseline_value"])
             lines.append(f"| {p} | " + " | ".join(cells) + f" | {b['best_baseline_value']:.3f} ({b['best_baseline']}) | "
                          + (f"{diff:+.3f}" if diff is not None else "—") + " |")
         if diffs:
-            m = sum(diffs) / len(diffs)
-            se = math.sqrt(sum((x - m) ** 2 for x in diffs) / (len(diffs) - 1) / len(diffs)) if len(diffs) > 1 else float("nan")
-            lines += ["", f"retrained − sweep: mean {m:+.3f} ± {se:.3f} over {len(diffs)} pairs"]
+            lines.append("")
+        for other, x in diffs.items():
+            m, se = mean_se(x)
+            lines.append(f"retrained − {other}: mean {m:+.3f} ± {se:.3f} over {len(x)} pairs, above on "
+                         f"{sum(v > 0 for v in x)}")
         if "decision" in d:
             lines.append(f"rule: {json.dumps(d['decision'])}")
         lines.append("")

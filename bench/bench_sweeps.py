@@ -98,6 +98,12 @@ def _se(r: dict) -> float:
     return math.sqrt(v * (1 - v) / r["n"])
 
 
+def mean_se(x: list[float]) -> tuple[float, float]:
+    """Mean of per-pair differences and its standard error over the pairs (nan for one pair)."""
+    m = sum(x) / len(x)
+    return m, (math.sqrt(sum((v - m) ** 2 for v in x) / (len(x) - 1) / len(x)) if len(x) > 1 else float("nan"))
+
+
 def report(path: Path) -> str:
     d = json.loads(Path(path).read_text())
     pairs = sorted(d["pairs"], key=int)
