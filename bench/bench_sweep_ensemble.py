@@ -8,7 +8,7 @@
 dev: the `--objective transfer` sweeps that bench_sweeps.py ran on pairs 401-404 (30 trials of
 up to 30 epochs; those pairs reported issue 12 and chose nothing about the final model).
 For each K in CANDIDATES, the top K trials' best epochs, averaged, are scored on the pair's
-test line by the product's own functions (`tune.sweep.top_members`, `ensemble_checkpoint`,
+test line by the product's own functions (the top-K of `xfer tune` before issue 23, `ensemble_checkpoint`,
 `xfer.pipeline.evaluate_checkpoint`: what `xfer tune` writes as best_model.pt and scores).
 THE RULE, fixed here before any evaluation pair ran: the K with the highest mean PEAK-test
 balanced accuracy over the development pairs; a K within 0.001 of a smaller one loses to it.
@@ -56,15 +56,19 @@ def _sweep_checkpoints(sweep_dir: Path):
 def score_top(sweep_dir: Path, ks: tuple[int, ...]) -> dict:
     """PEAK-test metrics of the top-K ensemble of a finished sweep, for each K."""
     import pandas as pd
-    from tune.sweep import top_members
-    from xfer.checkpoint import ensemble_checkpoint
+    from xfer.checkpoint import ensemble_checkpoint, export_best, read_checkpoint
     from xfer.pipeline import evaluate_checkpoint
 
     sw = json.loads((sweep_dir / "sweep.json").read_text())
     df = pd.read_csv(sweep_dir / "trials.csv")
     ranked = df[df["status"] != "errored"].dropna(subset=["best_objective"]).sort_values(
         "best_objective", ascending=False, kind="stable")
-    members = top_members(ranked, max(ks), _sweep_checkpoints(sweep_dir))
+    checkpoint_of = _sweep_checkpoints(sweep_dir)
+    members = []  # the top trials that left a checkpoint (xfer tune's top-K of before issue 23)
+    for _, row in ranked.iterrows():
+        path = checkpoint_of(row["trial_id"])
+        if path is not None and len(members) < max(ks):
+            members.append((row.to_dict(), export_best(read_checkpoint(path))))
     out, cache = {}, {}  # the inputs and each member's preparation, once for every K
     for k in ks:  # as `xfer tune` does: up to k, when fewer trials reached an eligible epoch
         ck = [c for _, c in members[:k]]

@@ -231,7 +231,7 @@ def test_asha_after_warmup_judges_a_trial_only_once_warmed_and_the_policy_knows_
     for after in (False, True):
         for warm_from in (1, 5, 6, 11, 20, 29):
             judged, stops = _ray_judged_epochs(after, warm_from)
-            p = CheckpointPolicy(0, rungs=(3, 6, 12, 24), after_warmup=after)
+            p = CheckpointPolicy(0, rungs=(3, 6, 12, 24), clock="after_warmup" if after else "epochs")
             # before max_t (there the trial ends anyway, and its last epoch always checkpoints)
             mine = [e for e in range(1, 30) if p.judged(e, min(1.0, e / warm_from) >= 1.0)]
             assert mine == judged, (after, warm_from, mine, judged)
@@ -240,6 +240,62 @@ def test_asha_after_warmup_judges_a_trial_only_once_warmed_and_the_policy_knows_
             assert not stops or stops[0] == judged[0]  # a poor trial goes at its first judgment
     assert _ray_judged_epochs(False, 11)[0] == [3, 6, 12, 24]
     assert _ray_judged_epochs(True, 11)[0][0] == 11          # between rungs: recorded at rung 6
+
+
+def _ray_adapted_judgements(warmup_epochs: int, rungs=(3, 6, 12, 24), max_t: int = 30) -> tuple:
+    """(epochs at which the sweep's default scheduler, `--rungs adapted`, recorded a trial with this
+    warm-up at a rung, epochs it said STOP, epochs whose report had an eligible objective) for one
+    poor trial reporting every epoch as xfer.train reports it, beside rivals that set high cutoffs."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from tune.searcher import make_scheduler
+    from xfer.losses import warmup_factor
+    from xfer.train import adapted_epochs
+
+    class _T:
+        def __init__(self, tid):
+            self.trial_id = tid
+
+    s = make_scheduler("asha", "adapted", max_t, rungs[0], 2)
+    s.set_search_properties("objective", "max")
+    rivals = [_T(f"r{i}") for i in range(4)]
+    me = _T("me")
+    for t in (*rivals, me):
+        s.on_trial_add(None, t)
+    for t in rivals:
+        for e in range(1, max_t):
+            s.on_trial_result(None, t, {"epoch": e, "adapted_epochs": e, "objective": 0.9})
+    judged, stops, eligible = [], [], []
+    for e in range(1, max_t + 1):
+        warm = warmup_factor(e - 1, warmup_epochs)
+        if warm >= 1.0 or e == max_t:
+            eligible.append(e)
+        before = sum("me" in rec for _, rec in s._trial_info["me"]._rungs)
+        a = s.on_trial_result(None, me, {"epoch": e, "adapted_epochs": adapted_epochs(e, warmup_epochs),
+                                         "objective": 0.1, "warmup": warm})
+        if sum("me" in rec for _, rec in s._trial_info["me"]._rungs) > before:
+            judged.append(e)
+        if a == TrialScheduler.STOP:
+            stops.append(e)
+            break
+    return judged, stops, eligible
+
+
+def test_adapted_rungs_judge_every_trial_after_the_same_epochs_past_its_own_warmup():
+    """The default rung clock: a trial is judged at rung r after r epochs with its adaptation fully
+    on, whatever its searched warm-up, so never before it has an objective value (an eligible
+    epoch); CheckpointPolicy.judged predicts those epochs (where its best weights must be stored)."""
+    from tune.trainable import CheckpointPolicy
+    from xfer.train import adapted_epochs
+
+    for w in (0, 1, 4, 10, 20, 26, 29):
+        judged, stops, eligible = _ray_adapted_judgements(w)
+        assert judged == [w + r for r in (3, 6, 12, 24) if w + r < 30][:1], (w, judged)  # a poor trial goes at once
+        assert all(e in eligible for e in judged + stops), (w, judged, eligible)
+        p = CheckpointPolicy(0, rungs=(3, 6, 12, 24), clock="adapted")
+        mine = [e for e in range(1, 30) if p.judged(adapted_epochs(e, w), e > w)]
+        assert mine[:1] == judged, (w, mine, judged)
+        assert mine == [w + r for r in (3, 6, 12, 24) if w + r < 30]
 
 
 def test_checkpoint_policy_keeps_the_best_weights_wherever_asha_after_warmup_stops():
@@ -252,10 +308,10 @@ def test_checkpoint_policy_keeps_the_best_weights_wherever_asha_after_warmup_sto
     for _ in range(200):
         warm_from = rng.randint(1, 25)
         improved = {e for e in range(warm_from, epochs + 1) if rng.random() < 0.3} | {warm_from}
-        ref = CheckpointPolicy(0, rungs=rungs, after_warmup=True)
+        ref = CheckpointPolicy(0, rungs=rungs, clock="after_warmup")
         may_stop = [e for e in range(1, epochs + 1) if ref.judged(e, e >= warm_from)]
         for stop in (*may_stop, epochs):
-            p = CheckpointPolicy(rng.choice([0, 1, 5, 25]), rungs=rungs, after_warmup=True)
+            p = CheckpointPolicy(rng.choice([0, 1, 5, 25]), rungs=rungs, clock="after_warmup")
             saved = []
             for e in range(1, stop + 1):
                 m = {"epoch": e, "improved": e in improved, "epoch_seconds": 0.5, "warmup": 1.0 if e >= warm_from else 0.5}

@@ -49,8 +49,8 @@ def _tune_args(store, out, *extra, test=True):
 def smoke(tmp_path_factory, store):
     out = tmp_path_factory.mktemp("smoke") / "sweep"
     r = subprocess.run(XFER + _tune_args(store, out, "--n_trials", "6", "--search_epochs", "4", "--grace_period", "1",
-                                         "--reduction_factor", "2"), env=_env(), capture_output=True, text=True,
-                       timeout=600)
+                                         "--reduction_factor", "2", "--set=warmup_epochs=1"), env=_env(),
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return out, r
 
@@ -63,14 +63,15 @@ def test_smoke_sweep_prunes_and_accounts_for_every_trial(smoke):
     assert pd.read_parquet(out / "trials.parquet").shape[0] == 6
     assert {"param.arch", "param.lr", "best_objective", "node", "wall_seconds"} <= set(df.columns)
     # Each status agrees with the epochs the trial ran: a completed trial ran all 4 search epochs
-    # (patience 20 cannot stop a 4-epoch trial early); ASHA (grace 1, reduction factor 2, max_t 4)
-    # stops a trial only at a rung, after epoch 1 or 2.
+    # (patience 20 cannot stop a 4-epoch trial early); ASHA (grace 1, reduction factor 2, its rungs
+    # counting the epochs after the 1-epoch warm-up) stops a trial only at a rung, after epoch 2
+    # or 3, each time with an objective value to judge it by.
     completed, stopped = df[df["status"] == "completed"], df[df["status"] == "stopped_by_asha"]
     assert len(completed) >= 1 and len(stopped) >= 1 and len(completed) + len(stopped) == 6
     assert (completed["epochs_run"] == 4).all() and not completed["early_stopped"].any()
-    assert set(stopped["epochs_run"]) <= {1, 2}
-    assert (df["best_epoch"] <= df["epochs_run"]).all()     # 0 while the warm-up has chosen no epoch
-    assert (completed["best_epoch"] >= 1).all()             # the last epoch is always eligible
+    assert set(stopped["epochs_run"]) <= {2, 3}
+    assert (df["best_epoch"] >= 2).all() and (df["best_epoch"] <= df["epochs_run"]).all()
+    assert df["best_objective"].notna().all()
     # Optuna study, trial by trial (joined on the Ray trial id the searcher tags): ASHA-stopped
     # trials are PRUNED with their last value as the last intermediate, completed ones COMPLETE
     # with it as the value; the epochs and the searched parameters are the trial's. (Tune hands
@@ -92,27 +93,32 @@ def test_smoke_sweep_prunes_and_accounts_for_every_trial(smoke):
         else:
             assert t.state == optuna.trial.TrialState.PRUNED, row["trial_id"]
             assert iv[row["epochs_run"]] == pytest.approx(last), (row["trial_id"], iv)
-    # best_params.json (the best trial) feeds `xfer train --config_path`; best_model.pt averages the
-    # best epochs of the top 4 ranked trials (--final_ensemble's default), each a whole predictor
+    # best_params.json (the best trial) feeds `xfer train --config_path`; best_model.pt: the final
+    # model of tune/final_model.py (the default rule, greedy by the average's own objective, from
+    # the trials that ran all 4 epochs), each member a whole predictor at its best epoch
     import torch
     from xfer.config import TrainConfig
     cfg = TrainConfig.from_file(out / "best_params.json")
     assert cfg.model.hidden_dim == SMALL_MODEL["hidden_dim"]
     bp = json.loads((out / "best_params.json").read_text())
-    top = list(df[df["status"] != "errored"].dropna(subset=["best_objective"])["trial_id"][:4])
-    assert bp["final_model"]["asked"] == 4 and [m["trial_id"] for m in bp["final_model"]["members"]] == top
-    assert top[0] == bp["trial_id"]
+    fm = bp["final_model"]
+    assert fm["asked"] == 4 and fm["rule"] == "greedy" and 1 <= len(fm["members"]) <= 4
+    assert df.iloc[0]["trial_id"] == bp["trial_id"]
+    ids = [m["trial_id"] for m in fm["members"]]
+    assert set(ids) <= set(completed["trial_id"]) and len(set(ids)) == len(ids)
+    assert fm["defaults_trial"] is not None and fm["objective"] >= fm["defaults_trial"]["value"] - 1e-9
+    if not fm["guarded"]:
+        assert ids[0] == completed.iloc[0]["trial_id"]          # greedy starts from the best finished trial
     ck = torch.load(out / "best_model.pt", weights_only=True)
-    members = ck["ensemble"] if len(top) > 1 else [ck]
-    assert len(members) == len(top) and all("train_state" not in m for m in members)
-    for m, tid in zip(members, top):
+    members = ck["ensemble"] if len(ids) > 1 else [ck]
+    assert len(members) == len(ids) and all("train_state" not in m for m in members)
+    for m, tid in zip(members, ids):
         row = df.set_index("trial_id").loc[tid]
         assert m["config"]["model"]["arch"] == row["param.arch"] and m["epoch"] == row["best_epoch"], tid
-    assert members[0]["config"]["model"]["arch"] == cfg.model.arch
     # the test line only scores the final model, after the search
     m = json.loads((out / "metrics.json").read_text())
     assert {"gex_val", "gex_test", "peak_val", "peak_test", "baselines"} <= set(m)
-    assert m["model"]["n_members"] == len(top)
+    assert m["model"]["n_members"] == len(ids)
     assert list((out / "ray_results").rglob("events.out.tfevents*")), "no TensorBoard logs"
     assert "Ray dashboard: http://127.0.0.1:" in r.stdout
     # the compact progress display (tune/progress.py; plain lines, as stdout is a pipe), not Tune's tables
@@ -186,26 +192,38 @@ def test_bad_space_fails_before_any_trial(tmp_path, store):
     assert not (out / "sweep.json").exists() and not (out / "ray_results").exists()
 
 
-def test_asha_after_warmup_never_stops_a_trial_before_it_can_be_chosen(tmp_path, store):
-    """`--asha_after_warmup`: with a 3-epoch warm-up (the adaptation fully on from epoch 4) and
-    rungs at 1, 2 and 4, no trial is stopped before epoch 4, so every trial has an eligible
-    epoch to be ranked by; best_model.pt still holds each member's best epoch."""
+def test_no_trial_is_judged_inside_its_warmup_and_the_final_model_holds_only_judged_trials(tmp_path, store):
+    """Issue 23: every trial warms up for 1-3 epochs and ASHA's first rung is 1, so rungs counted
+    in plain epochs (1, 2, 4: `--rungs epochs`, before issue 23) would judge every trial at epoch 1,
+    inside its warm-up, with no objective value yet. The default rungs count the epochs after each
+    trial's own warm-up: no trial is stopped without an objective value, and every member of the
+    final model has one and ran the whole budget (the same footing)."""
+    space = tmp_path / "space.yaml"
+    space.write_text("warmup_epochs: {type: int, low: 1, high: 3}\n"
+                     "lr: {type: float, low: 1.0e-4, high: 3.0e-3, log: true}\n"
+                     "arch: {type: categorical, choices: [dae, mlp]}\n")
     out = tmp_path / "sweep"
-    r = subprocess.run(XFER + _tune_args(store, out, "--n_trials", "5", "--search_epochs", "6", "--grace_period", "1",
-                                         "--reduction_factor", "2", "--set=warmup_epochs=3", "--asha_after_warmup",
-                                         "--final_ensemble", "2"),
+    r = subprocess.run(XFER + _tune_args(store, out, "--n_trials", "6", "--search_epochs", "6", "--grace_period", "1",
+                                         "--reduction_factor", "2", "--space", str(space), "--final_ensemble", "3"),
                        env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads((out / "sweep.json").read_text())["asha_after_warmup"] is True
+    sw = json.loads((out / "sweep.json").read_text())
+    assert (sw["scheduler"], sw["rungs"], sw["final_model"]) == ("asha", "adapted", "greedy")
     df = pd.read_csv(out / "trials.csv")
-    assert len(df) == 5 and (df["status"] != "errored").all()
-    assert (df["epochs_run"] >= 4).all(), df[["trial_id", "status", "epochs_run"]]
-    assert df["best_objective"].notna().all() and (df["best_epoch"] >= 4).all()
+    assert len(df) == 6 and (df["status"] != "errored").all()
+    warm = df["param.warmup_epochs"]
+    assert (warm >= 1).all()                      # plain-epoch rung 1 falls inside every trial's warm-up
+    assert df["best_objective"].notna().all(), df[["trial_id", "status", "epochs_run", "best_objective"]]
+    assert (df["best_epoch"] > warm).all() and (df["epochs_run"] > warm).all()
+    stopped = df[df["status"] == "stopped_by_asha"]
+    assert (stopped["epochs_run"] - stopped["param.warmup_epochs"]).isin([1, 2, 4]).all()  # at an adapted rung
+    bp = json.loads((out / "best_params.json").read_text())
+    rows = df.set_index("trial_id").loc[[m["trial_id"] for m in bp["final_model"]["members"]]]
+    assert 1 <= len(rows) <= 3 and rows["best_objective"].notna().all() and (rows["status"] == "completed").all()
+    assert [m["value"] for m in bp["final_model"]["members"]] == pytest.approx(list(rows["best_objective"]))
     import torch
     ck = torch.load(out / "best_model.pt", weights_only=True)
-    top = df.set_index("trial_id").loc[[m["trial_id"] for m in
-                                        json.loads((out / "best_params.json").read_text())["final_model"]["members"]]]
-    assert [m["epoch"] for m in ck["ensemble"]] == list(top["best_epoch"])
+    assert [m["epoch"] for m in ck.get("ensemble", [ck])] == list(rows["best_epoch"])
 
 
 @pytest.mark.parametrize("k", ["0", "33"])

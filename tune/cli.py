@@ -21,19 +21,26 @@ def register(sub) -> None:
     g.add_argument("--n_trials", type=int, default=20, help="trials to run (default 20)")
     g.add_argument("--search_epochs", type=int, default=50, help="epochs per trial; ASHA's max_t (default 50)")
     g.add_argument("--space", help="search space file (YAML/JSON, see tune/space.py); default: the built-in space")
-    g.add_argument("--grace_period", type=int, default=0, help="ASHA grace period in epochs (default search_epochs/8)")
+    g.add_argument("--scheduler", choices=("asha", "fifo"), default="asha",
+                   help="asha (default): stop weak trials at ASHA's rungs; fifo: run every trial its whole budget")
+    g.add_argument("--rungs", choices=("adapted", "after_warmup", "epochs"), default="adapted",
+                   help="what ASHA's rungs count: adapted (default) the epochs after each trial's own warm-up, so no "
+                        "trial is judged before it has an objective value; after_warmup: epochs, judged only once "
+                        "warmed; epochs: plain epochs (before issue 23)")
+    g.add_argument("--grace_period", type=int, default=0,
+                   help="ASHA's first rung, in --rungs units (default search_epochs/8)")
     g.add_argument("--reduction_factor", type=int, default=2, help="ASHA reduction factor (default 2)")
-    g.add_argument("--asha_after_warmup", action=argparse.BooleanOptionalAction, default=False,
-                   help="ASHA judges a trial only once its adaptation is fully on (after its searched warm-up); "
-                        "about twice the epochs of plain ASHA (BENCHMARKS.md, 'Judging trials only after their "
-                        "warm-up'; default off)")
+    g.add_argument("--asha_after_warmup", action="store_true", help="the same as --rungs after_warmup")
     g.add_argument("--checkpoint_every", type=int, default=0,
                    help="checkpoint every N epochs; 0 (default): as often as keeps writing within 5%% of a trial's "
                         "compute (and at the end, and at an ASHA rung after a new best epoch)")
+    g.add_argument("--final_model", choices=("greedy", "within_se", "top", "best"), default="greedy",
+                   help="how best_model.pt is made from the trials judged on the same footing (the ones that ran "
+                        "their whole budget): greedy (default) adds trials while the average's own objective rises; "
+                        "within_se: those within one standard error of the best; top: the top --final_ensemble; "
+                        "best: the best alone. Never below the shipped defaults' own trial (README: 'The final model')")
     g.add_argument("--final_ensemble", type=int, default=4, metavar="K",
-                   help="best_model.pt averages the best epochs of the top K trials (default 4, chosen on "
-                        "development pairs: BENCHMARKS.md, 'What a sweep returns'; fewer when fewer trials reached an "
-                        "eligible epoch); 1: the best trial alone")
+                   help="at most K trials in best_model.pt (default 4); 1: the best trial alone")
     g.add_argument("--max_failures", type=int, default=2, help="retries of a failed trial (default 2)")
     g.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
     g.add_argument("--num_cpus", type=int, help="CPUs of the local cluster (default: all)")
@@ -86,10 +93,13 @@ def cmd_tune(args) -> int:
           f"({', '.join(f'{v} {k}' for k, v in counts.items())})")
     print(f"best trial {best['trial_id']}: {best['objective']} {best['value']:.3f} at epoch {best['best_epoch']} "
           f"(arch {best['params']['arch']}, divergence {best['params']['divergence']})")
-    members = best["final_model"]["members"]
-    if len(members) > 1:
-        print(f"best_model.pt: the top {len(members)} trials averaged "
-              "(" + ", ".join(f"{m['trial_id']} {m['value']:.3f}" for m in members) + ")")
+    from .sweep import final_model_source
+
+    final = best["final_model"]
+    if final["members"]:
+        print(f"best_model.pt: {final_model_source(final)}: "
+              + ", ".join(f"{m['trial_id']} {m['value']:.3f}" for m in final["members"])
+              + (f"; its {best['objective']} {final['objective']:.3f}" if len(final["members"]) > 1 else ""))
     if res["metrics"] is not None:
         print(format_table(res["metrics"]))
     print(f"results: {sw.output}/ (best_params.json, trials.csv, trials.parquet, optuna_study.db, best_model.pt"
@@ -160,7 +170,7 @@ def demo_summary(test_line: str, swept: dict, defaults: dict) -> str:
     from xfer.evaluate import METRIC_KEYS
 
     n = swept["model"].get("n_members", 1)
-    rows = [(f"sweep's {'best trial' if n == 1 else f'top {n} trials'} ({swept['model']['objective']})",
+    rows = [(f"sweep's final model ({'one trial' if n == 1 else f'{n} trials'}, {swept['model']['objective']})",
              swept["peak_test"]),
             (f"shipped defaults ({defaults['model']['config']['ensemble']} members)", defaults["peak_test"])]
     rows += [(f"baseline {k}", v["peak_test"]) for k, v in swept["baselines"].items() if "peak_test" in v]

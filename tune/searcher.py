@@ -385,10 +385,10 @@ class SweepSearchGenerator(SearchGenerator):
 
 
 class AfterWarmupASHA(AsyncHyperBandScheduler):
-    """Ray's ASHA; with `after_warmup` (`xfer tune --asha_after_warmup`) a trial is neither
-    judged nor recorded at a rung while its adaptation is still warming up (`warmup` < 1 in
-    its report): Ray's rule judges it at the first epoch it reports warmed, at the highest
-    rung it has passed unjudged. Without it, exactly ASHAScheduler."""
+    """Ray's ASHA; with `after_warmup` a trial is neither judged nor recorded at a rung while its
+    adaptation is still warming up (`warmup` < 1 in its report): Ray's rule judges it at the first
+    epoch it reports warmed, at the highest rung it has passed unjudged. Without it, exactly
+    ASHAScheduler."""
 
     def __init__(self, *args, after_warmup: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
@@ -399,3 +399,18 @@ class AfterWarmupASHA(AsyncHyperBandScheduler):
                 and result.get(self._time_attr, 0) < self._max_t):
             return TrialScheduler.CONTINUE
         return super().on_trial_result(tune_controller, trial, result)
+
+
+def make_scheduler(kind: str, clock: str, max_t: int, grace_period: int, reduction_factor: int):
+    """The sweep's trial scheduler: `fifo` runs every trial its whole budget; `asha` stops the weak
+    at rungs grace_period x reduction_factor^k counted on `clock` (tune.sweep.RUNG_CLOCKS)."""
+    from ray.tune.schedulers import FIFOScheduler
+
+    if kind == "fifo":
+        return FIFOScheduler()
+    if clock == "adapted":
+        # a trial reports adapted_epochs = 0 throughout its warm-up: below every rung, never judged there
+        return AsyncHyperBandScheduler(time_attr="adapted_epochs", max_t=max_t, grace_period=grace_period,
+                                       reduction_factor=reduction_factor)
+    return AfterWarmupASHA(time_attr="epoch", max_t=max_t, grace_period=grace_period,
+                           reduction_factor=reduction_factor, after_warmup=clock == "after_warmup")

@@ -49,6 +49,16 @@ SETTINGS_FILE = "sweep.json"
 DATA_FLAGS = ("src_csv", "src_label_csv", "tgt_csv", "tgt_label_csv", "test_csv", "test_label_csv",
               "sup_peak_csv", "sup_peak_label_csv", "label_column", "orient", "store")
 TRIAL_STATUSES = ("completed", "stopped_by_asha", "errored")
+SCHEDULERS = ("asha", "fifo")  # asha stops the weak trials at its rungs; fifo runs every trial its whole budget
+# What ASHA's rungs count (`xfer tune --rungs`; tune.searcher.make_scheduler):
+#   adapted       epochs with the adaptation fully on (`adapted_epochs` in each report: the epoch minus
+#                 the trial's own searched warm-up), so every trial is judged after the same number of
+#                 epochs in which a model could be chosen, never inside its warm-up
+#   after_warmup  epochs, but a trial still warming up is neither judged nor recorded; it is judged at
+#                 the first rung it reaches warmed (`--asha_after_warmup`, before issue 23)
+#   epochs        plain epochs: a trial may be judged, and stopped, inside its warm-up, before it has
+#                 any objective value to be judged by (before issue 23)
+RUNG_CLOCKS = ("adapted", "after_warmup", "epochs")
 
 
 def trial_status(metrics: dict, search_epochs: int, errored: bool) -> str:
@@ -96,8 +106,15 @@ class Sweep:
     objective_setting: str = "auto"     # what was asked for (--objective)
     storage_uri: str = ""               # Tune's storage (results, checkpoints): a path or URI; "" = output/ray_results
     reuse_actors: bool = True           # fast path: Tune reuses a trial's actor for the next (tune/trainable.py)
-    final_ensemble: int = 1             # best_model.pt averages the top K trials (1 in sweeps saved before it)
-    asha_after_warmup: bool = False     # ASHA judges a trial only once its adaptation is fully on
+    final_ensemble: int = 1             # at most this many trials in best_model.pt (1 in sweeps saved before it)
+    final_model: str = "top"            # tune.final_model.FINAL_RULES (sweeps saved before issue 23: top)
+    asha_after_warmup: bool = False     # sweeps saved before issue 23: their rung clock (rungs below)
+    scheduler: str = "asha"             # SCHEDULERS: asha stops the weak, fifo runs every trial out
+    rungs: str = ""                     # RUNG_CLOCKS: what ASHA's rungs count
+
+    def __post_init__(self):
+        if not self.rungs:  # a sweep.json from before issue 23: its ASHA counted plain epochs
+            self.rungs = "after_warmup" if self.asha_after_warmup else "epochs"
 
     @property
     def objective_label(self) -> str:
@@ -201,6 +218,17 @@ def new_sweep(args) -> Sweep:
         raise ConfigError("n_trials" if args.n_trials < 1 else "search_epochs", "must be >= 1")
     if args.checkpoint_every < 0:
         raise ConfigError("checkpoint_every", "must be >= 0 (0: as often as the cost allows)")
+    scheduler = getattr(args, "scheduler", "asha")
+    rungs = "after_warmup" if getattr(args, "asha_after_warmup", False) else getattr(args, "rungs", "adapted")
+    if scheduler not in SCHEDULERS:
+        raise ConfigError("scheduler", f"unknown {scheduler!r}; choose from {', '.join(SCHEDULERS)}")
+    if rungs not in RUNG_CLOCKS:
+        raise ConfigError("rungs", f"unknown {rungs!r}; choose from {', '.join(RUNG_CLOCKS)}")
+    from .final_model import FINAL_RULES
+
+    final_rule = getattr(args, "final_model", "greedy")
+    if final_rule not in FINAL_RULES:
+        raise ConfigError("final_model", f"unknown {final_rule!r}; choose from {', '.join(FINAL_RULES)}")
     if not 1 <= args.final_ensemble <= 32:
         raise ConfigError("final_ensemble", f"must be in 1..32, got {args.final_ensemble}")
     # every value a trial can get must make a valid config with the base
@@ -226,7 +254,7 @@ def new_sweep(args) -> Sweep:
         data_args={k: getattr(args, k, None) for k in DATA_FLAGS}, objective=objective,
         objective_setting=base["objective"], storage_uri=storage,
         reuse_actors=bool(getattr(args, "reuse_actors", True)), final_ensemble=args.final_ensemble,
-        asha_after_warmup=bool(getattr(args, "asha_after_warmup", False)))
+        scheduler=scheduler, rungs=rungs, final_model=final_rule)
 
 
 def _check_storage(storage: str | None) -> str:
@@ -347,16 +375,17 @@ def make_trainable(sw: Sweep):
 
     from .trainable import function_trial, labelled, trainer_trial
 
-    rungs = tuple(asha_rungs(sw.grace_period, sw.reduction_factor, sw.search_epochs))  # where ASHA may stop a trial
+    # where ASHA may stop a trial, on the sweep's rung clock (none under FIFO)
+    rungs = tuple(asha_rungs(sw.grace_period, sw.reduction_factor, sw.search_epochs)) if sw.scheduler == "asha" else ()
     if sw.trainer == "function":
         fn = partial(function_trial, spec=sw.spec, base=sw.base, checkpoint_every=sw.checkpoint_every,
-                     rungs=rungs, after_warmup=sw.asha_after_warmup)
+                     rungs=rungs, clock=sw.rungs)
         return labelled(tune.with_resources(fn, {"cpu": sw.cpus_per_trial, "gpu": sw.gpus_per_trial}))
     per_worker = {"CPU": max(0.01, sw.cpus_per_trial / sw.num_workers - 0.01)}
     if sw.gpus_per_trial > 0:
         per_worker["GPU"] = sw.gpus_per_trial / sw.num_workers
     fn = partial(trainer_trial, spec=sw.spec, base=sw.base, checkpoint_every=sw.checkpoint_every, rungs=rungs,
-                 after_warmup=sw.asha_after_warmup,
+                 clock=sw.rungs,
                  num_workers=sw.num_workers, resources_per_worker=per_worker,
                  train_storage=_train_storage(sw))
     return labelled(tune.with_resources(fn, {"cpu": 0.01}))
@@ -406,7 +435,7 @@ def make_tuner(sw: Sweep, restore: bool, verbose: bool = False, progress_every: 
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
-    from .searcher import AfterWarmupASHA, EpochAwareOptunaSearch, SweepSearchGenerator
+    from .searcher import EpochAwareOptunaSearch, SweepSearchGenerator, make_scheduler
     from .trainable import KEEP_CHECKPOINTS
 
     trainable = make_trainable(sw)
@@ -435,8 +464,7 @@ def make_tuner(sw: Sweep, restore: bool, verbose: bool = False, progress_every: 
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=SweepSearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=n_slots)),
-            scheduler=AfterWarmupASHA(time_attr="epoch", max_t=sw.search_epochs, grace_period=sw.grace_period,
-                                      reduction_factor=sw.reduction_factor, after_warmup=sw.asha_after_warmup),
+            scheduler=make_scheduler(sw.scheduler, sw.rungs, sw.search_epochs, sw.grace_period, sw.reduction_factor),
             metric="objective", mode="max", num_samples=sw.n_trials,
             reuse_actors=sw.trainer == "function" and sw.reuse_actors,
             trial_dirname_creator=lambda t: t.trial_id,
@@ -515,10 +543,12 @@ def trial_table(grid, sw: Sweep):
 
 
 def export(grid, sw: Sweep) -> dict:
-    """trials.csv / trials.parquet, best_params.json (the best trial), best_model.pt (the best
-    epochs of the top `final_ensemble` trials that left a checkpoint, their probabilities
-    averaged; one trial: its model alone)."""
+    """trials.csv / trials.parquet, best_params.json (the best trial), best_model.pt (the final
+    model of tune.final_model: trials judged on the same footing, averaged by the sweep's rule,
+    never below the shipped defaults' trial)."""
     from xfer.checkpoint import ensemble_checkpoint, save_checkpoint
+
+    from . import final_model
 
     df = trial_table(grid, sw)
     df.to_csv(sw.output / "trials.csv", index=False)
@@ -538,16 +568,20 @@ def export(grid, sw: Sweep) -> dict:
         "trial_id": best["trial_id"], "best_epoch": int(best["best_epoch"]), "epochs_run": int(best["epochs_run"]),
         "search_epochs": sw.search_epochs,
     }
-    members = top_members(ok, sw.final_ensemble, lambda tid: _checkpoint_file(_result_of(grid, tid), sw, tid))
+    fm = final_model.choose(
+        ok, objective=sw.objective, rule=sw.final_model, k=sw.final_ensemble, scheduler=sw.scheduler,
+        search_epochs=sw.search_epochs, defaults_point=default_point(parse_space(sw.space, "sweep.json"), sw.base),
+        predictor_of=lambda tid: _predictor(grid, sw, tid),
+        scorer=final_model.AgreementScorer(sw.spec) if sw.objective == "agreement" else None)
     final = None
-    if members:
-        ckpts = [c for _, c in members]
+    if fm is not None:
+        ckpts = [c for _, c in fm.members]
         final = ckpts[0] if len(ckpts) == 1 else ensemble_checkpoint(ckpts)
         save_checkpoint(final, sw.output / "best_model.pt")
-    best_params["final_model"] = {
-        "asked": sw.final_ensemble,
-        "members": [{"trial_id": r["trial_id"], "value": float(r["best_objective"]), "best_epoch": int(r["best_epoch"]),
-                     "epochs_run": int(r["epochs_run"]), "arch": r.get("param.arch")} for r, _ in members]}
+        for note in fm.notes:
+            log.info("final model: %s", note)
+    best_params["final_model"] = {"asked": sw.final_ensemble, "members": []} if fm is None else \
+        {"asked": sw.final_ensemble, **fm.describe()}
     write_json(sw.output / "best_params.json", best_params)
     return {"table": df, "best": best_params, "final": final}  # final: what best_model.pt holds
 
@@ -556,25 +590,18 @@ def _result_of(grid, trial_id: str):
     return next(r for r in grid if (r.metrics or {}).get("trial_id", Path(r.path).name) == trial_id)
 
 
-def top_members(ranked, k: int, checkpoint_of) -> list[tuple[dict, dict]]:
-    """(trial row, its best epoch's predictor) of the top `k` trials of `ranked` (trial_table's
-    rows, best first) that left a checkpoint (`checkpoint_of(trial_id)`: its file or None). Each
-    member is whole, with its own config and preprocessing: a sweep's trials differ in
-    architecture and inputs."""
+def _predictor(grid, sw: Sweep, trial_id: str) -> dict | None:
+    """The best epoch's predictor of a trial (whole, with its own config and preprocessing: a
+    sweep's trials differ in architecture and inputs), from its last checkpoint; None without one."""
     from xfer.checkpoint import export_best, read_checkpoint
 
-    members = []
-    for _, row in ranked.iterrows():
-        if len(members) == k:
-            break
-        path = checkpoint_of(row["trial_id"])
-        if path is None:
-            log.warning("trial %s left no checkpoint: not in best_model.pt", row["trial_id"])
-            continue
-        members.append((row.to_dict(), export_best(read_checkpoint(path))))
-        if path.name == ".best_checkpoint.pt":  # a download from remote storage
-            path.unlink(missing_ok=True)
-    return members
+    path = _checkpoint_file(_result_of(grid, trial_id), sw, trial_id)
+    if path is None:
+        return None
+    ckpt = export_best(read_checkpoint(path))
+    if path.name == ".best_checkpoint.pt":  # a download from remote storage
+        path.unlink(missing_ok=True)
+    return ckpt
 
 
 def _checkpoint_file(result, sw: Sweep, trial_id: str) -> Path | None:
@@ -596,15 +623,24 @@ def _checkpoint_file(result, sw: Sweep, trial_id: str) -> Path | None:
     return found[-1] if found else None
 
 
-def score_best(sw: Sweep, ckpt: dict) -> dict | None:
+def final_model_source(final: dict) -> str:
+    """How a sweep's final model was made, in words (best_params.json's final_model)."""
+    n = len(final.get("members", []))
+    if final.get("guarded"):
+        return "the shipped defaults' trial (the rule's average had a lower objective)"
+    what = "one trial" if n == 1 else f"{n} trials averaged"
+    return f"{what} ({final.get('rule', 'top')} rule)"
+
+
+def score_best(sw: Sweep, ckpt: dict, final: dict | None = None) -> dict | None:
     """The sweep's final model (what best_model.pt holds) on the four splits (test line only
-    here) + baselines."""
+    here) + baselines; `final`: best_params.json's final_model (how it was made)."""
     from xfer.pipeline import baselines_for, evaluate_checkpoint
 
     metrics, p = evaluate_checkpoint(Namespace(**sw.data_args), ckpt, sw.output)
     metrics["baselines"] = baselines_for(p)
     n = len(ckpt.get("ensemble", [ckpt]))
-    metrics["model"] = {"source": "best trial of the sweep" if n == 1 else f"the sweep's top {n} trials, averaged",
+    metrics["model"] = {"source": "the sweep's final model: " + final_model_source(final or {"members": [0] * n}),
                         "objective": sw.objective_label, "config": p.cfg.to_flat(), "n_members": n}
     write_json(sw.output / "metrics.json", metrics)
     return metrics
@@ -645,7 +681,7 @@ def run(args) -> dict:
     exported = export(grid, sw)
     metrics = None
     if exported["final"] is not None and (sw.data_args.get("test_csv") or sw.data_args.get("sup_peak_csv")):
-        metrics = score_best(sw, exported["final"])
+        metrics = score_best(sw, exported["final"], exported["best"]["final_model"])
     from xfer.report import try_write_report  # report.html: a failure is a warning, never a failed sweep
 
     return {"sweep": sw, "table": exported["table"], "best": exported["best"], "metrics": metrics,

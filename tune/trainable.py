@@ -136,28 +136,26 @@ class CheckpointPolicy:
     - At the last epoch (all epochs, or stopped early by patience).
     - At each epoch where ASHA may stop the trial, when the best epoch changed since the last
       checkpoint, so the best weights are in storage wherever ASHA stops the trial (the sweep
-      exports its top trials' best weights from their last checkpoints). Those epochs follow
-      Ray's rule: an epoch at or past a rung of `rungs` where the trial has not been judged yet
-      (the highest such rung is then judged); with `after_warmup` (`xfer tune
-      --asha_after_warmup`) only epochs with the adaptation fully on count, so the first judged
-      epoch may fall between rungs.
+      exports its final model's members from their last checkpoints). Those epochs follow
+      Ray's rule on the sweep's rung clock (`tune.sweep.RUNG_CLOCKS`): an epoch whose clock
+      value is at or past a rung of `rungs` where the trial has not been judged yet (the highest
+      such rung is then judged). `adapted`: the clock is `adapted_epochs`, zero through the
+      warm-up; `after_warmup`: epochs, counted only once the adaptation is fully on (the first
+      judged epoch may fall between rungs); `epochs`: plain epochs. No rungs under FIFO.
     - Periodically, for resume after a failure: `every` epochs after the last checkpoint, or with `every` = 0
       (auto, the default) as often as keeps writing within `budget` (5 %) of the trial's compute:
       after each write the interval becomes ceil(write seconds / (budget x mean epoch seconds)),
       the write timed from building the checkpoint to its report's return (Tune copies it to the
       storage then: an upload to S3 counts),
       at most `max_every` epochs (the epochs a failure can cost); 5 until a write was timed.
-
-    Before this policy a trial wrote at every new best epoch as well: 10-20 checkpoints of a
-    50-epoch trial (76 MB each for the default model on seed-sized data; BENCHMARKS.md).
     """
 
     def __init__(self, every: int = 0, rungs=(), *, budget: float = 0.05, max_every: int = 25, first: int = 5,
-                 after_warmup: bool = False):
+                 clock: str = "epochs"):
         self.fixed = int(every) > 0
         self.every = int(every) if self.fixed else first
         self.pending = sorted(int(r) for r in rungs)   # rungs ASHA has not judged this trial at yet
-        self.after_warmup = after_warmup
+        self.clock = clock
         self.budget, self.max_every = budget, max_every
         self.last_saved = 0          # the epoch of the last checkpoint (0: none in this run)
         self.dirty = False           # a best epoch since the last checkpoint
@@ -169,25 +167,26 @@ class CheckpointPolicy:
             self.dirty = True
         if isinstance(m.get("epoch_seconds"), (int, float)):
             self.epoch_seconds.append(float(m["epoch_seconds"]))
-        judged = self.judged(epoch, float(m.get("warmup", 1.0)) >= 1.0)
+        t = int(m.get("adapted_epochs", epoch)) if self.clock == "adapted" else epoch
+        judged = self.judged(t, float(m.get("warmup", 1.0)) >= 1.0)
         return last or (self.dirty and judged) or epoch - self.last_saved >= self.every
 
-    def judged(self, epoch: int, warm: bool) -> bool:
-        """Whether ASHA judges (and may stop) the trial at this epoch, as Ray's
-        AsyncHyperBandScheduler decides with a report every epoch; call once per epoch."""
-        if self.after_warmup and not warm:
+    def judged(self, t: int, warm: bool) -> bool:
+        """Whether ASHA judges (and may stop) the trial at this report, whose rung-clock value is
+        `t`, as Ray's AsyncHyperBandScheduler decides with a report every epoch; call once per epoch."""
+        if self.clock == "after_warmup" and not warm:
             return False
-        below = [r for r in self.pending if r <= epoch]
+        below = [r for r in self.pending if r <= t]
         if below:
             self.pending.remove(max(below))
         return bool(below)
 
     def resumed_at(self, epoch: int) -> None:
         """After a restore at `epoch`: its rungs were judged before (the driver kept ASHA's state).
-        After the warm-up rule which of them were judged depends on when the trial warmed: all
-        stay pending, so a judgement is never missed (at worst a checkpoint too many)."""
+        On the other clocks which of them were judged depends on the trial's warm-up: all stay
+        pending, so a judgement is never missed (at worst a checkpoint too many)."""
         self.last_saved = int(epoch)
-        if not self.after_warmup:
+        if self.clock == "epochs":
             self.pending = [r for r in self.pending if r > epoch]
 
     def saved(self, epoch: int, seconds: float) -> None:
@@ -199,7 +198,7 @@ class CheckpointPolicy:
 
 def _run(params: dict, spec: dict, base: dict, checkpoint_every: int, device: str,
          get_checkpoint: Callable, report: Callable, is_rank0: bool = True, rungs=(),
-         after_warmup: bool = False) -> None:
+         clock: str = "epochs") -> None:
     cfg = trial_config(base, params)
     data = load_trial_data(DataSpec(**spec), cfg)
     resume = None
@@ -208,7 +207,7 @@ def _run(params: dict, spec: dict, base: dict, checkpoint_every: int, device: st
         with ckpt.as_directory() as d:
             resume = read_checkpoint(Path(d) / CHECKPOINT_FILE)
     epochs = cfg.optim.epochs
-    policy = CheckpointPolicy(checkpoint_every, rungs, after_warmup=after_warmup)
+    policy = CheckpointPolicy(checkpoint_every, rungs, clock=clock)
     if resume is not None:
         policy.resumed_at(int(resume["epoch"]))
 
@@ -234,7 +233,7 @@ def _threads(n_cpus: float) -> None:
 
 
 def function_trial(params: dict, *, spec: dict, base: dict, checkpoint_every: int = 0, rungs=(),
-                   after_warmup: bool = False) -> None:
+                   clock: str = "epochs") -> None:
     """Tune function trainable (fast path)."""
     import ray
     from ray import tune
@@ -253,8 +252,7 @@ def function_trial(params: dict, *, spec: dict, base: dict, checkpoint_every: in
         tune.report({**m, "node_id": node_id},
                     checkpoint=tune.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
 
-    _run(params, spec, base, checkpoint_every, device, tune.get_checkpoint, report, rungs=rungs,
-         after_warmup=after_warmup)
+    _run(params, spec, base, checkpoint_every, device, tune.get_checkpoint, report, rungs=rungs, clock=clock)
 
 
 def labelled(fn):
@@ -295,11 +293,11 @@ def _worker_loop(loop_config: dict) -> None:
 
     _run(loop_config["params"], loop_config["spec"], loop_config["base"], loop_config["checkpoint_every"], device,
          ray.train.get_checkpoint, report, is_rank0=rank0, rungs=loop_config.get("rungs", ()),
-         after_warmup=loop_config.get("after_warmup", False))
+         clock=loop_config.get("clock", "epochs"))
 
 
 def trainer_trial(params: dict, *, spec: dict, base: dict, checkpoint_every: int = 0, rungs=(),
-                  after_warmup: bool = False, num_workers: int = 1,
+                  clock: str = "epochs", num_workers: int = 1,
                   resources_per_worker: dict | None = None, train_storage: str = "") -> None:
     """Tune function that runs the trial as a Ray Train TorchTrainer (multi-worker path)."""
     import ray.train
@@ -313,7 +311,7 @@ def trainer_trial(params: dict, *, spec: dict, base: dict, checkpoint_every: int
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"params": params, "spec": spec, "base": base, "checkpoint_every": checkpoint_every,
-                           "rungs": list(rungs), "after_warmup": after_warmup,
+                           "rungs": list(rungs), "clock": clock,
                            "resources_per_worker": resources_per_worker, "trial_id": trial_id,
                            "sweep": tune.get_context().get_experiment_name()},
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=resources_per_worker.get("GPU", 0) > 0,

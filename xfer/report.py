@@ -226,10 +226,17 @@ def sweep_report(folder: Path) -> tuple[str, list]:
     names = {f"Trial{t.number}": f"#{t.number} {t.user_attrs.get('ray_trial_id', '')} ({t.state.name.lower()})"
              for t in study.trials}
     inter.for_each_trace(lambda tr: tr.update(name=names.get(tr.name, tr.name)))
-    for r in rungs:
-        inter.add_vline(x=r, line_dash="dash", line_color="grey", annotation_text=f"rung {r}")
-    inter.update_layout(title=f"objective ({objective}) per epoch; ASHA rungs at epochs {rungs}",
-                        xaxis_title="epoch", yaxis_title=objective, height=440)
+    clock = sw.get("rungs") or ("after_warmup" if sw.get("asha_after_warmup") else "epochs")
+    if sw.get("scheduler", "asha") == "fifo":
+        title = f"objective ({objective}) per epoch; every trial ran its whole budget (FIFO)"
+    elif clock == "adapted":  # each trial's rungs sit after its own warm-up: no common epoch to mark
+        title = (f"objective ({objective}) per epoch; ASHA judged each trial {rungs} epochs after its own "
+                 "warm-up ended")
+    else:
+        for r in rungs:
+            inter.add_vline(x=r, line_dash="dash", line_color="grey", annotation_text=f"rung {r}")
+        title = f"objective ({objective}) per epoch; ASHA rungs at epochs {rungs}"
+    inter.update_layout(title=title, xaxis_title="epoch", yaxis_title=objective, height=440)
 
     reached = _at_best(study)
     top = None  # the parallel coordinates show the most important parameters when importances are known
@@ -264,10 +271,11 @@ def sweep_report(folder: Path) -> tuple[str, list]:
     scored = (metrics_items(metrics) if metrics is not None else
               [_note("no metrics.json: the sweep was given no test line to score its final model on")])
     n = ((metrics or {}).get("model") or {}).get("n_members", 1)
-    final = "The best trial" if n == 1 else f"The final model (the top {n} trials averaged)"
+    final = "The final model (one trial)" if n == 1 else f"The final model ({n} trials averaged)"
     return f"xfer tune: {folder}", [
         ("Trials", [_note(summary), _table(table, index=False)]),
-        ("Intermediate values", [_note("each trial's objective per epoch; dashed lines: ASHA's rungs"), inter]),
+        ("Intermediate values", [_note("each trial's objective per epoch (dashed lines, when ASHA's rungs fall on the "
+                                        "same epoch for every trial: the rungs)"), inter]),
         ("Parameter importances", [_note(AT_BEST), importance]),
         ("Parallel coordinates (each trial at its best epoch" +
          (f"; the {len(top)} most important parameters)" if top else ")"), [parallel]),

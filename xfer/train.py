@@ -403,9 +403,17 @@ def _epoch_record(cfg: TrainConfig, state: TrainState, objective: float, val: di
         **{f"gex_val_{k}": val["gex"][k] for k in METRIC_KEYS}, **{f"peak_val_{k}": val["peak"][k] for k in METRIC_KEYS},
         **{f"sel/{k}": v for k, v in val["selection"].items()},
         **losses, **({"pseudo_labels": n_pseudo} if n_pseudo is not None else {}),
-        "warmup": warm, "grl_lambda": L.grl_lambda((state.epoch - 1) / o.epochs, cfg.loss.grl_gamma),
+        "warmup": warm, "adapted_epochs": adapted_epochs(state.epoch, cfg.loss.warmup_epochs),
+        "grl_lambda": L.grl_lambda((state.epoch - 1) / o.epochs, cfg.loss.grl_gamma),
         **seconds, "improved": improved,
     }
+
+
+def adapted_epochs(epoch: int, warmup_epochs: int) -> int:
+    """Epochs so far with the adaptation fully on (`Trainer.begin_epoch`'s factor 1.0: from epoch
+    warmup_epochs + 1): a sweep's ASHA counts its rungs in these, so that every trial is judged
+    after the same number of epochs in which a model could be chosen (tune.searcher)."""
+    return max(0, int(epoch) - max(0, int(warmup_epochs)))
 
 
 def _check_finite(losses: dict, epoch: int) -> None:
