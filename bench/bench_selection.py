@@ -55,7 +55,7 @@ def population(n: int) -> list[dict]:
     from tune.sweep import default_point
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    space = load_space(None)
+    space = load_space("broad")
     configs = [default_point(space, {})]
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=POPULATION_SEED))
     for _ in range(n - 1):

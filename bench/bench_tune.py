@@ -85,7 +85,7 @@ def plain_optuna(store: Path, args) -> dict:
     s = CellStore(str(store))
     spec = DataSpec(store=str(store), src="simA_GEX", tgt="simA_PEAK", src_hash=s.manifest("simA_GEX").content_hash,
                     tgt_hash=s.manifest("simA_PEAK").content_hash)
-    space = load_space(None).with_fixed(FIXED)
+    space = load_space("broad").with_fixed(FIXED)
     t0 = time.perf_counter()
     data = prepare_from_store(spec, TrainConfig.from_dict({"epochs": args.epochs}))
     compute = 0.0

@@ -161,3 +161,29 @@ def test_empty_mapping_and_bad_key_in_a_space_file_name_the_file(tmp_path):
     (tmp_path / "s.yaml").write_text("lr: {type: float, low: 0.1, high: 0.01}\n")
     with pytest.raises(ConfigError, match=r"s\.yaml: config key 'lr': needs low < high"):
         load_space(tmp_path / "s.yaml")
+
+
+@pytest.mark.parametrize("name", ["broad", "centred"])
+def test_built_in_spaces_by_name_hold_the_shipped_defaults(name):
+    """`--space broad|centred`: the shipped defaults are a point of each (a sweep enqueues them first)."""
+    from tune.space import SPACES
+    from tune.sweep import default_point
+    space = load_space(name)
+    assert space.source == f"{name} space" and set(space.params) == set(SPACES[name])
+    assert default_point(space, {}) is not None
+
+
+def test_the_centred_space_narrows_the_broad_one_around_each_default():
+    from tune.space import BROAD_SPACE, CENTRED_SPACE
+    from xfer.config import TrainConfig
+    defaults = TrainConfig().to_flat(live_only=False)
+    for key, spec in CENTRED_SPACE.items():
+        broad = BROAD_SPACE[key]
+        if not isinstance(spec, dict):
+            assert spec == defaults[key], key                       # fixed at the default
+        elif spec["type"] == "categorical":
+            assert defaults[key] in spec["choices"], key
+            assert set(spec["choices"]) <= set(broad["choices"]) | {128}, key
+        else:
+            assert spec["low"] <= defaults[key] <= spec["high"], key
+            assert spec["high"] - spec["low"] < broad["high"] - broad["low"], key

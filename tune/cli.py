@@ -20,7 +20,9 @@ def register(sub) -> None:
     g = p.add_argument_group("sweep")
     g.add_argument("--n_trials", type=int, default=20, help="trials to run (default 20)")
     g.add_argument("--search_epochs", type=int, default=50, help="epochs per trial; ASHA's max_t (default 50)")
-    g.add_argument("--space", help="search space file (YAML/JSON, see tune/space.py); default: the built-in space")
+    g.add_argument("--space", help="a built-in space, `centred` (around the shipped defaults) or `broad` (every "
+                                   "architecture, divergence and width), or a space file (YAML/JSON, see tune/space.py); "
+                                   "default: the study's pick (README: xfer tune, Space)")
     g.add_argument("--scheduler", choices=("asha", "fifo"), default="asha",
                    help="asha (default): stop weak trials at ASHA's rungs; fifo: run every trial its whole budget")
     g.add_argument("--rungs", choices=("adapted", "after_warmup", "epochs"), default="adapted",

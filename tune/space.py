@@ -32,9 +32,9 @@ from xfer.config import (ALIASES, ALL_ARCH_PARAMS, ARCH_PARAMS, ARCHS, DIVERGENC
                          drop_other_arch_params, load_mapping_file)
 from xfer.errors import ConfigError
 
-# The default space. Ranges follow the seed's (λ_target_class 1-15, log) and
-# what trained well on the simulator; widen them in a space file.
-DEFAULT_SPACE: dict[str, Any] = {
+# The broad space (`--space broad`): every architecture and divergence, every width. Ranges follow
+# the seed's (λ_target_class 1-15, log) and what trained well on the simulator.
+BROAD_SPACE: dict[str, Any] = {
     # optimisation
     "lr": {"type": "float", "low": 1e-4, "high": 3e-3, "log": True},
     "weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
@@ -78,6 +78,47 @@ DEFAULT_SPACE: dict[str, Any] = {
     "n_blocks": {"type": "int", "low": 1, "high": 4},                               # hybrid
     "hybrid_width": {"type": "categorical", "choices": [512, 1024, 2048]},           # hybrid
 }
+
+# The centred space (`--space centred`): every searched parameter of the broad space in a narrow range
+# around its shipped default (xfer/config.py: log ranges about x/÷3, linear ones about ±half the
+# default's span); the architecture (dae), divergence (mmd), conditioning and the coverage channel
+# are the defaults'. bench/bench_sweep_study.py compares the two.
+CENTRED_SPACE: dict[str, Any] = {
+    "lr": {"type": "float", "low": 1e-4, "high": 1e-3, "log": True},
+    "weight_decay": {"type": "float", "low": 3e-5, "high": 3e-4, "log": True},
+    "batch_size": {"type": "categorical", "choices": [128, 256, 512]},
+    "lambda_class": {"type": "float", "low": 0.5, "high": 2.0, "log": True},
+    "lambda_target_class": {"type": "float", "low": 2.0, "high": 12.0, "log": True},
+    "lambda_domain": {"type": "float", "low": 0.1, "high": 1.0, "log": True},
+    "lambda_divergence": {"type": "float", "low": 0.3, "high": 3.0, "log": True},
+    "lambda_balance": {"type": "float", "low": 0.03, "high": 0.3, "log": True},
+    "lambda_entropy": {"type": "float", "low": 0.0, "high": 0.1},
+    "lambda_pseudo": {"type": "float", "low": 0.3, "high": 2.0},
+    "pseudo_fraction": {"type": "float", "low": 0.3, "high": 0.7},
+    "grl_gamma": {"type": "float", "low": 3.0, "high": 20.0, "log": True},
+    "warmup_epochs": {"type": "int", "low": 5, "high": 15},
+    "label_smoothing": {"type": "float", "low": 0.0, "high": 0.1},
+    "use_cdann": True,
+    "entropy_conditioning": True,
+    "peak_repr": {"type": "categorical", "choices": ["lsi", "joint_lsi"]},
+    "bin_size": 1_000_000,
+    "arch": "dae",
+    "divergence": "mmd",
+    "dropout": {"type": "float", "low": 0.3, "high": 0.6},
+    "peak_dropout": {"type": "float", "low": 0.1, "high": 0.3},
+    "hidden_dim": {"type": "categorical", "choices": [128, 256, 512]},
+    "n_layers": {"type": "int", "low": 1, "high": 2},
+    "latent_dim": {"type": "categorical", "choices": [256, 512]},
+    "proj_hidden": {"type": "categorical", "choices": [512, 1024]},
+    "cls_hidden": {"type": "categorical", "choices": [128, 256, 512]},
+    "disc_hidden": {"type": "categorical", "choices": [512, 1024]},
+    "corruption": {"type": "float", "low": 0.0, "high": 0.15},
+    "lambda_recon": {"type": "float", "low": 0.3, "high": 3.0, "log": True},
+}
+
+SPACES: dict[str, dict[str, Any]] = {"broad": BROAD_SPACE, "centred": CENTRED_SPACE}
+DEFAULT_SPACE_NAME = "broad"
+DEFAULT_SPACE = SPACES[DEFAULT_SPACE_NAME]
 
 # Keys that never belong in a search space (they are sweep settings, not trial parameters).
 NOT_SEARCHABLE = {"epochs", "seed", "metric", "objective"}
@@ -278,12 +319,14 @@ def _check_values(key: str, values: list, source: str) -> None:
 
 
 def load_space(path: str | Path | None, fixed: dict | None = None) -> SearchSpace:
-    """The default space, or a YAML/JSON file's; then command-line fixes.
+    """The default space, a built-in one by name (SPACES: `broad`, `centred`), or a YAML/JSON
+    file's; then command-line fixes.
 
     File errors (missing, not YAML/JSON, not a mapping) name the file and the
     flag `space`; errors inside the space name the file and the key."""
-    if path is None:
-        space = parse_space(DEFAULT_SPACE, "default space")
+    if path is None or str(path) in SPACES:
+        name = DEFAULT_SPACE_NAME if path is None else str(path)
+        space = parse_space(SPACES[name], f"{name} space")
     else:
         space = parse_space(load_mapping_file(path, "space"), str(path))
     return space.with_fixed(fixed) if fixed else space
