@@ -22,6 +22,8 @@ Final-model rules (what best_model.pt holds), from the trials the policy left:
                   raises it most, stop when none does (at most 8)
   seeds3          the best configuration's best epoch with two more training seeds of it at the
                   trial budget, averaged (costs two more trials)
+  top4_epochs3    the same-footing top 4, each averaged over its 3 best eligible epochs (a
+                  snapshot ensemble within each trial; a probe: xfer tune keeps one epoch a trial)
 Every rule is guarded as `xfer tune` guards it: when the final model's objective is below that
 of the shipped defaults' own trial (enqueued first), the defaults' trial is returned instead.
 """
@@ -51,8 +53,11 @@ POLICIES = [("asha", 3, 2), ("asha_warm", 3, 2), ("adapted", 2, 2), ("adapted", 
             ("adapted", 2, 3), ("adapted", 3, 3), ("fifo", 0, 0)]
 SIZES = [(30, 30), (12, 30), (16, 30), (20, 30), (24, 30), (40, 30), (20, 20), (24, 20), (30, 20), (45, 20)]
 RULES = ["top4", "best", "top2_footing", "top3_footing", "top4_footing", "top6_footing", "top8_footing", "within_se",
-         "greedy", "seeds3"]
+         "greedy", "seeds3", "top4_epochs3"]
 TODAY = ("default", "asha", 3, 2, 30, 30, "top4")
+# replayed for reference, never picked: the two defects of issue 23 (plain-epoch rungs judge trials
+# inside their warm-up; top4 averages trials however far they ran) and a probe xfer tune cannot build
+NOT_SHIPPABLE = {"asha", "top4", "top4_epochs3"}
 
 
 def _balacc(ref: np.ndarray, pred: np.ndarray) -> float:
@@ -205,6 +210,11 @@ def final_models(pair: Pair, ens: Ensembler, runs: list[dict], upto: dict[int, i
             members = trials[:4]
         elif rule == "best":
             members = trials[:1]
+        elif rule == "top4_epochs3":  # each of the top 4 averaged over its 3 best eligible epochs
+            mem = [(t["key"], e) for t in footing[:4] for e in _best_epochs(t["run"]["history"], upto[t["i"]], max_t, 3)]
+            agr, truth = ens.score(mem)
+            out[rule] = _guard(ens, {"members": mem, "agreement": agr, "truth": truth}, dflt)
+            continue
         elif rule.endswith("_footing"):
             members = footing[:int(rule[3])]
         elif rule == "within_se":
@@ -231,6 +241,11 @@ def final_models(pair: Pair, ens: Ensembler, runs: list[dict], upto: dict[int, i
         agr, truth = ens.score(mem)
         out[rule] = _guard(ens, {"members": mem, "agreement": agr, "truth": truth}, dflt)
     return out
+
+
+def _best_epochs(h: list[dict], upto: int, max_t: int, m: int) -> list[int]:
+    el = [e for e in range(1, upto + 1) if h[e - 1]["warmup"] >= 1.0 or e == max_t]
+    return sorted(el, key=lambda e: -h[e - 1]["agreement"])[:m]
 
 
 def _best(h: list[dict], upto: int, max_t: int) -> int | None:
@@ -321,7 +336,8 @@ def choose(rows: list[dict]) -> tuple[dict, dict]:
     of a cheaper one, the cheaper."""
     today = next(r for r in rows if (r["space"], r["policy"], r["grace"], r["rf"], r["n_trials"], r["epochs"],
                                      r["rule"]) == TODAY)
-    allowed = [r for r in rows if r["wall"] <= 2 * today["wall"] and r["coverage"] == 1.0]
+    allowed = [r for r in rows if r["wall"] <= 2 * today["wall"] and r["coverage"] == 1.0
+               and r["policy"] not in NOT_SHIPPABLE and r["rule"] not in NOT_SHIPPABLE]
     best = max(allowed, key=lambda r: r["gain"])
     cheaper = [r for r in allowed if r["gain"] >= best["gain"] - 0.002 and r["wall"] < best["wall"]]
     pick = min(cheaper, key=lambda r: r["wall"]) if cheaper else best
