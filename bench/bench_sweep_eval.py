@@ -11,8 +11,9 @@ after another on an otherwise idle machine (the walls are the whole commands):
 
   sweep     `xfer tune` with the test line's expression and accessibility (unlabelled) and
             nothing else but `--num_cpus 2`: the new defaults (bench_sweep_study.py's pick)
-  before    the sweep as it was before issue 23: `--rungs epochs --final_model top
-            --final_ensemble 4 --n_trials 30 --search_epochs 30 --scheduler asha --grace_period 3`
+  before    `xfer tune` as it was before issue 23 (the code at commit BEFORE_COMMIT, checked out
+            in a git worktree, with its own defaults: 20 trials x 50 epochs, ASHA on plain epochs
+            with grace 6 / rf 2, the top 4 averaged however far they ran) and `--num_cpus 2`
   defaults  `xfer train` with the shipped defaults (100 epochs, patience 20, the ensemble of three)
 
 The test line's labels score each final model only (its metrics.json); the best plain PEAK
@@ -31,11 +32,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-BEFORE = ["--rungs", "epochs", "--final_model", "top", "--final_ensemble", "4", "--n_trials", "30",
-          "--search_epochs", "30", "--scheduler", "asha", "--grace_period", "3", "--reduction_factor", "2"]
+BEFORE_COMMIT = "df90855"   # main just before issue 23
 
 
-def run(root: Path, pairs: list[int], out_json: Path, before: bool) -> None:
+def _before_tree() -> Path:
+    """A worktree of the code before issue 23 (its `python -m xfer.cli` imports its own packages)."""
+    import subprocess
+
+    from bench_sweeps import ROOT
+
+    tree = ROOT / "bench" / "_data" / "before_issue23"
+    if not (tree / "xfer").exists():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), BEFORE_COMMIT], check=True)
+    return tree
+
+
+def run(root: Path, pairs: list[int], out_json: Path, before: bool, only: set[str] | None = None) -> None:
     import pandas as pd
 
     from bench_sweeps import _call, _data, _summary
@@ -48,15 +60,15 @@ def run(root: Path, pairs: list[int], out_json: Path, before: bool) -> None:
         r = res["pairs"].get(str(p), {})
         arms = [("sweep", ["tune", *_data(root / f"pair{p}"), "--num_cpus", "2", "--name", f"eval_{p}"])]
         if before:
-            arms.append(("before", ["tune", *_data(root / f"pair{p}"), "--num_cpus", "2", *BEFORE,
-                                    "--name", f"before_{p}"]))
+            arms.append(("before", ["tune", *_data(root / f"pair{p}"), "--num_cpus", "2", "--name", f"before_{p}"]))
         arms.append(("defaults", ["train", *_data(root / f"pair{p}"), "--device", "cpu"]))
         for arm, argv in arms:
             out = base / arm
-            if arm in r:
+            if arm in r or (only and arm not in only):
                 continue
             t = time.perf_counter()
-            m = _call(argv + ["--output_folder", str(out)], out, base / f"{arm}.log")
+            m = _call(argv + ["--output_folder", str(out)], out, base / f"{arm}.log",
+                      cwd=_before_tree() if arm == "before" else None)
             r[arm] = {**_summary(m), "wall_s": round(time.perf_counter() - t, 1)}
             if arm != "defaults":
                 df = pd.read_csv(out / "trials.csv")
@@ -64,7 +76,7 @@ def run(root: Path, pairs: list[int], out_json: Path, before: bool) -> None:
                 sw = json.loads((out / "sweep.json").read_text())
                 r[arm].update(epochs_run=int(df["epochs_run"].sum()), n_trials=len(df),
                               ranked=int(df["best_objective"].notna().sum()),
-                              final_model=bp["final_model"], design={k: sw.get(k) for k in (
+                              final_model=bp.get("final_model"), design={k: sw.get(k) for k in (
                                   "scheduler", "rungs", "grace_period", "reduction_factor", "n_trials",
                                   "search_epochs", "final_model", "final_ensemble")})
             res["pairs"][str(p)] = r
@@ -74,7 +86,8 @@ def run(root: Path, pairs: list[int], out_json: Path, before: bool) -> None:
             import shutil
 
             shutil.rmtree(out / "ray_results", ignore_errors=True)
-    print(report(out_json, root))
+    if all({"sweep", "defaults"} <= set(v) for v in res["pairs"].values()):
+        print(report(out_json, root))
 
 
 def _se(v: float, n: int) -> float:
@@ -163,10 +176,13 @@ def main() -> None:
         r.add_argument("--json", default="bench/results/bench_sweep_eval.json")
         r.add_argument("--no-before", dest="before", action="store_false",
                        help="skip the sweep as it was before issue 23")
+        r.add_argument("--arms", default="", help="comma-separated arms to run now (default: all); a pair's "
+                       "finished arms are kept and never rerun")
 
     ap = pairs_cli(__doc__, options)
     if ap.cmd == "run":
-        run(Path(ap.root).resolve(), ap.pairs, Path(ap.json), ap.before)
+        run(Path(ap.root).resolve(), ap.pairs, Path(ap.json), ap.before,
+            set(ap.arms.split(",")) - {""} or None)
     else:
         root = Path(__file__).resolve().parent / "_data" / "transfer"
         print(report(Path(ap.json), root if root.exists() else None))

@@ -38,13 +38,13 @@ def _data(pair_dir: Path) -> list[str]:
             "--test_csv", "store:B_GEX", "--sup_peak_csv", "store:B_PEAK"]
 
 
-def _call(argv: list[str], out: Path, log: Path) -> dict:
+def _call(argv: list[str], out: Path, log: Path, cwd: Path | None = None) -> dict:
     if (out / "metrics.json").exists():
         return json.loads((out / "metrics.json").read_text())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t = time.perf_counter()
     with open(log, "w") as f:
-        r = subprocess.run(XFER + argv, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        r = subprocess.run(XFER + argv, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd or ROOT)
     if r.returncode:
         raise SystemExit(f"{' '.join(argv[:1])} failed for {out} (see {log})")
     print(f"{out}: {time.perf_counter() - t:.0f} s", flush=True)
