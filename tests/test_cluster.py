@@ -131,7 +131,7 @@ def s3_store(s3, tiny_store):
 def _sweep_args(store: str, out: Path, name: str, n: int, epochs: int, *extra: str) -> list[str]:
     return ["tune", "--address", "auto", "--store", store, "--src_csv", "store:A_GEX", "--tgt_csv", "store:A_PEAK",
             "--output_folder", str(out), "--name", name, "--n_trials", str(n), "--search_epochs", str(epochs),
-            "--grace_period", str(epochs), "--cpus_per_trial", "1", *FIX, *extra]
+            "--grace_period", str(epochs), "--cpus_per_trial", "1", "--space", "broad", *FIX, *extra]
 
 
 @contextmanager

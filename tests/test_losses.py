@@ -141,10 +141,10 @@ def test_divergence_unknown_name_is_config_error():
 def test_divergence_names_have_one_source():
     """The config accepts exactly the divergences losses implements, and the default search space
     offers every one of them."""
-    from tune.space import DEFAULT_SPACE
+    from tune.space import BROAD_SPACE
     from xfer.config import DIVERGENCES
     assert tuple(L.DIVERGENCES) == DIVERGENCES
-    assert tuple(DEFAULT_SPACE["divergence"]["choices"]) == DIVERGENCES
+    assert tuple(BROAD_SPACE["divergence"]["choices"]) == DIVERGENCES
 
 
 def test_divergence_passes_keyword_arguments():

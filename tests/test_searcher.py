@@ -22,7 +22,7 @@ MAX_T = 4
 
 def _searcher(db, name="s"):
     return EpochAwareOptunaSearch(
-        space=load_space(None), metric="objective", mode="max", max_t=MAX_T,
+        space=load_space("broad"), metric="objective", mode="max", max_t=MAX_T,
         sampler=optuna.samplers.RandomSampler(seed=0), study_name=name,
         storage=optuna.storages.RDBStorage(f"sqlite:///{db}"))
 

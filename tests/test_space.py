@@ -8,7 +8,7 @@ from dataclasses import fields
 import optuna
 import pytest
 
-from tune.space import DEFAULT_SPACE, NOT_SEARCHABLE, NOT_SEARCHED, load_space, parse_space
+from tune.space import BROAD_SPACE, NOT_SEARCHABLE, NOT_SEARCHED, load_space, parse_space
 from tune.sweep import _split_fixed, build_space
 from xfer.config import (ALL_ARCH_PARAMS, ARCH_PARAMS, ARCHS, DataConfig, LossConfig, ModelConfig, OptimConfig,
                          TrainConfig)
@@ -24,7 +24,7 @@ def _sample(space, n, seed=0):
 
 
 def test_define_by_run_never_yields_an_inert_parameter():
-    space = load_space(None)
+    space = load_space("broad")
     seen = set()
     for params in _sample(space, 300):
         arch = params["arch"]
@@ -35,24 +35,24 @@ def test_define_by_run_never_yields_an_inert_parameter():
     assert seen == set(ARCHS)
 
 
-def test_default_space_covers_every_live_parameter():
+def test_the_broad_space_covers_every_live_parameter():
     """Every config key (from the config dataclasses, not a hand-written list) is either searched
-    by the default space or deliberately left out with a reason; never both, and no stale entry."""
+    by the broad space or deliberately left out with a reason; never both, and no stale entry."""
     config_keys = {f.name for section in (ModelConfig, LossConfig, OptimConfig, DataConfig) for f in fields(section)}
-    assert set(DEFAULT_SPACE) <= config_keys
-    unaccounted = config_keys - set(DEFAULT_SPACE) - set(NOT_SEARCHED)
-    assert not unaccounted, f"config keys neither in DEFAULT_SPACE nor in NOT_SEARCHED: {sorted(unaccounted)}"
-    assert not set(DEFAULT_SPACE) & set(NOT_SEARCHED)
+    assert set(BROAD_SPACE) <= config_keys
+    unaccounted = config_keys - set(BROAD_SPACE) - set(NOT_SEARCHED)
+    assert not unaccounted, f"config keys neither in BROAD_SPACE nor in NOT_SEARCHED: {sorted(unaccounted)}"
+    assert not set(BROAD_SPACE) & set(NOT_SEARCHED)
     assert set(NOT_SEARCHED) <= config_keys and NOT_SEARCHABLE <= set(NOT_SEARCHED)
     assert all(isinstance(r, str) and r for r in NOT_SEARCHED.values())
     for key in ("cls_hidden", "label_smoothing"):  # searched (a spec), not fixed
-        assert isinstance(DEFAULT_SPACE[key], dict), key
+        assert isinstance(BROAD_SPACE[key], dict), key
 
 
-def test_default_space_reaches_optuna_as_written():
+def test_the_broad_space_reaches_optuna_as_written():
     """What Optuna samples from is the default space's spec: the seed's lambda_target_class range
     (1-15, log), the new cls_hidden / label_smoothing ranges; and samples stay within them."""
-    space = load_space(None)
+    space = load_space("broad")
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
     seen = {"lambda_target_class": [], "label_smoothing": [], "cls_hidden": set()}
     for _ in range(200):
@@ -76,7 +76,7 @@ def test_default_space_reaches_optuna_as_written():
 
 def test_command_line_fixes_parameters():
     from argparse import Namespace
-    args = Namespace(arch_type="vae", divergence_type="mmd,coral", set=["lr=0.001", "beta=2.0"], space=None)
+    args = Namespace(arch_type="vae", divergence_type="mmd,coral", set=["lr=0.001", "beta=2.0"], space="broad")
     rest, fixed = _split_fixed(args)
     space = build_space(args, fixed)
     assert not hasattr(rest, "arch_type")
@@ -90,13 +90,13 @@ def test_command_line_arch_choices_drop_other_architectures_parameters():
     """`--arch_type dae,vae` (a categorical spec) keeps exactly the two architectures' own
     parameters of the base space; a parameter the user set for a dropped architecture is an error."""
     from argparse import Namespace
-    args = Namespace(arch_type="dae,vae", divergence_type=None, set=["lambda_recon=0.5"], space=None)
+    args = Namespace(arch_type="dae,vae", divergence_type=None, set=["lambda_recon=0.5"], space="broad")
     space = build_space(args, _split_fixed(args)[1])
     assert set(space.params) & ALL_ARCH_PARAMS == {"corruption", "beta", "lambda_recon"}
     assert space.params["lambda_recon"].kind == "fixed" and space.params["arch"].values() == ("dae", "vae")
     seen = {params["arch"] for params in _sample(space, 20)}
     assert seen == {"dae", "vae"}
-    args = Namespace(arch_type="vae", divergence_type=None, set=["temperature=0.2"], space=None)
+    args = Namespace(arch_type="vae", divergence_type=None, set=["temperature=0.2"], space="broad")
     with pytest.raises(ConfigError, match="only used by arch contrastive, which this space never chooses") as e:
         build_space(args, _split_fixed(args)[1])
     assert e.value.key == "temperature" and "command line" in str(e.value)
@@ -187,3 +187,22 @@ def test_the_centred_space_narrows_the_broad_one_around_each_default():
         else:
             assert spec["low"] <= defaults[key] <= spec["high"], key
             assert spec["high"] - spec["low"] < broad["high"] - broad["low"], key
+
+
+def test_a_sweep_ships_the_studys_pick():
+    """`xfer tune` with no design flags runs the design bench/bench_sweep_study.py's rule picked on
+    development pairs (BENCHMARKS.md, "A sweep that pays"): the centred space, 24 trials of 20
+    epochs, ASHA on adapted epochs with grace 5 and reduction factor 2, the greedy final model of
+    at most 8 trials."""
+    from tune.space import CENTRED_SPACE, DEFAULT_SPACE_NAME
+    from tune.sweep import default_grace, shortest_warmup
+    from xfer.cli import build_parser
+    a = build_parser().parse_args(["tune", "--output_folder", "x"])
+    assert (a.n_trials, a.search_epochs, a.scheduler, a.rungs, a.reduction_factor, a.final_model,
+            a.final_ensemble) == (24, 20, "asha", "adapted", 2, "greedy", 8)
+    assert a.grace_period == 0 and default_grace(a.search_epochs) == 5 and default_grace(3) == 1
+    assert DEFAULT_SPACE_NAME == "centred" and set(load_space(None).params) == set(CENTRED_SPACE)
+    assert shortest_warmup(load_space(None), {}) == 5 < a.search_epochs
+    assert shortest_warmup(load_space("broad"), {}) == 0
+    assert shortest_warmup(load_space(None).with_fixed({"warmup_epochs": 3}), {}) == 3
+    assert shortest_warmup(parse_space({"lr": 1e-3}), {"warmup_epochs": 10}) == 10

@@ -73,19 +73,19 @@ def _sweep_like(space: dict, base: dict | None = None):
 
 
 def test_default_point_is_the_shipped_defaults_within_the_space():
-    from tune.space import DEFAULT_SPACE, parse_space
+    from tune.space import BROAD_SPACE, parse_space
     from tune.sweep import default_point
     from xfer.config import ALL_ARCH_PARAMS, ARCH_PARAMS, TrainConfig
 
-    point = default_point(*_sweep_like(DEFAULT_SPACE))
+    point = default_point(*_sweep_like(BROAD_SPACE))
     d = TrainConfig().to_flat()
-    assert point == {k: d[k] for k in DEFAULT_SPACE if k not in ALL_ARCH_PARAMS or k in ARCH_PARAMS[d["arch"]]}
+    assert point == {k: d[k] for k in BROAD_SPACE if k not in ALL_ARCH_PARAMS or k in ARCH_PARAMS[d["arch"]]}
     # the command line's values are the defaults of its sweep
-    assert default_point(*_sweep_like(DEFAULT_SPACE, {"lr": 1e-3}))["lr"] == 1e-3
+    assert default_point(*_sweep_like(BROAD_SPACE, {"lr": 1e-3}))["lr"] == 1e-3
     # a space that cannot produce the defaults enqueues nothing
-    narrow = {**DEFAULT_SPACE, "lr": {"type": "float", "low": 1e-3, "high": 3e-3, "log": True}}
+    narrow = {**BROAD_SPACE, "lr": {"type": "float", "low": 1e-3, "high": 3e-3, "log": True}}
     assert default_point(*_sweep_like(narrow)) is None
-    parse_space(DEFAULT_SPACE)  # unchanged
+    parse_space(BROAD_SPACE)  # unchanged
 
 
 def test_without_a_test_line_self_training_and_the_joint_basis_leave_the_space():

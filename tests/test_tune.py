@@ -39,7 +39,7 @@ def _env():
 
 def _tune_args(store, out, *extra, test=True):
     args = ["tune", "--store", str(store), "--src_csv", "store:A_GEX", "--tgt_csv", "store:A_PEAK",
-            "--output_folder", str(out), "--num_cpus", "2", "--cpus_per_trial", "1", *FIX, *extra]
+            "--output_folder", str(out), "--num_cpus", "2", "--cpus_per_trial", "1", "--space", "broad", *FIX, *extra]
     if test:
         args += ["--test_csv", "store:B_GEX", "--sup_peak_csv", "store:B_PEAK"]
     return args
@@ -170,14 +170,14 @@ def test_trials_adapt_to_the_test_line_without_its_labels(smoke):
 
 def test_the_defaults_are_the_first_trial(smoke):
     import optuna
-    from tune.space import DEFAULT_SPACE
+    from tune.space import BROAD_SPACE
     from xfer.config import ALL_ARCH_PARAMS, ARCH_PARAMS, TrainConfig
     out, _ = smoke
     study = optuna.load_study(study_name=None, storage=f"sqlite:///{out / 'optuna_study.db'}")
     first = min(study.get_trials(), key=lambda t: t.number)
     defaults = TrainConfig().to_flat()
     fixed = {k[len("--set="):].split("=")[0] for k in FIX} | {"warmup_epochs"}  # the smoke sweep fixes it
-    expect = {k: defaults[k] for k in DEFAULT_SPACE if k not in fixed and
+    expect = {k: defaults[k] for k in BROAD_SPACE if k not in fixed and
               (k not in ALL_ARCH_PARAMS or k in ARCH_PARAMS[defaults["arch"]])}
     assert first.params == pytest.approx(expect)
 
@@ -190,6 +190,19 @@ def test_bad_space_fails_before_any_trial(tmp_path, store):
     assert r.returncode == 2
     assert "bad.yaml: config key 'lr': needs low < high" in r.stderr
     assert not (out / "sweep.json").exists() and not (out / "ray_results").exists()
+
+
+def test_search_epochs_inside_every_warmup_fail_before_anything_starts(tmp_path, store):
+    """The default (centred) space warms every trial up for 5-15 epochs: a 4-epoch sweep could
+    never judge a trial, so it fails at once, naming the flag, with nothing written."""
+    out = tmp_path / "sweep"
+    args = [a for a in _tune_args(store, out, "--n_trials", "2", "--search_epochs", "4") if a != "broad"]
+    args.remove("--space")
+    r = subprocess.run(XFER + args, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    err = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(err) == 1 and "search_epochs" in err[0] and "warmup_epochs >= 5" in err[0], r.stderr
+    assert not out.exists()
 
 
 def test_no_trial_is_judged_inside_its_warmup_and_the_final_model_holds_only_judged_trials(tmp_path, store):

@@ -18,11 +18,12 @@ def register(sub) -> None:
     add_data_arguments(p)
     add_train_arguments(p)
     g = p.add_argument_group("sweep")
-    g.add_argument("--n_trials", type=int, default=20, help="trials to run (default 20)")
-    g.add_argument("--search_epochs", type=int, default=50, help="epochs per trial; ASHA's max_t (default 50)")
+    g.add_argument("--n_trials", type=int, default=24,
+                   help="trials to run (default 24: the study's pick, README: 'What a sweep returns')")
+    g.add_argument("--search_epochs", type=int, default=20, help="epochs per trial; ASHA's max_t (default 20)")
     g.add_argument("--space", help="a built-in space, `centred` (around the shipped defaults) or `broad` (every "
                                    "architecture, divergence and width), or a space file (YAML/JSON, see tune/space.py); "
-                                   "default: the study's pick (README: xfer tune, Space)")
+                                   "default: centred, the study's pick (README: xfer tune, Space)")
     g.add_argument("--scheduler", choices=("asha", "fifo"), default="asha",
                    help="asha (default): stop weak trials at ASHA's rungs; fifo: run every trial its whole budget")
     g.add_argument("--rungs", choices=("adapted", "after_warmup", "epochs"), default="adapted",
@@ -30,7 +31,7 @@ def register(sub) -> None:
                         "trial is judged before it has an objective value; after_warmup: epochs, judged only once "
                         "warmed; epochs: plain epochs (before issue 23)")
     g.add_argument("--grace_period", type=int, default=0,
-                   help="ASHA's first rung, in --rungs units (default search_epochs/8)")
+                   help="ASHA's first rung, in --rungs units (default search_epochs/4: 5 adapted epochs at 20)")
     g.add_argument("--reduction_factor", type=int, default=2, help="ASHA reduction factor (default 2)")
     g.add_argument("--asha_after_warmup", action="store_true", help="the same as --rungs after_warmup")
     g.add_argument("--checkpoint_every", type=int, default=0,
@@ -41,8 +42,8 @@ def register(sub) -> None:
                         "their whole budget): greedy (default) adds trials while the average's own objective rises; "
                         "within_se: those within one standard error of the best; top: the top --final_ensemble; "
                         "best: the best alone. Never below the shipped defaults' own trial (README: 'The final model')")
-    g.add_argument("--final_ensemble", type=int, default=4, metavar="K",
-                   help="at most K trials in best_model.pt (default 4); 1: the best trial alone")
+    g.add_argument("--final_ensemble", type=int, default=8, metavar="K",
+                   help="at most K trials in best_model.pt (default 8); 1: the best trial alone")
     g.add_argument("--max_failures", type=int, default=2, help="retries of a failed trial (default 2)")
     g.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
     g.add_argument("--num_cpus", type=int, help="CPUs of the local cluster (default: all)")

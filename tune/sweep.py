@@ -207,6 +207,20 @@ def ingest_for_trials(args) -> dict:
     return DataSpec(store=store.root.uri, **names, **hashes).to_dict()
 
 
+def default_grace(search_epochs: int) -> int:
+    """ASHA's first rung when --grace_period is not given: a quarter of the budget (5 adapted epochs
+    at the default 20, the study's pick)."""
+    return max(1, search_epochs // 4)
+
+
+def shortest_warmup(space: SearchSpace, base: dict) -> int:
+    """The fewest warm-up epochs a trial of this space can get (no epoch inside it has an objective value)."""
+    p = space.params.get("warmup_epochs")
+    if p is None:
+        return int(base["warmup_epochs"])
+    return int(p.low) if p.kind in ("int", "float") else int(min(p.values()))
+
+
 def new_sweep(args) -> Sweep:
     out = Path(args.output_folder).resolve()
     if (out / SETTINGS_FILE).exists():
@@ -218,6 +232,11 @@ def new_sweep(args) -> Sweep:
         raise ConfigError("n_trials" if args.n_trials < 1 else "search_epochs", "must be >= 1")
     if args.checkpoint_every < 0:
         raise ConfigError("checkpoint_every", "must be >= 0 (0: as often as the cost allows)")
+    shortest = shortest_warmup(space, base)
+    if shortest >= args.search_epochs:
+        raise ConfigError("search_epochs", f"{args.search_epochs} ends inside every trial's warm-up (warmup_epochs "
+                          f">= {shortest} in the space), so no trial could ever be judged; raise --search_epochs "
+                          "or fix a shorter warm-up with --set warmup_epochs=N")
     scheduler = getattr(args, "scheduler", "asha")
     rungs = "after_warmup" if getattr(args, "asha_after_warmup", False) else getattr(args, "rungs", "adapted")
     if scheduler not in SCHEDULERS:
@@ -249,7 +268,7 @@ def new_sweep(args) -> Sweep:
         n_trials=args.n_trials, search_epochs=args.search_epochs, metric=base["metric"],
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, num_workers=args.num_workers,
         trainer=_pick_trainer(args.trainer, args.num_workers), grace_period=args.grace_period or
-        max(1, args.search_epochs // 8), reduction_factor=args.reduction_factor,
+        default_grace(args.search_epochs), reduction_factor=args.reduction_factor,
         checkpoint_every=args.checkpoint_every, max_failures=args.max_failures, seed=base["seed"],
         data_args={k: getattr(args, k, None) for k in DATA_FLAGS}, objective=objective,
         objective_setting=base["objective"], storage_uri=storage,
