@@ -99,7 +99,7 @@ def report(path: Path, root: Path | None = None) -> str:
 
     d = json.loads(Path(path).read_text())
     pairs = sorted(d["pairs"], key=int)
-    have_before = all("before" in d["pairs"][p] for p in pairs)
+    have_before = any("before" in d["pairs"][p] for p in pairs)
     lines = ["| pair | cells A / B | sweep (new defaults) ± SE | "
              + ("before issue 23 | " if have_before else "")
              + "shipped defaults ± SE | best plain baseline | sweep − defaults | sweep − baseline | "
@@ -120,13 +120,15 @@ def report(path: Path, root: Path | None = None) -> str:
         above_b += y > 0
         bef = ""
         if have_before:
-            b = r["before"]
-            dbef.append(s["peak_test"] - b["peak_test"])
-            bef = f"{b['peak_test']:.3f} | "
+            b = r.get("before")
+            if b:
+                dbef.append(s["peak_test"] - b["peak_test"])
+            bef = f"{b['peak_test']:.3f} | " if b else "– | "
         lines.append(f"| {p} | {cells} | {s['peak_test']:.3f} ± {_se(s['peak_test'], s['n']):.3f} | {bef}"
                      f"{f['peak_test']:.3f} ± {_se(f['peak_test'], f['n']):.3f} | {s['best_baseline_value']:.3f} "
                      f"({s['best_baseline']}) | {x:+.3f} | {y:+.3f} | {s['wall_s']:.0f} s / "
-                     + (f"{r['before']['wall_s']:.0f} s / " if have_before else "") + f"{f['wall_s']:.0f} s |")
+                     + ((f"{r['before']['wall_s']:.0f} s / " if "before" in r else "– / ") if have_before else "")
+                     + f"{f['wall_s']:.0f} s |")
     n = len(pairs)
     m, se = mean_se(dd)
     mb, seb = mean_se(db)
@@ -134,8 +136,8 @@ def report(path: Path, root: Path | None = None) -> str:
               f"sweep − best plain baseline: {mb:+.3f} ± {seb:.3f}, above it on {above_b} of {n}"]
     if have_before:
         mbef, sebef = mean_se(dbef)
-        lines.append(f"sweep − the sweep before issue 23: {mbef:+.3f} ± {sebef:.3f}, above it on "
-                     f"{sum(v > 0 for v in dbef)} of {n}")
+        lines.append(f"sweep − the sweep before issue 23: {mbef:+.3f} ± {sebef:.3f} over the {len(dbef)} pairs "
+                     f"it ran on, above it on {sum(v > 0 for v in dbef)} of {len(dbef)}")
     lines += ["", "| pair | model | accuracy | balanced accuracy | macro-F1 | majority-class rate |", "|---|---|---|---|---|---|"]
     for p in pairs:
         r = d["pairs"][p]

@@ -120,3 +120,20 @@ def test_bad_input_names_file_and_field_and_writes_nothing(models, tmp_path, cap
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and f"{bad}/{where}" in err[0], err
     assert not out.exists() and not (out.parent.exists() and list(out.parent.iterdir()))
+
+
+def test_the_demo_prints_the_sweep_beside_the_defaults_and_the_best_plain_baseline(models):
+    """`make demo`'s last lines (tune.cli.demo_summary): every row's scores, the majority-class
+    rate, and the sweep's balanced accuracy minus the defaults' and minus the best plain PEAK
+    baseline's (majority never counts as one), from the metrics.json files themselves."""
+    from tune.cli import demo_summary
+    from xfer.results import best_baseline
+    swept = json.loads((models[2] / "metrics.json").read_text())   # majority 0.99 above joint_lsi_coral 0.97
+    defaults = json.loads((models[0] / "metrics.json").read_text())
+    text = demo_summary("B", swept, defaults)
+    name, base = best_baseline(swept, models[2] / "metrics.json")
+    ba = swept["peak_test"]["balanced_accuracy"]
+    assert name == "joint_lsi_coral" and f"baseline {name}" in text and "majority-class rate" in text
+    last = text.splitlines()[-1]
+    assert f"sweep − shipped defaults {ba - defaults['peak_test']['balanced_accuracy']:+.3f}" in last
+    assert f"sweep − best plain baseline ({name}) {ba - base['balanced_accuracy']:+.3f}" in last

@@ -181,4 +181,12 @@ def demo_summary(test_line: str, swept: dict, defaults: dict) -> str:
              f"  {'':44s}" + "".join(f"{k:>19s}" for k in METRIC_KEYS)]
     lines += [f"  {name:44s}" + "".join(f"{r[k]:19.3f}" for k in METRIC_KEYS) for name, r in rows]
     lines.append(f"  {'majority-class rate':44s}{swept['peak_test']['majority_rate']:19.3f}")
+    from pathlib import Path
+
+    from xfer.results import best_baseline
+
+    name, base = best_baseline(swept, Path("metrics.json"))
+    ba = swept["peak_test"]["balanced_accuracy"]
+    lines.append(f"  balanced accuracy: sweep − shipped defaults {ba - defaults['peak_test']['balanced_accuracy']:+.3f}, "
+                 f"sweep − best plain baseline ({name}) {ba - base['balanced_accuracy']:+.3f}")
     return "\n".join(lines)
