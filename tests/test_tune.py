@@ -102,7 +102,7 @@ def test_smoke_sweep_prunes_and_accounts_for_every_trial(smoke):
     assert cfg.model.hidden_dim == SMALL_MODEL["hidden_dim"]
     bp = json.loads((out / "best_params.json").read_text())
     fm = bp["final_model"]
-    assert fm["asked"] == 4 and fm["rule"] == "greedy" and 1 <= len(fm["members"]) <= 4
+    assert fm["asked"] == 8 and fm["rule"] == "greedy" and 1 <= len(fm["members"]) <= 8
     assert df.iloc[0]["trial_id"] == bp["trial_id"]
     ids = [m["trial_id"] for m in fm["members"]]
     assert set(ids) <= set(completed["trial_id"]) and len(set(ids)) == len(ids)
