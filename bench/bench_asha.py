@@ -248,7 +248,7 @@ def run_sweep(pair_dir: Path, out: Path, n: int, epochs: int, num_cpus: int, nam
     if (out / "trials.csv").exists() and meta.exists():
         return json.loads(meta.read_text())
     shutil.rmtree(out, ignore_errors=True)          # a cut sweep starts again
-    argv = ["tune", *_data(pair_dir), "--n_trials", str(n), "--search_epochs", str(epochs), "--seed", str(SEED),
+    argv = ["tune", *_data(pair_dir), "--n_trials", str(n), "--space", "broad", "--search_epochs", str(epochs), "--seed", str(SEED),
             "--num_cpus", str(num_cpus), "--output_folder", str(out), "--name", name]
     files = _hashes()
     t = time.perf_counter()

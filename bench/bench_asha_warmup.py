@@ -138,7 +138,7 @@ def cmd_sweeps(root: Path, pairs: list[int], out_json: Path) -> None:
         base = root / "sweep_ensemble" / f"pair{p}"
         plain = json.loads((base / "sweep" / "sweep.json").read_text())
         _call(["tune", *_data(root / f"pair{p}"), "--objective", "transfer", "--n_trials", str(plain["n_trials"]),
-                   "--search_epochs", str(plain["search_epochs"]), "--num_cpus", "2", "--asha_after_warmup",
+                   "--space", "broad", "--search_epochs", str(plain["search_epochs"]), "--num_cpus", "2", "--asha_after_warmup",
                    "--output_folder", str(base / "sweep_warm"), "--name", f"warm_{p}"],
                   base / "sweep_warm", base / "sweep_warm.log")
         r = {}

@@ -130,7 +130,7 @@ def trial_startup(store: str, work: Path, env: dict) -> dict:
         out = work / "startup"
         r = subprocess.run(XFER + ["tune", "--address", "auto", "--store", store, "--src_csv", "store:A_GEX",
                                    "--tgt_csv", "store:A_PEAK", "--test_csv", "store:B_GEX", "--sup_peak_csv",
-                                   "store:B_PEAK", "--n_trials", "6", "--search_epochs", "1", "--name", "startup",
+                                   "store:B_PEAK", "--n_trials", "6", "--space", "broad", "--search_epochs", "1", "--name", "startup",
                                    "--output_folder", str(out), *SMALL], env=client, capture_output=True, text=True,
                            timeout=1200)
         if r.returncode:
@@ -155,7 +155,7 @@ def node_death(store: str, work: Path, env: dict) -> dict:
         w1 = next(x["node_id"] for x in list_nodes(client, dash) if "w1" in x["resources_total"])
         out, epochs, n = work / "death", 12, 6
         proc = subprocess.Popen(XFER + ["tune", "--address", "auto", "--store", store, "--src_csv", "store:A_GEX",
-                                        "--tgt_csv", "store:A_PEAK", "--n_trials", str(n), "--search_epochs",
+                                        "--tgt_csv", "store:A_PEAK", "--n_trials", str(n), "--space", "broad", "--search_epochs",
                                         str(epochs), "--grace_period", str(epochs), "--checkpoint_every", "1",
                                         "--name", "death", "--output_folder", str(out), *SMALL],
                                 env=client, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

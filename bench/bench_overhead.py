@@ -166,7 +166,7 @@ def main() -> None:
             store.write(ds)
     out = work / "sweep"
     cmd = [sys.executable, "-m", "xfer.cli", "tune", "--store", str(work / "store"), "--src_csv", "store:simA_GEX",
-           "--tgt_csv", "store:simA_PEAK", "--n_trials", str(a.n_trials), "--search_epochs", str(a.epochs),
+           "--tgt_csv", "store:simA_PEAK", "--n_trials", str(a.n_trials), "--space", "broad", "--search_epochs", str(a.epochs),
            "--num_cpus", str(a.num_cpus), "--output_folder", str(out), *FIX]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TUNE_GLOBAL_CHECKPOINT_S": a.snapshot_s}
     sampler = CpuSampler()

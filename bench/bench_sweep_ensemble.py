@@ -132,7 +132,7 @@ def cmd_run(root: Path, pairs: list[int], n_trials: int, epochs: int, num_cpus: 
             out_json.parent.mkdir(parents=True, exist_ok=True)
             out_json.write_text(json.dumps(res, indent=1))
             continue
-        m = _call(["tune", *_data(pd_), "--objective", "transfer", "--n_trials", str(n_trials), "--search_epochs",
+        m = _call(["tune", *_data(pd_), "--objective", "transfer", "--n_trials", str(n_trials), "--space", "broad", "--search_epochs",
                    str(epochs), "--num_cpus", str(num_cpus), "--output_folder", str(base / "sweep"),
                    "--name", f"ens_{p}"], base / "sweep", base / "sweep.log")
         r["sweep"] = {**_summary(m), "n_members": m["model"]["n_members"],

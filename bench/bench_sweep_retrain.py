@@ -65,7 +65,7 @@ def cmd_dev(root: Path, pairs: list[int], n_trials: int, epochs: int, num_cpus: 
     for p in pairs:
         pd_, base = root / f"pair{p}", root / "sweep_retrain" / f"pair{p}"
         base.mkdir(parents=True, exist_ok=True)
-        m = _call(["tune", *_data(pd_), "--objective", "transfer", "--n_trials", str(n_trials), "--search_epochs",
+        m = _call(["tune", *_data(pd_), "--objective", "transfer", "--n_trials", str(n_trials), "--space", "broad", "--search_epochs",
                    str(epochs), "--num_cpus", str(num_cpus), "--output_folder", str(base / "sweep"),
                    "--name", f"ret_{p}"], base / "sweep", base / "sweep.log")
         r = {"sweep": {**_summary(m), "n_members": m["model"]["n_members"],

@@ -71,7 +71,7 @@ def run(root: Path, pairs: list[int], n_trials: int, epochs: int, num_cpus: int,
         for objective in ("transfer", "source_val"):
             out = base / objective
             m = _call(["tune", *_data(pd_), "--objective", objective, "--n_trials", str(n_trials),
-                       "--search_epochs", str(epochs), "--num_cpus", str(num_cpus), "--output_folder", str(out),
+                       "--space", "broad", "--search_epochs", str(epochs), "--num_cpus", str(num_cpus), "--output_folder", str(out),
                        "--name", f"{objective}_{p}"], out, base / f"{objective}.log")
             res[objective] = {**_summary(m), "best_params": json.loads((out / "best_params.json").read_text())}
         m = _call(["train", *_data(pd_), "--epochs", str(epochs), "--set", "ensemble=1", "--objective", "transfer",

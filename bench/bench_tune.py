@@ -55,7 +55,7 @@ def sweep_figures(out: Path) -> dict:
 
 def run_sweep(store: Path, out: Path, args, extra: list[str], n_trials: int) -> dict:
     cmd = [sys.executable, "-m", "xfer.cli", "tune", "--store", str(store), "--src_csv", "store:simA_GEX",
-           "--tgt_csv", "store:simA_PEAK", "--n_trials", str(n_trials), "--search_epochs", str(args.epochs),
+           "--tgt_csv", "store:simA_PEAK", "--n_trials", str(n_trials), "--space", "broad", "--search_epochs", str(args.epochs),
            "--num_cpus", str(args.num_cpus), "--output_folder", str(out), *FIX, *extra]
     t = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})

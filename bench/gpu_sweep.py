@@ -241,7 +241,7 @@ def run_sweep(store: Path, work: Path, out: Path, args, share: float, smi: Smi, 
     else:
         res = ["--num_gpus", "1", "--gpus_per_trial", f"{share:g}", "--cpus_per_trial", f"{args.cpus_per_trial:g}"]
     argv = ["--store", str(store), "--src_csv", "store:simA_GEX", "--tgt_csv", "store:simA_PEAK",
-            "--n_trials", str(args.n_trials), "--search_epochs", str(args.epochs), "--num_cpus", str(args.num_cpus),
+            "--n_trials", str(args.n_trials), "--space", "broad", "--search_epochs", str(args.epochs), "--num_cpus", str(args.num_cpus),
             *res, *(["--checkpoint_every", str(args.checkpoint_every)] if args.checkpoint_every is not None else []),
             "--output_folder", str(sweep_out),
             "--name", tag, "--progress_every", "10", *[f"--set={k}={v}" for k, v in args.fixed.items()]]

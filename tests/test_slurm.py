@@ -131,7 +131,7 @@ def test_slurm_script_runs_a_sweep(slurm, tiny_store):
     job_env = {**env, "REPO": str(ROOT), "STORE": str(tiny_store), "OUT": str(out), "SRC": "store:A_GEX",
                "TGT": "store:A_PEAK", "TEST": "store:B_GEX", "SUP_PEAK": "store:B_PEAK", "N_TRIALS": "2",
                "EPOCHS": "2", "CPUS_PER_TRIAL": "1", "PORT": str(_free_port()), "NAME": "slurmsweep",
-               "EXTRA": " ".join([*fix, "--set=n_layers=1", "--set=n_components=16"]),
+               "EXTRA": " ".join([*fix, "--space", "broad", "--set=n_layers=1", "--set=n_components=16"]),
                "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"}
     for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
         job_env.pop(k, None)
