@@ -73,7 +73,7 @@ def register(sub) -> None:
     d.add_argument("--size", default="small", help="simulated size (tiny | small | medium | seed)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--output_folder", default="demo_output")
-    d.add_argument("--n_trials", type=int, default=12)
+    d.add_argument("--n_trials", type=int, default=24)
     d.add_argument("--search_epochs", type=int, default=20)
     d.add_argument("--num_cpus", type=int, default=2)
     d.add_argument("--address", help="run the sweep on this Ray cluster (e.g. `auto` after cluster/local_cluster.sh "
