@@ -9,7 +9,7 @@ stores with A_GEX/A_PEAK, the training line, and B_GEX/B_PEAK, the test line).
 
 `run` trains a population of N configurations (default 48) on every pair: configuration 0
 is the shipped defaults, the others are drawn from the default search space
-(`tune.space.DEFAULT_SPACE`, Optuna's RandomSampler, seed 12) — the same N on every pair.
+(`tune.space.BROAD_SPACE`, the default space then, Optuna's RandomSampler, seed 12) — the same N on every pair.
 Each run is the one training loop (`xfer.train.fit`) exactly as a transductive trial
 trains (`xfer.pipeline.prepare_member` + `training_data`: the test line's cells
 unlabelled), for E epochs (default 30, the search budget) with no early stopping. Every

@@ -2,6 +2,9 @@
 full-budget curves, each budget policy x space x trials/epochs x final-model rule, scored against
 the shipped defaults on the development pairs.
 
+    python bench/bench_sweep_replay.py run bench/_data/transfer --pairs 101 102 401 402 --sweeps 100
+    python bench/bench_sweep_replay.py report bench/results/bench_sweep_study.json
+
 Budget policies (how far each trial runs):
   fifo            every trial runs its whole budget
   asha            Ray's ASHA as `xfer tune` ran it before issue 23: rungs at grace x rf^k epochs,
@@ -376,3 +379,21 @@ def report(d: dict, top: int = 25) -> str:
         lines.append(line(r))
     lines += ["", "today: " + line(d["today"]), "pick:  " + line(d["pick"])]
     return "\n".join(lines)
+
+
+def main() -> None:
+    from _cli import pairs_cli
+
+    def options(r):
+        r.add_argument("--sweeps", type=int, default=100)
+        r.add_argument("--json", default="bench/results/bench_sweep_study.json")
+
+    args = pairs_cli(__doc__, options)
+    if args.cmd == "run":
+        cmd_replay(Path(args.root).resolve(), args.pairs, args.sweeps, Path(args.json))
+    else:
+        print(report(json.loads(Path(args.json).read_text())))
+
+
+if __name__ == "__main__":
+    main()

@@ -4,7 +4,7 @@
     python bench/bench_sweep_study.py population bench/_data/transfer --pairs 101 102 401 402 --space centred --n 32
     python bench/bench_sweep_study.py seeds bench/_data/transfer --pairs 101 102 401 402 --top 4   # not run for issue 23 (time): seeds3 never a candidate
     python bench/bench_sweep_study.py defaults bench/_data/transfer --pairs 101 102 401 402
-    python bench/bench_sweep_study.py replay bench/_data/transfer --pairs 101 102 401 402 [--json FILE]
+    python bench/bench_sweep_replay.py run bench/_data/transfer --pairs 101 102 401 402 [--sweeps 100] [--json FILE]
 
 Development pairs only (bench_transfer.py's pairs 101, 102, 401 and 402: varied simulator
 settings; they chose the objective, the ensemble size and the retraining question before, and
@@ -34,7 +34,7 @@ ensemble of the best configuration" (at the trial budget).
 `defaults` runs the shipped defaults exactly as users do (`xfer train`, 100 epochs, patience
 20, the ensemble of three) on each pair, with the plain baselines in its metrics.json: the bar.
 
-`replay` plays sweeps on the recorded curves (the trial order random, the shipped defaults
+`bench_sweep_replay.py run` plays sweeps on the recorded curves (the trial order random, the shipped defaults
 first as `xfer tune` enqueues them, 2 trials at a time, each epoch lasting its measured time,
 each trial stopped where the budget policy says) and builds each final-model rule from what
 the sweep left (each trial's best eligible epoch up to where it stopped). The measure: the
@@ -277,12 +277,7 @@ def main() -> None:
         r.add_argument("--top", type=int, default=4)
         r.add_argument("--workers", type=int, default=2)
 
-    def replay_opts(r):
-        r.add_argument("--sweeps", type=int, default=100)
-        r.add_argument("--json", default="bench/results/bench_sweep_study.json")
-
-    args = pairs_cli(__doc__, pop_opts, more={"population": pop_opts, "seeds": seed_opts, "defaults": lambda r: None,
-                                              "replay": replay_opts})
+    args = pairs_cli(__doc__, pop_opts, more={"population": pop_opts, "seeds": seed_opts, "defaults": lambda r: None})
     root = Path(getattr(args, "root", ".")).resolve()
     if args.cmd in ("run", "population"):
         cmd_population(root, args.pairs, args.space, args.n, args.workers)
@@ -290,10 +285,6 @@ def main() -> None:
         cmd_seeds(root, args.pairs, args.top, args.workers)
     elif args.cmd == "defaults":
         cmd_defaults(root, args.pairs)
-    elif args.cmd == "replay":
-        from bench_sweep_replay import cmd_replay
-
-        cmd_replay(root, args.pairs, args.sweeps, Path(args.json))
 
 
 if __name__ == "__main__":

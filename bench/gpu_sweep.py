@@ -208,14 +208,14 @@ def warm_cache(store: Path, epochs: int, fixed: dict) -> dict:
     reads: the DataSpec and data settings `xfer tune` builds, for each choice of the searched
     input setting bin_size (else the first sweep alone would prepare a variant inside a trial)."""
     from tune.data import DataSpec, load_trial_data
-    from tune.space import DEFAULT_SPACE
+    from tune.space import BROAD_SPACE
     from xfer.config import TrainConfig
     from xfer.data.store import CellStore
 
     s = CellStore(str(store.resolve()))
     spec = DataSpec(store=s.root.uri, src="simA_GEX", tgt="simA_PEAK", src_hash=s.manifest("simA_GEX").content_hash,
                     tgt_hash=s.manifest("simA_PEAK").content_hash)
-    bins = DEFAULT_SPACE.get("bin_size")
+    bins = BROAD_SPACE.get("bin_size")
     variants = [{"bin_size": v} for v in bins["choices"]] if isinstance(bins, dict) and "bin_size" not in fixed \
         else [{}]
     res = {"prepare_s": 0.0, "variants": []}

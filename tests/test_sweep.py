@@ -6,7 +6,8 @@ import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-from tune.sweep import TRIAL_STATUSES, trial_table
+from tune.sweep import trial_table
+from tune.trials import TRIAL_STATUSES
 
 SW = SimpleNamespace(search_epochs=4, metric="balanced_accuracy")
 
@@ -113,7 +114,7 @@ def test_node_ids_record_every_node_a_trial_reported_from():
 
 
 def test_error_column_names_the_exception_not_rays_header():
-    from tune.sweep import error_line
+    from tune.trials import error_line
 
     ray_err = RuntimeError("\x1b[36mray::ImplicitFunc.restore()\x1b[39m (pid=1169, ip=10.0.0.2)\n"
                            "  File \"trainable.py\", line 547, in restore\n    raise ValueError(\n"

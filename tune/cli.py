@@ -19,7 +19,7 @@ def register(sub) -> None:
     add_train_arguments(p)
     g = p.add_argument_group("sweep")
     g.add_argument("--n_trials", type=int, default=24,
-                   help="trials to run (default 24: the study's pick, README: 'What a sweep returns')")
+                   help="trials to run (default 24: the study's pick, README: xfer tune, Design)")
     g.add_argument("--search_epochs", type=int, default=20, help="epochs per trial; ASHA's max_t (default 20)")
     g.add_argument("--space", help="a built-in space, `centred` (around the shipped defaults) or `broad` (every "
                                    "architecture, divergence and width), or a space file (YAML/JSON, see tune/space.py); "
@@ -158,7 +158,7 @@ def cmd_demo(args) -> int:
         ["train", *data, "--epochs", str(args.search_epochs), "--device", "cpu",
          "--output_folder", str(out / "defaults")]))
     swept = json.loads((out / "sweep" / "metrics.json").read_text())
-    print(demo_summary(b.name, swept, defaults))
+    print(demo_summary(b.name, swept, defaults, str(out / "sweep" / "metrics.json")))
     if (out / "sweep" / "report.html").exists():
         print(f"report: {out / 'sweep' / 'report.html'}")
     if not getattr(args, "address", None):
@@ -168,7 +168,7 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def demo_summary(test_line: str, swept: dict, defaults: dict) -> str:
+def demo_summary(test_line: str, swept: dict, defaults: dict, swept_path: str = "metrics.json") -> str:
     """The sweep's final model beside the shipped defaults and the plain baselines, on the test line."""
     from xfer.evaluate import METRIC_KEYS
 
@@ -181,11 +181,9 @@ def demo_summary(test_line: str, swept: dict, defaults: dict) -> str:
              f"  {'':44s}" + "".join(f"{k:>19s}" for k in METRIC_KEYS)]
     lines += [f"  {name:44s}" + "".join(f"{r[k]:19.3f}" for k in METRIC_KEYS) for name, r in rows]
     lines.append(f"  {'majority-class rate':44s}{swept['peak_test']['majority_rate']:19.3f}")
-    from pathlib import Path
-
     from xfer.results import best_baseline
 
-    name, base = best_baseline(swept, Path("metrics.json"))
+    name, base = best_baseline(swept, swept_path)  # the path names the file in an error
     ba = swept["peak_test"]["balanced_accuracy"]
     lines.append(f"  balanced accuracy: sweep − shipped defaults {ba - defaults['peak_test']['balanced_accuracy']:+.3f}, "
                  f"sweep − best plain baseline ({name}) {ba - base['balanced_accuracy']:+.3f}")

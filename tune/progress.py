@@ -3,7 +3,7 @@
 `SweepProgress` is a Ray Tune `Callback` (it runs in the driver) that shows
 
 - the trials: completed, stopped by ASHA, errored, running and pending, out of the sweep's
-  `n_trials` (a trial that ended is classified by `tune.sweep.trial_status`, the rule
+  `n_trials` (a trial that ended is classified by `tune.trials.trial_status`, the rule
   trials.csv uses);
 - the best trial so far: its best objective value, trial id, best epoch and main parameters
   (arch, divergence, the λ weights);
@@ -31,7 +31,7 @@ from typing import Callable, TextIO
 
 from ray.tune import Callback
 
-from .sweep import trial_status
+from .trials import trial_status
 
 log = logging.getLogger(__name__)
 
@@ -431,7 +431,7 @@ class SweepProgress(Callback):
             err = None
         if err is None:
             return ""
-        from .sweep import error_line
+        from .trials import error_line
 
         return f": {error_line(err)}"
 

@@ -42,13 +42,13 @@ from xfer.data.fs import write_json
 from xfer.errors import ConfigError, XferError
 
 from .space import SearchSpace, load_space, parse_space
+from .trials import error_line, trial_status
 
 log = logging.getLogger(__name__)
 
 SETTINGS_FILE = "sweep.json"
 DATA_FLAGS = ("src_csv", "src_label_csv", "tgt_csv", "tgt_label_csv", "test_csv", "test_label_csv",
               "sup_peak_csv", "sup_peak_label_csv", "label_column", "orient", "store")
-TRIAL_STATUSES = ("completed", "stopped_by_asha", "errored")
 SCHEDULERS = ("asha", "fifo")  # asha stops the weak trials at its rungs; fifo runs every trial its whole budget
 # What ASHA's rungs count (`xfer tune --rungs`; tune.searcher.make_scheduler):
 #   adapted       epochs with the adaptation fully on (`adapted_epochs` in each report: the epoch minus
@@ -59,17 +59,6 @@ SCHEDULERS = ("asha", "fifo")  # asha stops the weak trials at its rungs; fifo r
 #   epochs        plain epochs: a trial may be judged, and stopped, inside its warm-up, before it has
 #                 any objective value to be judged by (before issue 23)
 RUNG_CLOCKS = ("adapted", "after_warmup", "epochs")
-
-
-def trial_status(metrics: dict, search_epochs: int, errored: bool) -> str:
-    """How a trial that ended ended (one of TRIAL_STATUSES), from its last report: `completed`
-    when it ran all search epochs or its own early stopping ended it, else `stopped_by_asha`.
-    trials.csv and the progress display (tune/progress.py) both use it."""
-    if errored:
-        return "errored"
-    if int(metrics.get("epoch", 0) or 0) >= search_epochs or metrics.get("stopped_early"):
-        return "completed"
-    return "stopped_by_asha"
 
 
 def ray_environment() -> None:
@@ -508,16 +497,6 @@ def _at_best_epoch(r, m: dict) -> dict:
         if len(rows):
             return rows.iloc[-1].to_dict()
     return m
-
-
-def error_line(error: BaseException) -> str:
-    """One line that says what went wrong: the exception at the bottom of a Ray traceback
-    (`FileNotFoundError: ...`), not Ray's `ray::ImplicitFunc.train()` header line."""
-    import re
-
-    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
-    named = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception|Exit|Interrupt|Died)\b.*:", ln)]
-    return (named[-1] if named else lines[0] if lines else type(error).__name__)[:300]
 
 
 def _nodes_of(r, m: dict) -> list[str]:
