@@ -88,11 +88,11 @@ def validate_breakdown(cfg: TrainConfig, data: TrainData, dev: str, reps: int = 
     never shipped); and the self-training refresh. Medians of `reps` calls after one warm-up, on
     the model after one epoch."""
     from xfer import selection
-    from xfer.train import Trainer
+    from xfer.train import Population
 
-    tr = Trainer(cfg, data, dev)
-    tr.begin_epoch(1)
-    tr.train_epoch(1)
+    tr = Population([cfg], data, dev)
+    tr.begin_epoch()
+    tr.train_epoch()
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 
     def timed(fn):
@@ -113,13 +113,13 @@ def validate_breakdown(cfg: TrainConfig, data: TrainData, dev: str, reps: int = 
                          ("newton", lambda *a, **k: orig(*a, **{**k, "solver": "newton"})),
                          ("no_domain_classifier", lambda zt, zs, ze, **k: torch.ones(len(ze), device=ze.device))):
             selection.domain_weights = fn
-            out[f"validate_ms_{name}"] = timed(tr.validate)
-            sel[name] = {k: round(v, 5) for k, v in tr.validate()["selection"].items() if k in ("iwcv", "dev")}
+            out[f"validate_ms_{name}"] = timed(lambda: tr.validate([0]))
+            sel[name] = {k: round(v, 5) for k, v in tr.validate([0])[0]["selection"].items() if k in ("iwcv", "dev")}
     finally:
         selection.domain_weights = orig
     out["iwcv_dev_by_solver"] = {k: v for k, v in sel.items() if k != "no_domain_classifier"}
     if tr.self_training:
-        out["refresh_pseudo_labels_ms"] = timed(tr.refresh_pseudo_labels)
+        out["refresh_pseudo_labels_ms"] = timed(lambda: tr.refresh_pseudo_labels([0]))
     print("validate_breakdown", json.dumps(out), flush=True)
     return out
 

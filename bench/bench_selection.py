@@ -121,7 +121,7 @@ def _run(job: tuple) -> dict:
         model = holder["model"]
         model.load_state_dict(ck["model"])
         model.eval()
-        probs = model.predict_peaks(x_test, stats["peaks"] if cfg.data.line_norm else None).numpy()
+        probs = model.predict_peaks(x_test, stats["peaks"] if cfg.data.line_norm else None)[0].numpy()
         truth = classification_metrics(test.labels, probs.argmax(1))["balanced_accuracy"]
         history.append({"epoch": m["epoch"], "warmup": m["warmup"], "truth": truth,
                         **{k[4:]: v for k, v in m.items() if k.startswith("sel/")}})

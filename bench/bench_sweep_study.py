@@ -165,8 +165,8 @@ def _train(job: tuple) -> str:
         model.load_state_dict(ck["model"])
         model.eval()
         with torch.no_grad():
-            pp = model.predict_peaks(x_peak, stats["peaks"] if cfg.data.line_norm else None).numpy()
-            pg = model.predict_source(x_gex, stats["emb"] if cfg.data.line_norm else None).numpy()
+            pp = model.predict_peaks(x_peak, stats["peaks"] if cfg.data.line_norm else None)[0].numpy()
+            pg = model.predict_source(x_gex, stats["emb"] if cfg.data.line_norm else None)[0].numpy()
         peak.append(pp.astype(np.float16))
         gex.append(pg.astype(np.float16))
         truth = classification_metrics(test.labels, pp.argmax(1))["balanced_accuracy"]

@@ -522,7 +522,16 @@ def test_combine_tensor_weight_always_computes_and_scales():
     out.total.backward()
     assert out.total.item() == pytest.approx(3.0) and a.grad.item() == pytest.approx(1.5)
     with pytest.raises(ValueError, match="adv"):
-        L.combine({"adv": (torch.ones(2), torch.tensor(1.0))})
+        L.combine({"adv": (torch.ones(2, 2), torch.tensor(1.0))})
+
+
+def test_combine_per_member_weights_and_values():
+    """A population's parts are (P,) and its weights may be (P,): each member's own weighted sum."""
+    out = L.combine({"a": (torch.tensor([1.0, 0.0, 2.0]), torch.tensor([1.0, 5.0, 3.0])),
+                     "b": (0.5, torch.tensor([2.0, 2.0, 2.0])), "skipped": (0.0, lambda: 1 / 0)})
+    assert torch.equal(out.total, torch.tensor([2.0, 1.0, 7.0])) and set(out.parts) == {"a", "b"}
+    with pytest.raises(ValueError, match="c"):
+        L.combine({"c": (1.0, torch.ones(2, 2))})
 
 
 def test_combine_errors_and_empty():
@@ -531,6 +540,6 @@ def test_combine_errors_and_empty():
     with pytest.raises(ValueError):
         L.combine({"total": (1.0, torch.tensor(1.0))})
     with pytest.raises(ValueError):
-        L.combine({"x": (1.0, torch.ones(2))})
+        L.combine({"x": (1.0, torch.ones(2, 2))})
     with pytest.raises(ValueError):
         L.combine({"x": (float("inf"), torch.tensor(1.0))})

@@ -1,4 +1,5 @@
-"""One contract for every peak encoder and every divergence, plus the CDANN pieces."""
+"""One contract for every peak encoder and every divergence, plus the CDANN pieces. A model is
+a population of P members (here P = 1 unless said): outputs carry a leading member axis."""
 
 from __future__ import annotations
 
@@ -27,14 +28,14 @@ def test_encoder_contract(arch):
     emb = torch.randn(24, 16)
     model.train()
     out = model.peak_latent(x)
-    assert out.z.shape == (24, cfg.model.latent_dim)
+    assert out.z.shape == (1, 24, cfg.model.latent_dim)
     z_s = model.source_latent(emb)
-    terms = model.encoder.objective(x, out, z_s)
+    terms = model.encoder.objective(model.normalise_peaks(x), out, z_s)
     expected = {"dae": {"recon"}, "vae": {"recon", "kl"}, "contrastive": {"contrastive"}, "hybrid": set(), "mlp": set()}
     assert set(terms) == expected[arch]
-    parts = L.combine({"cls": (1.0, model.classify(out.z).logsumexp(-1).mean()), **terms})
-    assert torch.isfinite(parts.total)
-    parts.total.backward()
+    parts = L.combine({"cls": (1.0, model.classify(out.z).logsumexp(-1).mean(1)), **terms})
+    assert parts.total.shape == (1,) and torch.isfinite(parts.total).all()
+    parts.total.sum().backward()
     grads = [p.grad for p in model.encoder.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     model.eval()
@@ -74,6 +75,9 @@ def test_gradient_reversal():
     x.grad = None
     y.sum().backward()
     assert torch.equal(x.grad, torch.full((3,), -2.0))
+    x = torch.ones(2, 3, requires_grad=True)  # one strength per member
+    grad_reverse(x, torch.tensor([0.5, 2.0])).sum().backward()
+    assert torch.equal(x.grad, torch.tensor([[-0.5] * 3, [-2.0] * 3]))
 
 
 @pytest.mark.parametrize("use_cdann, latent, expect", [(True, 32, 96), (False, 32, 32), (True, 2048, 1024)])
@@ -82,9 +86,9 @@ def test_discriminator_input(use_cdann, latent, expect):
     m = build_model(16, 50, cfg.model, use_cdann=use_cdann)
     assert build_model(16, 50, cfg.model, n_domains=3).discriminator[-1].out_features == 3
     assert m.discriminator[0].in_features == expect
-    z = torch.randn(5, latent, requires_grad=True)
-    p = torch.softmax(torch.randn(5, 3), -1)
+    z = torch.randn(1, 5, latent, requires_grad=True)
+    p = torch.softmax(torch.randn(1, 5, 3), -1)
     d = m.discriminate(z, p, grl=1.0)
-    assert d.shape == (5, 2)
+    assert d.shape == (1, 5, 2)
     d.sum().backward()
     assert z.grad is not None

@@ -146,7 +146,7 @@ def test_errors_are_one_line_and_write_nothing(trained, files, tiny_store, tmp_p
     ck = torch.load(best, weights_only=True)
     torch.save({**ck, "format": "xfer.cdann/1"}, tmp_path / "old.pt")
     err = _fails(capsys, tiny_store, out, "--checkpoint", str(tmp_path / "old.pt"), "--sup_peak_csv", "store:B_PEAK")
-    assert "old.pt [format]: checkpoint format 'xfer.cdann/1'" in err and "xfer.cdann/2" in err
+    assert "old.pt [format]: checkpoint format 'xfer.cdann/1'" in err and "xfer.cdann/3" in err
     # not a checkpoint at all, or no file
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     err = _fails(capsys, tiny_store, out, "--checkpoint", str(tmp_path / "junk.pt"), "--sup_peak_csv", "store:B_PEAK")

@@ -10,7 +10,8 @@ with `torch.load(weights_only=True)` (no pickled objects, nothing executed):
                             coverage bins and their PCA)
                   embedder: the expression embedder (PCA: genes and components; a
                             foundation model: its name and the settings of its store entries)
-    model         the weights (LineNorm buffers hold the training line's statistics)
+    model         the weights, each with a leading member axis of size 1 (the model is a
+                  population of one, xfer.model); LineNorm buffers hold the training line's statistics
     epoch         the epoch of these weights
     best_epoch, best_metric, metric_name
     train_state   only in training checkpoints: what resuming needs (optimiser, the best
@@ -35,7 +36,7 @@ from .config import TrainConfig
 from .data.fs import save_torch
 from .errors import StoreError
 
-FORMAT = "xfer.cdann/2"
+FORMAT = "xfer.cdann/3"   # 3: every tensor of the model has a leading member axis (a population of one)
 
 
 # ----------------------------------------------------------------------------- nested data

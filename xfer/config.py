@@ -52,6 +52,19 @@ ARCH_PARAMS: dict[str, tuple[str, ...]] = {
 ALL_ARCH_PARAMS = frozenset(p for ps in ARCH_PARAMS.values() for p in ps)
 
 
+# Settings each member of a population has for itself: the scalars of the model, the losses and
+# the optimiser (xfer.train trains P configurations that differ only in these as one batched
+# model). Every other setting is the population's shape, the same for all of its members
+# (`shape_of`, `check_population`).
+MEMBER_KEYS = frozenset({
+    "dropout", "peak_dropout", "corruption", "beta", "lambda_recon", "temperature", "aug_dropout",
+    "lambda_contrastive",
+    "lambda_class", "lambda_target_class", "lambda_domain", "lambda_divergence", "lambda_balance",
+    "lambda_entropy", "lambda_pseudo", "pseudo_fraction", "grl_gamma", "warmup_epochs", "label_smoothing",
+    "lr", "weight_decay", "patience", "seed", "grad_clip",
+})
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str = "dae"
@@ -261,6 +274,24 @@ class TrainConfig:
             owners = [a for a, ps in ARCH_PARAMS.items() if key in ps]
             need(m.arch in owners, key, f"only used by arch {' / '.join(owners)}, but arch is '{m.arch}' "
                  "(an inert parameter; remove it)")
+
+
+def shape_of(cfg: "TrainConfig") -> dict:
+    """The settings a population's members share (all but MEMBER_KEYS; `ensemble` is not one:
+    it is how many models `xfer train` builds, not how one is trained)."""
+    return {k: v for k, v in cfg.to_flat(live_only=False).items() if k not in MEMBER_KEYS and k != "ensemble"}
+
+
+def check_population(cfgs: "list[TrainConfig]", source: str | None = None) -> None:
+    """Refuse member configs that do not share one shape, naming the first setting that differs."""
+    if not cfgs:
+        raise ConfigError("population", "a population needs at least one member configuration", source)
+    first = shape_of(cfgs[0])
+    for i, cfg in enumerate(cfgs[1:], 1):
+        for k, v in shape_of(cfg).items():
+            if v != first[k]:
+                raise ConfigError(k, f"member {i} has {v!r} but member 0 has {first[k]!r}: the members of a population "
+                                  "share every setting but their scalars (xfer.config.MEMBER_KEYS)", source)
 
 
 _FIELD_TYPES: dict[str, dict[str, type]] = {

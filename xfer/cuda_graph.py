@@ -15,17 +15,18 @@ class StepGraph:
     as a CUDA graph and replayed: one launch per step instead of hundreds, so a small model's
     step costs the GPU's time rather than Python's. Steps run eagerly (on a side stream, as
     PyTorch's whole-network capture recipe asks) until WARMUP steps have run, then the next
-    step is captured. The step's inputs are static tensors (the batch's cell indices, the
-    warm-up and GRL weights as 0-d device tensors); the adaptation line's cells are drawn on
+    step is captured. The step's inputs are static tensors (each member's cell indices, the
+    members' warm-up and GRL weights as [P] device tensors; learning rates and the mask of
+    members still training are read in place by the optimiser); the adaptation line's cells are drawn on
     the device inside the graph; dropout and the other random ops use the CUDA generator,
     which graph replays advance. If capture fails (an op that needs the host), the loop logs
     why and goes on eagerly."""
 
     WARMUP = 3
 
-    def __init__(self, step: Callable, bs: int, dev: torch.device, params: list[torch.Tensor]):
+    def __init__(self, step: Callable, shape: tuple[int, ...], dev: torch.device, params: list[torch.Tensor]):
         self.step, self.dev, self.params = step, dev, params
-        self.idx = torch.zeros(bs, dtype=torch.long, device=dev)
+        self.idx = torch.zeros(shape, dtype=torch.long, device=dev)   # [P, bs]: each member's batch
         self.graph: torch.cuda.CUDAGraph | None = None
         self.names: list[str] = []
         self.vec: torch.Tensor | None = None     # the captured step's loss parts, stacked

@@ -317,30 +317,29 @@ def classification(
         l_i = (1 - ls) * w_{y_i} * (-lp_{i,y_i}) + (ls / C) * \sum_c w_c * (-lp_{i,c})
         CE  = \sum_{i labelled} l_i / \sum_{i labelled} w_{y_i}
 
-    i.e. the (weighted) mean over labelled cells, exactly as
-    ``torch.nn.functional.cross_entropy(..., reduction="mean")``. Cells labelled
+    i.e. the (weighted) mean over labelled cells, as
+    ``torch.nn.functional.cross_entropy(..., reduction="mean")`` (written out, so that
+    ``label_smoothing`` may be one value per population member under ``torch.vmap``). Cells labelled
     :data:`xfer.phases.UNLABELLED` (-1) are ignored; a batch with no labelled
     cell gives 0 (still connected to the graph) instead of NaN, without a
     host-device sync. Float32; scalar.
     """
     logits = logits.float()
     y = y.to(device=logits.device, dtype=torch.long)
-    if weight is not None:
-        weight = weight.to(device=logits.device, dtype=torch.float32)
-    per_cell = F.cross_entropy(
-        logits,
-        y,
-        weight=weight,
-        ignore_index=UNLABELLED,
-        label_smoothing=label_smoothing,
-        reduction="none",
-    )  # 0 for ignored cells
+    lp = torch.log_softmax(logits, dim=-1)
     labelled = (y != UNLABELLED).to(torch.float32)
+    y0 = y.clamp_min(0)
+    nll = -lp.gather(-1, y0.unsqueeze(-1)).squeeze(-1)
     if weight is None:
-        denom = labelled.sum()
+        w_y = labelled
+        smooth = -lp.sum(-1)
     else:
-        denom = (weight[y.clamp_min(0)] * labelled).sum()
-    return per_cell.sum() / denom.clamp_min(torch.finfo(torch.float32).tiny)
+        weight = weight.to(device=logits.device, dtype=torch.float32)
+        w_y = weight[y0] * labelled
+        smooth = -(lp * weight).sum(-1)
+    # label_smoothing may be a tensor (one per population member, under torch.vmap)
+    per_cell = (1.0 - label_smoothing) * w_y * nll + (label_smoothing / logits.shape[-1]) * smooth * labelled
+    return per_cell.sum() / w_y.sum().clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def _weighted_mean(per_cell: Tensor, weights: Tensor | None) -> Tensor:
@@ -424,7 +423,7 @@ def nt_xent(z_a: Tensor, z_b: Tensor, temperature: float = 0.1) -> Tensor:
         raise ValueError(
             f"nt_xent: views need the same number of rows, got {z_a.shape[0]} and {z_b.shape[0]}"
         )
-    if not temperature > 0.0:
+    if not isinstance(temperature, Tensor) and not temperature > 0.0:  # a tensor: one per member (vmap)
         raise ValueError(f"nt_xent: temperature must be > 0, got {temperature}")
     with _autocast_off(z_a):
         n = z_a.shape[0]
@@ -634,6 +633,10 @@ def combine(weighted: Mapping[str, tuple[float, LossTerm]]) -> LossParts:
     A weight may also be a 0-d tensor (e.g. a warm-up factor kept on the GPU so
     that a captured CUDA graph can read it): such a term is always computed and
     added (its value is not inspected, which would need a device sync).
+
+    Populations (P same-shape models trained together): a value may be a vector
+    of shape (P,) (one per member) and a weight a (P,) tensor of per-member
+    weights; the total is then (P,) too, each member's own weighted sum.
     """
     parts: dict[str, Tensor] = {}
     total: Tensor | None = None
@@ -641,8 +644,8 @@ def combine(weighted: Mapping[str, tuple[float, LossTerm]]) -> LossParts:
         if name == "total":
             raise ValueError("combine: 'total' is reserved and cannot name a loss part")
         if isinstance(weight, Tensor):
-            if weight.ndim != 0:
-                raise ValueError(f"combine: weight of {name!r} must be a scalar, got shape {tuple(weight.shape)}")
+            if weight.ndim > 1:
+                raise ValueError(f"combine: weight of {name!r} must be a scalar or (P,), got shape {tuple(weight.shape)}")
             w = weight
         else:
             w = float(weight)
@@ -653,9 +656,9 @@ def combine(weighted: Mapping[str, tuple[float, LossTerm]]) -> LossParts:
             if not dynamic and w == 0.0:
                 continue
             value = value()
-        if not isinstance(value, Tensor) or value.ndim != 0:
+        if not isinstance(value, Tensor) or value.ndim > 1:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            raise ValueError(f"combine: part {name!r} must be a scalar tensor, got {shape}")
+            raise ValueError(f"combine: part {name!r} must be a scalar tensor (or one per member), got {shape}")
         parts[name] = value
         if dynamic or w != 0.0:
             term = value.float() * w

@@ -13,7 +13,10 @@ named loss parts of `xfer.losses` (every part is logged unweighted).
     + the encoder's own objective (recon / kl / contrastive), also on the adaptation line
 
 The adaptation weights (adversarial, divergence, entropy) are multiplied by the warm-up
-factor; `warm` and `grl` may be 0-d device tensors (CUDA graphs read them in place).
+factor. Everything is per population member: the inputs are [P, bs, ...], each member has its
+own weights, warm-up factor and GRL strength ([P] device tensors, read in place by a CUDA
+graph), and every loss of `xfer.losses` (a pure function of one member's tensors) is mapped
+over the members with torch.vmap, so each part is [P].
 """
 
 from __future__ import annotations
@@ -26,13 +29,20 @@ from torch import Tensor
 from . import losses as L
 from .config import LossConfig
 from .model import CDANN
+from .model.encoders import per_member
+from .model.layers import MemberScalars
+
+# The per-member LossConfig scalars `batch_loss` reads (a population's MemberScalars).
+LOSS_SCALARS = ("lambda_class", "lambda_target_class", "lambda_domain", "lambda_divergence", "lambda_balance",
+                "lambda_entropy", "lambda_pseudo", "label_smoothing")
 
 
 @dataclass(frozen=True)
 class Batch:
-    """One step's inputs. Domains: the training line's expression (emb) and its paired
-    peaks (x, labels y); when adapting, the other line's unlabelled peaks (xb, with its own
-    LineNorm statistics stats_b, and pseudo-labels yb, -1 where a cell has none)."""
+    """One step's inputs, one row of cells per population member ([P, bs, ...]). Domains: the
+    training line's expression (emb) and its paired peaks (x, labels y); when adapting, the
+    other line's unlabelled peaks (xb, with its own LineNorm statistics stats_b, and
+    pseudo-labels yb, -1 where a cell has none)."""
 
     emb: Tensor
     x: Tensor
@@ -44,16 +54,18 @@ class Batch:
 
 @dataclass(frozen=True)
 class Weights:
-    """The step's schedule and class weights (fixed within an epoch)."""
+    """The step's schedule and class weights (fixed within an epoch), per member."""
 
-    warm: float | Tensor                  # warm-up factor of the adaptation terms, 0..1
-    grl: float | Tensor                   # gradient-reversal strength
+    warm: Tensor                          # [P] warm-up factor of the adaptation terms, 0..1
+    grl: Tensor                           # [P] gradient-reversal strength
     prior: Tensor                         # the training line's class prior (balance term)
     class_weight: Tensor | None = None    # CE weights of the labelled terms
-    pseudo_weight: Tensor | None = None   # CE weights of the pseudo-labelled classes
+    pseudo_weight: Tensor | None = None   # [P, C] CE weights of the pseudo-labelled classes
 
 
-def batch_loss(model: CDANN, lo: LossConfig, b: Batch, w: Weights) -> L.LossParts:
+def batch_loss(model: CDANN, lo: LossConfig, hp: MemberScalars, b: Batch, w: Weights) -> L.LossParts:
+    """The population's losses: every part and the total are [P], one value per member.
+    `lo` gives the shape (divergence, conditioning); `hp` each member's weights (LOSS_SCALARS)."""
     z_s = model.source_latent(b.emb)
     x_norm = model.normalise_peaks(b.x)
     out_t = model.peak_latent(b.x, normalised=x_norm)
@@ -72,33 +84,37 @@ def batch_loss(model: CDANN, lo: LossConfig, b: Batch, w: Weights) -> L.LossPart
 
     def adversarial():
         logits = [model.discriminate(z, p, w.grl).float() for z, p in zip(latents, probs)]
-        weights = None
+        k = len(logits)
         if lo.use_cdann and lo.entropy_conditioning:
-            weights = [L.entropy_weights(p.detach()) for p in probs]
-        return L.adversarial(logits, weights)
+            weights = [p.detach() for p in probs]
+            return per_member(lambda *a: L.adversarial(a[:k], [L.entropy_weights(p) for p in a[k:]]), *logits, *weights)
+        return per_member(lambda *a: L.adversarial(a), *logits)
 
     def divergence():
-        d = L.divergence(lo.divergence, z_s, z_t)
+        d = per_member(lambda a, c: L.divergence(lo.divergence, a, c), z_s, z_t)
         if adapting:
-            d = d + L.divergence(lo.divergence, z_t, latents[2])
+            d = d + per_member(lambda a, c: L.divergence(lo.divergence, a, c), z_t, latents[2])
         return d
 
-    def ramped(lam: float):  # warm may be a 0-d device tensor (CUDA): a weight of 0 stays a static 0
-        return 0.0 if lam == 0 else lam * w.warm
+    def ramped(name: str):  # a weight that is 0 for every member stays a static 0 (not computed)
+        lam = hp.get(name)
+        return 0.0 if isinstance(lam, float) else lam * w.warm
 
     def labelled(logits):
-        return lambda: L.classification(logits.float(), b.y, w.class_weight, label_smoothing=lo.label_smoothing)
+        return lambda: per_member(lambda lg, y, ls: L.classification(lg, y, w.class_weight, label_smoothing=ls),
+                                  logits.float(), b.y, hp.label_smoothing)
 
     terms = {
-        "class_source": (lo.lambda_class, labelled(logit_s)),
-        "class_target": (lo.lambda_target_class, labelled(logit_t)),
-        "adversarial": (ramped(lo.lambda_domain), adversarial),
-        "divergence": (ramped(lo.lambda_divergence), divergence),
-        "balance": (lo.lambda_balance, lambda: L.class_balance(p_unl, w.prior)),
-        "entropy": (ramped(lo.lambda_entropy), lambda: L.entropy(p_unl)),
+        "class_source": (hp.get("lambda_class"), labelled(logit_s)),
+        "class_target": (hp.get("lambda_target_class"), labelled(logit_t)),
+        "adversarial": (ramped("lambda_domain"), adversarial),
+        "divergence": (ramped("lambda_divergence"), divergence),
+        "balance": (hp.get("lambda_balance"), lambda: per_member(lambda p: L.class_balance(p, w.prior), p_unl)),
+        "entropy": (ramped("lambda_entropy"), lambda: per_member(L.entropy, p_unl)),
     }
     if b.yb is not None:
-        terms["pseudo"] = (lo.lambda_pseudo, lambda: L.classification(logit_b.float(), b.yb, w.pseudo_weight))
+        terms["pseudo"] = (hp.get("lambda_pseudo"),
+                           lambda: per_member(L.classification, logit_b.float(), b.yb, w.pseudo_weight))
     terms.update(model.encoder.objective(x_norm, out_t, z_s))
     if adapting:
         terms.update({f"{k}_adapt": v for k, v in model.encoder.objective(xb_norm, out_b, None).items()})

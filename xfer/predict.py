@@ -43,7 +43,11 @@ log = logging.getLogger(__name__)
 def predict_probs(model: CDANN, emb=None, peaks=None, stats: dict | None = None, device=None,
                   batch: int = 4096) -> dict[str, np.ndarray]:
     """Class probabilities from expression embeddings ("gex") and/or peak features ("peak")
-    (numpy or CSR in). `stats`: the line's own LineNorm statistics (None: the training line's)."""
+    (numpy or CSR in). `stats`: the line's own LineNorm statistics (None: the training line's).
+    `model` is one model (a population of one: an exported member)."""
+    if model.size != 1:
+        raise ValueError(f"predict_probs: a population of {model.size} models; export one member "
+                         "(xfer.model.member_state) and predict with it")
     device = device or next(model.parameters()).device
     was = model.training
     model.eval()
@@ -61,7 +65,7 @@ def predict_probs(model: CDANN, emb=None, peaks=None, stats: dict | None = None,
                 t = torch.tensor(chunk, dtype=torch.float32, device=device)
                 with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
                     p = model.predict_source(t, st) if key == "gex" else model.predict_peaks(t, st)
-                probs.append(p.float().cpu().numpy())
+                probs.append(p[0].float().cpu().numpy())
             out[key] = np.concatenate(probs) if probs else np.zeros((0, len(PHASES)), np.float32)
     finally:
         model.train(was)

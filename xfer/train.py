@@ -1,36 +1,42 @@
-"""The one training loop: `fit(config, data, report)`.
+"""The one training loop: `fit(config, data, report)` and `fit_population(configs, data, report)`.
 
-`xfer train` calls it directly; Ray Tune trials (the `tune` package) call the
-same function inside their workers, passing a `report(metrics, checkpoint)`
-callback. It sees the training line's labelled cells (both modalities) and,
-when `data.adapt` is set, another line's *unlabelled* peaks (`TrainData.
-with_adaptation` drops that line's labels before they get here).
+`xfer train` calls `fit`; Ray Tune trials (the `tune` package) call the same loop inside
+their workers, passing a `report(metrics, checkpoint)` callback. It sees the training line's
+labelled cells (both modalities) and, when `data.adapt` is set, another line's *unlabelled*
+peaks (`TrainData.with_adaptation` drops that line's labels before they get here).
 
-`fit` is a short loop over the named parts of a `Trainer`:
+A run is a population: P configurations that share a shape (`xfer.config.shape_of`) are
+trained together as one batched model on one device (HFTA; `xfer.model.layers`), each member
+with its own seed, scalars, validation, best epoch, early stopping and checkpoint. `fit` is
+the population of one; there is no second copy of the model, the losses or the schedule.
 
-    begin_epoch            the warm-up factor of the adaptation weights
+`fit_population` is a short loop over the named parts of a `Population`:
+
+    begin_epoch            each member's warm-up factor of the adaptation weights
     refresh_pseudo_labels  self-training: class-balanced pseudo-labels of the adaptation
-                           line from the model's own predictions, once per epoch after
-                           the warm-up (lambda_pseudo > 0)
-    train_epoch            shuffled mini-batches through `step`: one optimiser step on the
-                           objective of `xfer.objective.batch_loss` (eager, or replayed as a
-                           CUDA graph, `xfer.cuda_graph.StepGraph`)
+                           line from each member's own predictions, once per epoch after
+                           its warm-up (lambda_pseudo > 0)
+    train_epoch            each member's shuffled mini-batches through `step`: one optimiser
+                           step of every member on the objective of `xfer.objective.batch_loss`
+                           (eager, or replayed as a CUDA graph, `xfer.cuda_graph.StepGraph`)
     validate               the GEX and PEAK validation splits of the training line and, when
                            adapting, every label-free selection candidate (xfer.selection)
-    TrainState.choose      best-epoch choice and early stopping by the objective (`objective`:
+    MemberState.choose     best-epoch choice and early stopping by the objective (`objective`:
                            transfer or source_val, see xfer.selection): the best epoch is chosen
                            among the epochs after the warm-up (the adaptation fully on; the
                            last epoch if training ends sooner), and the patience counts
                            epochs from there
-    checkpoint             the whole predictor plus what resuming needs (`xfer.checkpoint`)
+    checkpoint             a member's whole predictor plus what resuming it needs (`xfer.checkpoint`)
 
-`report` is called exactly once per epoch. The `TrainState` (model, optimiser,
-best epoch and its weights, patience, RNG states, history) round-trips through
-the checkpoint, so `fit(..., resume=checkpoint)` continues a run exactly. On a
-GPU the inputs stay resident in GPU memory, the step runs under bf16 autocast
-with fused AdamW, and the whole step is captured once as a CUDA graph and
-replayed (`cuda_graph=false` turns it off). On the CPU the loop is seeded and
-reproducible.
+`report` is called exactly once per epoch and member; a member that stops early, ends its
+epochs or is stopped by its report is masked (its weights no longer move) while the others
+train on. A member's state (weights, optimiser moments, best epoch and its weights, patience,
+RNG states, history) round-trips through its checkpoint, so `resume=` continues a run
+exactly. On the CPU every member's randomness comes from its own generators, so a member
+trained in a population learns what it learns alone with the same seed (tests/test_population.py).
+On a GPU the inputs stay resident in GPU memory, the step runs under bf16 autocast, and the
+whole step (optimiser included, `xfer.optim`) is captured once as a CUDA graph and replayed
+(`cuda_graph=false` turns it off).
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -46,104 +52,112 @@ import torch
 from . import losses as L
 from . import selection
 from .checkpoint import FORMAT, cpu_copy, to_tensors
-from .config import TrainConfig
+from .config import TrainConfig, check_population
 from .cuda_graph import StepGraph
 from .device import Rows, allreduce_grads, distributed, resolve_device
 from .errors import XferError
 from .evaluate import METRIC_KEYS, classification_metrics
 from .model import CDANN, build_model
-from .objective import Batch, Weights, batch_loss
+from .model.layers import MemberScalars
+from .objective import LOSS_SCALARS, Batch, Weights, batch_loss
+from .optim import PopulationAdamW, clip_grad_norm
 from .phases import N_PHASES, UNLABELLED
 from .prepare import TrainData
 
 Report = Callable[[dict, Callable[[], dict]], None]
+# A population's report: (member index, that member's epoch metrics, its checkpoint builder);
+# returning True stops that member (a scheduler's decision), the others train on.
+MemberReport = Callable[[int, dict, Callable[[], dict]], "bool | None"]
+
+# What a member is doing: training, or why it stopped.
+TRAINING, STOPPED_EARLY, FINISHED, HALTED, DIVERGED = "training", "stopped_early", "finished", "halted", "diverged"
 
 
 @dataclass
 class FitResult:
-    model: CDANN                  # with the best epoch's weights loaded
+    model: CDANN                  # with the best epoch's weights loaded (a population of one)
     best_epoch: int
     best_metric: float
     history: list[dict]
     checkpoint: dict              # the best epoch's predictor (what best_model.pt holds)
     stopped_early: bool = False
     seconds: float = 0.0
-    objective: str = ""           # what chose the best epoch (Trainer.objective_name)
+    objective: str = ""           # what chose the best epoch (Population.objective_name)
     extra: dict = field(default_factory=dict)
+    status: str = FINISHED        # FINISHED, STOPPED_EARLY, HALTED (stopped by the report) or DIVERGED
+    error: str | None = None      # DIVERGED: why
 
 
-# ----------------------------------------------------------------------------- training state
+# ----------------------------------------------------------------------------- one member's state
 
 @dataclass
-class TrainState:
-    """What a run has learnt so far; `resume_state` / `load` round-trip it through a checkpoint."""
+class MemberState:
+    """What one member has learnt so far; `Population.checkpoint` / `load_member` round-trip it."""
 
-    model: CDANN
-    optimizer: torch.optim.Optimizer
+    cfg: TrainConfig
     rng: np.random.Generator              # host RNG: epoch order (and adaptation draws on the CPU)
-    epoch: int = 0                        # the last finished epoch
+    epoch: int = 0                        # the member's last finished epoch
     best_epoch: int = 0                   # 0: none chosen yet (still in the warm-up)
     best_metric: float = -math.inf
-    best_weights: dict | None = None      # the best epoch's weights (a copy on the device)
+    best_weights: dict | None = None      # the best epoch's weights (a population of one, on the device)
     since_best: int = 0                   # eligible epochs since the best one (patience)
     history: list[dict] = field(default_factory=list)
+    status: str = TRAINING
+    error: str | None = None
+    seconds: float = 0.0                  # wall time until the member stopped
 
-    def choose(self, epoch: int, objective: float, eligible: bool) -> bool:
+    def choose(self, epoch: int, objective: float, eligible: bool, weights: Callable[[], dict]) -> bool:
         """Best-epoch choice: keep this epoch's weights when it is eligible and better."""
         improved = eligible and objective > self.best_metric
         if improved:
             self.best_metric, self.best_epoch, self.since_best = objective, epoch, 0
-            # a copy on the device (microseconds on a GPU; the host copy is made only for a checkpoint)
-            self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.best_weights = weights()  # a copy on the device (a host copy only for a checkpoint)
         elif eligible:
             self.since_best += 1
         return improved
 
-    def resume_state(self) -> dict:
-        return {
-            "optimizer": cpu_copy(self.optimizer.state_dict()),
-            "best_model": None if self.best_epoch == self.epoch else cpu_copy(self.best_weights),
-            "since_best": self.since_best, "history": list(self.history),
-            "rng": {"torch": torch.get_rng_state(), "numpy": self.rng.bit_generator.state},
-        }
 
-    def load(self, ckpt: dict) -> None:
-        """Continue from a training checkpoint (`Trainer.checkpoint`)."""
-        ts = ckpt["train_state"]
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ts["optimizer"])
-        self.epoch = int(ckpt["epoch"])
-        self.history = list(ts.get("history", []))
-        self.best_metric, self.best_epoch = float(ckpt["best_metric"]), int(ckpt["best_epoch"])
-        self.best_weights = ts.get("best_model") or cpu_copy(ckpt["model"])
-        self.since_best = int(ts.get("since_best", 0))
-        torch.set_rng_state(ts["rng"]["torch"])
-        self.rng.bit_generator.state = ts["rng"]["numpy"]
+# ----------------------------------------------------------------------------- the population
 
+class Population:
+    """P configurations of one shape trained as one batched model on one device: the model,
+    optimiser and device-resident data, and the parts of an epoch. A single run is P = 1.
 
-# ----------------------------------------------------------------------------- the trainer
+    The members share the data (the training line's split, the adaptation line) and every
+    setting of their shape (`xfer.config.shape_of`); each has its own seed (initial weights,
+    dropout masks, batch order, adaptation draws), its own scalars (`xfer.config.MEMBER_KEYS`:
+    learning rate, weight decay, every lambda, warm-up and GRL schedules, label smoothing,
+    dropout rates, pseudo-label settings, patience, clipping), validation, best epoch, early
+    stopping and checkpoint. A member that stops is masked: its weights no longer move."""
 
-class Trainer:
-    """One run's model, optimiser and device-resident data, and the parts of an epoch."""
-
-    def __init__(self, cfg: TrainConfig, data: TrainData, device: str | torch.device | None = None,
+    def __init__(self, cfgs: Sequence[TrainConfig], data: TrainData, device: str | torch.device | None = None,
                  memory_budget: int | None = None):
-        self.cfg, self.data = cfg, data
-        o, lo = cfg.optim, cfg.loss
+        cfgs = list(cfgs)
+        check_population(cfgs)
+        self.cfgs, self.data = cfgs, data
+        cfg = self.cfg = cfgs[0]            # the shape (every member's is the same)
+        o = cfg.optim
         dev = self.dev = resolve_device(device)
-        torch.manual_seed(o.seed)
-        rng = np.random.default_rng(o.seed)
+        self.size = P = len(cfgs)
+        seeds = [c.optim.seed for c in cfgs]
+        torch.manual_seed(seeds[0])         # the GPU's generator (the CPU's members have their own)
         self.adapt = data.adapt is not None
         self.dims = {"emb_dim": data.emb_dim, "n_peaks": data.n_peaks, "n_domains": 3 if self.adapt else 2}
-        model = build_model(data.emb_dim, data.n_peaks, cfg.model, use_cdann=lo.use_cdann, seed=o.seed,
-                            n_domains=self.dims["n_domains"])
+        model = build_model(data.emb_dim, data.n_peaks, [c.model for c in cfgs], use_cdann=cfg.loss.use_cdann,
+                            seed=seeds, n_domains=self.dims["n_domains"])
         model.set_line_stats(data.line_stats)
-        model.to(dev)
-        # fused AdamW on CUDA, capturable so that a CUDA graph can hold the whole step
-        opt_kwargs = {"fused": True, "capturable": True} if dev.type == "cuda" else {}
-        opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, **opt_kwargs)
-        self.state = TrainState(model, opt, rng)
-        self.model = model
+        self.model = model.to(dev)
+        self.members = [MemberState(c, np.random.default_rng(c.optim.seed)) for c in cfgs]
+
+        def vec(get) -> torch.Tensor:
+            return torch.tensor([float(get(c)) for c in cfgs], dtype=torch.float32, device=dev)
+
+        self.hp = MemberScalars({k: [getattr(c.loss, k) for c in cfgs] for k in LOSS_SCALARS}).to(dev)
+        self.active = torch.ones(P, device=dev)
+        self.grad_clip = vec(lambda c: c.optim.grad_clip)
+        self.params = list(model.parameters())
+        self.optimizer = PopulationAdamW(self.params, vec(lambda c: c.optim.lr), vec(lambda c: c.optim.weight_decay),
+                                         self.active)
         self.finished = False
 
         # the data, on the device when it fits (rows are densified per batch otherwise)
@@ -158,7 +172,7 @@ class Trainer:
         self.y_val = line.labels[data.val_idx]
         self.prior = torch.as_tensor(data.class_prior, device=dev)
         self.class_weight = None
-        if lo.class_weighted:
+        if cfg.loss.class_weighted:
             w = 1.0 / np.maximum(data.class_prior, 1e-3)
             self.class_weight = torch.as_tensor(w / (w * data.class_prior).sum(), dtype=torch.float32, device=dev)
         self.PB = self.stats_b = None
@@ -170,19 +184,21 @@ class Trainer:
             if data.adapt.emb is not None:  # the test line's expression (unlabelled): the agreement candidate
                 self.EB = Rows(data.adapt.emb, dev, torch.float32, memory_budget)
                 self.stats_eb = stats_b["emb"] if cfg.data.line_norm else None
-        # model selection (xfer.selection): the candidate that chooses the best epoch, and the fixed
-        # random subsets of cells the domain classifier and SND use
+        # model selection (xfer.selection): the candidate that chooses the best epoch, and each member's
+        # fixed random subsets of cells the domain classifier and SND use
         self.objective = selection.resolve(o.objective, self.adapt, self.EB is not None)
         self.sel_train = self.sel_test = None
         if self.adapt:
-            self.sel_train = self.tr[torch.as_tensor(selection.subset(len(data.train_idx), o.seed), device=dev)]
-            self.sel_test = torch.as_tensor(selection.subset(len(self.PB), o.seed + 1), device=dev)
-        # self-training: pseudo-labels of the adaptation line live in a device buffer refreshed in place
-        self.self_training = self.adapt and lo.lambda_pseudo > 0
+            self.sel_train = self.tr[torch.as_tensor(np.stack([selection.subset(len(data.train_idx), s)
+                                                               for s in seeds]), device=dev)]
+            self.sel_test = torch.as_tensor(np.stack([selection.subset(len(self.PB), s + 1) for s in seeds]),
+                                            device=dev)
+        # self-training: each member's pseudo-labels of the adaptation line, a device buffer refreshed in place
+        self.self_training = self.adapt and not self.hp.zero["lambda_pseudo"]
         self.YB = self.pseudo_weight = None
         if self.self_training:
-            self.YB = torch.full((len(self.PB),), UNLABELLED, dtype=torch.long, device=dev)
-            self.pseudo_weight = torch.zeros(N_PHASES, device=dev)
+            self.YB = torch.full((P, len(self.PB)), UNLABELLED, dtype=torch.long, device=dev)
+            self.pseudo_weight = torch.zeros(P, N_PHASES, device=dev)
 
         # batches: drop the ragged last one (MMD likes equal sizes); with several data-parallel
         # ranks each takes its own shard of every step's cells
@@ -190,113 +206,161 @@ class Trainer:
         self.bs = min(o.batch_size, self.n_train)
         self.world, self.rank = distributed()
         self.steps = max(1, self.n_train // (self.bs * self.world))
-        # On CUDA the per-step scalars live on the device (no host round trip, and a captured
-        # CUDA graph reads them); on the CPU they stay Python floats.
-        self.warm = 0.0
-        self.warm_t = torch.zeros((), device=dev) if self.on_cuda else None
-        self.grl_t = torch.zeros((), device=dev) if self.on_cuda else None
-        self.graph = StepGraph(self.step, self.bs, dev, list(model.parameters())) if (
+        # per-member schedules: device tensors the step (and a captured CUDA graph) reads in place
+        self.warm = [0.0] * P
+        self.warm_t = torch.zeros(P, device=dev)
+        self.grl_t = torch.zeros(P, device=dev)
+        self.graph = StepGraph(self.step, (P, self.bs), dev, self.params) if (
             self.on_cuda and o.cuda_graph and self.world == 1 and self.E.resident and self.P.resident
             and (self.PB is None or self.PB.resident)) else None
 
+    # ------------------------------------------------------------------ members
+    def training(self) -> list[int]:
+        return [m for m, ms in enumerate(self.members) if ms.status == TRAINING]
+
+    def stop(self, m: int, status: str, error: str | None = None, seconds: float = 0.0) -> None:
+        """Member m stops training (masked: its weights no longer move)."""
+        ms = self.members[m]
+        if ms.status == TRAINING:
+            ms.status, ms.error, ms.seconds = status, error, seconds
+            self.active[m] = 0.0
+
+    def _member_weights(self, m: int) -> dict:
+        return {k: v[m:m + 1].detach().clone() for k, v in self.model.state_dict().items()}
+
     # ------------------------------------------------------------------ the step
     def batch(self, idx: torch.Tensor) -> Batch:
-        """The training cells `idx` and, when adapting, as many random cells of the other line."""
+        """Each member's training cells idx [P, bs] and, when adapting, as many random cells of the other line."""
+        P, bs = idx.shape
+        flat = idx.reshape(-1)
+        emb, x, y = self.E[flat].view(P, bs, -1), self.P[flat].view(P, bs, -1), self.Y[idx]
         if not self.adapt:
-            return Batch(self.E[idx], self.P[idx], self.Y[idx])
-        bi = (torch.randint(0, len(self.PB), (self.bs,), device=self.dev) if self.on_cuda
-              else torch.as_tensor(self.state.rng.integers(0, len(self.PB), size=self.bs)))
-        return Batch(self.E[idx], self.P[idx], self.Y[idx], xb=self.PB[bi], stats_b=self.stats_b,
-                     yb=self.YB[bi.to(self.dev)] if self.self_training else None)
+            return Batch(emb, x, y)
+        if self.on_cuda:
+            bi = torch.randint(0, len(self.PB), (P, bs), device=self.dev)
+        else:
+            bi = torch.as_tensor(np.stack([ms.rng.integers(0, len(self.PB), size=bs) for ms in self.members]))
+        bi = bi.to(self.dev)
+        return Batch(emb, x, y, xb=self.PB[bi.reshape(-1)].view(P, bs, -1), stats_b=self.stats_b,
+                     yb=self.YB.gather(1, bi) if self.self_training else None)
 
-    def step(self, idx: torch.Tensor, warm, grl, autocast_cache: bool = True) -> dict[str, torch.Tensor]:
-        """One optimiser step on the training cells `idx`; returns the detached loss parts."""
-        model, opt = self.model, self.state.optimizer
+    def step(self, idx: torch.Tensor, warm: torch.Tensor, grl: torch.Tensor,
+             autocast_cache: bool = True) -> dict[str, torch.Tensor]:
+        """One optimiser step of every member on its cells idx [P, bs]; the detached loss parts, [P] each."""
         b = self.batch(idx)
         w = Weights(warm=warm, grl=grl, prior=self.prior, class_weight=self.class_weight,
                     pseudo_weight=self.pseudo_weight)
         with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=autocast_cache):
-            parts = batch_loss(model, self.cfg.loss, b, w)
-        opt.zero_grad(set_to_none=True)
-        parts.total.backward()
+            parts = batch_loss(self.model, self.cfg.loss, self.hp, b, w)
+        self.optimizer.zero_grad()
+        parts.total.sum().backward()  # the members are independent: each gets its own gradient
         if self.world > 1:
-            allreduce_grads(model, self.world)
-        if self.cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.optim.grad_clip)
-        opt.step()
+            allreduce_grads(self.model, self.world)
+        clip_grad_norm(self.params, self.grad_clip)
+        self.optimizer.step()
         return parts.detached()
 
     # ------------------------------------------------------------------ an epoch's parts
-    def begin_epoch(self, epoch: int) -> float:
-        """Training mode and the warm-up factor of this epoch (1.0: the adaptation fully on)."""
+    def begin_epoch(self) -> list[float]:
+        """Training mode and each member's warm-up factor of its next epoch (1.0: the adaptation fully on)."""
         self.model.train()
-        self.warm = L.warmup_factor(epoch - 1, self.cfg.loss.warmup_epochs)
-        if self.on_cuda:
-            self.warm_t.fill_(self.warm)
+        self.warm = [L.warmup_factor(ms.epoch, ms.cfg.loss.warmup_epochs) for ms in self.members]
+        self.warm_t.copy_(torch.tensor(self.warm, dtype=torch.float32))
         return self.warm
 
     @torch.no_grad()
-    def refresh_pseudo_labels(self) -> int:
-        """From the adaptation line's predictions (eval mode), keep the most confident
-        `pseudo_fraction` of each predicted class as its pseudo-label (in place; -1 elsewhere)
-        and weights that balance the kept classes. Returns how many cells were kept."""
+    def refresh_pseudo_labels(self, members: list[int]) -> dict[int, int]:
+        """For each of `members`, from its predictions of the adaptation line (eval mode), keep the
+        most confident `pseudo_fraction` of each predicted class as its pseudo-label (in place; -1
+        elsewhere) and weights that balance the kept classes. Returns how many cells each kept."""
+        if not members:
+            return {}
         PB = self.PB
         probs = _predict_rows(self.model, {"peak": lambda i: self.model.predict_peaks(PB[i], self.stats_b)},
                               torch.arange(len(PB), device=self.dev), self.amp)["peak"]
-        labels = L.select_pseudo_labels(probs, self.cfg.loss.pseudo_fraction)
-        self.YB.copy_(labels)
-        counts = torch.bincount(labels[labels >= 0], minlength=N_PHASES).float()
-        kept = counts.sum()
-        self.pseudo_weight.copy_(torch.where(counts > 0, kept / (N_PHASES * counts.clamp_min(1)),
-                                             torch.zeros_like(counts)))
-        return int(kept.item())
+        kept = {}
+        for m in members:
+            labels = L.select_pseudo_labels(probs[m], self.members[m].cfg.loss.pseudo_fraction)
+            self.YB[m].copy_(labels)
+            counts = torch.bincount(labels[labels >= 0], minlength=N_PHASES).float()
+            total = counts.sum()
+            self.pseudo_weight[m].copy_(torch.where(counts > 0, total / (N_PHASES * counts.clamp_min(1)),
+                                                    torch.zeros_like(counts)))
+            kept[m] = int(total.item())
+        return kept
 
-    def train_epoch(self, epoch: int) -> dict[str, float]:
-        """Every step of one epoch over the shuffled training cells; the mean of each loss part."""
-        o, lo, steps = self.cfg.optim, self.cfg.loss, self.steps
-        order = self.tr[torch.as_tensor(self.state.rng.permutation(self.n_train), device=self.dev)]
+    def _grl_schedule(self) -> torch.Tensor:
+        """Each member's GRL strength at every step of its next epoch: [steps, P] on the device."""
+        steps = self.steps
+        rows = [[L.grl_lambda((ms.epoch * steps + s) / max(1, ms.cfg.optim.epochs * steps), ms.cfg.loss.grl_gamma)
+                 for ms in self.members] for s in range(steps)]
+        return torch.tensor(rows, dtype=torch.float32).to(self.dev)
+
+    def train_epoch(self) -> dict[str, torch.Tensor]:
+        """Every step of one epoch, each member over its own shuffled training cells; the mean of
+        each loss part, [P]."""
+        steps = self.steps
+        order = self.tr[torch.as_tensor(np.stack([ms.rng.permutation(self.n_train) for ms in self.members]),
+                                        device=self.dev)]
+        grl = self._grl_schedule()
         sums: dict[str, torch.Tensor] = {}
         for s in range(steps):
-            grl = L.grl_lambda(((epoch - 1) * steps + s) / max(1, o.epochs * steps), lo.grl_gamma)
             start = (s * self.world + self.rank) * self.bs
-            idx = order[start:start + self.bs]
-            if self.on_cuda:
-                self.grl_t.fill_(grl)
+            idx = order[:, start:start + self.bs]
+            self.grl_t.copy_(grl[s])
             if self.graph is not None and self.graph.run(idx, self.warm_t, self.grl_t):
                 continue
-            parts = self.step(idx, *((self.warm_t, self.grl_t) if self.on_cuda else (self.warm, grl)))
-            for k, v in parts.items():
+            for k, v in self.step(idx, self.warm_t, self.grl_t).items():
                 sums[k] = sums.get(k, 0) + v.float()
         if self.graph is not None:
             for k, v in self.graph.take_sums().items():
                 sums[k] = sums.get(k, 0) + v
-        means = (torch.stack(list(sums.values())) / steps).tolist()  # waits for the device
-        return {f"loss/{k}": v for k, v in zip(sums, means)}
+        return {k: (v / steps).cpu() for k, v in sums.items()}  # waits for the device
 
-    def validate(self) -> dict[str, dict]:
-        """Metrics of both heads on the training line's validation cells and, when adapting,
-        every label-free selection candidate (`xfer.selection`) under "selection"."""
+    def validate(self, members: list[int]) -> dict[int, dict]:
+        """For each of `members`: the metrics of both heads on the training line's validation cells
+        and, when adapting, every label-free selection candidate (`xfer.selection`) under "selection".
+        The forward passes are batched over the whole population."""
         model, E, P = self.model, self.E, self.P
         val = _predict_rows(model, {"gex": lambda i: model.predict_source(E[i]),
                                     "peak": lambda i: model.peak_latent(P[i]).z.float()}, self.va, self.amp)
         z_val = val["peak"]
-        val["peak"] = self._classify(z_val)  # the PEAK latents are encoded once, for the metrics and the candidates
-        out = {k: classification_metrics(self.y_val, v.cpu().numpy().argmax(1)) for k, v in val.items()}
-        source_val = out["peak"][self.cfg.optim.metric]
-        if not self.adapt:
-            out["selection"] = {"source_val": source_val}
-            return out
-        PB, EB = self.PB, self.EB
-        heads = {"z": lambda i: model.peak_latent(PB[i], self.stats_b).z.float()}
-        if EB is not None:
-            heads["gex"] = lambda i: model.predict_source(EB[i], self.stats_eb)
-        test = _predict_rows(model, heads, torch.arange(len(PB), device=self.dev), self.amp)
-        z_train = _predict_rows(model, {"z": lambda i: model.peak_latent(P[i]).z.float()}, self.sel_train,
-                                self.amp)["z"]
-        out["selection"] = selection.candidate_values(
-            source_val, y_val=self.Y[self.va], p_val=val["peak"], z_val=z_val, z_train=z_train,
-            p_test=self._classify(test["z"]), z_test=test["z"], p_test_gex=test.get("gex"), snd_rows=self.sel_test)
+        p_val = self._classify(z_val)  # the PEAK latents are encoded once, for the metrics and the candidates
+        test = z_train = p_test = None
+        if self.adapt:
+            PB, EB = self.PB, self.EB
+            heads = {"z": lambda i: model.peak_latent(PB[i], self.stats_b).z.float()}
+            if EB is not None:
+                heads["gex"] = lambda i: model.predict_source(EB[i], self.stats_eb)
+            test = _predict_rows(model, heads, torch.arange(len(PB), device=self.dev), self.amp)
+            z_train = self._member_latents(self.sel_train)
+            p_test = self._classify(test["z"])
+        gex_pred = val["gex"].argmax(-1).cpu().numpy()
+        peak_pred = p_val.argmax(-1).cpu().numpy()
+        out = {}
+        for m in members:
+            res = {"gex": classification_metrics(self.y_val, gex_pred[m]),
+                   "peak": classification_metrics(self.y_val, peak_pred[m])}
+            source_val = res["peak"][self.members[m].cfg.optim.metric]
+            if not self.adapt:
+                res["selection"] = {"source_val": source_val}
+            else:
+                res["selection"] = selection.candidate_values(
+                    source_val, y_val=self.Y[self.va], p_val=p_val[m], z_val=z_val[m], z_train=z_train[m],
+                    p_test=p_test[m], z_test=test["z"][m], p_test_gex=test["gex"][m] if "gex" in test else None,
+                    snd_rows=self.sel_test[m])
+            out[m] = res
         return out
+
+    @torch.no_grad()
+    def _member_latents(self, rows: torch.Tensor) -> torch.Tensor:
+        """PEAK latents of each member's own training rows rows [P, k] (eval mode), float32 [P, k, latent]."""
+        P, k = rows.shape
+        self.model.eval()
+        with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.amp):
+            z = self.model.peak_latent(self.P[rows.reshape(-1)].view(P, k, -1)).z.float()
+        self.model.train()
+        return z
 
     @torch.no_grad()
     def _classify(self, z: torch.Tensor) -> torch.Tensor:
@@ -306,93 +370,159 @@ class Trainer:
         self.model.train()
         return probs
 
+    def run_epoch(self) -> dict[int, dict]:
+        """One epoch of every training member: train, validate, choose. Returns each training
+        member's epoch record (what its report gets); a member whose objective or losses are not
+        finite is stopped as DIVERGED (a population of one raises XferError instead)."""
+        t0 = time.perf_counter()
+        members = self.training()
+        warm = self.begin_epoch()
+        warmed = {m: warm[m] >= 1.0 for m in members}  # the adaptation fully on
+        n_pseudo = self.refresh_pseudo_labels([m for m in members if warmed[m]]) if self.self_training else {}
+        losses = self.train_epoch()
+        train_seconds = time.perf_counter() - t0
+        val = self.validate(members)
+        records = {}
+        for m in members:
+            ms, o = self.members[m], self.members[m].cfg.optim
+            epoch = ms.epoch + 1
+            loss_m = {f"loss/{k}": float(v[m]) for k, v in losses.items()}
+            # a model is chosen only once the adaptation is fully on: before that it has not yet
+            # been aligned to the other line, whatever the training line's validation says
+            objective = val[m]["selection"][self.objective]
+            problem = (f"the selection objective {self.objective} is not finite at epoch {epoch}"
+                       if not math.isfinite(objective) else _non_finite(loss_m, epoch))
+            if problem:
+                if self.size == 1:
+                    raise XferError(problem)
+                self.stop(m, DIVERGED, problem, time.perf_counter() - t0)
+                continue
+            improved = ms.choose(epoch, objective, warmed[m] or epoch == o.epochs, lambda: self._member_weights(m))
+            ms.epoch = epoch
+            metrics = _epoch_record(ms.cfg, ms, objective, val[m], loss_m, n_pseudo.get(m), warm[m], improved,
+                                    epoch_seconds=time.perf_counter() - t0, train_seconds=train_seconds)
+            if ms.since_best >= o.patience:
+                metrics["stopped_early"] = True
+            ms.history.append(metrics)
+            records[m] = metrics
+        return records
+
+    def after_report(self, m: int, metrics: dict, halt: bool, seconds: float) -> None:
+        """Member m's state after its epoch was reported: stopped early, at its last epoch, or halted."""
+        ms = self.members[m]
+        if metrics.get("stopped_early"):
+            self.stop(m, STOPPED_EARLY, seconds=seconds)
+        elif ms.epoch >= ms.cfg.optim.epochs:
+            self.stop(m, FINISHED, seconds=seconds)
+        elif halt:
+            self.stop(m, HALTED, seconds=seconds)
+
     # ------------------------------------------------------------------ outputs
-    def checkpoint_builder(self) -> Callable[[], dict]:
-        """What `report` gets: builds this epoch's checkpoint when called (most epochs need
-        none). It must be called during that report: afterwards the state has moved on."""
-        epoch = self.state.epoch
+    def checkpoint_builder(self, m: int = 0) -> Callable[[], dict]:
+        """What `report` gets: builds member m's checkpoint of this epoch when called (most epochs
+        need none). It must be called during that report: afterwards the state has moved on."""
+        epoch = self.members[m].epoch
 
         def build() -> dict:
-            if self.state.epoch != epoch or self.finished:
-                raise RuntimeError(f"the checkpoint of epoch {epoch} was requested after epoch {self.state.epoch} "
+            now = self.members[m].epoch
+            if now != epoch or self.finished:
+                raise RuntimeError(f"the checkpoint of epoch {epoch} was requested after epoch {now} "
                                    f"{'ended the run' if self.finished else 'began'}; build it inside the report "
                                    "callback")
-            return self.checkpoint()
+            return self.checkpoint(m)
         return build
 
-    def _predictor(self) -> dict:
-        """The checkpoint entries that describe the predictor (all but the weights and epoch)."""
-        s = self.state
-        return {"format": FORMAT, "config": self.cfg.to_dict(), "dims": dict(self.dims),
-                "preprocess": to_tensors(self.data.preprocess), "best_epoch": int(s.best_epoch),
-                "best_metric": float(s.best_metric), "metric_name": self.objective_name}
+    def _predictor(self, m: int) -> dict:
+        """The checkpoint entries that describe member m's predictor (all but the weights and epoch)."""
+        ms = self.members[m]
+        return {"format": FORMAT, "config": ms.cfg.to_dict(), "dims": dict(self.dims),
+                "preprocess": to_tensors(self.data.preprocess), "best_epoch": int(ms.best_epoch),
+                "best_metric": float(ms.best_metric), "metric_name": self.objective_name}
 
     @property
     def objective_name(self) -> str:
         """What the best epoch was chosen by (source_val: the validation metric's own name)."""
         return f"peak_val_{self.cfg.optim.metric}" if self.objective == "source_val" else self.objective
 
-    def checkpoint(self) -> dict:
-        """The whole predictor at this epoch plus what resuming needs (see xfer.checkpoint)."""
-        s = self.state
-        return {**self._predictor(), "epoch": s.epoch,
-                "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
-                "train_state": s.resume_state()}
+    def checkpoint(self, m: int = 0) -> dict:
+        """Member m's whole predictor at its current epoch plus what resuming it needs (see
+        xfer.checkpoint): a population of one, whatever this population's size."""
+        ms = self.members[m]
+        return {**self._predictor(m), "epoch": ms.epoch, "model": cpu_copy(self._member_weights(m)),
+                "train_state": {
+                    "optimizer": self.optimizer.member_state(m),
+                    "best_model": None if ms.best_epoch == ms.epoch else cpu_copy(ms.best_weights),
+                    "since_best": ms.since_best, "history": list(ms.history),
+                    "rng": {"torch": self.model.noise.member_states()[m], "numpy": ms.rng.bit_generator.state}}}
 
-    def result(self, stopped_early: bool, seconds: float) -> FitResult:
-        s = self.state
-        if s.best_weights is None:  # resumed after the last epoch: nothing new
-            s.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+    @torch.no_grad()
+    def load_member(self, m: int, ckpt: dict) -> None:
+        """Continue member m from its training checkpoint (`checkpoint`)."""
+        ms, ts = self.members[m], ckpt["train_state"]
+        state = self.model.state_dict()
+        for k, v in ckpt["model"].items():
+            state[k][m].copy_(v.reshape(state[k][m].shape))
+        self.optimizer.load_member_state(m, ts["optimizer"])
+        ms.epoch = int(ckpt["epoch"])
+        ms.history = list(ts.get("history", []))
+        ms.best_metric, ms.best_epoch = float(ckpt["best_metric"]), int(ckpt["best_epoch"])
+        best = ts.get("best_model") or ckpt["model"]
+        ms.best_weights = {k: v.to(self.dev) for k, v in cpu_copy(best).items()}
+        ms.since_best = int(ts.get("since_best", 0))
+        self.model.noise.set_member_state(m, ts["rng"]["torch"])
+        ms.rng.bit_generator.state = ts["rng"]["numpy"]
+        if ms.epoch >= ms.cfg.optim.epochs or (ms.history and ms.history[-1].get("stopped_early")):
+            self.stop(m, STOPPED_EARLY if ms.history and ms.history[-1].get("stopped_early") else FINISHED)
+
+    def result(self, m: int, seconds: float) -> FitResult:
+        """Member m's best epoch as a model of its own (eval mode) and its predictor checkpoint."""
+        ms = self.members[m]
+        if ms.best_weights is None:  # resumed after the last epoch, or diverged before any choice
+            ms.best_weights = self._member_weights(m)
         # the best epoch's predictor, without the resume state (what best_model.pt holds)
-        best = {**self._predictor(), "epoch": s.best_epoch or s.epoch, "model": cpu_copy(s.best_weights)}
-        self.finished = True  # the model now holds the best epoch's weights, not the last one's
-        self.model.load_state_dict(s.best_weights)
-        self.model.eval()
-        return FitResult(model=self.model, best_epoch=s.best_epoch, best_metric=s.best_metric, history=s.history,
-                         checkpoint=best, stopped_early=stopped_early, seconds=seconds,
-                         objective=self.objective_name,
-                         extra={"cuda_graph": self.graph.summary() if self.graph is not None else None})
+        best = {**self._predictor(m), "epoch": ms.best_epoch or ms.epoch, "model": cpu_copy(ms.best_weights)}
+        model = build_model(self.data.emb_dim, self.data.n_peaks, ms.cfg.model, use_cdann=ms.cfg.loss.use_cdann,
+                            seed=ms.cfg.optim.seed, n_domains=self.dims["n_domains"]).to(self.dev)
+        model.load_state_dict(ms.best_weights)
+        model.eval()
+        return FitResult(model=model, best_epoch=ms.best_epoch, best_metric=ms.best_metric, history=ms.history,
+                         checkpoint=best, stopped_early=ms.status == STOPPED_EARLY, seconds=ms.seconds or seconds,
+                         objective=self.objective_name, status=ms.status, error=ms.error,
+                         extra={"cuda_graph": self.graph.summary() if self.graph is not None else None,
+                                "population": self.size})
+
+
+def fit_population(cfgs: Sequence[TrainConfig], data: TrainData, report: MemberReport | None = None, *,
+                   device: str | torch.device | None = None, resume: Sequence[dict | None] | None = None,
+                   memory_budget: int | None = None) -> list[FitResult]:
+    """Train P same-shape configurations together as one batched model (see `Population`); report
+    each training member once per epoch (`report(m, metrics, checkpoint)`; True stops member m);
+    return each member's best epoch. `resume`: one training checkpoint (or None) per member."""
+    t_start = time.perf_counter()
+    pop = Population(cfgs, data, device, memory_budget)
+    for m, ckpt in enumerate(resume or []):
+        if ckpt is not None:
+            pop.load_member(m, ckpt)
+    while pop.training():
+        for m, metrics in pop.run_epoch().items():
+            halt = report(m, metrics, pop.checkpoint_builder(m)) if report is not None else None
+            pop.after_report(m, metrics, bool(halt), time.perf_counter() - t_start)
+    seconds = time.perf_counter() - t_start
+    results = [pop.result(m, seconds) for m in range(pop.size)]
+    pop.finished = True
+    return results
 
 
 def fit(cfg: TrainConfig, data: TrainData, report: Report | None = None, *,
         device: str | torch.device | None = None, resume: dict | None = None,
         memory_budget: int | None = None) -> FitResult:
-    """Train the CDANN; report once per epoch; return the best epoch's model."""
-    t_start = time.perf_counter()
-    trainer = Trainer(cfg, data, device, memory_budget)
-    state, o = trainer.state, cfg.optim
-    if resume is not None:
-        state.load(resume)
-    stopped_early = False
-    for epoch in range(state.epoch + 1, o.epochs + 1):
-        t0 = time.perf_counter()
-        warmed = trainer.begin_epoch(epoch) >= 1.0  # the adaptation fully on
-        n_pseudo = trainer.refresh_pseudo_labels() if trainer.self_training and warmed else None
-        losses = trainer.train_epoch(epoch)
-        train_seconds = time.perf_counter() - t0
-        val = trainer.validate()
-        # a model is chosen only once the adaptation is fully on: before that it has not yet
-        # been aligned to the other line, whatever the training line's validation says
-        objective = val["selection"][trainer.objective]
-        if not math.isfinite(objective):
-            raise XferError(f"the selection objective {trainer.objective} is not finite at epoch {epoch}")
-        improved = state.choose(epoch, objective, eligible=warmed or epoch == o.epochs)
-        state.epoch = epoch
-        metrics = _epoch_record(cfg, state, objective, val, losses, n_pseudo, trainer.warm, improved,
-                                epoch_seconds=time.perf_counter() - t0, train_seconds=train_seconds)
-        state.history.append(metrics)
-        _check_finite(losses, epoch)
-        stopped_early = state.since_best >= o.patience
-        if stopped_early:
-            metrics["stopped_early"] = True
-        if report is not None:
-            report(metrics, trainer.checkpoint_builder())
-        if stopped_early:
-            break
-    return trainer.result(stopped_early, time.perf_counter() - t_start)
+    """Train the CDANN (a population of one); report once per epoch; return the best epoch's model."""
+    member_report = None if report is None else (lambda m, metrics, build: report(metrics, build))
+    return fit_population([cfg], data, member_report, device=device, resume=None if resume is None else [resume],
+                          memory_budget=memory_budget)[0]
 
 
-def _epoch_record(cfg: TrainConfig, state: TrainState, objective: float, val: dict, losses: dict,
+def _epoch_record(cfg: TrainConfig, state: MemberState, objective: float, val: dict, losses: dict,
                   n_pseudo: int | None, warm: float, improved: bool, **seconds) -> dict:
     """What `report` and training_history.json get for one epoch: `objective` (what chooses the
     best epoch), every selection candidate as `sel/<name>`, the validation metrics, the losses."""
@@ -416,16 +546,15 @@ def adapted_epochs(epoch: int, warmup_epochs: int) -> int:
     return max(0, int(epoch) - max(0, int(warmup_epochs)))
 
 
-def _check_finite(losses: dict, epoch: int) -> None:
+def _non_finite(losses: dict, epoch: int) -> str | None:
     bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
-    if bad:
-        raise XferError(f"training diverged at epoch {epoch} (non-finite loss: {bad}); lower lr")
+    return f"training diverged at epoch {epoch} (non-finite loss: {bad}); lower lr" if bad else None
 
 
 @torch.no_grad()
 def _predict_rows(model: CDANN, heads: dict[str, Callable[[torch.Tensor], torch.Tensor]], idx: torch.Tensor,
                   amp: bool, batch: int = 4096) -> dict[str, torch.Tensor]:
-    """Class probabilities of the rows `idx` from each head (e.g. `lambda i: model.predict_peaks(P[i])`),
+    """Each head's outputs ([P, rows, ...], e.g. `lambda i: model.predict_peaks(P[i])`) for the rows `idx`,
     in eval mode, from device-resident rows (no host round trip of inputs); float32 device tensors."""
     model.eval()
     out: dict[str, list] = {k: [] for k in heads}
@@ -435,4 +564,4 @@ def _predict_rows(model: CDANN, heads: dict[str, Callable[[torch.Tensor], torch.
             for k, head in heads.items():
                 out[k].append(head(i))
     model.train()
-    return {k: torch.cat(v).float() for k, v in out.items()}
+    return {k: torch.cat(v, dim=1).float() for k, v in out.items()}

@@ -1,7 +1,8 @@
 """Torch modules only: projection head, the five peak encoders, classifier,
-CDANN discriminator and gradient reversal, assembled by `build_model`."""
+CDANN discriminator and gradient reversal, assembled by `build_model`. Every
+module is a population of P same-shape members (P = 1: one model)."""
 
-from .cdann import CDANN, build_model
+from .cdann import CDANN, build_model, member_state
 from .encoders import ENCODERS, EncoderOutput, PeakEncoder
 
-__all__ = ["CDANN", "build_model", "ENCODERS", "EncoderOutput", "PeakEncoder"]
+__all__ = ["CDANN", "build_model", "member_state", "ENCODERS", "EncoderOutput", "PeakEncoder"]

@@ -9,24 +9,29 @@ and owns its objective, trained and weighted by config:
     hybrid       residual GELU blocks (2,048 hidden units by default)
     mlp          plain feed-forward baseline
 
-Interface: `perturb(x)` (training-time corruption of the line-standardised
-input: masking noise, a masked entry set to 0 = the line's mean), `forward(x)
--> EncoderOutput`, and `objective(x_clean, out, z_source) -> {name: (weight,
-term)}` whose terms the loop adds to its loss. Reconstruction is the mean
-squared error against the clean standardised input, whatever the input
-representation (peaks, LSI, coverage bins).
+Every encoder is a population of P same-shape encoders (`xfer.model.layers`): inputs
+[P, n, peaks] (or [n, peaks], shared), latents [P, n, latent]; its own weights (lambda_recon,
+beta, temperature, ...) and corruption rates are per member.
+
+Interface: `perturb(x)` (training-time corruption of the line-standardised input:
+masking noise, a masked entry set to 0 = the line's mean), `forward(x) -> EncoderOutput`,
+and `objective(x_clean, out, z_source) -> {name: (weight, term)}` whose terms the loop adds
+to its loss: weight is a [P] tensor (or 0.0 when every member's is 0), term a zero-argument
+callable giving the [P] per-member values. Reconstruction is the mean squared error against
+the clean standardised input, whatever the input representation (peaks, LSI, coverage bins).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .. import losses as L
 from ..config import ModelConfig
-from .layers import ResidualBlock, mlp
+from .layers import GELU, MemberScalars, Noise, PDropout, PLayerNorm, PLinear, ResidualBlock, drop_entries, mlp
 
 
 @dataclass
@@ -35,23 +40,23 @@ class EncoderOutput:
     extras: dict[str, Tensor] = field(default_factory=dict)
 
 
-def _drop_entries(x: Tensor, p: float) -> Tensor:
-    """Masking noise: zero each entry with probability p (no rescaling)."""
-    if p <= 0:
-        return x
-    return x * (torch.rand_like(x, dtype=torch.float32) >= p).to(x.dtype)
+def per_member(fn, *args):
+    """fn (a pure loss of `xfer.losses` on one member's tensors) applied to every member: the
+    member axis of each tensor argument is mapped (torch.func.vmap); returns [P]."""
+    return torch.vmap(fn)(*args)
 
 
 class PeakEncoder(nn.Module):
     arch = "base"
+    SCALARS: tuple[str, ...] = ("peak_dropout",)   # per-member ModelConfig fields this encoder reads
 
-    def __init__(self, n_peaks: int, cfg: ModelConfig):
+    def __init__(self, n_peaks: int, cfgs: Sequence[ModelConfig], noise: Noise):
         super().__init__()
-        self.n_peaks = n_peaks
-        self.cfg = cfg
+        self.n_peaks, self.cfg, self.noise, self.size = n_peaks, cfgs[0], noise, len(cfgs)
+        self.hp = MemberScalars({k: [getattr(c, k) for c in cfgs] for k in self.SCALARS})
 
     def perturb(self, x: Tensor) -> Tensor:
-        return _drop_entries(x, self.cfg.peak_dropout)
+        return drop_entries(self.noise, x, self.hp.peak_dropout, not self.hp.zero["peak_dropout"])
 
     def forward(self, x: Tensor) -> EncoderOutput:
         raise NotImplementedError
@@ -67,85 +72,99 @@ def _hidden(cfg: ModelConfig) -> list[int]:
 class MLPEncoder(PeakEncoder):
     arch = "mlp"
 
-    def __init__(self, n_peaks: int, cfg: ModelConfig):
-        super().__init__(n_peaks, cfg)
-        self.net = mlp([n_peaks, *_hidden(cfg), cfg.latent_dim], cfg.dropout)
+    def __init__(self, n_peaks: int, cfgs: Sequence[ModelConfig], noise: Noise):
+        super().__init__(n_peaks, cfgs, noise)
+        cfg = self.cfg
+        self.net = mlp(self.size, [n_peaks, *_hidden(cfg), cfg.latent_dim], [c.dropout for c in cfgs], noise)
 
     def forward(self, x: Tensor) -> EncoderOutput:
         return EncoderOutput(self.net(x))
 
 
+def _recon(decoder: nn.Module, z: Tensor, x_clean: Tensor) -> Tensor:
+    pred = decoder(z).float()
+    return per_member(L.reconstruction_mse, pred, x_clean.float().expand_as(pred))
+
+
 class DAEEncoder(MLPEncoder):
     arch = "dae"
+    SCALARS = ("peak_dropout", "corruption", "lambda_recon")
 
-    def __init__(self, n_peaks: int, cfg: ModelConfig):
-        super().__init__(n_peaks, cfg)
-        self.decoder = mlp([cfg.latent_dim, *reversed(_hidden(cfg)), n_peaks], cfg.dropout)
+    def __init__(self, n_peaks: int, cfgs: Sequence[ModelConfig], noise: Noise):
+        super().__init__(n_peaks, cfgs, noise)
+        self.decoder = mlp(self.size, [self.cfg.latent_dim, *reversed(_hidden(self.cfg)), n_peaks],
+                           [c.dropout for c in cfgs], noise)
 
     def perturb(self, x: Tensor) -> Tensor:
-        return _drop_entries(super().perturb(x), self.cfg.corruption)
+        return drop_entries(self.noise, super().perturb(x), self.hp.corruption, not self.hp.zero["corruption"])
 
     def objective(self, x_clean, out, z_source):
-        return {"recon": (self.cfg.lambda_recon, lambda: L.reconstruction_mse(self.decoder(out.z).float(), x_clean.float()))}
+        return {"recon": (self.hp.get("lambda_recon"), lambda: _recon(self.decoder, out.z, x_clean))}
 
 
 class VAEEncoder(PeakEncoder):
     arch = "vae"
+    SCALARS = ("peak_dropout", "beta", "lambda_recon")
 
-    def __init__(self, n_peaks: int, cfg: ModelConfig):
-        super().__init__(n_peaks, cfg)
+    def __init__(self, n_peaks: int, cfgs: Sequence[ModelConfig], noise: Noise):
+        super().__init__(n_peaks, cfgs, noise)
+        cfg, rates = self.cfg, [c.dropout for c in cfgs]
         h = _hidden(cfg)
-        self.body = mlp([n_peaks, *h], cfg.dropout, final_act=True)
-        self.mu = nn.Linear(h[-1], cfg.latent_dim)
-        self.logvar = nn.Linear(h[-1], cfg.latent_dim)
-        self.decoder = mlp([cfg.latent_dim, *reversed(h), n_peaks], cfg.dropout)
+        self.body = mlp(self.size, [n_peaks, *h], rates, noise, final_act=True)
+        self.mu = PLinear(self.size, h[-1], cfg.latent_dim, noise)
+        self.logvar = PLinear(self.size, h[-1], cfg.latent_dim, noise)
+        self.decoder = mlp(self.size, [cfg.latent_dim, *reversed(h), n_peaks], rates, noise)
 
     def forward(self, x: Tensor) -> EncoderOutput:
         h = self.body(x)
         mu, logvar = self.mu(h), self.logvar(h).clamp(-10, 10)
         if self.training:
-            z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+            z = mu + self.noise.normal(tuple(mu.shape[1:])).to(mu.dtype) * torch.exp(0.5 * logvar)
         else:
             z = mu  # deterministic posterior mean at evaluation
         return EncoderOutput(z, {"mu": mu, "logvar": logvar})
 
     def objective(self, x_clean, out, z_source):
+        lam = self.hp.get("lambda_recon")
         return {
-            "recon": (self.cfg.lambda_recon, lambda: L.reconstruction_mse(self.decoder(out.z).float(), x_clean.float())),
-            "kl": (self.cfg.lambda_recon * self.cfg.beta,
-                   lambda: L.gaussian_kl_standard(out.extras["mu"].float(), out.extras["logvar"].float())
+            "recon": (lam, lambda: _recon(self.decoder, out.z, x_clean)),
+            "kl": (0.0 if isinstance(lam, float) else lam * self.hp.beta,
+                   lambda: per_member(L.gaussian_kl_standard, out.extras["mu"].float(), out.extras["logvar"].float())
                    / self.cfg.latent_dim),
         }
 
 
 class ContrastiveEncoder(MLPEncoder):
     arch = "contrastive"
+    SCALARS = ("peak_dropout", "aug_dropout", "temperature", "lambda_contrastive")
 
-    def __init__(self, n_peaks: int, cfg: ModelConfig):
-        super().__init__(n_peaks, cfg)
+    def __init__(self, n_peaks: int, cfgs: Sequence[ModelConfig], noise: Noise):
+        super().__init__(n_peaks, cfgs, noise)
+        cfg = self.cfg
         # one projection head for both views (they already live in the shared space)
-        self.projection = mlp([cfg.latent_dim, cfg.latent_dim, cfg.proj_dim])
+        self.projection = mlp(self.size, [cfg.latent_dim, cfg.latent_dim, cfg.proj_dim], [0.0] * self.size, noise)
 
     def perturb(self, x: Tensor) -> Tensor:
-        return _drop_entries(super().perturb(x), self.cfg.aug_dropout)
+        return drop_entries(self.noise, super().perturb(x), self.hp.aug_dropout, not self.hp.zero["aug_dropout"])
 
     def objective(self, x_clean, out, z_source):
         if z_source is None:
             return {}
-        return {"contrastive": (self.cfg.lambda_contrastive,
-                                lambda: L.nt_xent(self.projection(out.z), self.projection(z_source),
-                                                  self.cfg.temperature))}
+        return {"contrastive": (self.hp.get("lambda_contrastive"),
+                                lambda: per_member(L.nt_xent, self.projection(out.z), self.projection(z_source),
+                                                   self.hp.temperature))}
 
 
 class HybridEncoder(PeakEncoder):
     arch = "hybrid"
 
-    def __init__(self, n_peaks: int, cfg: ModelConfig):
-        super().__init__(n_peaks, cfg)
+    def __init__(self, n_peaks: int, cfgs: Sequence[ModelConfig], noise: Noise):
+        super().__init__(n_peaks, cfgs, noise)
+        cfg, rates, P = self.cfg, [c.dropout for c in cfgs], self.size
         width = cfg.hybrid_width
-        self.inp = nn.Sequential(nn.Linear(n_peaks, width), nn.GELU(), nn.Dropout(cfg.dropout))
-        self.blocks = nn.Sequential(*[ResidualBlock(width, width, cfg.dropout) for _ in range(cfg.n_blocks)])
-        self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, cfg.latent_dim))
+        self.inp = nn.Sequential(PLinear(P, n_peaks, width, noise), GELU(), PDropout(rates, noise))
+        self.blocks = nn.Sequential(*[ResidualBlock(P, width, width, rates, noise) for _ in range(cfg.n_blocks)])
+        self.out = nn.Sequential(PLayerNorm(P, width), PLinear(P, width, cfg.latent_dim, noise))
 
     def forward(self, x: Tensor) -> EncoderOutput:
         return EncoderOutput(self.out(self.blocks(self.inp(x))))

@@ -1,0 +1,108 @@
+"""CPU benchmark: the epoch time of a population of P members against P separate trials.
+
+    python bench/bench_population.py                 # demo (small) and seed sizes, P = 1 2 4 8 16
+    python bench/bench_population.py --sizes small --populations 1 8 --epochs 2   # a quick look
+
+What is timed: `xfer.train.fit_population` on simulated data (the shipped defaults: DAE, MMD,
+LSI + coverage inputs, adapting to the test line's unlabelled cells with self-training and
+every selection candidate), members of one shape that differ in their scalars (seeds, learning
+rates, lambdas, dropout, warm-up: drawn from the centred space's ranges). Per P, the median
+over epochs 2..E of the loop's own `epoch_seconds` (steps + validation of every member) and
+`train_seconds` (the steps). "Separate" is P x the P = 1 epoch: P trials run one after the
+other with the same threads, what a sweep pays per epoch without populations. The gain is
+separate / population. Writes bench/results/bench_population.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from xfer.config import TrainConfig  # noqa: E402
+from xfer.data.simulate import simulate_pair  # noqa: E402
+from xfer.embed import PCAEmbedder, embed_lines  # noqa: E402
+from xfer.prepare import prepare_line, prepare_training  # noqa: E402
+from xfer.train import fit_population  # noqa: E402
+
+
+def members(base: TrainConfig, n: int, seed: int = 0) -> list[TrainConfig]:
+    """n configurations of the defaults' shape with their scalars drawn from the centred space."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        out.append(base.replace(
+            seed=i, lr=float(np.exp(rng.uniform(np.log(1e-4), np.log(1e-3)))),
+            weight_decay=float(np.exp(rng.uniform(np.log(3e-5), np.log(3e-4)))),
+            lambda_domain=float(rng.uniform(0.1, 1.0)), lambda_divergence=float(rng.uniform(0.3, 3.0)),
+            lambda_target_class=float(rng.uniform(2, 12)), lambda_pseudo=float(rng.uniform(0.3, 2.0)),
+            dropout=float(rng.uniform(0.3, 0.6)), peak_dropout=float(rng.uniform(0.1, 0.3)),
+            warmup_epochs=int(rng.integers(0, 3)), pseudo_fraction=float(rng.uniform(0.3, 0.7))))
+    return out
+
+
+def prepare(size: str, base: TrainConfig):
+    A, B = simulate_pair(size, seed=0)
+    emb = embed_lines(PCAEmbedder(base.data.n_components), A.gex, {"test": B.gex})
+    data, pre = prepare_training(A.gex, A.peak, emb["train"], base.data, base.optim.seed)
+    test = prepare_line("B", pre, gex=B.gex, emb=emb["test"], peaks=B.peak)
+    return data.with_adaptation(test)
+
+
+def time_population(data, cfgs) -> dict:
+    t = time.perf_counter()
+    res = fit_population(cfgs, data)
+    wall = time.perf_counter() - t
+    hist = res[0].history[1:] or res[0].history
+    return {"P": len(cfgs), "epoch_s": statistics.median(h["epoch_seconds"] for h in hist),
+            "train_s": statistics.median(h["train_seconds"] for h in hist), "wall_s": wall,
+            "epochs": len(res[0].history)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", nargs="+", default=["small", "seed"])
+    ap.add_argument("--populations", nargs="+", type=int, default=[1, 2, 4, 8, 16])
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "2")))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_population.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    # patience above the epochs: every member trains every epoch (nobody is masked early)
+    base = TrainConfig.from_dict({"epochs": args.epochs, "patience": args.epochs + 1, "ensemble": 1})
+    out = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                      f"torch {torch.__version__}, {args.threads} threads",
+           "method": __doc__.split("\n\n")[2].strip().replace("\n", " "), "epochs": args.epochs, "sizes": {}}
+    for size in args.sizes:
+        data = prepare(size, base)
+        rows = []
+        for P in args.populations:
+            row = time_population(data, members(base, P))
+            rows.append(row)
+            one = rows[0]
+            if one["P"] == 1:
+                row["separate_epoch_s"] = P * one["epoch_s"]
+                row["gain"] = row["separate_epoch_s"] / row["epoch_s"]
+                row["train_gain"] = P * one["train_s"] / row["train_s"]
+            print(size, json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}),
+                  flush=True)
+        out["sizes"][size] = {"cells": int(len(data.train_idx)), "features": int(data.n_peaks), "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print("wrote", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
