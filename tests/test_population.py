@@ -52,8 +52,13 @@ EXACT = ("epoch", "best_epoch", "improved", "stopped_early", "warmup", "adapted_
 
 
 def test_a_member_of_a_population_of_8_learns_what_it_learns_alone(adapting):
+    """Including members that weight a term 0 or use no dropout where the others do: they draw no
+    randomness there and their records leave those parts out, as they do alone."""
     cfg, data = adapting
     cfgs = _members(cfg, 8)
+    cfgs[5] = cfgs[5].replace(lambda_entropy=0.0, lambda_pseudo=0.0, label_smoothing=0.0)
+    cfgs[6] = cfgs[6].replace(dropout=0.0, corruption=0.0, peak_dropout=0.0)
+    cfgs[7] = cfgs[7].replace(lambda_domain=0.0, lambda_recon=0.0, grad_clip=0.0, warmup_epochs=0)
     population = fit_population(cfgs, data)
     for c, member in zip(cfgs, population):
         alone = fit(c, data)
@@ -138,3 +143,32 @@ def test_a_diverging_member_stops_alone(adapting):
     assert out[0].status in (FINISHED, "stopped_early") and len(out[0].history) >= 1
     with pytest.raises(XferError):
         fit(cfgs[1], data)
+
+
+def test_a_fresh_configuration_takes_a_stopped_members_place(adapting):
+    """Member 1 is stopped after epoch 1 and a new configuration (another seed and other scalars)
+    takes its place: it learns what it learns alone, and the members beside it are untouched."""
+    cfg, data = adapting
+    cfgs = [c.replace(patience=10) for c in _members(cfg, 3)]
+    fresh = _members(cfg, 5)[4].replace(patience=10, seed=7, dropout=0.0)  # no dropout: a layer's structure changes
+    queue = [fresh]
+    done = []
+
+    def report(m, metrics, checkpoint):
+        return m == 1 and metrics["epoch"] == 1 and bool(queue)
+
+    results = fit_population(cfgs, data, report, refill=lambda m: queue.pop(0) if queue else None,
+                             on_done=lambda m, r: done.append((m, r.status)))
+    assert len(results) == 4 and done[0] == (1, HALTED) and sorted(done) == [(0, FINISHED), (1, FINISHED),
+                                                                             (1, HALTED), (2, FINISHED)]
+    alone = fit(fresh, data)
+    got = results[3]
+    assert got.checkpoint["config"] == alone.checkpoint["config"] and got.best_epoch == alone.best_epoch
+    for a, b in zip(got.history, alone.history):
+        assert a["peak_val_balanced_accuracy"] == b["peak_val_balanced_accuracy"] and _close(a["objective"], b["objective"])
+    for k, w in alone.checkpoint["model"].items():
+        assert torch.allclose(got.checkpoint["model"][k], w, atol=1e-4, rtol=0), k
+    free = fit_population(cfgs, data)
+    for m in (0, 2):
+        for k in free[m].checkpoint["model"]:
+            assert torch.equal(results[m].checkpoint["model"][k], free[m].checkpoint["model"][k]), k

@@ -37,6 +37,21 @@ LOSS_SCALARS = ("lambda_class", "lambda_target_class", "lambda_domain", "lambda_
                 "lambda_entropy", "lambda_pseudo", "label_smoothing")
 
 
+# Which weight of a member's config a loss part is scaled by (the encoders' parts: their ModelConfig's).
+PART_WEIGHTS = {"class_source": "lambda_class", "class_target": "lambda_target_class", "adversarial": "lambda_domain",
+                "divergence": "lambda_divergence", "balance": "lambda_balance", "entropy": "lambda_entropy",
+                "pseudo": "lambda_pseudo", "recon": "lambda_recon", "kl": "lambda_recon",
+                "contrastive": "lambda_contrastive"}
+
+
+def unweighted_parts(cfg) -> set[str]:
+    """The loss parts a configuration weights 0 (a run of it alone never computes them; in a
+    population they are computed for the members that weight them, and left out of this one's record)."""
+    flat = cfg.to_flat(live_only=False)
+    zero = {part for part, lam in PART_WEIGHTS.items() if flat.get(lam, 1.0) == 0}
+    return zero | {f"{p}_adapt" for p in zero}
+
+
 @dataclass(frozen=True)
 class Batch:
     """One step's inputs, one row of cells per population member ([P, bs, ...]). Domains: the
@@ -83,7 +98,8 @@ def batch_loss(model: CDANN, lo: LossConfig, hp: MemberScalars, b: Batch, w: Wei
     p_unl = probs[-1]  # the predictions the entropy and balance terms act on
 
     def adversarial():
-        logits = [model.discriminate(z, p, w.grl).float() for z, p in zip(latents, probs)]
+        with model.noise.only(hp.nonzero("lambda_domain")):  # no discriminator dropout where it weighs 0
+            logits = [model.discriminate(z, p, w.grl).float() for z, p in zip(latents, probs)]
         k = len(logits)
         if lo.use_cdann and lo.entropy_conditioning:
             weights = [p.detach() for p in probs]

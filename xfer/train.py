@@ -59,7 +59,7 @@ from .errors import XferError
 from .evaluate import METRIC_KEYS, classification_metrics
 from .model import CDANN, build_model
 from .model.layers import MemberScalars
-from .objective import LOSS_SCALARS, Batch, Weights, batch_loss
+from .objective import LOSS_SCALARS, Batch, Weights, batch_loss, unweighted_parts
 from .optim import PopulationAdamW, clip_grad_norm
 from .phases import N_PHASES, UNLABELLED
 from .prepare import TrainData
@@ -105,6 +105,8 @@ class MemberState:
     status: str = TRAINING
     error: str | None = None
     seconds: float = 0.0                  # wall time until the member stopped
+    number: int = 0                       # the order members started in (replacements follow the first P)
+    started: float = 0.0                  # perf_counter when it started
 
     def choose(self, epoch: int, objective: float, eligible: bool, weights: Callable[[], dict]) -> bool:
         """Best-epoch choice: keep this epoch's weights when it is eligible and better."""
@@ -147,7 +149,10 @@ class Population:
                             seed=seeds, n_domains=self.dims["n_domains"])
         model.set_line_stats(data.line_stats)
         self.model = model.to(dev)
-        self.members = [MemberState(c, np.random.default_rng(c.optim.seed)) for c in cfgs]
+        now = time.perf_counter()
+        self.members = [MemberState(c, np.random.default_rng(c.optim.seed), number=i, started=now)
+                        for i, c in enumerate(cfgs)]
+        self.started = len(cfgs)
 
         def vec(get) -> torch.Tensor:
             return torch.tensor([float(get(c)) for c in cfgs], dtype=torch.float32, device=dev)
@@ -194,11 +199,10 @@ class Population:
             self.sel_test = torch.as_tensor(np.stack([selection.subset(len(self.PB), s + 1) for s in seeds]),
                                             device=dev)
         # self-training: each member's pseudo-labels of the adaptation line, a device buffer refreshed in place
-        self.self_training = self.adapt and not self.hp.zero["lambda_pseudo"]
+        self.self_training = False
         self.YB = self.pseudo_weight = None
-        if self.self_training:
-            self.YB = torch.full((P, len(self.PB)), UNLABELLED, dtype=torch.long, device=dev)
-            self.pseudo_weight = torch.zeros(P, N_PHASES, device=dev)
+        if self.adapt and not self.hp.zero["lambda_pseudo"]:
+            self._start_self_training()
 
         # batches: drop the ragged last one (MMD likes equal sizes); with several data-parallel
         # ranks each takes its own shard of every step's cells
@@ -224,6 +228,47 @@ class Population:
         if ms.status == TRAINING:
             ms.status, ms.error, ms.seconds = status, error, seconds
             self.active[m] = 0.0
+
+    @torch.no_grad()
+    def replace(self, m: int, cfg: TrainConfig) -> None:
+        """A fresh configuration of this population's shape takes member m's place (after member m
+        stopped and its result was taken): new weights, optimiser state, scalars, schedules and RNGs,
+        exactly as if it started alone; the other members are untouched."""
+        check_population([self.cfg, cfg])
+        if self.members[m].status == TRAINING:
+            raise RuntimeError(f"member {m} is still training; stop it before replacing it")
+        before = self._structure()
+        seed = cfg.optim.seed
+        self.cfgs[m] = cfg
+        self.model.reset_member(m, cfg.model, seed)
+        for k in LOSS_SCALARS:
+            self.hp.set_member(m, {k: getattr(cfg.loss, k)})
+        self.optimizer.reset_member(m)
+        self.optimizer.lr[m], self.optimizer.weight_decay[m] = cfg.optim.lr, cfg.optim.weight_decay
+        self.grad_clip[m] = cfg.optim.grad_clip
+        self.members[m] = MemberState(cfg, np.random.default_rng(seed), number=self.started,
+                                      started=time.perf_counter())
+        self.started += 1
+        if self.adapt:
+            self.sel_train[m] = self.tr[torch.as_tensor(selection.subset(self.n_train, seed), device=self.dev)]
+            self.sel_test[m] = torch.as_tensor(selection.subset(len(self.PB), seed + 1), device=self.dev)
+            if not self.self_training and not self.hp.zero["lambda_pseudo"]:
+                self._start_self_training()
+            if self.self_training:
+                self.YB[m].fill_(UNLABELLED)
+                self.pseudo_weight[m].zero_()
+        self.active[m] = 1.0
+        if self.graph is not None and self._structure() != before:
+            # the step now runs other operations: capture it again
+            self.graph = StepGraph(self.step, (self.size, self.bs), self.dev, self.params)
+
+    def _start_self_training(self) -> None:
+        self.self_training = True
+        self.YB = torch.full((self.size, len(self.PB)), UNLABELLED, dtype=torch.long, device=self.dev)
+        self.pseudo_weight = torch.zeros(self.size, N_PHASES, device=self.dev)
+
+    def _structure(self) -> tuple:
+        return self.model.structure(), tuple(sorted(self.hp.zero.items())), self.self_training
 
     def _member_weights(self, m: int) -> dict:
         return {k: v[m:m + 1].detach().clone() for k, v in self.model.state_dict().items()}
@@ -378,7 +423,8 @@ class Population:
         members = self.training()
         warm = self.begin_epoch()
         warmed = {m: warm[m] >= 1.0 for m in members}  # the adaptation fully on
-        n_pseudo = self.refresh_pseudo_labels([m for m in members if warmed[m]]) if self.self_training else {}
+        n_pseudo = self.refresh_pseudo_labels([m for m in members if warmed[m] and
+                                               self.members[m].cfg.loss.lambda_pseudo > 0]) if self.self_training else {}
         losses = self.train_epoch()
         train_seconds = time.perf_counter() - t0
         val = self.validate(members)
@@ -386,7 +432,8 @@ class Population:
         for m in members:
             ms, o = self.members[m], self.members[m].cfg.optim
             epoch = ms.epoch + 1
-            loss_m = {f"loss/{k}": float(v[m]) for k, v in losses.items()}
+            skip = unweighted_parts(ms.cfg)
+            loss_m = {f"loss/{k}": float(v[m]) for k, v in losses.items() if k not in skip}
             # a model is chosen only once the adaptation is fully on: before that it has not yet
             # been aligned to the other line, whatever the training line's validation says
             objective = val[m]["selection"][self.objective]
@@ -395,7 +442,7 @@ class Population:
             if problem:
                 if self.size == 1:
                     raise XferError(problem)
-                self.stop(m, DIVERGED, problem, time.perf_counter() - t0)
+                self.stop(m, DIVERGED, problem, time.perf_counter() - ms.started)
                 continue
             improved = ms.choose(epoch, objective, warmed[m] or epoch == o.epochs, lambda: self._member_weights(m))
             ms.epoch = epoch
@@ -494,23 +541,44 @@ class Population:
 
 def fit_population(cfgs: Sequence[TrainConfig], data: TrainData, report: MemberReport | None = None, *,
                    device: str | torch.device | None = None, resume: Sequence[dict | None] | None = None,
-                   memory_budget: int | None = None) -> list[FitResult]:
-    """Train P same-shape configurations together as one batched model (see `Population`); report
-    each training member once per epoch (`report(m, metrics, checkpoint)`; True stops member m);
-    return each member's best epoch. `resume`: one training checkpoint (or None) per member."""
-    t_start = time.perf_counter()
+                   memory_budget: int | None = None, refill: Callable[[int], TrainConfig | None] | None = None,
+                   on_done: Callable[[int, FitResult], None] | None = None) -> list[FitResult]:
+    """Train P same-shape configurations together as one batched model (see `Population`).
+
+    report(m, metrics, checkpoint): once per epoch of each training member m (its place in the
+    population); returning True stops that member. resume: one training checkpoint (or None) per
+    member. When a member stops, on_done(m, its result) is called and refill(m) may return a fresh
+    configuration of the same shape to train in its place (None: the place stays empty). Returns
+    every member's result (its best epoch), in the order the members started."""
     pop = Population(cfgs, data, device, memory_budget)
     for m, ckpt in enumerate(resume or []):
         if ckpt is not None:
             pop.load_member(m, ckpt)
+    results: dict[int, FitResult] = {}
+
+    def collect(m: int) -> None:
+        ms = pop.members[m]
+        if ms.number in results:
+            return
+        results[ms.number] = res = pop.result(m, time.perf_counter() - ms.started)
+        if on_done is not None:
+            on_done(m, res)
+        cfg = refill(m) if refill is not None else None
+        if cfg is not None:
+            pop.replace(m, cfg)
+
+    for m in range(pop.size):  # resumed members that had already ended
+        if pop.members[m].status != TRAINING:
+            collect(m)
     while pop.training():
         for m, metrics in pop.run_epoch().items():
             halt = report(m, metrics, pop.checkpoint_builder(m)) if report is not None else None
-            pop.after_report(m, metrics, bool(halt), time.perf_counter() - t_start)
-    seconds = time.perf_counter() - t_start
-    results = [pop.result(m, seconds) for m in range(pop.size)]
+            pop.after_report(m, metrics, bool(halt), time.perf_counter() - pop.members[m].started)
+        for m in range(pop.size):
+            if pop.members[m].status != TRAINING:
+                collect(m)
     pop.finished = True
-    return results
+    return [results[k] for k in sorted(results)]
 
 
 def fit(cfg: TrainConfig, data: TrainData, report: Report | None = None, *,

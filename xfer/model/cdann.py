@@ -20,7 +20,7 @@ from .. import losses as L
 from ..config import ModelConfig
 from ..phases import N_PHASES
 from .encoders import ENCODERS, EncoderOutput, PeakEncoder
-from .layers import Noise, grad_reverse, mlp
+from .layers import Noise, PDropout, PLayerNorm, PLinear, grad_reverse, mlp
 
 FULL_MAP_LIMIT = 4096  # classes x features above this use the randomised multilinear map
 
@@ -80,7 +80,30 @@ class CDANN(nn.Module):
             disc_in = N_PHASES * cfg.latent_dim
         # domains: 0 training-line expression, 1 training-line peaks, (2 test-line peaks, unlabelled)
         self.discriminator = mlp(P, [disc_in, cfg.disc_hidden, cfg.disc_hidden, n_domains],
-                                 [0.5 if c.dropout > 0 else 0.0 for c in cfgs], self.noise)
+                                 [_disc_rate(c) for c in cfgs], self.noise, rate_of=_disc_rate)
+
+    @torch.no_grad()
+    def reset_member(self, m: int, cfg: ModelConfig, seed: int) -> None:
+        """Member m becomes a fresh model of configuration `cfg` (this population's shape) and seed
+        `seed`: its weights drawn exactly as a model built alone with that seed draws them."""
+        self.noise.reseed(m, seed)
+        g = self.noise.generators[m]
+        for mod in self.modules():  # construction order: the order the weights were first drawn in
+            if isinstance(mod, (PLinear, PLayerNorm)):
+                mod.reset_member(m, g)
+            elif isinstance(mod, PDropout):
+                mod.set_rate(m, mod.rate_of(cfg))
+        self.encoder.hp.set_member(m, {k: getattr(cfg, k) for k in self.encoder.hp.names})
+        if self.randomized:
+            r_f, r_g = L.random_projection_matrices(cfg.latent_dim, N_PHASES, cfg.randomized_dim, seed=seed)
+            self.R_f[m].copy_(r_f)
+            self.R_g[m].copy_(r_g)
+
+    def structure(self) -> tuple:
+        """What decides which operations a training step runs (terms weighted by nobody, layers
+        with no dropout anywhere): a captured CUDA graph is valid while this stays the same."""
+        return (tuple(sorted(self.encoder.hp.zero.items())),
+                tuple(mod.live for mod in self.modules() if isinstance(mod, PDropout)))
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
@@ -137,6 +160,11 @@ class CDANN(nn.Module):
     def predict_peaks(self, x: Tensor, stats=None) -> Tensor:
         """Class probabilities [P, n, C] of peak features [n, n_peaks]."""
         return torch.softmax(self.classify(self.peak_latent(x, stats).z).float(), -1)
+
+
+def _disc_rate(cfg: ModelConfig) -> float:
+    """The discriminator's dropout: 0.5 when the member uses dropout at all."""
+    return 0.5 if cfg.dropout > 0 else 0.0
 
 
 def build_model(emb_dim: int, n_peaks: int, cfg: ModelConfig | Sequence[ModelConfig], use_cdann: bool = True,

@@ -56,7 +56,7 @@ class PeakEncoder(nn.Module):
         self.hp = MemberScalars({k: [getattr(c, k) for c in cfgs] for k in self.SCALARS})
 
     def perturb(self, x: Tensor) -> Tensor:
-        return drop_entries(self.noise, x, self.hp.peak_dropout, not self.hp.zero["peak_dropout"])
+        return drop_entries(self.noise, x, self.hp.peak_dropout, self.hp.values["peak_dropout"])
 
     def forward(self, x: Tensor) -> EncoderOutput:
         raise NotImplementedError
@@ -81,8 +81,9 @@ class MLPEncoder(PeakEncoder):
         return EncoderOutput(self.net(x))
 
 
-def _recon(decoder: nn.Module, z: Tensor, x_clean: Tensor) -> Tensor:
-    pred = decoder(z).float()
+def _recon(enc: PeakEncoder, decoder: nn.Module, z: Tensor, x_clean: Tensor) -> Tensor:
+    with enc.noise.only(enc.hp.nonzero("lambda_recon")):  # a member that weights it 0 draws no decoder dropout
+        pred = decoder(z).float()
     return per_member(L.reconstruction_mse, pred, x_clean.float().expand_as(pred))
 
 
@@ -96,10 +97,10 @@ class DAEEncoder(MLPEncoder):
                            [c.dropout for c in cfgs], noise)
 
     def perturb(self, x: Tensor) -> Tensor:
-        return drop_entries(self.noise, super().perturb(x), self.hp.corruption, not self.hp.zero["corruption"])
+        return drop_entries(self.noise, super().perturb(x), self.hp.corruption, self.hp.values["corruption"])
 
     def objective(self, x_clean, out, z_source):
-        return {"recon": (self.hp.get("lambda_recon"), lambda: _recon(self.decoder, out.z, x_clean))}
+        return {"recon": (self.hp.get("lambda_recon"), lambda: _recon(self, self.decoder, out.z, x_clean))}
 
 
 class VAEEncoder(PeakEncoder):
@@ -127,7 +128,7 @@ class VAEEncoder(PeakEncoder):
     def objective(self, x_clean, out, z_source):
         lam = self.hp.get("lambda_recon")
         return {
-            "recon": (lam, lambda: _recon(self.decoder, out.z, x_clean)),
+            "recon": (lam, lambda: _recon(self, self.decoder, out.z, x_clean)),
             "kl": (0.0 if isinstance(lam, float) else lam * self.hp.beta,
                    lambda: per_member(L.gaussian_kl_standard, out.extras["mu"].float(), out.extras["logvar"].float())
                    / self.cfg.latent_dim),
@@ -142,10 +143,11 @@ class ContrastiveEncoder(MLPEncoder):
         super().__init__(n_peaks, cfgs, noise)
         cfg = self.cfg
         # one projection head for both views (they already live in the shared space)
-        self.projection = mlp(self.size, [cfg.latent_dim, cfg.latent_dim, cfg.proj_dim], [0.0] * self.size, noise)
+        self.projection = mlp(self.size, [cfg.latent_dim, cfg.latent_dim, cfg.proj_dim], [0.0] * self.size, noise,
+                              rate_of=lambda c: 0.0)
 
     def perturb(self, x: Tensor) -> Tensor:
-        return drop_entries(self.noise, super().perturb(x), self.hp.aug_dropout, not self.hp.zero["aug_dropout"])
+        return drop_entries(self.noise, super().perturb(x), self.hp.aug_dropout, self.hp.values["aug_dropout"])
 
     def objective(self, x_clean, out, z_source):
         if z_source is None:

@@ -27,8 +27,9 @@ buffers; a rate that is 0 for every member is left out of the maths (no draw).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,19 @@ class Noise:
         self.seeds = [int(s) for s in seeds]
         self.device = torch.device(device)
         self.generators = [torch.Generator().manual_seed(s) for s in self.seeds]
+        self.skip: list[bool] | None = None   # members that draw nothing now (`only`)
+
+    @contextlib.contextmanager
+    def only(self, needed: Sequence[bool]):
+        """Within this block, members whose `needed` is False draw nothing from their generators
+        (their entries are filled with a constant): a member whose rate or term weight is 0 uses no
+        randomness there, as it uses none when it trains alone (where that op is not run at all)."""
+        prev = self.skip
+        self.skip = [not n or bool(prev and prev[i]) for i, n in enumerate(needed)]
+        try:
+            yield
+        finally:
+            self.skip = prev
 
     @property
     def size(self) -> int:
@@ -64,7 +78,10 @@ class Noise:
             return fn((self.size, *shape), device=self.device, dtype=dtype)
         out = torch.empty((self.size, *shape), dtype=dtype)
         for m, g in enumerate(self.generators):
-            (out[m].normal_ if normal else out[m].uniform_)(generator=g)
+            if self.skip is not None and self.skip[m]:
+                out[m].fill_(0.0 if normal else 1.0)  # u = 1 keeps every entry; z = 0 adds no noise
+            else:
+                (out[m].normal_ if normal else out[m].uniform_)(generator=g)
         return out.to(self.device)
 
     def uniform(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
@@ -107,6 +124,15 @@ class PLinear(nn.Module):
             b[m].uniform_(-bound, bound, generator=g)
         self.weight, self.bias = nn.Parameter(w), nn.Parameter(b)
 
+    @torch.no_grad()
+    def reset_member(self, m: int, generator: torch.Generator) -> None:
+        """Member m's fresh initial weights, drawn as at construction."""
+        bound = 1.0 / math.sqrt(self.in_features)
+        w = torch.empty(self.weight.shape[1:]).uniform_(-bound, bound, generator=generator)
+        b = torch.empty(self.bias.shape[1:]).uniform_(-bound, bound, generator=generator)
+        self.weight[m].copy_(w)
+        self.bias[m].copy_(b)
+
     def forward(self, x: Tensor) -> Tensor:
         # one batched matmul for every member (autocast runs baddbmm in bf16 on a GPU)
         return torch.baddbmm(self.bias.unsqueeze(1), _members(x, self.weight.shape[0]), self.weight.transpose(1, 2))
@@ -121,24 +147,41 @@ class PLayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size, dim))
         self.bias = nn.Parameter(torch.zeros(size, dim))
 
+    @torch.no_grad()
+    def reset_member(self, m: int, generator: torch.Generator | None = None) -> None:
+        self.weight[m].fill_(1.0)
+        self.bias[m].zero_()
+
     def forward(self, x: Tensor) -> Tensor:
         h = F.layer_norm(x, (self.dim,), eps=self.eps)  # float32 under autocast, as nn.LayerNorm
         return torch.addcmul(self.bias.unsqueeze(1), h, self.weight.unsqueeze(1))
 
 
-class PDropout(nn.Module):
-    """Inverted dropout with a per-member rate p [P]: x * (u >= p) / (1 - p) in training."""
+def default_rate(cfg) -> float:
+    """The dropout rate of most layers: the member's ModelConfig.dropout."""
+    return float(cfg.dropout)
 
-    def __init__(self, rates: Sequence[float], noise: Noise):
+
+class PDropout(nn.Module):
+    """Inverted dropout with a per-member rate p [P]: x * (u >= p) / (1 - p) in training.
+    `rate_of(model config)` gives a member's rate (a member replaced by a new configuration)."""
+
+    def __init__(self, rates: Sequence[float], noise: Noise, rate_of: Callable = default_rate):
         super().__init__()
-        self.noise = noise
+        self.noise, self.rate_of = noise, rate_of
+        self.rates = [float(r) for r in rates]
         self.live = any(r > 0 for r in rates)
-        self.register_buffer("p", torch.tensor([float(r) for r in rates], dtype=torch.float32), persistent=False)
+        self.register_buffer("p", torch.tensor(self.rates, dtype=torch.float32), persistent=False)
+
+    def set_rate(self, m: int, rate: float) -> None:
+        self.p[m] = self.rates[m] = float(rate)
+        self.live = any(r > 0 for r in self.rates)
 
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training and self.live):
             return x
-        return x * dropout_mask(self.noise, self.p, x, rescale=True)
+        with self.noise.only([r > 0 for r in self.rates]):
+            return x * dropout_mask(self.noise, self.p, x, rescale=True)
 
 
 def dropout_mask(noise: Noise, p: Tensor, x: Tensor, rescale: bool) -> Tensor:
@@ -151,13 +194,14 @@ def dropout_mask(noise: Noise, p: Tensor, x: Tensor, rescale: bool) -> Tensor:
     return keep.to(x.dtype)
 
 
-def drop_entries(noise: Noise, x: Tensor, p: Tensor, live: bool) -> Tensor:
-    """Masking noise: zero each entry of x [P, n, d] with its member's probability p [P]
-    (no rescaling); x unchanged when no member has a rate above 0."""
-    if not live:
+def drop_entries(noise: Noise, x: Tensor, p: Tensor, rates: Sequence[float]) -> Tensor:
+    """Masking noise: zero each entry of x [P, n, d] with its member's probability p [P] (host
+    values: `rates`; no rescaling); x unchanged when no member has a rate above 0."""
+    if not any(r > 0 for r in rates):
         return x
     x = _members(x, noise.size)
-    return x * dropout_mask(noise, p, x, rescale=False)
+    with noise.only([r > 0 for r in rates]):
+        return x * dropout_mask(noise, p, x, rescale=False)
 
 
 class GELU(nn.Module):
@@ -165,7 +209,8 @@ class GELU(nn.Module):
         return F.gelu(x)
 
 
-def mlp(size: int, dims: list[int], rates: Sequence[float], noise: Noise, final_act: bool = False) -> nn.Sequential:
+def mlp(size: int, dims: list[int], rates: Sequence[float], noise: Noise, final_act: bool = False,
+        rate_of: Callable = default_rate) -> nn.Sequential:
     """Linear -> LayerNorm -> GELU -> Dropout between each pair of dims; the last layer is plain
     Linear unless final_act. The dropout module is always there (names do not depend on the
     rates); it is the identity where every member's rate is 0."""
@@ -173,7 +218,7 @@ def mlp(size: int, dims: list[int], rates: Sequence[float], noise: Noise, final_
     for i in range(len(dims) - 1):
         layers.append(PLinear(size, dims[i], dims[i + 1], noise))
         if i < len(dims) - 2 or final_act:
-            layers += [PLayerNorm(size, dims[i + 1]), GELU(), PDropout(rates, noise)]
+            layers += [PLayerNorm(size, dims[i + 1]), GELU(), PDropout(rates, noise, rate_of)]
     return nn.Sequential(*layers)
 
 
@@ -220,6 +265,7 @@ class MemberScalars(nn.Module):
     def __init__(self, values: dict[str, Sequence[float]]):
         super().__init__()
         self.names = tuple(values)
+        self.values = {k: [float(v) for v in vs] for k, vs in values.items()}   # host copies
         self.zero = {k: all(float(v) == 0.0 for v in vs) for k, vs in values.items()}
         for k, vs in values.items():
             self.register_buffer(k, torch.tensor([float(v) for v in vs], dtype=torch.float32), persistent=False)
@@ -227,8 +273,12 @@ class MemberScalars(nn.Module):
     def get(self, name: str) -> Tensor | float:
         return 0.0 if self.zero[name] else getattr(self, name)
 
+    def nonzero(self, name: str) -> list[bool]:
+        """Which members' value of `name` is not 0."""
+        return [v != 0.0 for v in self.values[name]]
+
     def set_member(self, m: int, values: dict[str, float]) -> None:
         """Member m's values (a member replaced by a fresh configuration)."""
         for k, v in values.items():
-            getattr(self, k)[m] = float(v)
-            self.zero[k] = bool((getattr(self, k) == 0).all())
+            getattr(self, k)[m] = self.values[k][m] = float(v)
+            self.zero[k] = all(x == 0.0 for x in self.values[k])
