@@ -2,6 +2,7 @@
 
     python bench/bench_population.py                 # demo (small) and seed sizes, P = 1 2 4 8 16
     python bench/bench_population.py --sizes small --populations 1 8 --epochs 2   # a quick look
+    python bench/bench_population.py --device cuda --sizes seed --populations 1 4 16 64   # a GPU (gpu_run.sh)
 
 What is timed: `xfer.train.fit_population` on simulated data (the shipped defaults: DAE, MMD,
 LSI + coverage inputs, adapting to the test line's unlabelled cells with self-training and
@@ -10,12 +11,14 @@ rates, lambdas, dropout, warm-up: drawn from the centred space's ranges). Per P,
 over epochs 2..E of the loop's own `epoch_seconds` (steps + validation of every member) and
 `train_seconds` (the steps). "Separate" is P x the P = 1 epoch: P trials run one after the
 other with the same threads, what a sweep pays per epoch without populations. The gain is
-separate / population. Writes bench/results/bench_population.json.
+separate / population. On a GPU also torch's peak memory per P and the GPU's utilisation
+(nvidia-smi every 200 ms) while that population trained. Writes bench/results/bench_population.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -60,14 +63,58 @@ def prepare(size: str, base: TrainConfig):
     return data.with_adaptation(test)
 
 
-def time_population(data, cfgs) -> dict:
+class Utilisation:
+    """nvidia-smi's GPU utilisation, sampled every 200 ms into memory while a block runs."""
+
+    def __init__(self):
+        self.samples: list[float] = []
+        self.proc = None
+
+    def __enter__(self):
+        import shutil
+        import subprocess
+        import threading
+
+        if shutil.which("nvidia-smi"):
+            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                          "-lms", "200"], stdout=subprocess.PIPE, text=True)
+
+            def read():
+                for line in self.proc.stdout:
+                    try:
+                        self.samples.append(float(line.split(",")[0]))
+                    except ValueError:
+                        pass
+            threading.Thread(target=read, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=5)
+
+    def figures(self) -> dict:
+        s = self.samples[2:] or self.samples  # the first samples precede the training
+        return {"gpu_util_mean_pct": statistics.mean(s), "gpu_util_max_pct": max(s), "samples": len(s)} if s else {}
+
+
+def time_population(data, cfgs, device: str) -> dict:
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    res = fit_population(cfgs, data)
+    with Utilisation() if cuda else contextlib.nullcontext() as util:
+        res = fit_population(cfgs, data, device=device)
     wall = time.perf_counter() - t
     hist = res[0].history[1:] or res[0].history
-    return {"P": len(cfgs), "epoch_s": statistics.median(h["epoch_seconds"] for h in hist),
-            "train_s": statistics.median(h["train_seconds"] for h in hist), "wall_s": wall,
-            "epochs": len(res[0].history)}
+    row = {"P": len(cfgs), "epoch_s": statistics.median(h["epoch_seconds"] for h in hist),
+           "train_s": statistics.median(h["train_seconds"] for h in hist), "wall_s": wall,
+           "epochs": len(res[0].history)}
+    if cuda:
+        row["max_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        row.update(util.figures())
+        row["cuda_graph"] = res[0].extra.get("cuda_graph")
+    return row
 
 
 def main() -> int:
@@ -76,19 +123,27 @@ def main() -> int:
     ap.add_argument("--populations", nargs="+", type=int, default=[1, 2, 4, 8, 16])
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "2")))
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_population.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     # patience above the epochs: every member trains every epoch (nobody is masked early)
     base = TrainConfig.from_dict({"epochs": args.epochs, "patience": args.epochs + 1, "ensemble": 1})
+    gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else None
     out = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                      f"torch {torch.__version__}, {args.threads} threads",
+                      f"torch {torch.__version__}, {args.threads} threads" + (f", {gpu}" if gpu else ""),
+           "device": args.device,
            "method": __doc__.split("\n\n")[2].strip().replace("\n", " "), "epochs": args.epochs, "sizes": {}}
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     for size in args.sizes:
+        t = time.perf_counter()
         data = prepare(size, base)
+        print(size, f"simulated and prepared in {time.perf_counter() - t:.1f} s", flush=True)
         rows = []
+        out["sizes"][size] = {"cells": int(len(data.train_idx)), "features": int(data.n_peaks), "rows": rows}
         for P in args.populations:
-            row = time_population(data, members(base, P))
+            row = time_population(data, members(base, P), args.device)
             rows.append(row)
             one = rows[0]
             if one["P"] == 1:
@@ -97,10 +152,8 @@ def main() -> int:
                 row["train_gain"] = P * one["train_s"] / row["train_s"]
             print(size, json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}),
                   flush=True)
-        out["sizes"][size] = {"cells": int(len(data.train_idx)), "features": int(data.n_peaks), "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    print("wrote", args.out)
+            out_path.write_text(json.dumps(out, indent=1))  # after every row: a time-out keeps what was measured
+    print("wrote", out_path)
     return 0
 
 

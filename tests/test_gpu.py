@@ -62,3 +62,29 @@ def test_cuda_graph_step_trains_like_eager(adapt):
     if adapt == "pseudo":  # the pseudo-labels refreshed between replays reach the captured step
         assert g["pseudo_labels"] > 0 and g["loss/pseudo"] > 0
         assert g["loss/pseudo"] == pytest.approx(e["loss/pseudo"], rel=0.5, abs=0.05)
+
+
+def test_a_population_trains_through_one_cuda_graph():
+    """Eight members of one shape, their scalars different, through one captured step; a member
+    stopped after its first epoch is replaced by a fresh configuration (the graph is captured
+    again only where the step's operations change), and every member learns the easy classes."""
+    from xfer.train import HALTED, fit_population
+
+    data = _data().with_adaptation(_data(seed=1).line)
+    base = TrainConfig.from_dict({"arch": "dae", "hidden_dim": 64, "latent_dim": 32, "batch_size": 128, "epochs": 10,
+                                  "patience": 100, "peak_repr": "peaks", "bin_size": 0, "line_norm": False,
+                                  "warmup_epochs": 2})
+    rng = np.random.default_rng(0)
+    cfgs = [base.replace(seed=i, lr=float(rng.uniform(3e-4, 1e-3)), lambda_domain=float(rng.uniform(0.1, 1)),
+                         dropout=float(rng.uniform(0.2, 0.5)), warmup_epochs=int(rng.integers(1, 4)))
+            for i in range(8)]
+    queue = [base.replace(seed=99, dropout=0.0)]
+    results = fit_population(cfgs, data, lambda m, metrics, ck: m == 3 and metrics["epoch"] == 1,
+                             device="cuda", refill=lambda m: queue.pop(0) if queue else None)
+    assert len(results) == 9 and results[3].status == HALTED
+    info = results[0].extra["cuda_graph"]
+    assert info["captured"] and not info["failed"] and info["replays"] > 0, info
+    for r in results[:3] + results[4:]:
+        losses = [h["loss/total"] for h in r.history]
+        assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+        assert r.best_metric > 0.8
