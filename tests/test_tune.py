@@ -308,3 +308,31 @@ def test_resume_after_sigkill_of_the_driver(tmp_path, store):
     assert len(after) == 6                                    # nothing lost, nothing run twice
     assert "sweep 'sweep' finished: 6 of 6 trials" in r.stdout  # the resumed sweep shows the display too
     assert all(after[n] == v for n, v in done.items())        # finished trials kept their results
+
+
+def test_a_population_sweep_writes_one_row_per_member(tmp_path, store):
+    """--population 4: two Ray trials of four members each; every member is its own Optuna trial
+    and trials.csv row (with its population's id), judged on its own by the members' ASHA, and the
+    final model is built from members' checkpoints."""
+    out = tmp_path / "sweep"
+    r = subprocess.run(XFER + _tune_args(store, out, "--n_trials", "8", "--population", "4", "--search_epochs", "4",
+                                         "--grace_period", "1", "--set=warmup_epochs=1"),
+                       env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    df = pd.read_csv(out / "trials.csv")
+    assert len(df) == 8 and df["trial_id"].is_unique and df["population_id"].nunique() == 2
+    assert sorted(df["optuna_trial"]) == list(range(8)) and (df["status"] != "errored").all()
+    for _, pop in df.groupby("population_id"):  # one shape per population, its scalars searched
+        assert pop["param.arch"].nunique() == 1 and pop["param.hidden_dim"].nunique() == 1
+        assert pop["param.lr"].nunique() == 4
+    states = study_states(out / "optuna_study.db")
+    assert states.get("COMPLETE", 0) == (df["status"] == "completed").sum()
+    assert states.get("PRUNED", 0) == (df["status"] == "stopped_by_asha").sum()
+    stopped = df[df["status"] == "stopped_by_asha"]
+    assert (stopped["epochs_run"] < 4).all() and (df[df["status"] == "completed"]["epochs_run"] == 4).all()
+    best = json.loads((out / "best_params.json").read_text())
+    assert best["trial_id"] == df.iloc[0]["trial_id"] and best["final_model"]["members"]
+    assert all(m["trial_id"] in set(df["trial_id"]) for m in best["final_model"]["members"])
+    assert (out / "best_model.pt").exists() and (out / "report.html").exists()
+    d = df.set_index("optuna_trial").loc[0]  # the shipped defaults are the first member
+    assert d["param.lr"] == pytest.approx(3e-4)

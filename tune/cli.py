@@ -44,6 +44,10 @@ def register(sub) -> None:
                         "best: the best alone. Never below the shipped defaults' own trial (README: 'The final model')")
     g.add_argument("--final_ensemble", type=int, default=8, metavar="K",
                    help="at most K trials in best_model.pt (default 8); 1: the best trial alone")
+    g.add_argument("--population", type=int, default=1, metavar="P",
+                   help="members per trial: P configurations of one shape trained together as one batched model on "
+                        "the trial's CPU or GPU share, each still its own Optuna trial, trials.csv row and ASHA "
+                        "decision (default 1: one configuration per trial; README: xfer tune, Populations)")
     g.add_argument("--max_failures", type=int, default=2, help="retries of a failed trial (default 2)")
     g.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
     g.add_argument("--num_cpus", type=int, help="CPUs of the local cluster (default: all)")

@@ -204,6 +204,10 @@ class SweepProgress(Callback):
         return left * (self._epoch_seconds / self._epoch_count) / slots
 
     def _params(self, config: dict, rich: bool) -> list[str]:
+        if "population" in config:  # a population (xfer tune --population): its shape, its size
+            first = (config["population"] or [{}])[0]
+            return [f"{k} {first[k]}" if rich else f"{k}={first[k]}" for k in ("arch", "divergence") if k in first] \
+                + [f"{len(config['population'])} members"]
         out = [f"{k} {config[k]}" if rich else f"{k}={config[k]}" for k in ("arch", "divergence") if k in config]
         for k, v in config.items():
             if k.startswith("lambda_"):

@@ -62,7 +62,7 @@ import optuna
 import ray
 from optuna.trial import TrialState
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
-from ray.tune.search import ConcurrencyLimiter, SearchGenerator
+from ray.tune.search import ConcurrencyLimiter, SearchGenerator, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 log = logging.getLogger(__name__)
@@ -380,7 +380,7 @@ class SweepSearchGenerator(SearchGenerator):
         gi.set_counter(len(trials))
         gi.set_live({tid for tid, st in trials.items() if st.get("status") not in _NOT_RERUN})
         base = gi.base()
-        if isinstance(base, EpochAwareOptunaSearch):
+        if isinstance(base, (EpochAwareOptunaSearch, PopulationSearch)):
             base.reconcile(trials)
 
 
@@ -414,3 +414,224 @@ def make_scheduler(kind: str, clock: str, max_t: int, grace_period: int, reducti
                                        reduction_factor=reduction_factor)
     return AfterWarmupASHA(time_attr="epoch", max_t=max_t, grace_period=grace_period,
                            reduction_factor=reduction_factor, after_warmup=clock == "after_warmup")
+
+
+# ----------------------------------------------------------------------------- populations
+
+class PopulationSearch(Searcher):
+    """The searcher of `xfer tune --population P`: every Ray trial is a population of P members
+    (tune.trainable.population_trial) and every member one Optuna trial of a durable study
+    (SQLite), tagged with its Ray trial (`ray_trial_id`) and its place (`member`).
+
+    - `suggest` asks the study for P trials of one shape (tune.population.ask_population; TPE
+      with constant liar, so a batch holds no near-duplicates); the sweep's first member is the
+      shipped defaults. The last population is smaller when n_members is not a multiple of P.
+    - Every member's objective is reported to its own trial at the member's epoch (`m<i>/...`
+      in the population's reports); at the end each member is told on its own: COMPLETE with its
+      last objective when it ran its epochs (or stopped early by patience), PRUNED when the
+      board stopped it (ASHA), FAIL when it diverged or its population failed.
+    - The members' ASHA board (an actor, `board`) is saved with the searcher at every snapshot of
+      the driver and recreated from it on a restore.
+    - `reconcile`, after a restore: the restored trial list is the truth, as for
+      EpochAwareOptunaSearch, population by population: a restored population gets its members'
+      trials back (by tag); unfinished trials of populations Tune does not know are marked FAIL
+      ("orphaned_by_restore"); finished populations Tune does not know are handed to the new
+      trials Tune asks for ("readopted"), so the study keeps one result per member and the sweep
+      its number of members.
+    """
+
+    def __init__(self, space, *, size: int, n_members: int, study_name: str, storage_url: str, seed: int,
+                 n_startup_trials: int, first: dict | None, max_t: int, board: str = "",
+                 rungs=(), reduction_factor: int = 2):
+        super().__init__(metric="objective", mode="max")
+        self.space, self.size, self.n_members = space, int(size), int(n_members)
+        self.study_name, self.storage_url = study_name, storage_url
+        self.seed, self.n_startup_trials, self.first, self.max_t = seed, n_startup_trials, first, int(max_t)
+        self.board, self.rungs, self.reduction_factor = board, tuple(rungs), int(reduction_factor)
+        self.proposed = 0
+        self.owned: dict[str, list[int]] = {}       # Ray trial id -> its members' Optuna trial numbers
+        self.last: dict[int, tuple[int, float]] = {}  # trial number -> (epoch, objective) last reported
+        self.completed: set[str] = set()
+        self._readopt: list[list[int]] = []
+        self.sid: dict[int, int] = {}                 # trial number -> its id in the storage
+        self._study = None
+        self._board_handle = None
+
+    def __getstate__(self) -> dict:  # Tune pickles the searcher with the Tuner: never the study's engine
+        return {**self.__dict__, "_study": None, "_board_handle": None}
+
+    # ------------------------------------------------------------------ the study and the board
+    @property
+    def study(self) -> optuna.Study:
+        if self._study is None:
+            sampler = optuna.samplers.TPESampler(seed=self.seed, n_startup_trials=self.n_startup_trials,
+                                                 constant_liar=True)
+            self._study = optuna.create_study(study_name=self.study_name, storage=self.storage_url,
+                                              direction="maximize", sampler=sampler, load_if_exists=True)
+        return self._study
+
+    @property
+    def _storage(self):
+        return _private(self.study, "_storage", "optuna.Study")
+
+    def _sid(self, number: int) -> int:
+        if number not in self.sid:
+            for t in self.study.get_trials(deepcopy=False):
+                self.sid[t.number] = OptunaInternals.storage_id(t)
+        return self.sid[number]
+
+    def _trial(self, number: int) -> optuna.trial.Trial:
+        return optuna.trial.Trial(self.study, self._sid(number))
+
+    def _stored(self, number: int) -> optuna.trial.FrozenTrial:
+        return _private(self._storage, "get_trial", "optuna storage")(self._sid(number))
+
+    def _mark_failed(self, number: int, attr: str) -> None:
+        tid = self._sid(number)
+        _private(self._storage, "set_trial_system_attr", "optuna storage")(tid, attr, True)
+        _private(self._storage, "set_trial_state_values", "optuna storage")(tid, TrialState.FAIL)
+
+    def start_board(self, state: dict | None = None):
+        """The members' ASHA board as a named actor (none under FIFO); `state`: a saved board."""
+        if not (self.board and self.rungs):
+            return None
+        from .population import RungBoard
+
+        @ray.remote(num_cpus=0)
+        class MemberBoard:
+            def __init__(self, state):
+                self.b = RungBoard.load(state)
+
+            def judge(self, key, t, value):
+                return self.b.judge(key, t, value)
+
+            def state(self):
+                return self.b.state()
+
+        try:
+            ray.kill(ray.get_actor(self.board))
+        except ValueError:
+            pass
+        state = state or RungBoard(self.rungs, self.reduction_factor).state()
+        # held here: an actor lives as long as a handle to it (the driver's searcher)
+        self._board_handle = MemberBoard.options(name=self.board).remote(state)
+        return self._board_handle
+
+    def board_state(self) -> dict | None:
+        if not (self.board and self.rungs):
+            return None
+        try:
+            return ray.get(ray.get_actor(self.board).state.remote(), timeout=10)
+        except Exception as e:  # noqa: BLE001 - a snapshot without the board is still a snapshot
+            log.warning("the members' ASHA board could not be saved: %r", e)
+            return None
+
+    # ------------------------------------------------------------------ Tune's hooks
+    def suggest(self, trial_id: str) -> Optional[Dict]:
+        from .population import ask_population
+
+        if self._readopt:  # a population that finished after the driver's last snapshot comes back
+            numbers = self._readopt.pop(0)
+            trials = [self.study.get_trials(deepcopy=False)[n] for n in numbers]
+            log.info("Ray trial %s re-runs population %s, which finished after the driver's last snapshot "
+                     "(its members' first results are kept)", trial_id, numbers)
+            self.owned[trial_id] = numbers
+            return {"population": [self.space(optuna.trial.FixedTrial(t.params, t.number)) for t in trials],
+                    "numbers": numbers}
+        k = min(self.size, self.n_members - self.proposed)
+        if k <= 0:
+            return Searcher.FINISHED
+        pop = ask_population(self.study, self.space, k, first=self.first if self.proposed == 0 else None)
+        for i, (t, _) in enumerate(pop):
+            t.set_user_attr("ray_trial_id", trial_id)
+            t.set_user_attr("member", i)
+            self.sid[t.number] = OptunaInternals.storage_id(t)
+        self.proposed += k
+        self.owned[trial_id] = [t.number for t, _ in pop]
+        return {"population": [p for _, p in pop], "numbers": self.owned[trial_id]}
+
+    def on_trial_result(self, trial_id: str, result: Dict) -> None:
+        try:
+            for i, number in enumerate(self.owned.get(trial_id, [])):
+                step, value = result.get(f"m{i}/epoch"), result.get(f"m{i}/objective")
+                if step is None or value is None or self.last.get(number, (None,))[0] == int(step):
+                    continue
+                self.last[number] = (int(step), float(value))
+                if not self._stored(number).state.is_finished():
+                    self._trial(number).report(float(value), int(step))
+        except Exception as e:  # noqa: BLE001 - an exception here would stop the whole driver
+            log.debug("optuna report skipped for %s: %r", trial_id, e)
+
+    def on_trial_complete(self, trial_id: str, result: Optional[Dict] = None, error: bool = False) -> None:
+        if trial_id in self.completed or trial_id not in self.owned:
+            return
+        result = result or {}
+        for i, number in enumerate(self.owned[trial_id]):
+            try:
+                if self._stored(number).state.is_finished():
+                    continue  # re-run after a restore: keep the first result
+                t = self._trial(number)
+                status = result.get(f"m{i}/status")
+                if result.get(f"m{i}/epochs_run") is not None:
+                    t.set_user_attr("epochs_run", int(result[f"m{i}/epochs_run"]))
+                value = self.last.get(number, (None, None))[1]
+                if error or status in (None, "training", "diverged"):
+                    self.study.tell(number, state=TrialState.FAIL)
+                elif status == "halted" or value is None:
+                    self.study.tell(number, state=TrialState.PRUNED)
+                else:
+                    self.study.tell(number, value)
+            except Exception as e:  # noqa: BLE001
+                log.warning("optuna tell failed for member %d of %s: %r", number, trial_id, e)
+        self.completed.add(trial_id)
+
+    # ------------------------------------------------------------------ snapshots
+    def save(self, checkpoint_path: str) -> None:
+        state = {"proposed": self.proposed, "owned": self.owned, "_readopt": self._readopt,
+                 "last": {str(k): v for k, v in self.last.items()}, "completed": sorted(self.completed),
+                 "board_state": self.board_state()}
+        with open(checkpoint_path, "w") as f:
+            json.dump(state, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path) as f:
+            state = json.load(f)
+        board_state = state.pop("board_state", None)
+        for k in ("proposed", "owned", "_readopt"):
+            setattr(self, k, state[k])
+        self.last = {int(k): tuple(v) for k, v in state["last"].items()}
+        self.completed = set(state["completed"])
+        self.start_board(board_state)
+
+    def reconcile(self, restored: Mapping[str, dict]) -> None:
+        """See the class docstring: the restored trial list is the truth."""
+        everything = self.study.get_trials(deepcopy=False)
+        by_owner: dict[str, list] = {}
+        for t in everything:
+            rid = t.user_attrs.get("ray_trial_id")
+            if rid is not None:
+                by_owner.setdefault(rid, []).append(t)
+        owned = {}
+        for rid in restored:
+            members = sorted(by_owner.get(rid, []), key=lambda t: t.user_attrs.get("member", 0))
+            if members:
+                owned[rid] = [t.number for t in members]
+            elif rid in self.owned:   # a readopted population keeps its first owner's tags
+                owned[rid] = self.owned[rid]
+        taken = {n for ns in owned.values() for n in ns}
+        self.owned = owned
+        self.completed &= set(restored)
+        lost = {}
+        for t in everything:
+            if t.number in taken:
+                continue
+            if t.state == TrialState.RUNNING:
+                self._mark_failed(t.number, "orphaned_by_restore")
+            elif t.state.is_finished() and t.user_attrs.get("ray_trial_id") is not None:
+                lost.setdefault(t.user_attrs["ray_trial_id"], []).append(t)
+        self._readopt = [[t.number for t in sorted(ts, key=lambda t: t.user_attrs.get("member", 0))]
+                         for _, ts in sorted(lost.items(), key=lambda kv: min(t.number for t in kv[1]))
+                         if all(t.state.is_finished() for t in ts)]
+        self.proposed = sum(len(ns) for ns in owned.values())
+        log.info("restored population searcher: %d population(s) matched, %d to re-adopt", len(owned),
+                 len(self._readopt))

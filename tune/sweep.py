@@ -100,6 +100,7 @@ class Sweep:
     asha_after_warmup: bool = False     # sweeps saved before issue 23: their rung clock (rungs below)
     scheduler: str = "asha"             # SCHEDULERS: asha stops the weak, fifo runs every trial out
     rungs: str = ""                     # RUNG_CLOCKS: what ASHA's rungs count
+    population: int = 1                 # members per Ray trial (tune.trainable.population_trial); 1: one each
 
     def __post_init__(self):
         if not self.rungs:  # a sweep.json from before issue 23: its ASHA counted plain epochs
@@ -239,6 +240,12 @@ def new_sweep(args) -> Sweep:
         raise ConfigError("final_model", f"unknown {final_rule!r}; choose from {', '.join(FINAL_RULES)}")
     if not 1 <= args.final_ensemble <= 32:
         raise ConfigError("final_ensemble", f"must be in 1..32, got {args.final_ensemble}")
+    population = int(getattr(args, "population", 1) or 1)
+    if not 1 <= population <= 1024:
+        raise ConfigError("population", f"must be in 1..1024, got {population}")
+    if population > 1 and _pick_trainer(args.trainer, args.num_workers) != "function":
+        raise ConfigError("population", "populations run in the function fast path: not with --trainer torch or "
+                          "--num_workers > 1")
     # every value a trial can get must make a valid config with the base
     TrainConfig.from_dict({**base, **{k: p.value for k, p in space.params.items() if p.kind == "fixed"
                                       and k not in ALL_ARCH_PARAMS and k != "arch"}})
@@ -262,7 +269,7 @@ def new_sweep(args) -> Sweep:
         data_args={k: getattr(args, k, None) for k in DATA_FLAGS}, objective=objective,
         objective_setting=base["objective"], storage_uri=storage,
         reuse_actors=bool(getattr(args, "reuse_actors", True)), final_ensemble=args.final_ensemble,
-        scheduler=scheduler, rungs=rungs, final_model=final_rule)
+        scheduler=scheduler, rungs=rungs, final_model=final_rule, population=population)
 
 
 def _check_storage(storage: str | None) -> str:
@@ -385,6 +392,12 @@ def make_trainable(sw: Sweep):
 
     # where ASHA may stop a trial, on the sweep's rung clock (none under FIFO)
     rungs = tuple(asha_rungs(sw.grace_period, sw.reduction_factor, sw.search_epochs)) if sw.scheduler == "asha" else ()
+    if sw.population > 1:
+        from .trainable import population_trial
+
+        fn = partial(population_trial, spec=sw.spec, base=sw.base, checkpoint_every=sw.checkpoint_every,
+                     rungs=rungs, clock=sw.rungs, board=board_name(sw))
+        return labelled(tune.with_resources(fn, {"cpu": sw.cpus_per_trial, "gpu": sw.gpus_per_trial}))
     if sw.trainer == "function":
         fn = partial(function_trial, spec=sw.spec, base=sw.base, checkpoint_every=sw.checkpoint_every,
                      rungs=rungs, clock=sw.rungs)
@@ -397,6 +410,18 @@ def make_trainable(sw: Sweep):
                  num_workers=sw.num_workers, resources_per_worker=per_worker,
                  train_storage=_train_storage(sw))
     return labelled(tune.with_resources(fn, {"cpu": 0.01}))
+
+
+def board_name(sw: Sweep) -> str:
+    """The named actor that holds a population sweep's ASHA board (tune.population.RungBoard)."""
+    from .trainable import BOARD_ACTOR
+
+    return BOARD_ACTOR.format(sw.name)
+
+
+def n_ray_trials(sw: Sweep) -> int:
+    """Ray trials of the sweep: one per trial, or one per population of P members."""
+    return math.ceil(sw.n_trials / sw.population)
 
 
 def _train_storage(sw: Sweep) -> str:
@@ -416,7 +441,8 @@ def display(sw: Sweep, verbose: bool, progress_every: float = 30.0) -> tuple[int
         return 1, []
     from .progress import SweepProgress
 
-    return 0, [SweepProgress(sw.n_trials, sw.search_epochs, sw.objective_label, sw.name, interval_s=progress_every)]
+    return 0, [SweepProgress(n_ray_trials(sw), sw.search_epochs, sw.objective_label, sw.name,
+                             interval_s=progress_every)]
 
 
 def _redisplay(tuner, sw: Sweep, verbose: bool, progress_every: float) -> None:
@@ -459,11 +485,24 @@ def make_tuner(sw: Sweep, restore: bool, verbose: bool = False, progress_every: 
         return tuner
     space = parse_space(sw.space, "sweep.json")
     point = default_point(space, sw.base)
-    searcher = EpochAwareOptunaSearch(
-        space=space, metric="objective", mode="max", max_t=sw.search_epochs,
-        points_to_evaluate=[point] if point else None,
-        sampler=optuna.samplers.TPESampler(seed=sw.seed, n_startup_trials=min(10, max(2, sw.n_trials // 3))),
-        study_name=sw.name, storage=optuna.storages.RDBStorage(f"sqlite:///{sw.study_db}"))
+    n_startup = min(10, max(2, sw.n_trials // 3))
+    if sw.population > 1:
+        from xfer.report import asha_rungs
+
+        from .searcher import PopulationSearch
+
+        searcher = PopulationSearch(
+            space, size=sw.population, n_members=sw.n_trials, study_name=sw.name,
+            storage_url=f"sqlite:///{sw.study_db}", seed=sw.seed, n_startup_trials=n_startup, first=point,
+            max_t=sw.search_epochs, board=board_name(sw), reduction_factor=sw.reduction_factor,
+            rungs=asha_rungs(sw.grace_period, sw.reduction_factor, sw.search_epochs) if sw.scheduler == "asha" else ())
+        searcher.start_board()
+    else:
+        searcher = EpochAwareOptunaSearch(
+            space=space, metric="objective", mode="max", max_t=sw.search_epochs,
+            points_to_evaluate=[point] if point else None,
+            sampler=optuna.samplers.TPESampler(seed=sw.seed, n_startup_trials=n_startup),
+            study_name=sw.name, storage=optuna.storages.RDBStorage(f"sqlite:///{sw.study_db}"))
     n_slots = slots(sw)
     log.info("%d concurrent trial slot(s); %s trials", n_slots,
              "function (fast path)" if sw.trainer == "function" else f"TorchTrainer x{sw.num_workers}")
@@ -472,8 +511,10 @@ def make_tuner(sw: Sweep, restore: bool, verbose: bool = False, progress_every: 
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=SweepSearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=n_slots)),
-            scheduler=make_scheduler(sw.scheduler, sw.rungs, sw.search_epochs, sw.grace_period, sw.reduction_factor),
-            metric="objective", mode="max", num_samples=sw.n_trials,
+            # a population's members are judged by its board, member by member: Tune runs populations out
+            scheduler=make_scheduler("fifo" if sw.population > 1 else sw.scheduler, sw.rungs, sw.search_epochs,
+                                     sw.grace_period, sw.reduction_factor),
+            metric="objective", mode="max", num_samples=n_ray_trials(sw),
             reuse_actors=sw.trainer == "function" and sw.reuse_actors,
             trial_dirname_creator=lambda t: t.trial_id,
         ),
@@ -508,14 +549,47 @@ def _nodes_of(r, m: dict) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
+MEMBER_STATUS = {"finished": "completed", "stopped_early": "completed", "halted": "stopped_by_asha",
+                 "diverged": "errored"}
+
+
+def member_rows(grid, sw: Sweep) -> list[dict]:
+    """A population sweep's trials.csv rows: one per member (its own Optuna trial), with its
+    population's Ray trial id, from the population's last report (every member's summary)."""
+    rows = []
+    for r in grid:
+        m, cfg = r.metrics or {}, r.config or {}
+        pid = m.get("trial_id") or Path(r.path).name
+        numbers = cfg.get("numbers", [])
+        for i, params in enumerate(cfg.get("population", [])):
+            st = m.get(f"m{i}/status")
+            status = MEMBER_STATUS.get(st, "errored")  # still training at the end: its population failed
+            error = m.get(f"m{i}/error") or (None if r.error is None or st in MEMBER_STATUS else error_line(r.error))
+            rows.append({
+                "trial_id": f"{pid}-m{i}", "population_id": pid,
+                "optuna_trial": numbers[i] if i < len(numbers) else None, "status": status,
+                "epochs_run": int(m.get(f"m{i}/epochs_run") or 0), "early_stopped": st == "stopped_early",
+                "best_objective": m.get(f"m{i}/best_objective"), "last_objective": m.get(f"m{i}/last_objective"),
+                "best_epoch": m.get(f"m{i}/best_epoch"),
+                f"peak_val_{sw.metric}": m.get(f"m{i}/at_best/peak_val_{sw.metric}"),
+                **{f"sel.{k[len(f'm{i}/at_best/sel/'):]}": v for k, v in m.items()
+                   if k.startswith(f"m{i}/at_best/sel/")},
+                "node": m.get("hostname") or m.get("node_ip"), "node_ip": m.get("node_ip"),
+                "node_id": m.get("node_id"), "node_ids": ";".join(_nodes_of(r, m)),
+                "wall_seconds": m.get(f"m{i}/seconds"), "error": error,
+                **{f"param.{k}": v for k, v in params.items()},
+            })
+    return rows
+
+
 def trial_table(grid, sw: Sweep):
-    """One row per trial: status, its objective (best and last), every selection candidate and
+    """One row per trial (a population sweep: per member, `member_rows`): status, its objective (best and last), every selection candidate and
     the training line's validation metric at its best epoch, where it ran (hostname, IP, the
     Ray node id of its last epoch and every node id it reported from), its parameters."""
     import pandas as pd
 
-    rows = []
-    for r in grid:
+    rows = member_rows(grid, sw) if sw.population > 1 else []
+    for r in grid if sw.population == 1 else []:
         m = r.metrics or {}
         params = {k: v for k, v in (r.config or {}).items()}
         epochs = int(m.get("epoch", 0) or 0)
@@ -557,7 +631,7 @@ def export(grid, sw: Sweep) -> dict:
         raise XferError(f"no trial finished without error; see {sw.output / 'trials.csv'} and the logs under "
                         f"{sw.storage} ({sw.name})")
     best = ok.iloc[0]
-    params = {**_result_of(grid, best["trial_id"]).config}
+    params = _params_of(grid, sw, best["trial_id"])
     full = TrainConfig.from_dict({**sw.base, **params})
     best_params = {
         "params": {**{k: v for k, v in full.to_flat().items() if k != "epochs"}},
@@ -588,12 +662,30 @@ def _result_of(grid, trial_id: str):
     return next(r for r in grid if (r.metrics or {}).get("trial_id", Path(r.path).name) == trial_id)
 
 
+def _member_of(trial_id: str) -> tuple[str, int | None]:
+    """(Ray trial id, member index) of a trials.csv id (`<population>-m<i>` in a population sweep)."""
+    head, sep, tail = trial_id.rpartition("-m")
+    return (head, int(tail)) if sep and tail.isdigit() else (trial_id, None)
+
+
+def _params_of(grid, sw: Sweep, trial_id: str) -> dict:
+    """The searched parameters of a trial (or of a population's member)."""
+    if sw.population > 1:
+        pid, i = _member_of(trial_id)
+        return dict(_result_of(grid, pid).config["population"][i])
+    return {**_result_of(grid, trial_id).config}
+
+
 def _predictor(grid, sw: Sweep, trial_id: str) -> dict | None:
     """The best epoch's predictor of a trial (whole, with its own config and preprocessing: a
     sweep's trials differ in architecture and inputs), from its last checkpoint; None without one."""
     from xfer.checkpoint import export_best, read_checkpoint
 
-    path = _checkpoint_file(_result_of(grid, trial_id), sw, trial_id)
+    if sw.population > 1:
+        pid, i = _member_of(trial_id)
+        path = _checkpoint_file(_result_of(grid, pid), sw, pid, member=i)
+    else:
+        path = _checkpoint_file(_result_of(grid, trial_id), sw, trial_id)
     if path is None:
         return None
     ckpt = export_best(read_checkpoint(path))
@@ -602,19 +694,21 @@ def _predictor(grid, sw: Sweep, trial_id: str) -> dict | None:
     return ckpt
 
 
-def _checkpoint_file(result, sw: Sweep, trial_id: str) -> Path | None:
+def _checkpoint_file(result, sw: Sweep, trial_id: str, member: int | None = None) -> Path | None:
     """The trial's latest checkpoint.pt: Tune's own for function trials; for TorchTrainer
-    trials Tune never sees them, they live in the Train run `train-<trial id>`."""
-    from .trainable import CHECKPOINT_FILE
+    trials Tune never sees them, they live in the Train run `train-<trial id>`. A population's
+    member: its member_<i>.pt in the population's latest checkpoint."""
+    from .trainable import CHECKPOINT_FILE, member_file
 
+    name = CHECKPOINT_FILE if member is None else member_file(member)
     if result.checkpoint is not None and result.checkpoint.filesystem.type_name == "local":
-        p = Path(result.checkpoint.path) / CHECKPOINT_FILE
+        p = Path(result.checkpoint.path) / name
         if p.exists():
             return p
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as d:  # remote storage: download once
             local = sw.output / ".best_checkpoint.pt"
-            local.write_bytes((Path(d) / CHECKPOINT_FILE).read_bytes())
+            local.write_bytes((Path(d) / name).read_bytes())
             return local
     found = sorted((sw.output / "ray_train" / f"train-{trial_id}").glob(f"checkpoint_*/{CHECKPOINT_FILE}"),
                    key=lambda p: p.stat().st_mtime)

@@ -61,7 +61,12 @@ KEEP_CHECKPOINTS = 4
 
 
 def trial_label(trial_id: str, params: dict) -> str:
-    """How a trial names itself in the Ray dashboard and in log prefixes."""
+    """How a trial names itself in the Ray dashboard and in log prefixes (a population: with its
+    members' Optuna trial numbers)."""
+    if "population" in params:
+        first = params["population"][0] if params["population"] else {}
+        numbers = ",".join(str(n) for n in params.get("numbers", []))
+        return f"population {trial_id} {first.get('arch', '?')}/{first.get('divergence', '?')} trials {numbers}"
     return f"trial {trial_id} {params.get('arch', '?')}/{params.get('divergence', '?')}"
 
 
@@ -322,3 +327,120 @@ def trainer_trial(params: dict, *, spec: dict, base: dict, checkpoint_every: int
                                        callbacks=[TuneReportCallback()]),
     )
     trainer.fit()
+
+
+# ----------------------------------------------------------------------------- populations
+
+POPULATION_FILE = "population.json"
+BOARD_ACTOR = "xfer_board_{}"
+
+
+def member_file(i: int) -> str:
+    return f"member_{i}.pt"
+
+
+def member_metrics(i: int, m: dict, metric: str) -> dict:
+    """Member i's part of a population's report: its epoch record under `m<i>/`."""
+    keep = ("epoch", "objective", "best_epoch", "best_objective", "warmup", "adapted_epochs", "improved",
+            "stopped_early", "epoch_seconds", "train_seconds", "loss/total", f"peak_val_{metric}")
+    out = {f"m{i}/{k}": m[k] for k in keep if k in m}
+    out.update({f"m{i}/{k}": v for k, v in m.items() if k.startswith("sel/")})
+    return out
+
+
+def _at_best(i: int, history: list[dict], metric: str) -> dict:
+    """Member i's record at its best epoch (the values trials.csv shows), under `m<i>/at_best/`."""
+    best = next((h for h in reversed(history) if h.get("improved")), None)
+    if best is None:
+        return {}
+    return {f"m{i}/at_best/{k}": v for k, v in best.items() if k.startswith("sel/") or k == f"peak_val_{metric}"}
+
+
+def population_trial(config: dict, *, spec: dict, base: dict, checkpoint_every: int = 0, rungs=(),
+                     clock: str = "adapted", board: str = "") -> None:
+    """Tune function trainable of a population: its members (config["population"], one Optuna
+    trial each, config["numbers"]) train together (xfer.train.fit_population) with the trial's
+    CPU / GPU share. Each population epoch is one report: every member's record under `m<i>/`,
+    its status, and `objective` (the best member's, for Tune's own bookkeeping). At each of a
+    member's epochs the sweep's board actor (tune.population.RungBoard) may stop it (ASHA, member
+    by member, across populations). A checkpoint is a folder with every member's training
+    checkpoint and population.json (statuses)."""
+    import json
+
+    import ray
+    from ray import tune
+
+    from xfer.train import TRAINING, fit_population
+
+    res = ray.get_runtime_context().get_assigned_resources()
+    _threads(res.get("CPU", 1))
+    device = "cuda" if res.get("GPU", 0) > 0 and torch.cuda.is_available() else "cpu"
+    node_id = ray.get_runtime_context().get_node_id()
+    ctx = tune.get_context()
+    trial_id = ctx.get_trial_id()
+    announce(trial_label(trial_id, config))
+    numbers = [int(n) for n in config["numbers"]]
+    cfgs = [trial_config(base, p) for p in config["population"]]
+    metric = cfgs[0].optim.metric
+    gauges = [TrialMetrics(f"{trial_id}-m{i}", p, ctx.get_experiment_name())
+              for i, p in enumerate(config["population"])]
+    judge = ray.get_actor(board) if board and rungs else None
+    data = load_trial_data(DataSpec(**spec), cfgs[0])
+
+    resume = None
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:  # every member's training checkpoint, those that had stopped included
+        with ckpt.as_directory() as d:
+            resume = [read_checkpoint(Path(d) / member_file(i)) for i in range(len(cfgs))]
+    policy = CheckpointPolicy(checkpoint_every)
+    if resume is not None:
+        policy.resumed_at(max(int(r["epoch"]) for r in resume))
+    epoch_report: dict = {}
+
+    def report_member(i: int, metrics: dict, make_checkpoint) -> bool:
+        gauges[i].record(metrics)
+        epoch_report.update(member_metrics(i, metrics, metric))
+        last = metrics.get("stopped_early") or metrics["epoch"] >= cfgs[i].optim.epochs
+        if judge is None or last:
+            return False
+        t = int(metrics["adapted_epochs"]) if clock == "adapted" else int(metrics["epoch"])
+        if clock == "after_warmup" and float(metrics.get("warmup", 1.0)) < 1.0:
+            return False
+        return bool(ray.get(judge.judge.remote(str(numbers[i]), t, metrics.get("objective"))))
+
+    def epoch_done(pop) -> None:
+        members = pop.members
+        m = {"epoch": max(ms.epoch for ms in members), "node_id": node_id,
+             "members_training": sum(ms.status == TRAINING for ms in members)}
+        m["timesteps_total"] = m["epoch"]
+        values = [v for k, v in epoch_report.items() if k.endswith("/objective") and v is not None]
+        m["objective"] = max(values) if values else None
+        m["epoch_seconds"] = max((v for k, v in epoch_report.items() if k.endswith("/epoch_seconds")), default=0.0)
+        m.update(epoch_report)
+        for i, ms in enumerate(members):  # every member's summary in every report: the last one has them all
+            m[f"m{i}/status"] = ms.status
+            m[f"m{i}/epochs_run"] = ms.epoch
+            m[f"m{i}/trial"] = numbers[i]
+            m[f"m{i}/best_objective"] = ms.best_metric if ms.best_epoch else None
+            m[f"m{i}/best_epoch"] = ms.best_epoch
+            m[f"m{i}/last_objective"] = ms.history[-1]["objective"] if ms.history else None
+            m[f"m{i}/seconds"] = ms.seconds or (time.perf_counter() - ms.started)
+            if ms.error:
+                m[f"m{i}/error"] = ms.error
+            m.update(_at_best(i, ms.history, metric))
+        epoch_report.clear()
+        last = m["members_training"] == 0
+        if policy.due(m, last):
+            with tempfile.TemporaryDirectory() as d:
+                t0 = time.perf_counter()
+                for i in range(pop.size):
+                    torch.save(pop.checkpoint(i), Path(d) / member_file(i))
+                (Path(d) / POPULATION_FILE).write_text(json.dumps(
+                    {"statuses": [ms.status for ms in members], "numbers": numbers, "epoch": m["epoch"]}))
+                m["checkpoint_seconds"] = time.perf_counter() - t0
+                tune.report(m, checkpoint=tune.Checkpoint.from_directory(d))
+                policy.saved(m["epoch"], time.perf_counter() - t0)
+        else:
+            tune.report(m)
+
+    fit_population(cfgs, data, report_member, device=device, resume=resume, epoch_done=epoch_done)

@@ -499,7 +499,7 @@ class Population:
                 "train_state": {
                     "optimizer": self.optimizer.member_state(m),
                     "best_model": None if ms.best_epoch == ms.epoch else cpu_copy(ms.best_weights),
-                    "since_best": ms.since_best, "history": list(ms.history),
+                    "since_best": ms.since_best, "history": list(ms.history), "status": ms.status,
                     "rng": {"torch": self.model.noise.member_states()[m], "numpy": ms.rng.bit_generator.state}}}
 
     @torch.no_grad()
@@ -518,8 +518,13 @@ class Population:
         ms.since_best = int(ts.get("since_best", 0))
         self.model.noise.set_member_state(m, ts["rng"]["torch"])
         ms.rng.bit_generator.state = ts["rng"]["numpy"]
-        if ms.epoch >= ms.cfg.optim.epochs or (ms.history and ms.history[-1].get("stopped_early")):
-            self.stop(m, STOPPED_EARLY if ms.history and ms.history[-1].get("stopped_early") else FINISHED)
+        status = ts.get("status", TRAINING)
+        if status == TRAINING and ms.epoch >= ms.cfg.optim.epochs:
+            status = FINISHED
+        if status == TRAINING and ms.history and ms.history[-1].get("stopped_early"):
+            status = STOPPED_EARLY
+        if status != TRAINING:  # it had ended (a population checkpoint keeps members that stopped)
+            self.stop(m, status)
 
     def result(self, m: int, seconds: float) -> FitResult:
         """Member m's best epoch as a model of its own (eval mode) and its predictor checkpoint."""
@@ -542,14 +547,17 @@ class Population:
 def fit_population(cfgs: Sequence[TrainConfig], data: TrainData, report: MemberReport | None = None, *,
                    device: str | torch.device | None = None, resume: Sequence[dict | None] | None = None,
                    memory_budget: int | None = None, refill: Callable[[int], TrainConfig | None] | None = None,
-                   on_done: Callable[[int, FitResult], None] | None = None) -> list[FitResult]:
+                   on_done: Callable[[int, FitResult], None] | None = None,
+                   epoch_done: Callable[["Population"], None] | None = None) -> list[FitResult]:
     """Train P same-shape configurations together as one batched model (see `Population`).
 
     report(m, metrics, checkpoint): once per epoch of each training member m (its place in the
     population); returning True stops that member. resume: one training checkpoint (or None) per
     member. When a member stops, on_done(m, its result) is called and refill(m) may return a fresh
-    configuration of the same shape to train in its place (None: the place stays empty). Returns
-    every member's result (its best epoch), in the order the members started."""
+    configuration of the same shape to train in its place (None: the place stays empty).
+    epoch_done(population): after each epoch's reports (and stops), before any place is refilled
+    (a sweep writes its population checkpoint there). Returns every member's result (its best
+    epoch), in the order the members started."""
     pop = Population(cfgs, data, device, memory_budget)
     for m, ckpt in enumerate(resume or []):
         if ckpt is not None:
@@ -574,6 +582,8 @@ def fit_population(cfgs: Sequence[TrainConfig], data: TrainData, report: MemberR
         for m, metrics in pop.run_epoch().items():
             halt = report(m, metrics, pop.checkpoint_builder(m)) if report is not None else None
             pop.after_report(m, metrics, bool(halt), time.perf_counter() - pop.members[m].started)
+        if epoch_done is not None:
+            epoch_done(pop)
         for m in range(pop.size):
             if pop.members[m].status != TRAINING:
                 collect(m)
