@@ -397,3 +397,34 @@ def test_worker_node_killed_mid_sweep(cluster, tiny_store, tmp_path):
         assert after and after == list(range(after[0], epochs + 1)), (on_w1, after)
         assert 1 < after[0] and max(on_w1) - 1 <= after[0] <= max(on_w1) + 1, (on_w1, after)
 
+
+
+def test_worker_node_killed_mid_population_sweep(cluster, tiny_store, tmp_path):
+    """After the test above (the last two in the module): a population sweep loses its other worker
+    node; the population that ran there goes on elsewhere from its last checkpoint (every member's),
+    and every member is accounted for once."""
+    client, dash, d = cluster
+    nodes = json.loads(subprocess.run([RAY, "list", "nodes", "--address", dash, "--format", "json"], env=client,
+                                      capture_output=True, text=True, timeout=60).stdout)
+    w2 = next(x["node_id"] for x in nodes if "w2" in x["resources_total"] and x["state"] == "ALIVE")
+    out, n, epochs = tmp_path / "sweep", 4, 60
+
+    def running_on_w2():
+        for f in (out / "ray_results" / "popkill").glob("*/result.json"):
+            lines = f.read_text().strip().splitlines()
+            last = json.loads(lines[-1]) if lines else {}
+            if last.get("node_id") == w2 and last.get("epoch", epochs) <= epochs // 6:
+                return last["trial_id"]
+        return None
+
+    with _driver(_sweep_args(str(tiny_store), out, "popkill", n, epochs, "--population", "2", "--checkpoint_every",
+                             "1", "--set=patience=100"), client) as proc:
+        _wait(running_on_w2, 300, "a population running on worker 2", proc)
+        k = subprocess.run([str(SCRIPT), "kill-node", "2"], env=client, capture_output=True, text=True, timeout=30)
+        assert k.returncode == 0, k.stderr
+        _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    df = _accounted(out, n, epochs)
+    assert df["population_id"].nunique() == 2
+    moved = df[df["node_ids"].str.split(";").map(lambda ids: ids[0] == w2 and len(ids) >= 2)]
+    assert len(moved) == 2 and moved["population_id"].nunique() == 1, df[["trial_id", "node_ids"]]

@@ -336,3 +336,44 @@ def test_a_population_sweep_writes_one_row_per_member(tmp_path, store):
     assert (out / "best_model.pt").exists() and (out / "report.html").exists()
     d = df.set_index("optuna_trial").loc[0]  # the shipped defaults are the first member
     assert d["param.lr"] == pytest.approx(3e-4)
+
+
+def test_a_population_sweep_resumes_after_sigkill_of_the_driver(tmp_path, store):
+    """Killed while populations train, resumed: every member ends with exactly one result, the
+    members that had finished keep theirs, and trials.csv has one row per member."""
+    out = tmp_path / "sweep"
+    args = _tune_args(store, out, "--n_trials", "8", "--population", "2", "--search_epochs", "6", "--grace_period",
+                      "6", test=False)
+    proc = subprocess.Popen(XFER + args, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    finished_before = 0
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            st = study_states(out / "optuna_study.db")
+            finished_before = st.get("COMPLETE", 0) + st.get("PRUNED", 0)
+            if finished_before >= 2:
+                break
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the sweep ended before it could be killed"
+    assert 2 <= finished_before < 8
+    with sqlite3.connect(out / "optuna_study.db") as c:
+        done = dict(c.execute("select t.number, v.value from trials t join trial_values v using(trial_id) "
+                              "where t.state in ('COMPLETE','PRUNED')").fetchall())
+    time.sleep(2)
+    r = subprocess.run(XFER + ["tune", "--resume", "--output_folder", str(out), "--num_cpus", "2"],
+                       env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    df = pd.read_csv(out / "trials.csv")
+    assert len(df) == 8 and df["trial_id"].is_unique and (df["status"] != "errored").all()
+    with sqlite3.connect(out / "optuna_study.db") as c:
+        after = dict(c.execute("select t.number, v.value from trials t join trial_values v using(trial_id) "
+                               "where t.state in ('COMPLETE','PRUNED')").fetchall())
+        n_trials = c.execute("select count(*) from trials where state != 'FAIL'").fetchone()[0]
+    assert len(after) == 8 and n_trials == 8                 # nothing lost, nothing run twice
+    assert all(after[n] == v for n, v in done.items())       # finished members kept their results
+    assert sorted(df["optuna_trial"]) == sorted(after)
