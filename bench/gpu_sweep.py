@@ -28,6 +28,16 @@ Run by bench/gpu_sweep.sh (which brings Ray, Optuna and the rest onto PYTHONPATH
 --prepare_only --work W: steps 1-2 alone, into W; a later run with --work W and the same settings
 reuses them (gpu_sweep.sh prepares while the GPU runs the epoch benchmark).
 
+The original research sweep (issue 24: seed-sized, 100 trials x 50 epochs, the architecture and
+divergence fixed), populations against today's sweep and the sequential Optuna loop of the same
+trials, in one device call:
+
+    bash bench/gpu_sweep.sh --n_trials 100 --epochs 50 --shares pop50,plain,0.125 \
+        --set batch_size=256 --set arch=dae --set divergence=mmd
+
+where one call's time cannot hold all three, cut --epochs the same for all (the script's budget
+skips a step that cannot finish; say so with the figures).
+
 --cpu (XFER_GPU_SWEEP_CPU=1 in gpu_sweep.sh): no GPU; each share g becomes g x --num_cpus CPUs
 per trial (the same 1/g concurrency), tiny sizes, bench_tune's fixed model; to test the script
 end to end on a machine without a GPU.
@@ -229,9 +239,11 @@ def warm_cache(store: Path, epochs: int, fixed: dict) -> dict:
     return res
 
 
-def run_sweep(store: Path, work: Path, out: Path, args, share: float, smi: Smi, timeout: float) -> dict:
-    """One `xfer tune` (measured) with 1/share trials per GPU (or per --num_cpus CPUs with --cpu)."""
-    tag = f"g{share:g}"
+def run_sweep(store: Path, work: Path, out: Path, args, share: float, smi: Smi, timeout: float,
+              population: int = 1) -> dict:
+    """One `xfer tune` (measured) with 1/share trials per GPU (or per --num_cpus CPUs with --cpu);
+    population > 1: `xfer tune --population P`, each trial a population of P members."""
+    tag = f"g{share:g}" if population == 1 else f"pop{population}"
     sweep_out = work / tag
     shutil.rmtree(sweep_out, ignore_errors=True)
     mem_file = work / f"{tag}_memory.jsonl"
@@ -244,7 +256,8 @@ def run_sweep(store: Path, work: Path, out: Path, args, share: float, smi: Smi, 
             "--n_trials", str(args.n_trials), "--space", "broad", "--search_epochs", str(args.epochs), "--num_cpus", str(args.num_cpus),
             *res, *(["--checkpoint_every", str(args.checkpoint_every)] if args.checkpoint_every is not None else []),
             "--output_folder", str(sweep_out),
-            "--name", tag, "--progress_every", "10", *[f"--set={k}={v}" for k, v in args.fixed.items()]]
+            "--name", tag, "--progress_every", "10", *[f"--set={k}={v}" for k, v in args.fixed.items()],
+            *(["--population", str(population)] if population > 1 else [])]
     cmd = [sys.executable, str(Path(__file__).resolve()), "_xfer_tune", *argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1", MEM_ENV: str(mem_file)}
     t0w, t0 = time.time(), time.perf_counter()
@@ -254,8 +267,8 @@ def run_sweep(store: Path, work: Path, out: Path, args, share: float, smi: Smi, 
     with open(out / "sweeps.log", "a") as f:
         f.write(f"\n===== xfer tune {' '.join(argv)}\n--- rc {rc}, {wall:.1f} s\n--- stdout\n{stdout[-60000:]}"
                 f"\n--- stderr\n{stderr[-60000:]}\n")
-    res_d = {"share": share, "trials_per_device": round(1 / share), "command": "xfer tune " + " ".join(argv),
-             "rc": rc, "wall_s": wall}
+    res_d = {"share": share, "trials_per_device": round(1 / share), "population": population,
+             "command": "xfer tune " + " ".join(argv), "rc": rc, "wall_s": wall}
     if rc != 0:
         res_d["error"] = (stderr or stdout)[-2000:]
         try:  # what the trials reported before the failure or time-out
@@ -267,7 +280,14 @@ def run_sweep(store: Path, work: Path, out: Path, args, share: float, smi: Smi, 
     m = re.search(r"trials in ([0-9.]+) s", stdout)
     f["sweep_wall_s"] = float(m.group(1)) if m else None
     f["dashboard"] = "Ray dashboard: http" in (stdout + stderr)
-    slots = min(round(1 / share), args.n_trials)
+    slots = min(round(1 / share), -(-args.n_trials // population))
+    if population > 1:  # members, their epochs and their statuses (trials.csv: one row per member)
+        import pandas as pd
+
+        df = pd.read_csv(sweep_out / "trials.csv")
+        f["members"], f["member_epochs"] = int(len(df)), int(df["epochs_run"].sum())
+        f["statuses"] = df["status"].value_counts().to_dict()
+        f["best_objective"] = float(df["best_objective"].max())
     f["slots"] = slots
     f["ideal_wall_s"] = f["compute_s"] / slots
     if f["sweep_wall_s"]:
@@ -421,7 +441,8 @@ def main() -> int:
     ap.add_argument("--n_trials", type=int, help="trials per sweep (default 12; 4 with --cpu)")
     ap.add_argument("--epochs", type=int, help="epochs per trial, ASHA's max_t (default 20; 3 with --cpu)")
     ap.add_argument("--shares", default="1,plain,0.25,0.125,0.5",
-                    help="GPU share per trial of each sweep, in order; `plain` = the plain Optuna loop")
+                    help="GPU share per trial of each sweep, in order; `plain` = the plain Optuna loop; `popP` = "
+                         "`xfer tune --population P` with one population per GPU")
     ap.add_argument("--num_cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
     ap.add_argument("--cpus_per_trial", type=float, default=1.0)
     ap.add_argument("--checkpoint_every", type=int, help="xfer tune --checkpoint_every (default: xfer tune's)")
@@ -521,6 +542,8 @@ def main() -> int:
                     res["runs"]["plain"] = run_plain(store, out, args, left, smi)
                 except Exception as e:  # noqa: BLE001 - keep the sweeps' figures
                     res["runs"]["plain"] = {"error": repr(e)}
+            elif step.startswith("pop"):  # a population sweep: one population of P members per device
+                res["runs"][step] = run_sweep(store, work, out, args, 1.0, smi, left, population=int(step[3:]))
             else:
                 share = float(step)
                 res["runs"][f"g{share:g}"] = run_sweep(store, work, out, args, share, smi, left)

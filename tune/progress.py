@@ -88,12 +88,13 @@ class SweepProgress(Callback):
 
     def __init__(self, n_trials: int, search_epochs: int, objective: str = "objective", name: str = "sweep", *,
                  mode: str = "auto", interval_s: float = PLAIN_INTERVAL_S, refresh_per_second: float = 2.0,
-                 stream: TextIO | None = None, clock: Callable[[], float] | None = None):
+                 stream: TextIO | None = None, clock: Callable[[], float] | None = None, unit: str = "trials"):
         if mode not in ("auto", "rich", "plain"):
             raise ValueError(f"mode must be auto, rich or plain, not {mode!r}")
         self.n_trials, self.search_epochs, self.objective, self.name = n_trials, search_epochs, objective, name
         self.mode, self.interval_s, self.refresh_per_second = mode, interval_s, refresh_per_second
         self._stream, self._clock = stream, clock
+        self.unit = unit                          # "populations" in a population sweep (xfer tune --population)
         self._reset()
 
     # ------------------------------------------------------------------ state
@@ -114,13 +115,14 @@ class SweepProgress(Callback):
         self._log_streams: list = []
 
     def __getstate__(self) -> dict:
-        keep = ("n_trials", "search_epochs", "objective", "name", "mode", "interval_s", "refresh_per_second")
-        state = {k: self.__dict__[k] for k in keep}
+        keep = ("n_trials", "search_epochs", "objective", "name", "mode", "interval_s", "refresh_per_second", "unit")
+        state = {k: self.__dict__[k] for k in keep if k in self.__dict__}
         clock = self._clock
         state["_clock"] = clock if clock in (None, time.monotonic, time.time, time.perf_counter) else None
         return state
 
     def __setstate__(self, state: dict) -> None:
+        self.unit = "trials"  # a display pickled before populations
         self.__dict__.update(state)
         self._stream = None
         self._reset()
@@ -240,7 +242,7 @@ class SweepProgress(Callback):
         ended = c["completed"] + c["stopped_by_asha"] + c["errored"]
         word = "finished" if c["running"] + c["pending"] == 0 else "ended"
         rest = f", {c['running']} running, {c['pending']} pending" if c["running"] + c["pending"] else ""
-        return (f"sweep '{self.name}' {word}: {ended} of {self.n_trials} trials ({c['completed']} completed, "
+        return (f"sweep '{self.name}' {word}: {ended} of {self.n_trials} {self.unit} ({c['completed']} completed, "
                 f"{c['stopped_by_asha']} stopped by ASHA, {c['errored']} errored{rest}) in {hms(self.elapsed())} | "
                 f"best {self._best_text()}")
 
@@ -255,7 +257,7 @@ class SweepProgress(Callback):
         grid.add_column(style="bold", no_wrap=True)
         grid.add_column()
         # Text objects, not markup strings: the panel is also redrawn inside print(markup=False)
-        grid.add_row("trials", Text.from_markup(
+        grid.add_row(self.unit, Text.from_markup(
             f"[green]{c['completed']} completed[/]  [yellow]{c['stopped_by_asha']} stopped by ASHA[/]  "
             f"[red]{c['errored']} errored[/]  [cyan]{c['running']} running[/]  {c['pending']} pending  "
             f"[dim](of {self.n_trials})[/]"))
@@ -372,7 +374,7 @@ class SweepProgress(Callback):
         if self._use_rich():
             self._draw(force=True)
         else:
-            self._line(f"sweep '{self.name}': {self.n_trials} trials of up to {self.search_epochs} epochs; "
+            self._line(f"sweep '{self.name}': {self.n_trials} {self.unit} of up to {self.search_epochs} epochs; "
                        f"progress every {self.interval_s:g} s and when a trial ends")
             self._last_line = self.now()
 

@@ -513,8 +513,12 @@ class PopulationSearch(Searcher):
         except ValueError:
             pass
         state = state or RungBoard(self.rungs, self.reduction_factor).state()
-        # held here: an actor lives as long as a handle to it (the driver's searcher)
-        self._board_handle = MemberBoard.options(name=self.board).remote(state)
+        # held here: an actor lives as long as a handle to it (the driver's searcher); on the driver's own
+        # node, so that losing a worker node never takes the board with it
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        self._board_handle = MemberBoard.options(name=self.board, scheduling_strategy=here).remote(state)
         return self._board_handle
 
     def board_state(self) -> dict | None:
@@ -536,6 +540,7 @@ class PopulationSearch(Searcher):
             log.info("Ray trial %s re-runs population %s, which finished after the driver's last snapshot "
                      "(its members' first results are kept)", trial_id, numbers)
             self.owned[trial_id] = numbers
+            self.proposed += len(numbers)
             return {"population": [self.space(optuna.trial.FixedTrial(t.params, t.number)) for t in trials],
                     "numbers": numbers}
         k = min(self.size, self.n_members - self.proposed)

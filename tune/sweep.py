@@ -442,7 +442,7 @@ def display(sw: Sweep, verbose: bool, progress_every: float = 30.0) -> tuple[int
     from .progress import SweepProgress
 
     return 0, [SweepProgress(n_ray_trials(sw), sw.search_epochs, sw.objective_label, sw.name,
-                             interval_s=progress_every)]
+                             interval_s=progress_every, unit="trials" if sw.population == 1 else "populations")]
 
 
 def _redisplay(tuner, sw: Sweep, verbose: bool, progress_every: float) -> None:

@@ -496,8 +496,8 @@ class Population:
         xfer.checkpoint): a population of one, whatever this population's size."""
         ms = self.members[m]
         return {**self._predictor(m), "epoch": ms.epoch, "model": cpu_copy(self._member_weights(m)),
-                "train_state": {
-                    "optimizer": self.optimizer.member_state(m),
+                "train_state": {  # a member that has ended never steps again: no optimiser state
+                    "optimizer": self.optimizer.member_state(m) if ms.status == TRAINING else None,
                     "best_model": None if ms.best_epoch == ms.epoch else cpu_copy(ms.best_weights),
                     "since_best": ms.since_best, "history": list(ms.history), "status": ms.status,
                     "rng": {"torch": self.model.noise.member_states()[m], "numpy": ms.rng.bit_generator.state}}}
@@ -509,7 +509,8 @@ class Population:
         state = self.model.state_dict()
         for k, v in ckpt["model"].items():
             state[k][m].copy_(v.reshape(state[k][m].shape))
-        self.optimizer.load_member_state(m, ts["optimizer"])
+        if ts.get("optimizer") is not None:
+            self.optimizer.load_member_state(m, ts["optimizer"])
         ms.epoch = int(ckpt["epoch"])
         ms.history = list(ts.get("history", []))
         ms.best_metric, ms.best_epoch = float(ckpt["best_metric"]), int(ckpt["best_epoch"])
