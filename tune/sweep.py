@@ -583,13 +583,14 @@ def member_rows(grid, sw: Sweep) -> list[dict]:
 
 
 def trial_table(grid, sw: Sweep):
-    """One row per trial (a population sweep: per member, `member_rows`): status, its objective (best and last), every selection candidate and
-    the training line's validation metric at its best epoch, where it ran (hostname, IP, the
-    Ray node id of its last epoch and every node id it reported from), its parameters."""
+    """One row per trial (in a population sweep one per member, `member_rows`): status, its
+    objective (best and last), every selection candidate and the training line's validation
+    metric at its best epoch, where it ran (hostname, IP, the Ray node id of its last epoch and
+    every node id it reported from), its parameters."""
     import pandas as pd
 
     rows = member_rows(grid, sw) if sw.population > 1 else []
-    for r in grid if sw.population == 1 else []:
+    for r in ([] if sw.population > 1 else grid):
         m = r.metrics or {}
         params = {k: v for k, v in (r.config or {}).items()}
         epochs = int(m.get("epoch", 0) or 0)

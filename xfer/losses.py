@@ -645,7 +645,8 @@ def combine(weighted: Mapping[str, tuple[float, LossTerm]]) -> LossParts:
             raise ValueError("combine: 'total' is reserved and cannot name a loss part")
         if isinstance(weight, Tensor):
             if weight.ndim > 1:
-                raise ValueError(f"combine: weight of {name!r} must be a scalar or (P,), got shape {tuple(weight.shape)}")
+                raise ValueError(f"combine: weight of {name!r} must be a scalar or (P,), "
+                                 f"got shape {tuple(weight.shape)}")
             w = weight
         else:
             w = float(weight)

@@ -423,8 +423,8 @@ class Population:
         members = self.training()
         warm = self.begin_epoch()
         warmed = {m: warm[m] >= 1.0 for m in members}  # the adaptation fully on
-        n_pseudo = self.refresh_pseudo_labels([m for m in members if warmed[m] and
-                                               self.members[m].cfg.loss.lambda_pseudo > 0]) if self.self_training else {}
+        pseudo = [m for m in members if warmed[m] and self.members[m].cfg.loss.lambda_pseudo > 0]
+        n_pseudo = self.refresh_pseudo_labels(pseudo) if self.self_training else {}
         losses = self.train_epoch()
         train_seconds = time.perf_counter() - t0
         val = self.validate(members)
