@@ -9,7 +9,7 @@ from types import SimpleNamespace
 from tune.sweep import trial_table
 from tune.trials import TRIAL_STATUSES
 
-SW = SimpleNamespace(search_epochs=4, metric="balanced_accuracy")
+SW = SimpleNamespace(search_epochs=4, metric="balanced_accuracy", population=1)
 
 
 @dataclass
