@@ -250,6 +250,18 @@ def test_final_ensemble_outside_1_to_32_fails_before_anything_is_written(tmp_pat
     assert not out.exists()
 
 
+@pytest.mark.parametrize("extra, words", [(("--population", "0"), "1..1024"),
+                                          (("--population", "4", "--num_workers", "2"), "fast path")])
+def test_a_bad_population_fails_before_anything_is_written(tmp_path, store, extra, words):
+    out = tmp_path / "sweep"
+    r = subprocess.run(XFER + _tune_args(store, out, "--n_trials", "6", *extra), env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    err = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(err) == 1 and "population" in err[0] and words in err[0], r.stderr
+    assert not out.exists()
+
+
 def test_unusable_storage_fails_before_anything_is_written(tmp_path, store):
     out = tmp_path / "sweep"
     r = subprocess.run(XFER + _tune_args(store, out, "--storage", "nosuchfs://bucket/sweeps"), env=_env(),

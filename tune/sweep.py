@@ -240,7 +240,8 @@ def new_sweep(args) -> Sweep:
         raise ConfigError("final_model", f"unknown {final_rule!r}; choose from {', '.join(FINAL_RULES)}")
     if not 1 <= args.final_ensemble <= 32:
         raise ConfigError("final_ensemble", f"must be in 1..32, got {args.final_ensemble}")
-    population = int(getattr(args, "population", 1) or 1)
+    population = getattr(args, "population", None)
+    population = 1 if population is None else int(population)
     if not 1 <= population <= 1024:
         raise ConfigError("population", f"must be in 1..1024, got {population}")
     if population > 1 and _pick_trainer(args.trainer, args.num_workers) != "function":
