@@ -181,3 +181,35 @@ def test_the_sweep_stores_file_test_inputs_without_labels(tmp_path, tiny_pair):
     for role in ("test", "sup_peak"):
         assert spec[role].endswith("_unlabelled") and not store.manifest(spec[role]).has_labels
         assert store.read(spec[role]).labels is None
+
+
+def test_candidates_of_a_population_at_once_are_each_members_own():
+    """candidate_values_members (a population's validation) gives every member what
+    candidate_values gives it alone: the same formulas, batched."""
+    import torch
+
+    from xfer.selection import candidate_values, candidate_values_members
+
+    g = torch.Generator().manual_seed(0)
+    P, n_val, n_test, n_tr, d, C = 4, 120, 300, 200, 16, 3
+    shift = torch.linspace(0, 1.5, P).view(P, 1, 1)
+    z_train = torch.randn(P, n_tr, d, generator=g)
+    z_test = torch.randn(P, n_test, d, generator=g) + shift
+    z_val = torch.randn(P, n_val, d, generator=g)
+    p_val = torch.softmax(torch.randn(P, n_val, C, generator=g) * 2, -1)
+    p_test = torch.softmax(torch.randn(P, n_test, C, generator=g) * 2, -1)
+    p_gex = torch.softmax(torch.randn(P, n_test, C, generator=g) * 2, -1)
+    p_gex[2, :, 1] = -1.0  # a member whose expression head never predicts class 1
+    p_gex[2] = torch.softmax(p_gex[2] * 5, -1)
+    y_val = torch.randint(0, C, (n_val,), generator=g)
+    rows = torch.stack([torch.randperm(n_test, generator=g)[:150].sort().values for _ in range(P)])
+    src = [0.5, 0.6, 0.7, 0.8]
+    together = candidate_values_members(src, y_val=y_val, p_val=p_val, z_val=z_val, z_train=z_train, p_test=p_test,
+                                        z_test=z_test, p_test_gex=p_gex, snd_rows=rows, chunk=3)
+    for m in range(P):
+        alone = candidate_values(src[m], y_val=y_val, p_val=p_val[m], z_val=z_val[m], z_train=z_train[m],
+                                 p_test=p_test[m], z_test=z_test[m], p_test_gex=p_gex[m], snd_rows=rows[m])
+        assert together[m].keys() == alone.keys()
+        for k, v in alone.items():
+            assert together[m][k] == pytest.approx(v, abs=2e-5), (m, k)
+    assert len({round(t["iwcv"], 6) for t in together}) == P  # the members differ: no mix-up

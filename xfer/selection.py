@@ -26,6 +26,11 @@ given). No test-line label reaches any of them. Higher is better for all.
     source_val_im         the mean of source_val and im
     source_val_agreement  the mean of source_val and agreement
 
+A population (xfer.train.Population) computes every candidate of all its members at once
+(`candidate_values_members`: the same formulas batched over a leading member axis, one Newton
+solve for every member's domain classifier), so validating P members costs a few kernels and
+host round trips per candidate rather than P times as many.
+
 `objective=transfer` is the candidate the study `bench/bench_selection.py` chose on
 development pairs by its fixed rule (TRANSFER: `agreement`, and `iwcv` when the test line's
 expression is not given); `auto` (the default) is `transfer` when training adapts to a test line and
@@ -255,4 +260,146 @@ def candidate_values(source_val: float, *, y_val: Tensor | None = None, p_val: T
     for other in ("entropy", "im", "agreement"):
         if other in out:
             out[f"source_val_{other}"] = 0.5 * (out["source_val"] + out[other])
+    return out
+
+
+# ----------------------------------------------------------------------------- a population's members at once
+
+def _entropy_last(p: Tensor) -> Tensor:
+    p = p.float().clamp_min(1e-12)
+    return -(p * p.log()).sum(-1)
+
+
+@torch.no_grad()
+def _logistic_newton_members(X: Tensor, y: Tensor, l2: float, iters: int, tol: float = 1e-7) -> Tensor:
+    """`_logistic_newton` for every member at once: X [P, n, d] (standardised), y [n]; returns
+    theta [P, d + 1] (weights, then the intercept). Each member takes the same steps it would
+    take alone: it stops when its own half Newton decrement is below tol, and its Armijo
+    backtracking halves its own step length; a few host round trips per iteration for all
+    members instead of several per member."""
+    P, n, d = X.shape
+    Xb = torch.cat([X, X.new_ones(P, n, 1)], 2)
+    reg = torch.full((d + 1,), 2 * l2, device=X.device)
+    reg[-1] = 0.0
+    yb = y.to(X.dtype).expand(P, n)
+
+    def loss(t: Tensor) -> Tensor:  # [P]
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(
+            torch.bmm(Xb, t.unsqueeze(2)).squeeze(2), yb, reduction="none").mean(1)
+        return bce + l2 * (t[:, :-1] ** 2).sum(1)
+
+    theta = Xb.new_zeros(P, d + 1)
+    f = loss(theta)
+    active = torch.ones(P, dtype=torch.bool, device=X.device)
+    for _ in range(iters):
+        p = torch.sigmoid(torch.bmm(Xb, theta.unsqueeze(2)).squeeze(2))                  # [P, n]
+        g = torch.bmm(Xb.transpose(1, 2), (p - yb).unsqueeze(2)).squeeze(2) / n + reg * theta
+        H = torch.bmm(Xb.transpose(1, 2) * (p * (1 - p) / n).unsqueeze(1), Xb)
+        H.diagonal(dim1=1, dim2=2).add_(reg + 1e-9)
+        step = _spd_solve(H, g)
+        dec = (g * step).sum(1)
+        active = active & (dec / 2 > tol)
+        if not bool(active.any()):
+            break
+        t = torch.ones(P, device=X.device)
+        accepted = ~active                      # members that take no step this iteration
+        new_theta, new_f = theta.clone(), f.clone()
+        while True:
+            cand = theta - t.unsqueeze(1) * step
+            fc = loss(cand)
+            ok = ((fc <= f - 0.25 * t * dec) | (t < 1e-6)) & ~accepted
+            new_theta = torch.where(ok.unsqueeze(1), cand, new_theta)
+            new_f = torch.where(ok, fc, new_f)
+            accepted = accepted | ok
+            if bool(accepted.all()):
+                break
+            t = torch.where(accepted, t, t / 2)
+        theta, f = torch.where(active.unsqueeze(1), new_theta, theta), torch.where(active, new_f, f)
+    return theta
+
+
+def _spd_solve(H: Tensor, g: Tensor) -> Tensor:
+    """H^-1 g for a batch of symmetric positive definite H [P, k, k], g [P, k]: Cholesky (batched
+    LU solves fail in some CPU builds: torch 2.13's MKL, k >= 200, batch >= 2); a member whose
+    Cholesky fails (not numerically positive definite) is solved alone by LU."""
+    L, info = torch.linalg.cholesky_ex(H)
+    step = torch.cholesky_solve(g.unsqueeze(2), L).squeeze(2)
+    bad = torch.nonzero(info).flatten().tolist()
+    for m in bad:
+        step[m] = torch.linalg.solve(H[m], g[m])
+    return step
+
+
+def _balanced_agreement(ref: Tensor, pred: Tensor, weights: Tensor | None, classes: Tensor | None = None) -> Tensor:
+    """`iwcv_balanced_accuracy` per member: ref, pred [P, n] (or ref [n], shared), weights [P, n]
+    (None: 1); the mean over the classes present in each member's ref of its weighted recall."""
+    if ref.ndim == 1:
+        ref = ref.expand_as(pred)
+    w = torch.ones_like(pred, dtype=torch.float32) if weights is None else weights
+    classes = torch.unique(ref) if classes is None else classes
+    total = torch.zeros(pred.shape[0], device=pred.device)
+    present = torch.zeros(pred.shape[0], device=pred.device)
+    for c in classes:
+        m = (ref == c).float()
+        den = (w * m).sum(1)
+        has = (m.sum(1) > 0).float()
+        total = total + has * ((pred == c).float() * w * m).sum(1) / den.clamp_min(1e-12)
+        present = present + has
+    return total / present.clamp_min(1)
+
+
+def candidate_values_members(source_val: list[float], *, y_val: Tensor | None = None, p_val: Tensor | None = None,
+                             z_val: Tensor | None = None, z_train: Tensor | None = None,
+                             p_test: Tensor | None = None, z_test: Tensor | None = None,
+                             p_test_gex: Tensor | None = None, snd_rows: Tensor | None = None,
+                             chunk: int = 8) -> list[dict[str, float]]:
+    """`candidate_values` for P members at once (a population, xfer.train.Population): every
+    tensor has a leading member axis ([P, ...]; y_val [n] is shared), snd_rows [P, k] each
+    member's fixed subset of test rows. The same formulas on the same numbers, batched (the SND
+    similarity matrices `chunk` members at a time); tests/test_selection.py checks them
+    member by member against `candidate_values`. Returns one dict per member."""
+    out = [{"source_val": float(v)} for v in source_val]
+    if p_test is None:
+        return out
+    P, log_c = p_test.shape[0], math.log(p_test.shape[-1])
+    cols: dict[str, Tensor] = {}
+    cols["entropy"] = 1.0 - _entropy_last(p_test).mean(1) / log_c
+    cols["im"] = (_entropy_last(p_test.float().mean(1)) - _entropy_last(p_test).mean(1)) / log_c
+    rows = snd_rows if snd_rows is not None else torch.arange(p_test.shape[1], device=p_test.device).expand(P, -1)
+    snd = []
+    for s in range(0, P, chunk):
+        p_sub = p_test[s:s + chunk].gather(1, rows[s:s + chunk].unsqueeze(2).expand(-1, -1, p_test.shape[2]))
+        f = torch.nn.functional.normalize(p_sub.float(), dim=2)
+        sim = torch.bmm(f, f.transpose(1, 2)) / SND_TEMPERATURE
+        sim.diagonal(dim1=1, dim2=2).fill_(-math.inf)
+        q = torch.softmax(sim, dim=2)
+        snd.append(-(q * q.clamp_min(1e-30).log()).sum(2).mean(1))
+    cols["snd"] = torch.cat(snd)
+    if z_val is not None and z_train is not None and z_test is not None:
+        zt = z_test.gather(1, rows.unsqueeze(2).expand(-1, -1, z_test.shape[2])) if snd_rows is not None else z_test
+        X = torch.cat([z_train, zt], 1).float()
+        mu, sd = X.mean(1, keepdim=True), X.std(1, keepdim=True).clamp_min(1e-6)
+        y = torch.cat([torch.zeros(z_train.shape[1]), torch.ones(zt.shape[1])]).to(X.device)
+        theta = _logistic_newton_members((X - mu) / sd, y, 1e-3, 50)
+        logit = torch.bmm((z_val.float() - mu) / sd, theta[:, :-1].unsqueeze(2)).squeeze(2) + theta[:, -1:]
+        w = logit.clamp(-20, 20).exp() * (z_train.shape[1] / zt.shape[1])
+        pred = p_val.argmax(2)
+        cols["iwcv"] = _balanced_agreement(y_val, pred, w)
+        ce = -p_val.float().clamp_min(1e-12).log().gather(2, y_val.view(1, -1, 1).expand(P, -1, 1)).squeeze(2)
+        wl, wd = (w * ce).double(), w.double()
+        var = wd.var(1)
+        cov = ((wl - wl.mean(1, keepdim=True)) * (wd - wd.mean(1, keepdim=True))).sum(1) / (wd.shape[1] - 1)
+        eta = torch.where(var == 0, torch.zeros_like(var), -cov / torch.where(var == 0, torch.ones_like(var), var))
+        cols["dev"] = -(wl.mean(1) + eta * wd.mean(1) - eta)
+    if p_test_gex is not None:
+        cols["agreement"] = _balanced_agreement(p_test_gex.argmax(2), p_test.argmax(2), None,
+                                                classes=torch.arange(p_test.shape[2], device=p_test.device))
+    host = {k: v.double().cpu().tolist() for k, v in cols.items()}   # one transfer for every member
+    for m, d in enumerate(out):
+        for k in ("entropy", "im", "snd", "iwcv", "dev", "agreement"):
+            if k in host:
+                d[k] = float(host[k][m])
+        for other in ("entropy", "im", "agreement"):
+            if other in d:
+                d[f"source_val_{other}"] = 0.5 * (d["source_val"] + d[other])
     return out

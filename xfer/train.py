@@ -382,20 +382,18 @@ class Population:
             p_test = self._classify(test["z"])
         gex_pred = val["gex"].argmax(-1).cpu().numpy()
         peak_pred = p_val.argmax(-1).cpu().numpy()
-        out = {}
-        for m in members:
-            res = {"gex": classification_metrics(self.y_val, gex_pred[m]),
-                   "peak": classification_metrics(self.y_val, peak_pred[m])}
-            source_val = res["peak"][self.members[m].cfg.optim.metric]
-            if not self.adapt:
-                res["selection"] = {"source_val": source_val}
-            else:
-                res["selection"] = selection.candidate_values(
-                    source_val, y_val=self.Y[self.va], p_val=p_val[m], z_val=z_val[m], z_train=z_train[m],
-                    p_test=p_test[m], z_test=test["z"][m], p_test_gex=test["gex"][m] if "gex" in test else None,
-                    snd_rows=self.sel_test[m])
-            out[m] = res
-        return out
+        metrics = {m: {"gex": classification_metrics(self.y_val, gex_pred[m]),
+                       "peak": classification_metrics(self.y_val, peak_pred[m])} for m in members}
+        source_val = [metrics[m]["peak"][self.members[m].cfg.optim.metric] for m in members]
+        if not self.adapt:
+            sel = [{"source_val": v} for v in source_val]
+        else:  # every candidate of every member at once (xfer.selection.candidate_values_members)
+            i = torch.as_tensor(members, device=self.dev)
+            sel = selection.candidate_values_members(
+                source_val, y_val=self.Y[self.va], p_val=p_val[i], z_val=z_val[i], z_train=z_train[i],
+                p_test=p_test[i], z_test=test["z"][i], p_test_gex=test["gex"][i] if "gex" in test else None,
+                snd_rows=self.sel_test[i])
+        return {m: {**metrics[m], "selection": s} for m, s in zip(members, sel)}
 
     @torch.no_grad()
     def _member_latents(self, rows: torch.Tensor) -> torch.Tensor:
