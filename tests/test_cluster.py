@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -164,6 +165,17 @@ def _wait(pred, timeout: float, what: str, proc=None):
             raise AssertionError(f"the sweep ended before {what}")
         time.sleep(0.5)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def _running_on(results: Path, node_id: str, before_epoch: int) -> str | None:
+    """A trial (or population) under `results` whose last report came from `node_id` at an epoch
+    <= before_epoch, so it still has epochs left: its trial id, else None."""
+    for f in results.glob("*/result.json"):
+        lines = f.read_text().strip().splitlines()
+        last = json.loads(lines[-1]) if lines else {}
+        if last.get("node_id") == node_id and last.get("epoch", before_epoch + 1) <= before_epoch:
+            return last["trial_id"]
+    return None
 
 
 def _accounted(out: Path, n: int, epochs: int, restarted: bool = False) -> pd.DataFrame:
@@ -365,14 +377,7 @@ def test_worker_node_killed_mid_sweep(cluster, tiny_store, tmp_path):
     w1 = next(x["node_id"] for x in nodes if "w1" in x["resources_total"])
     # long trials: a worker outlives its killed raylet by a second or two and may finish a short one
     out, n, epochs = tmp_path / "sweep", 6, 100
-    def running_on_w1():
-        """A trial that has reported from w1 and has epochs left."""
-        for f in (out / "ray_results" / "killsweep").glob("*/result.json"):
-            lines = f.read_text().strip().splitlines()
-            last = json.loads(lines[-1]) if lines else {}
-            if last.get("node_id") == w1 and last.get("epoch", epochs) <= epochs // 10:
-                return last["trial_id"]
-        return None
+    running_on_w1 = partial(_running_on, out / "ray_results" / "killsweep", w1, epochs // 10)
 
     with _driver(_sweep_args(str(tiny_store), out, "killsweep", n, epochs, "--checkpoint_every", "1",
                              "--set=patience=100"), client) as proc:
@@ -408,14 +413,7 @@ def test_worker_node_killed_mid_population_sweep(cluster, tiny_store, tmp_path):
                                       capture_output=True, text=True, timeout=60).stdout)
     w2 = next(x["node_id"] for x in nodes if "w2" in x["resources_total"] and x["state"] == "ALIVE")
     out, n, epochs = tmp_path / "sweep", 4, 60
-
-    def running_on_w2():
-        for f in (out / "ray_results" / "popkill").glob("*/result.json"):
-            lines = f.read_text().strip().splitlines()
-            last = json.loads(lines[-1]) if lines else {}
-            if last.get("node_id") == w2 and last.get("epoch", epochs) <= epochs // 6:
-                return last["trial_id"]
-        return None
+    running_on_w2 = partial(_running_on, out / "ray_results" / "popkill", w2, epochs // 6)
 
     with _driver(_sweep_args(str(tiny_store), out, "popkill", n, epochs, "--population", "2", "--checkpoint_every",
                              "1", "--set=patience=100"), client) as proc:

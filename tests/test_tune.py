@@ -285,9 +285,16 @@ def test_torch_trainer_trials(tmp_path, store):
     assert list((out / "ray_train").glob("train-*")), "no Ray Train run named train-<trial id>"
 
 
-def test_resume_after_sigkill_of_the_driver(tmp_path, store):
-    out = tmp_path / "sweep"
-    args = _tune_args(store, out, "--n_trials", "6", "--search_epochs", "6", "--grace_period", "6", test=False)
+def _finished_values(db) -> dict:
+    """{Optuna trial number: value} of the study's finished trials."""
+    with sqlite3.connect(db) as c:
+        return dict(c.execute("select t.number, v.value from trials t join trial_values v using(trial_id) "
+                              "where t.state in ('COMPLETE','PRUNED')").fetchall())
+
+
+def _kill_and_resume(out, args, n: int):
+    """Start the sweep, SIGKILL its driver (and the Ray processes it started) once two of its n
+    trials have finished, then `--resume` it. Returns (finished values before, the resume's run)."""
     proc = subprocess.Popen(XFER + args, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 300
@@ -301,22 +308,25 @@ def test_resume_after_sigkill_of_the_driver(tmp_path, store):
             time.sleep(0.2)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the sweep ended before it could be killed"
-    assert 2 <= finished_before < 6
-    with sqlite3.connect(out / "optuna_study.db") as c:
-        done = dict(c.execute("select t.number, v.value from trials t join trial_values v using(trial_id) "
-                              "where t.state in ('COMPLETE','PRUNED')").fetchall())
+    assert 2 <= finished_before < n
+    done = _finished_values(out / "optuna_study.db")
     time.sleep(2)
     r = subprocess.run(XFER + ["tune", "--resume", "--output_folder", str(out), "--num_cpus", "2"],
                        env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    return done, r
+
+
+def test_resume_after_sigkill_of_the_driver(tmp_path, store):
+    out = tmp_path / "sweep"
+    args = _tune_args(store, out, "--n_trials", "6", "--search_epochs", "6", "--grace_period", "6", test=False)
+    done, r = _kill_and_resume(out, args, 6)
     df = pd.read_csv(out / "trials.csv")
     assert len(df) == 6 and df["trial_id"].is_unique and (df["status"] != "errored").all()
-    with sqlite3.connect(out / "optuna_study.db") as c:
-        after = dict(c.execute("select t.number, v.value from trials t join trial_values v using(trial_id) "
-                               "where t.state in ('COMPLETE','PRUNED')").fetchall())
+    after = _finished_values(out / "optuna_study.db")
     assert len(after) == 6                                    # nothing lost, nothing run twice
     assert "sweep 'sweep' finished: 6 of 6 trials" in r.stdout  # the resumed sweep shows the display too
     assert all(after[n] == v for n, v in done.items())        # finished trials kept their results
@@ -356,35 +366,11 @@ def test_a_population_sweep_resumes_after_sigkill_of_the_driver(tmp_path, store)
     out = tmp_path / "sweep"
     args = _tune_args(store, out, "--n_trials", "8", "--population", "2", "--search_epochs", "6", "--grace_period",
                       "6", test=False)
-    proc = subprocess.Popen(XFER + args, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 300
-    finished_before = 0
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            st = study_states(out / "optuna_study.db")
-            finished_before = st.get("COMPLETE", 0) + st.get("PRUNED", 0)
-            if finished_before >= 2:
-                break
-            time.sleep(0.2)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the sweep ended before it could be killed"
-    assert 2 <= finished_before < 8
-    with sqlite3.connect(out / "optuna_study.db") as c:
-        done = dict(c.execute("select t.number, v.value from trials t join trial_values v using(trial_id) "
-                              "where t.state in ('COMPLETE','PRUNED')").fetchall())
-    time.sleep(2)
-    r = subprocess.run(XFER + ["tune", "--resume", "--output_folder", str(out), "--num_cpus", "2"],
-                       env=_env(), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    done, _ = _kill_and_resume(out, args, 8)
     df = pd.read_csv(out / "trials.csv")
     assert len(df) == 8 and df["trial_id"].is_unique and (df["status"] != "errored").all()
+    after = _finished_values(out / "optuna_study.db")
     with sqlite3.connect(out / "optuna_study.db") as c:
-        after = dict(c.execute("select t.number, v.value from trials t join trial_values v using(trial_id) "
-                               "where t.state in ('COMPLETE','PRUNED')").fetchall())
         n_trials = c.execute("select count(*) from trials where state != 'FAIL'").fetchone()[0]
     assert len(after) == 8 and n_trials == 8                 # nothing lost, nothing run twice
     assert all(after[n] == v for n, v in done.items())       # finished members kept their results

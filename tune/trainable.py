@@ -237,19 +237,26 @@ def _threads(n_cpus: float) -> None:
     torch.set_num_threads(max(1, int(n_cpus)))
 
 
-def function_trial(params: dict, *, spec: dict, base: dict, checkpoint_every: int = 0, rungs=(),
-                   clock: str = "epochs") -> None:
-    """Tune function trainable (fast path)."""
+def _trial_setup(params: dict):
+    """A Tune function trial's start: torch threads from its CPU share, its device, its node, its
+    name in the dashboard and log prefixes. Returns (device, node id, Tune's trial context)."""
     import ray
     from ray import tune
 
     res = ray.get_runtime_context().get_assigned_resources()
     _threads(res.get("CPU", 1))
     device = "cuda" if res.get("GPU", 0) > 0 and torch.cuda.is_available() else "cpu"
-
-    node_id = ray.get_runtime_context().get_node_id()
     ctx = tune.get_context()
     announce(trial_label(ctx.get_trial_id(), params))
+    return device, ray.get_runtime_context().get_node_id(), ctx
+
+
+def function_trial(params: dict, *, spec: dict, base: dict, checkpoint_every: int = 0, rungs=(),
+                   clock: str = "epochs") -> None:
+    """Tune function trainable (fast path)."""
+    from ray import tune
+
+    device, node_id, ctx = _trial_setup(params)
     metrics = TrialMetrics(ctx.get_trial_id(), params, ctx.get_experiment_name())
 
     def report(m, ckpt_dir):
@@ -331,7 +338,6 @@ def trainer_trial(params: dict, *, spec: dict, base: dict, checkpoint_every: int
 
 # ----------------------------------------------------------------------------- populations
 
-POPULATION_FILE = "population.json"
 BOARD_ACTOR = "xfer_board_{}"
 
 
@@ -340,19 +346,20 @@ def member_file(i: int) -> str:
 
 
 def member_metrics(i: int, m: dict, metric: str) -> dict:
-    """Member i's part of a population's report: its epoch record under `m<i>/`."""
-    keep = ("epoch", "objective", "best_epoch", "best_objective", "warmup", "adapted_epochs", "improved",
-            "stopped_early", "epoch_seconds", "train_seconds", "loss/total", f"peak_val_{metric}")
+    """Member i's part of a population's report: its epoch record under `m<i>/` (its best epoch and
+    objective come with every member's summary, `population_trial`)."""
+    keep = ("epoch", "objective", "warmup", "adapted_epochs", "improved", "stopped_early", "epoch_seconds",
+            "train_seconds", "loss/total", f"peak_val_{metric}")
     out = {f"m{i}/{k}": m[k] for k in keep if k in m}
     out.update({f"m{i}/{k}": v for k, v in m.items() if k.startswith("sel/")})
     return out
 
 
-def _at_best(i: int, history: list[dict], metric: str) -> dict:
+def _at_best(i: int, ms, metric: str) -> dict:
     """Member i's record at its best epoch (the values trials.csv shows), under `m<i>/at_best/`."""
-    best = next((h for h in reversed(history) if h.get("improved")), None)
-    if best is None:
+    if not ms.best_epoch:
         return {}
+    best = ms.history[ms.best_epoch - 1]  # a member's history holds every epoch from 1 (a resume brings it back)
     return {f"m{i}/at_best/{k}": v for k, v in best.items() if k.startswith("sel/") or k == f"peak_val_{metric}"}
 
 
@@ -364,21 +371,14 @@ def population_trial(config: dict, *, spec: dict, base: dict, checkpoint_every: 
     its status, and `objective` (the best member's, for Tune's own bookkeeping). At each of a
     member's epochs the sweep's board actor (tune.population.RungBoard) may stop it (ASHA, member
     by member, across populations). A checkpoint is a folder with every member's training
-    checkpoint and population.json (statuses)."""
-    import json
-
+    checkpoint (member_<i>.pt, its status included)."""
     import ray
     from ray import tune
 
     from xfer.train import TRAINING, fit_population
 
-    res = ray.get_runtime_context().get_assigned_resources()
-    _threads(res.get("CPU", 1))
-    device = "cuda" if res.get("GPU", 0) > 0 and torch.cuda.is_available() else "cpu"
-    node_id = ray.get_runtime_context().get_node_id()
-    ctx = tune.get_context()
+    device, node_id, ctx = _trial_setup(config)
     trial_id = ctx.get_trial_id()
-    announce(trial_label(trial_id, config))
     numbers = [int(n) for n in config["numbers"]]
     cfgs = [trial_config(base, p) for p in config["population"]]
     metric = cfgs[0].optim.metric
@@ -427,16 +427,14 @@ def population_trial(config: dict, *, spec: dict, base: dict, checkpoint_every: 
             m[f"m{i}/seconds"] = ms.seconds or (time.perf_counter() - ms.started)
             if ms.error:
                 m[f"m{i}/error"] = ms.error
-            m.update(_at_best(i, ms.history, metric))
+            m.update(_at_best(i, ms, metric))
         epoch_report.clear()
         last = m["members_training"] == 0
         if policy.due(m, last):
             with tempfile.TemporaryDirectory() as d:
                 t0 = time.perf_counter()
-                for i in range(pop.size):
+                for i in range(pop.size):  # each holds its member's status: one that had stopped stays stopped
                     torch.save(pop.checkpoint(i), Path(d) / member_file(i))
-                (Path(d) / POPULATION_FILE).write_text(json.dumps(
-                    {"statuses": [ms.status for ms in members], "numbers": numbers, "epoch": m["epoch"]}))
                 m["checkpoint_seconds"] = time.perf_counter() - t0
                 tune.report(m, checkpoint=tune.Checkpoint.from_directory(d))
                 policy.saved(m["epoch"], time.perf_counter() - t0)

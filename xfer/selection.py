@@ -100,8 +100,9 @@ def available(adapting: bool, has_test_gex: bool) -> tuple[str, ...]:
 # ----------------------------------------------------------------------------- the scores (pure)
 
 def _entropy_rows(p: Tensor) -> Tensor:
+    """The entropy of each row of class probabilities (the last axis)."""
     p = p.float().clamp_min(1e-12)
-    return -(p * p.log()).sum(1)
+    return -(p * p.log()).sum(-1)
 
 
 def entropy_score(p: Tensor) -> float:
@@ -166,37 +167,10 @@ def _logistic_lbfgs(X: Tensor, y: Tensor, l2: float, iters: int) -> tuple[Tensor
     return w.detach(), b.detach()
 
 
-@torch.no_grad()
 def _logistic_newton(X: Tensor, y: Tensor, l2: float, iters: int, tol: float = 1e-7) -> tuple[Tensor, Tensor]:
     """min mean BCE(X w + b, y) + l2 |w|^2 by Newton steps with Armijo backtracking; stops when
-    half the Newton decrement is below tol."""
-    n, d = X.shape
-    Xb = torch.cat([X, X.new_ones(n, 1)], 1)
-    reg = torch.full((d + 1,), 2 * l2, device=X.device)
-    reg[-1] = 0.0  # the intercept is not penalised
-
-    def loss(t: Tensor) -> float:
-        return float(torch.nn.functional.binary_cross_entropy_with_logits(Xb @ t, y) + l2 * (t[:-1] ** 2).sum())
-
-    theta = Xb.new_zeros(d + 1)
-    f = loss(theta)
-    for _ in range(iters):
-        p = torch.sigmoid(Xb @ theta)
-        g = Xb.T @ (p - y) / n + reg * theta
-        H = (Xb.T * (p * (1 - p) / n)) @ Xb
-        H.diagonal().add_(reg + 1e-9)
-        step = torch.linalg.solve(H, g)
-        dec = float(g @ step)
-        if dec / 2 <= tol:
-            break
-        t = 1.0
-        while True:
-            cand = theta - t * step
-            fc = loss(cand)
-            if fc <= f - 0.25 * t * dec or t < 1e-6:
-                break
-            t /= 2
-        theta, f = cand, fc
+    half the Newton decrement is below tol (`_logistic_newton_members` with one member)."""
+    theta = _logistic_newton_members(X.unsqueeze(0), y, l2, iters, tol)[0]
     return theta[:-1], theta[-1]
 
 
@@ -265,18 +239,13 @@ def candidate_values(source_val: float, *, y_val: Tensor | None = None, p_val: T
 
 # ----------------------------------------------------------------------------- a population's members at once
 
-def _entropy_last(p: Tensor) -> Tensor:
-    p = p.float().clamp_min(1e-12)
-    return -(p * p.log()).sum(-1)
-
-
 @torch.no_grad()
 def _logistic_newton_members(X: Tensor, y: Tensor, l2: float, iters: int, tol: float = 1e-7) -> Tensor:
-    """`_logistic_newton` for every member at once: X [P, n, d] (standardised), y [n]; returns
-    theta [P, d + 1] (weights, then the intercept). Each member takes the same steps it would
-    take alone: it stops when its own half Newton decrement is below tol, and its Armijo
-    backtracking halves its own step length; a few host round trips per iteration for all
-    members instead of several per member."""
+    """min mean BCE(X w + b, y) + l2 |w|^2 for every member at once by damped Newton steps: X
+    [P, n, d] (standardised), y [n]; returns theta [P, d + 1] (weights, then the intercept). Each
+    member stops when its own half Newton decrement is below tol, at most `iters` steps, and its
+    Armijo backtracking halves its own step length: the steps it would take alone, with a few host
+    round trips per iteration for all members instead of several per member."""
     P, n, d = X.shape
     Xb = torch.cat([X, X.new_ones(P, n, 1)], 2)
     reg = torch.full((d + 1,), 2 * l2, device=X.device)
@@ -363,8 +332,8 @@ def candidate_values_members(source_val: list[float], *, y_val: Tensor | None = 
         return out
     P, log_c = p_test.shape[0], math.log(p_test.shape[-1])
     cols: dict[str, Tensor] = {}
-    cols["entropy"] = 1.0 - _entropy_last(p_test).mean(1) / log_c
-    cols["im"] = (_entropy_last(p_test.float().mean(1)) - _entropy_last(p_test).mean(1)) / log_c
+    cols["entropy"] = 1.0 - _entropy_rows(p_test).mean(1) / log_c
+    cols["im"] = (_entropy_rows(p_test.float().mean(1)) - _entropy_rows(p_test).mean(1)) / log_c
     rows = snd_rows if snd_rows is not None else torch.arange(p_test.shape[1], device=p_test.device).expand(P, -1)
     snd = []
     for s in range(0, P, chunk):

@@ -136,7 +136,7 @@ class Population:
                  memory_budget: int | None = None):
         cfgs = list(cfgs)
         check_population(cfgs)
-        self.cfgs, self.data = cfgs, data
+        self.data = data
         cfg = self.cfg = cfgs[0]            # the shape (every member's is the same)
         o = cfg.optim
         dev = self.dev = resolve_device(device)
@@ -239,7 +239,6 @@ class Population:
             raise RuntimeError(f"member {m} is still training; stop it before replacing it")
         before = self._structure()
         seed = cfg.optim.seed
-        self.cfgs[m] = cfg
         self.model.reset_member(m, cfg.model, seed)
         for k in LOSS_SCALARS:
             self.hp.set_member(m, {k: getattr(cfg.loss, k)})

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from .. import losses as L
 from ..config import ModelConfig
-from .layers import GELU, MemberScalars, Noise, PDropout, PLayerNorm, PLinear, ResidualBlock, drop_entries, mlp
+from .layers import MemberScalars, Noise, PDropout, PLayerNorm, PLinear, ResidualBlock, drop_entries, mlp
 
 
 @dataclass
@@ -164,7 +164,7 @@ class HybridEncoder(PeakEncoder):
         super().__init__(n_peaks, cfgs, noise)
         cfg, rates, P = self.cfg, [c.dropout for c in cfgs], self.size
         width = cfg.hybrid_width
-        self.inp = nn.Sequential(PLinear(P, n_peaks, width, noise), GELU(), PDropout(rates, noise))
+        self.inp = nn.Sequential(PLinear(P, n_peaks, width, noise), nn.GELU(), PDropout(rates, noise))
         self.blocks = nn.Sequential(*[ResidualBlock(P, width, width, rates, noise) for _ in range(cfg.n_blocks)])
         self.out = nn.Sequential(PLayerNorm(P, width), PLinear(P, width, cfg.latent_dim, noise))
 

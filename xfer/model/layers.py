@@ -204,11 +204,6 @@ def drop_entries(noise: Noise, x: Tensor, p: Tensor, rates: Sequence[float]) -> 
         return x * dropout_mask(noise, p, x, rescale=False)
 
 
-class GELU(nn.Module):
-    def forward(self, x: Tensor) -> Tensor:
-        return F.gelu(x)
-
-
 def mlp(size: int, dims: list[int], rates: Sequence[float], noise: Noise, final_act: bool = False,
         rate_of: Callable = default_rate) -> nn.Sequential:
     """Linear -> LayerNorm -> GELU -> Dropout between each pair of dims; the last layer is plain
@@ -218,7 +213,7 @@ def mlp(size: int, dims: list[int], rates: Sequence[float], noise: Noise, final_
     for i in range(len(dims) - 1):
         layers.append(PLinear(size, dims[i], dims[i + 1], noise))
         if i < len(dims) - 2 or final_act:
-            layers += [PLayerNorm(size, dims[i + 1]), GELU(), PDropout(rates, noise, rate_of)]
+            layers += [PLayerNorm(size, dims[i + 1]), nn.GELU(), PDropout(rates, noise, rate_of)]
     return nn.Sequential(*layers)
 
 
