@@ -4,6 +4,11 @@ the shipped defaults on the development pairs.
 
     python bench/bench_sweep_replay.py run bench/_data/transfer --pairs 101 102 401 402 --sweeps 100
     python bench/bench_sweep_replay.py report bench/results/bench_sweep_study.json
+    python bench/bench_sweep_replay.py budgets bench/results/bench_sweep_study.json
+
+`budgets` applies the same rule with the cost cap raised from twice today's design to 4x, 8x and
+no cap: what the rule would pick, and gain on the development pairs, if a sweep could afford more
+trials and epochs (what populations are for where they pay, issue 24).
 
 Budget policies (how far each trial runs):
   fifo            every trial runs its whole budget
@@ -333,13 +338,13 @@ def summarise(per_pair: dict[int, dict], pairs: dict[int, Pair]) -> list[dict]:
     return rows
 
 
-def choose(rows: list[dict]) -> tuple[dict, dict]:
+def choose(rows: list[dict], cap: float = 2.0) -> tuple[dict, dict]:
     """The rule of bench_sweep_study.py: among the designs buildable in every replayed sweep and
-    costing at most twice today's, the highest mean gain over the shipped defaults; within 0.002
-    of a cheaper one, the cheaper."""
+    costing at most `cap` (2) times today's, the highest mean gain over the shipped defaults; within
+    0.002 of a cheaper one, the cheaper."""
     today = next(r for r in rows if (r["space"], r["policy"], r["grace"], r["rf"], r["n_trials"], r["epochs"],
                                      r["rule"]) == TODAY)
-    allowed = [r for r in rows if r["wall"] <= 2 * today["wall"] and r["coverage"] == 1.0
+    allowed = [r for r in rows if r["wall"] <= cap * today["wall"] and r["coverage"] == 1.0
                and r["policy"] not in NOT_SHIPPABLE and r["rule"] not in NOT_SHIPPABLE]
     best = max(allowed, key=lambda r: r["gain"])
     cheaper = [r for r in allowed if r["gain"] >= best["gain"] - 0.002 and r["wall"] < best["wall"]]
@@ -381,7 +386,26 @@ def report(d: dict, top: int = 25) -> str:
     return "\n".join(lines)
 
 
+def budgets(d: dict, caps=(2.0, 4.0, 8.0, math.inf)) -> str:
+    """The rule's pick at each cost cap (times today's design's replayed cost)."""
+    pairs = [str(p) for p in d["pairs"]]
+    lines = ["| cost cap | the pick | " + " | ".join(f"pair {p}" for p in pairs) + " | mean − defaults | wall "
+             "(replayed s) | × today |", "|---|---|" + "---|" * (len(pairs) + 3)]
+    for cap in caps:
+        pick, today = choose(d["rows"], cap)
+        lines.append(f"| {'none' if math.isinf(cap) else f'{cap:g} ×'} | {pick['space']}, {pick['policy']} "
+                     f"{pick['grace']} / {pick['rf']}, {pick['n_trials']} × {pick['epochs']}, {pick['rule']} | "
+                     + " | ".join(f"{pick['per_pair'][p]:+.3f}" for p in pairs)
+                     + f" | {pick['gain']:+.4f} | {pick['wall']:.0f} | {pick['wall'] / today['wall']:.1f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "budgets":
+        print(budgets(json.loads(Path(sys.argv[2]).read_text())))
+        return
     from _cli import pairs_cli
 
     def options(r):

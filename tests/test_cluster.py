@@ -199,11 +199,16 @@ def _accounted(out: Path, n: int, epochs: int, restarted: bool = False) -> pd.Da
     return df
 
 
-def test_s3_sweep_spans_nodes_and_resumes_after_the_driver_dies(cluster, s3, s3_store, tmp_path):
+@pytest.mark.parametrize("population", [1, 2])
+def test_s3_sweep_spans_nodes_and_resumes_after_the_driver_dies(cluster, s3, s3_store, tmp_path, population):
+    """The stores and Tune's storage on S3, trials on three nodes, the driver SIGKILLed and the sweep
+    resumed; with --population 2 each Ray trial is a population whose members' checkpoints
+    (member_<i>.pt) go to S3 and come back for the final model."""
     client, _, _ = cluster
     q, endpoint = s3
-    out, n, epochs = tmp_path / "sweep", 6, 4
-    args = _sweep_args(s3_store, out, "s3sweep", n, epochs, "--storage", f"s3://xfer/sweeps?{q}")
+    out, n, epochs, name = tmp_path / "sweep", 6, 4, f"s3sweep{population}"
+    args = _sweep_args(s3_store, out, name, n, epochs, "--storage", f"s3://xfer/sweeps?{q}",
+                       "--population", str(population))
     with _driver(args, client, stderr=subprocess.DEVNULL) as proc:
         _wait(lambda: sum(study_states(out / "optuna_study.db").get(s, 0) for s in ("COMPLETE", "PRUNED")) >= 2,
               300, "two trials finished", proc)
@@ -221,8 +226,11 @@ def test_s3_sweep_spans_nodes_and_resumes_after_the_driver_dies(cluster, s3, s3_
 
     keys = [o["Key"] for o in boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **{
         k.lower(): v for k, v in AWS.items() if k != "AWS_DEFAULT_REGION"}).list_objects_v2(
-        Bucket="xfer", Prefix="sweeps/s3sweep/")["Contents"]]
-    assert any(k.endswith("/checkpoint.pt") for k in keys)                              # checkpoints on S3
+        Bucket="xfer", Prefix=f"sweeps/{name}/")["Contents"]]
+    ckpt = "/checkpoint.pt" if population == 1 else "/member_1.pt"
+    assert any(k.endswith(ckpt) for k in keys)                                          # checkpoints on S3
+    if population > 1:
+        assert df["population_id"].nunique() == n // population and len(df) == n
     assert not (out / "ray_results").exists() and (out / "best_model.pt").exists()
     assert not (out / ".best_checkpoint.pt").exists()                                 # the download is gone
     assert json.loads((out / "sweep.json").read_text())["storage_uri"].startswith("s3://xfer/sweeps")

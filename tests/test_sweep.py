@@ -321,3 +321,93 @@ def test_checkpoint_policy_keeps_the_best_weights_wherever_asha_after_warmup_sto
                     saved.append(e)
             best = max((e for e in improved if e <= stop), default=0)
             assert saved and saved[-1] >= best, (warm_from, stop, improved, saved)
+
+
+def _scheduler_with_rivals(clock: str, max_t: int, rivals_value: float):
+    from tune.searcher import make_scheduler
+
+    class _T:
+        def __init__(self, tid):
+            self.trial_id = tid
+
+    s = make_scheduler("asha", clock, max_t, 3, 2)
+    s.set_search_properties("objective", "max")
+    rivals, me = [_T(f"r{i}") for i in range(4)], _T("me")
+    for t in (*rivals, me):
+        s.on_trial_add(None, t)
+    for i, t in enumerate(rivals):
+        for e in range(1, max_t):
+            s.on_trial_result(None, t, {"epoch": e, "adapted_epochs": e, "objective": rivals_value + 0.01 * i,
+                                        "warmup": 1.0})
+    return s, me
+
+
+def test_reports_held_back_leave_every_asha_decision_where_it_was():
+    """A trial that reports only the epochs ReportGate sends (every 5th, or as time allows, plus
+    the epochs ASHA judges, its checkpoints and its end) gets from Ray's scheduler the same rung
+    records, with the same values, and the same STOP epoch as one reporting every epoch, on each
+    rung clock; the epochs held back reach the searcher in the next report's `curve`."""
+    import random
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from tune.trainable import CheckpointPolicy, ReportGate
+    from xfer.losses import warmup_factor
+    from xfer.train import adapted_epochs
+
+    rng = random.Random(3)
+    max_t, rungs = 30, (3, 6, 12, 24)
+    for clock in ("adapted", "after_warmup", "epochs"):
+        for _ in range(40):
+            w = rng.randint(0, 12)
+            values = [rng.uniform(0.3, 0.7) for _ in range(max_t)]
+            every, level = rng.choice([0, 2, 5, 50]), rng.uniform(0.3, 0.7)
+            runs = []
+            for gated in (False, True):
+                s, me = _scheduler_with_rivals(clock, max_t, level)
+                policy = CheckpointPolicy(0, rungs, clock=clock)
+                gate = ReportGate(every, seconds=3600.0)    # auto: no second passes in this test
+                sent, must, curve, stop = [], [], [], None
+                for e in range(1, max_t + 1):
+                    warm = warmup_factor(e - 1, w)
+                    m = {"epoch": e, "adapted_epochs": adapted_epochs(e, w), "warmup": warm,
+                         "objective": values[e - 1], "improved": False, "epoch_seconds": 0.1}
+                    last = e == max_t
+                    write = policy.due(m, last)
+                    if last or write or policy.judged_now:
+                        must.append(e)
+                    if gated and not gate.send(e, last or write or policy.judged_now):
+                        gate.hold(e, m["objective"])
+                        continue
+                    curve += gate.sent(e) + [[e, m["objective"]]]
+                    sent.append(e)
+                    if write:
+                        policy.saved(e, 0.05)                # a write of half an epoch: every 10 epochs
+                    if s.on_trial_result(None, me, m) == TrialScheduler.STOP:
+                        stop = e
+                        break
+                records = {r: rec.get("me") for r, rec in s._trial_info["me"]._rungs if "me" in rec}
+                runs.append((records, stop, curve, sent, must))
+            (rec_a, stop_a, curve_a, sent_a, _), (rec_b, stop_b, curve_b, sent_b, must) = runs
+            assert rec_a == rec_b and stop_a == stop_b, (clock, w, every, rec_a, rec_b, stop_a, stop_b)
+            assert curve_a == curve_b                      # every objective reaches the searcher
+            assert set(must) <= set(sent_b) <= set(sent_a)
+            if every in (0, 50):                           # only the epochs that must go: rungs, checkpoints, end
+                assert sent_b == must and len(sent_b) <= len(rungs) + 4, sent_b
+
+
+def test_a_report_carries_its_trials_values_at_the_best_epoch():
+    """trials.csv's values at the best epoch come from the trial's last report (each report carries
+    them as at_best/...), not from the history of reports, which may skip the best epoch."""
+    from tune.sweep import _at_best_epoch
+    from tune.trainable import at_best
+
+    best = {"epoch": 7, "objective": 0.6, "sel/agreement": 0.6, "sel/entropy": -0.2, "peak_val_balanced_accuracy": 0.7,
+            "loss/total": 1.0}
+    m = {"epoch": 12, "best_epoch": 7, "sel/agreement": 0.5, **at_best(best, "balanced_accuracy")}
+
+    class _R:
+        metrics_dataframe = None
+
+    got = _at_best_epoch(_R(), m)
+    assert got == {"sel/agreement": 0.6, "sel/entropy": -0.2, "peak_val_balanced_accuracy": 0.7}

@@ -49,7 +49,8 @@ def _tune_args(store, out, *extra, test=True):
 def smoke(tmp_path_factory, store):
     out = tmp_path_factory.mktemp("smoke") / "sweep"
     r = subprocess.run(XFER + _tune_args(store, out, "--n_trials", "6", "--search_epochs", "4", "--grace_period", "1",
-                                         "--reduction_factor", "2", "--set=warmup_epochs=1"), env=_env(),
+                                         "--reduction_factor", "2", "--set=warmup_epochs=1",
+                                         "--tensorboard"), env=_env(),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return out, r
@@ -119,7 +120,7 @@ def test_smoke_sweep_prunes_and_accounts_for_every_trial(smoke):
     m = json.loads((out / "metrics.json").read_text())
     assert {"gex_val", "gex_test", "peak_val", "peak_test", "baselines"} <= set(m)
     assert m["model"]["n_members"] == len(ids)
-    assert list((out / "ray_results").rglob("events.out.tfevents*")), "no TensorBoard logs"
+    assert list((out / "ray_results").rglob("events.out.tfevents*")), "no TensorBoard logs with --tensorboard"
     assert "Ray dashboard: http://127.0.0.1:" in r.stdout
     # the compact progress display (tune/progress.py; plain lines, as stdout is a pipe), not Tune's tables
     assert "Trial status:" not in r.stdout and "\x1b[" not in r.stdout
@@ -358,6 +359,13 @@ def test_a_population_sweep_writes_one_row_per_member(tmp_path, store):
     assert (out / "best_model.pt").exists() and (out / "report.html").exists()
     d = df.set_index("optuna_trial").loc[0]  # the shipped defaults are the first member
     assert d["param.lr"] == pytest.approx(3e-4)
+    # reports go out at most once a second, yet each member's Optuna trial has its whole curve
+    import optuna
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{out / 'optuna_study.db'}")
+    for t in study.get_trials():
+        row = df.set_index("optuna_trial").loc[t.number]
+        assert set(t.intermediate_values) == set(range(1, int(row["epochs_run"]) + 1)), (t.number, t.intermediate_values)
+    assert not list((out / "ray_results").rglob("events.out.tfevents*"))   # TensorBoard only with --tensorboard
 
 
 def test_a_population_sweep_resumes_after_sigkill_of_the_driver(tmp_path, store):

@@ -37,6 +37,13 @@ def register(sub) -> None:
     g.add_argument("--checkpoint_every", type=int, default=0,
                    help="checkpoint every N epochs; 0 (default): as often as keeps writing within 5%% of a trial's "
                         "compute (and at the end, and at an ASHA rung after a new best epoch)")
+    g.add_argument("--report_every", type=int, default=0, metavar="N",
+                   help="a trial reports to the driver every N epochs; 0 (default): at most once a second. Always "
+                        "at the epochs ASHA judges, at checkpoints and at the end; the epochs between still reach "
+                        "Optuna's study (BENCHMARKS.md: Ray's costs that are ours)")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard logs (tensorboard --logdir <storage>); off by default: ~4 ms of the "
+                        "driver's time per report")
     g.add_argument("--final_model", choices=("greedy", "within_se", "top", "best"), default="greedy",
                    help="how best_model.pt is made from the trials judged on the same footing (the ones that ran "
                         "their whole budget): greedy (default) adds trials while the average's own objective rises; "
@@ -110,7 +117,8 @@ def cmd_tune(args) -> int:
     if res["metrics"] is not None:
         print(format_table(res["metrics"]))
     print(f"results: {sw.output}/ (best_params.json, trials.csv, trials.parquet, optuna_study.db, best_model.pt"
-          f"{', metrics.json' if res['metrics'] is not None else ''}); TensorBoard: tensorboard --logdir {sw.storage}")
+          f"{', metrics.json' if res['metrics'] is not None else ''})"
+          + (f"; TensorBoard: tensorboard --logdir {sw.storage}" if sw.tensorboard else ""))
     if res["dashboard"]:
         print(f"Ray dashboard: http://{res['dashboard']} (while this process runs; token: `ray get-auth-token`)")
     if res.get("report"):

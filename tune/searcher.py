@@ -205,9 +205,11 @@ class EpochAwareOptunaSearch(OptunaSearch):
             if trial_id in ot.completed or trial_id not in ot.trials:
                 return
             step, value = result.get(self._step_attr), result.get(self.metric)
-            if step is None or value is None:
-                return
-            ot.trials[trial_id].report(float(value), int(step))
+            # the epochs the trial held back since its last report first (tune.trainable.ReportGate)
+            points = [tuple(p) for p in result.get("curve") or ()] + [(step, value)]
+            for step, value in points:
+                if step is not None and value is not None:
+                    ot.trials[trial_id].report(float(value), int(step))
         except PrivateFieldGone as e:
             log.warning("optuna report failed for %s: %s", trial_id, e)
         except Exception as e:  # e.g. a finished trial re-run after a restore
@@ -231,8 +233,12 @@ class EpochAwareOptunaSearch(OptunaSearch):
                 return
             if step is not None:
                 ot_trial.set_user_attr("epochs_run", int(step))
-                if value is not None and not error and int(step) not in stored.intermediate_values:
-                    ot_trial.report(float(value), int(step))  # the last epoch too: whole curves in the dashboard
+                # the epochs held back before the last report (tune.trainable.ReportGate), then the last
+                # epoch too: whole curves in the dashboard (Tune hands the result that ends a trial here only)
+                points = [tuple(p) for p in (result or {}).get("curve") or ()] + [(step, value)]
+                for s_, v_ in points:
+                    if v_ is not None and not error and int(s_) not in stored.intermediate_values:
+                        ot_trial.report(float(v_), int(s_))
             if error:
                 ot.tell(ot_trial, state=TrialState.FAIL)
             elif value is None:
@@ -556,14 +562,22 @@ class PopulationSearch(Searcher):
         return {"population": [p for _, p in pop], "numbers": self.owned[trial_id]}
 
     def on_trial_result(self, trial_id: str, result: Dict) -> None:
+        self._record(trial_id, result)
+
+    def _record(self, trial_id: str, result: Dict) -> None:
+        """Each member's objectives in a report (those held back since the last one included) as its
+        Optuna trial's intermediate values; a step already recorded is skipped."""
         try:
             for i, number in enumerate(self.owned.get(trial_id, [])):
-                step, value = result.get(f"m{i}/epoch"), result.get(f"m{i}/objective")
-                if step is None or value is None or self.last.get(number, (None,))[0] == int(step):
-                    continue
-                self.last[number] = (int(step), float(value))
-                if not self._stored(number).state.is_finished():
-                    self._trial(number).report(float(value), int(step))
+                # the epochs held back since the population's last report first (tune.trainable.ReportGate)
+                points = [tuple(p) for p in result.get(f"m{i}/curve") or ()]
+                points.append((result.get(f"m{i}/epoch"), result.get(f"m{i}/objective")))
+                for step, value in points:
+                    if step is None or value is None or self.last.get(number, (0,))[0] >= int(step):
+                        continue
+                    self.last[number] = (int(step), float(value))
+                    if not self._stored(number).state.is_finished():
+                        self._trial(number).report(float(value), int(step))
         except Exception as e:  # noqa: BLE001 - an exception here would stop the whole driver
             log.debug("optuna report skipped for %s: %r", trial_id, e)
 
@@ -571,6 +585,7 @@ class PopulationSearch(Searcher):
         if trial_id in self.completed or trial_id not in self.owned:
             return
         result = result or {}
+        self._record(trial_id, result)  # a population stopped by Tune: its last report comes only here
         for i, number in enumerate(self.owned[trial_id]):
             try:
                 if self._stored(number).state.is_finished():

@@ -67,6 +67,10 @@ def ray_environment() -> None:
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # snapshot the sweep state every second (resume)
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # Tune's automatic loggers include TensorBoardX's, ~4 ms of the driver's time per report (CSV and
+    # JSON: ~0.2 ms; BENCHMARKS.md "Ray's costs that are ours"): the sweep adds its loggers itself
+    # (`loggers`), TensorBoard's only with --tensorboard
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
 
 @dataclass
@@ -101,6 +105,8 @@ class Sweep:
     scheduler: str = "asha"             # SCHEDULERS: asha stops the weak, fifo runs every trial out
     rungs: str = ""                     # RUNG_CLOCKS: what ASHA's rungs count
     population: int = 1                 # members per Ray trial (tune.trainable.population_trial); 1: one each
+    report_every: int = 0               # epochs between a trial's reports (tune.trainable.ReportGate); 0: each second
+    tensorboard: bool = False           # TensorBoard logs beside Tune's CSV and JSON results
 
     def __post_init__(self):
         if not self.rungs:  # a sweep.json from before issue 23: its ASHA counted plain epochs
@@ -247,6 +253,9 @@ def new_sweep(args) -> Sweep:
     if population > 1 and _pick_trainer(args.trainer, args.num_workers) != "function":
         raise ConfigError("population", "populations run in the function fast path: not with --trainer torch or "
                           "--num_workers > 1")
+    report_every = int(getattr(args, "report_every", 0) or 0)
+    if report_every < 0:
+        raise ConfigError("report_every", f"must be >= 0 (0: at most one report a second), got {report_every}")
     # every value a trial can get must make a valid config with the base
     TrainConfig.from_dict({**base, **{k: p.value for k, p in space.params.items() if p.kind == "fixed"
                                       and k not in ALL_ARCH_PARAMS and k != "arch"}})
@@ -270,7 +279,8 @@ def new_sweep(args) -> Sweep:
         data_args={k: getattr(args, k, None) for k in DATA_FLAGS}, objective=objective,
         objective_setting=base["objective"], storage_uri=storage,
         reuse_actors=bool(getattr(args, "reuse_actors", True)), final_ensemble=args.final_ensemble,
-        scheduler=scheduler, rungs=rungs, final_model=final_rule, population=population)
+        scheduler=scheduler, rungs=rungs, final_model=final_rule, population=population,
+        report_every=report_every, tensorboard=bool(getattr(args, "tensorboard", False)))
 
 
 def _check_storage(storage: str | None) -> str:
@@ -397,11 +407,11 @@ def make_trainable(sw: Sweep):
         from .trainable import population_trial
 
         fn = partial(population_trial, spec=sw.spec, base=sw.base, checkpoint_every=sw.checkpoint_every,
-                     rungs=rungs, clock=sw.rungs, board=board_name(sw))
+                     rungs=rungs, clock=sw.rungs, board=board_name(sw), report_every=sw.report_every)
         return labelled(tune.with_resources(fn, {"cpu": sw.cpus_per_trial, "gpu": sw.gpus_per_trial}))
     if sw.trainer == "function":
         fn = partial(function_trial, spec=sw.spec, base=sw.base, checkpoint_every=sw.checkpoint_every,
-                     rungs=rungs, clock=sw.rungs)
+                     rungs=rungs, clock=sw.rungs, report_every=sw.report_every)
         return labelled(tune.with_resources(fn, {"cpu": sw.cpus_per_trial, "gpu": sw.gpus_per_trial}))
     per_worker = {"CPU": max(0.01, sw.cpus_per_trial / sw.num_workers - 0.01)}
     if sw.gpus_per_trial > 0:
@@ -463,6 +473,14 @@ def _redisplay(tuner, sw: Sweep, verbose: bool, progress_every: float) -> None:
     run_config.callbacks = [c for c in (run_config.callbacks or []) if not isinstance(c, SweepProgress)] + callbacks
 
 
+def loggers(sw: Sweep) -> list:
+    """Tune's result loggers: CSV and JSON (each trial's history of reports: `xfer results`, the
+    trial table), TensorBoard's with --tensorboard (the automatic ones are off, `ray_environment`)."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
+
+    return [CSVLoggerCallback(), JsonLoggerCallback()] + ([TBXLoggerCallback()] if sw.tensorboard else [])
+
+
 def make_tuner(sw: Sweep, restore: bool, verbose: bool = False, progress_every: float = 30.0):
     """The Tuner of a new sweep, or the restored one (restore); verbose: Tune's own tables
     instead of the compact progress display (see `display`)."""
@@ -520,7 +538,8 @@ def make_tuner(sw: Sweep, restore: bool, verbose: bool = False, progress_every: 
             trial_dirname_creator=lambda t: t.trial_id,
         ),
         run_config=tune.RunConfig(
-            name=sw.name, storage_path=loc.path, storage_filesystem=fs, verbose=tune_verbosity, callbacks=callbacks,
+            name=sw.name, storage_path=loc.path, storage_filesystem=fs, verbose=tune_verbosity,
+            callbacks=loggers(sw) + callbacks,
             failure_config=tune.FailureConfig(max_failures=sw.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
         ),
@@ -532,6 +551,8 @@ def make_tuner(sw: Sweep, restore: bool, verbose: bool = False, progress_every: 
 def _at_best_epoch(r, m: dict) -> dict:
     """The trial's report of its best epoch (every candidate's value then); its last report when
     the history is not available or no epoch was chosen yet."""
+    if any(k.startswith("at_best/") for k in m):  # each report carries them (tune.trainable.at_best)
+        return {k[len("at_best/"):]: v for k, v in m.items() if k.startswith("at_best/")}
     hist = getattr(r, "metrics_dataframe", None)
     best = m.get("best_epoch")
     if hist is not None and best and "epoch" in getattr(hist, "columns", ()):

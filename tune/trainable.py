@@ -165,6 +165,7 @@ class CheckpointPolicy:
         self.last_saved = 0          # the epoch of the last checkpoint (0: none in this run)
         self.dirty = False           # a best epoch since the last checkpoint
         self.epoch_seconds: list[float] = []
+        self.judged_now = False      # whether ASHA judges the epoch `due` was last asked about
 
     def due(self, m: dict, last: bool) -> bool:
         epoch = int(m["epoch"])
@@ -173,7 +174,7 @@ class CheckpointPolicy:
         if isinstance(m.get("epoch_seconds"), (int, float)):
             self.epoch_seconds.append(float(m["epoch_seconds"]))
         t = int(m.get("adapted_epochs", epoch)) if self.clock == "adapted" else epoch
-        judged = self.judged(t, float(m.get("warmup", 1.0)) >= 1.0)
+        judged = self.judged_now = self.judged(t, float(m.get("warmup", 1.0)) >= 1.0)
         return last or (self.dirty and judged) or epoch - self.last_saved >= self.every
 
     def judged(self, t: int, warm: bool) -> bool:
@@ -201,9 +202,60 @@ class CheckpointPolicy:
             self.every = max(1, min(self.max_every, math.ceil(seconds / (self.budget * max(per_epoch, 1e-9)))))
 
 
+# Seconds between a trial's reports when it sends them as time allows (`xfer tune --report_every 0`,
+# the default). A Tune report is a round trip: the trial's training thread waits until the driver
+# has processed it (searcher, scheduler, loggers, callbacks): 1.5-6 ms on CPU-2 with no other work,
+# more on a busy driver (BENCHMARKS.md "Ray's costs that are ours").
+REPORT_SECONDS = 1.0
+
+
+class ReportGate:
+    """Which of a trial's epochs are sent to the driver as a Tune report.
+
+    Always sent: the last epoch, an epoch that ASHA judges (`CheckpointPolicy.judged`, Ray's own
+    rule: so every decision falls on the epoch it would with a report every epoch, and a stopped
+    trial stops there), and an epoch with a checkpoint. The others: every `every` epochs, or with
+    `every` = 0 (auto) once `seconds` have passed since the last report. An epoch not sent is
+    held: the next report carries the objectives of the held epochs as `curve`
+    ([[epoch, value], ...]), which the searchers pass on to Optuna, so its study keeps whole curves.
+    """
+
+    def __init__(self, every: int = 0, seconds: float = REPORT_SECONDS):
+        self.every, self.seconds = int(every), float(seconds)
+        self.last_epoch, self.last_time = 0, time.perf_counter()
+        self.held: list[list] = []
+
+    def send(self, epoch: int, must: bool) -> bool:
+        if must:
+            return True
+        if self.every > 0:
+            return epoch - self.last_epoch >= self.every
+        return time.perf_counter() - self.last_time >= self.seconds
+
+    def hold(self, epoch: int, objective) -> None:
+        if objective is not None:
+            self.held.append([int(epoch), float(objective)])
+
+    def sent(self, epoch: int) -> list:
+        """The held epochs' curve for the report of `epoch` (then forgotten)."""
+        curve, self.held = self.held, []
+        self.last_epoch, self.last_time = int(epoch), time.perf_counter()
+        return curve
+
+
+def at_best(record: dict | None, metric: str) -> dict:
+    """The values trials.csv shows for a trial's best epoch, from that epoch's record, as `at_best/...`
+    (each report carries them: the history of reports may skip the best epoch)."""
+    if not record:
+        return {}
+    return {f"at_best/{k}": v for k, v in record.items() if k.startswith("sel/") or k == f"peak_val_{metric}"}
+
+
 def _run(params: dict, spec: dict, base: dict, checkpoint_every: int, device: str,
          get_checkpoint: Callable, report: Callable, is_rank0: bool = True, rungs=(),
-         clock: str = "epochs") -> None:
+         clock: str = "epochs", report_every: int = 0) -> None:
+    """One trial: xfer's loop, its epochs reported as `ReportGate(report_every)` allows (every rank
+    of a TorchTrainer trial must report the same epochs: give it report_every=1)."""
     cfg = trial_config(base, params)
     data = load_trial_data(DataSpec(**spec), cfg)
     resume = None
@@ -213,14 +265,27 @@ def _run(params: dict, spec: dict, base: dict, checkpoint_every: int, device: st
             resume = read_checkpoint(Path(d) / CHECKPOINT_FILE)
     epochs = cfg.optim.epochs
     policy = CheckpointPolicy(checkpoint_every, rungs, clock=clock)
+    gate = ReportGate(report_every)
+    best = {}
     if resume is not None:
         policy.resumed_at(int(resume["epoch"]))
+        history, b = resume["train_state"].get("history", []), int(resume.get("best_epoch", 0))
+        best = at_best(history[b - 1] if 0 < b <= len(history) else None, cfg.optim.metric)
 
     def on_epoch(metrics: dict, make_checkpoint) -> None:
+        nonlocal best
         m = _scalars(metrics)
         m["timesteps_total"] = m["epoch"]
+        if m.get("improved"):
+            best = at_best(m, cfg.optim.metric)
+        m.update(best)
         last = m["epoch"] >= epochs or m.get("stopped_early", False)
-        if is_rank0 and policy.due(m, last):
+        write = is_rank0 and policy.due(m, last)
+        if not gate.send(m["epoch"], last or write or policy.judged_now):
+            gate.hold(m["epoch"], m.get("objective"))
+            return
+        m["curve"] = gate.sent(m["epoch"])
+        if write:
             with tempfile.TemporaryDirectory() as d:
                 t0 = time.perf_counter()
                 torch.save(make_checkpoint(), Path(d) / CHECKPOINT_FILE)
@@ -252,7 +317,7 @@ def _trial_setup(params: dict):
 
 
 def function_trial(params: dict, *, spec: dict, base: dict, checkpoint_every: int = 0, rungs=(),
-                   clock: str = "epochs") -> None:
+                   clock: str = "epochs", report_every: int = 0) -> None:
     """Tune function trainable (fast path)."""
     from ray import tune
 
@@ -264,7 +329,8 @@ def function_trial(params: dict, *, spec: dict, base: dict, checkpoint_every: in
         tune.report({**m, "node_id": node_id},
                     checkpoint=tune.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
 
-    _run(params, spec, base, checkpoint_every, device, tune.get_checkpoint, report, rungs=rungs, clock=clock)
+    _run(params, spec, base, checkpoint_every, device, tune.get_checkpoint, report, rungs=rungs, clock=clock,
+         report_every=report_every)
 
 
 def labelled(fn):
@@ -305,7 +371,7 @@ def _worker_loop(loop_config: dict) -> None:
 
     _run(loop_config["params"], loop_config["spec"], loop_config["base"], loop_config["checkpoint_every"], device,
          ray.train.get_checkpoint, report, is_rank0=rank0, rungs=loop_config.get("rungs", ()),
-         clock=loop_config.get("clock", "epochs"))
+         clock=loop_config.get("clock", "epochs"), report_every=1)
 
 
 def trainer_trial(params: dict, *, spec: dict, base: dict, checkpoint_every: int = 0, rungs=(),
@@ -364,13 +430,14 @@ def _at_best(i: int, ms, metric: str) -> dict:
 
 
 def population_trial(config: dict, *, spec: dict, base: dict, checkpoint_every: int = 0, rungs=(),
-                     clock: str = "adapted", board: str = "") -> None:
+                     clock: str = "adapted", board: str = "", report_every: int = 0) -> None:
     """Tune function trainable of a population: its members (config["population"], one Optuna
     trial each, config["numbers"]) train together (xfer.train.fit_population) with the trial's
     CPU / GPU share. Each population epoch is one report: every member's record under `m<i>/`,
     its status, and `objective` (the best member's, for Tune's own bookkeeping). At each of a
     member's epochs the sweep's board actor (tune.population.RungBoard) may stop it (ASHA, member
-    by member, across populations). A checkpoint is a folder with every member's training
+    by member, across populations: not through Tune's reports, so those go out as `ReportGate`
+    allows; each member's held objectives as `m<i>/curve`). A checkpoint is a folder with every member's training
     checkpoint (member_<i>.pt, its status included)."""
     import ray
     from ray import tune
@@ -395,6 +462,8 @@ def population_trial(config: dict, *, spec: dict, base: dict, checkpoint_every: 
     policy = CheckpointPolicy(checkpoint_every)
     if resume is not None:
         policy.resumed_at(max(int(r["epoch"]) for r in resume))
+    gate = ReportGate(report_every)
+    curves: dict[int, list] = {}  # each member's objectives held since the last report
     epoch_report: dict = {}
 
     def report_member(i: int, metrics: dict, make_checkpoint) -> bool:
@@ -430,7 +499,16 @@ def population_trial(config: dict, *, spec: dict, base: dict, checkpoint_every: 
             m.update(_at_best(i, ms, metric))
         epoch_report.clear()
         last = m["members_training"] == 0
-        if policy.due(m, last):
+        write = policy.due(m, last)
+        if not gate.send(m["epoch"], last or write):
+            for i, ms in enumerate(members):
+                if m.get(f"m{i}/epoch") == ms.epoch and m.get(f"m{i}/objective") is not None:
+                    curves.setdefault(i, []).append([ms.epoch, float(m[f"m{i}/objective"])])
+            return
+        gate.sent(m["epoch"])
+        m.update({f"m{i}/curve": c for i, c in curves.items()})
+        curves.clear()
+        if write:
             with tempfile.TemporaryDirectory() as d:
                 t0 = time.perf_counter()
                 for i in range(pop.size):  # each holds its member's status: one that had stopped stays stopped
