@@ -299,3 +299,20 @@ def test_a_missing_field_at_construction_fails_before_any_trial(tmp_path, monkey
     monkeypatch.setattr(OptunaSearch, "__init__", init_without_trials)
     with pytest.raises(PrivateFieldGone, match=r"_ot_trials is gone"):
         _searcher(tmp_path / "study.db")
+
+
+def test_tune_keeps_as_many_trials_pending_as_the_sweep_has_slots(tmp_path):
+    """Tune starts at most TUNE_MAX_PENDING_TRIALS_PG trials ahead of the cluster; for a searcher
+    other than its random one its default is 1, a new trial one at a time as slots free up. Ray
+    2.60 takes the ConcurrencyLimiter's limit (the sweep's slots) instead; this fails when an
+    upgrade changes that, so the sweep can set the variable itself."""
+    import os
+
+    from ray.tune.execution.tune_controller import _get_max_pending_trials
+    from ray.tune.search import ConcurrencyLimiter
+
+    from tune.searcher import SweepSearchGenerator
+
+    assert "TUNE_MAX_PENDING_TRIALS_PG" not in os.environ
+    gen = SweepSearchGenerator(ConcurrencyLimiter(_searcher(tmp_path / "study.db"), max_concurrent=7))
+    assert _get_max_pending_trials(gen) == 7
