@@ -420,10 +420,10 @@ def test_worker_node_killed_mid_population_sweep(cluster, tiny_store, tmp_path):
     nodes = json.loads(subprocess.run([RAY, "list", "nodes", "--address", dash, "--format", "json"], env=client,
                                       capture_output=True, text=True, timeout=60).stdout)
     w2 = next(x["node_id"] for x in nodes if "w2" in x["resources_total"] and x["state"] == "ALIVE")
-    out, n, epochs = tmp_path / "sweep", 4, 60
+    out, n, epochs = tmp_path / "sweep", 16, 40
     running_on_w2 = partial(_running_on, out / "ray_results" / "popkill", w2, epochs // 6)
 
-    with _driver(_sweep_args(str(tiny_store), out, "popkill", n, epochs, "--population", "2", "--checkpoint_every",
+    with _driver(_sweep_args(str(tiny_store), out, "popkill", n, epochs, "--population", "8", "--checkpoint_every",
                              "1", "--set=patience=100"), client) as proc:
         _wait(running_on_w2, 300, "a population running on worker 2", proc)
         k = subprocess.run([str(SCRIPT), "kill-node", "2"], env=client, capture_output=True, text=True, timeout=30)
@@ -433,4 +433,4 @@ def test_worker_node_killed_mid_population_sweep(cluster, tiny_store, tmp_path):
     df = _accounted(out, n, epochs)
     assert df["population_id"].nunique() == 2
     moved = df[df["node_ids"].str.split(";").map(lambda ids: ids[0] == w2 and len(ids) >= 2)]
-    assert len(moved) == 2 and moved["population_id"].nunique() == 1, df[["trial_id", "node_ids"]]
+    assert len(moved) == 8 and moved["population_id"].nunique() == 1, df[["trial_id", "node_ids"]]

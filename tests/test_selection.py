@@ -142,7 +142,7 @@ def _trial_reports(store, test, sup_peak, params, tmp_path, monkeypatch):
     base = {k: v for k, v in TrainConfig.from_dict({**SMALL_MODEL, "epochs": 4}).to_flat().items()
             if k not in ALL_ARCH_PARAMS}
     reports = []
-    _run(params, spec.to_dict(), base, 2, "cpu", lambda: None, lambda m, _d: reports.append(m))
+    _run(params, spec.to_dict(), base, 2, "cpu", lambda: None, lambda m, _d: reports.append(m), report_every=1)
     return reports
 
 

@@ -334,20 +334,20 @@ def test_resume_after_sigkill_of_the_driver(tmp_path, store):
 
 
 def test_a_population_sweep_writes_one_row_per_member(tmp_path, store):
-    """--population 4: two Ray trials of four members each; every member is its own Optuna trial
+    """--population 8: two Ray trials of eight members each; every member is its own Optuna trial
     and trials.csv row (with its population's id), judged on its own by the members' ASHA, and the
     final model is built from members' checkpoints."""
     out = tmp_path / "sweep"
-    r = subprocess.run(XFER + _tune_args(store, out, "--n_trials", "8", "--population", "4", "--search_epochs", "4",
+    r = subprocess.run(XFER + _tune_args(store, out, "--n_trials", "16", "--population", "8", "--search_epochs", "4",
                                          "--grace_period", "1", "--set=warmup_epochs=1"),
                        env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     df = pd.read_csv(out / "trials.csv")
-    assert len(df) == 8 and df["trial_id"].is_unique and df["population_id"].nunique() == 2
-    assert sorted(df["optuna_trial"]) == list(range(8)) and (df["status"] != "errored").all()
+    assert len(df) == 16 and df["trial_id"].is_unique and df["population_id"].nunique() == 2
+    assert sorted(df["optuna_trial"]) == list(range(16)) and (df["status"] != "errored").all()
     for _, pop in df.groupby("population_id"):  # one shape per population, its scalars searched
         assert pop["param.arch"].nunique() == 1 and pop["param.hidden_dim"].nunique() == 1
-        assert pop["param.lr"].nunique() == 4
+        assert pop["param.lr"].nunique() == 8
     states = study_states(out / "optuna_study.db")
     assert states.get("COMPLETE", 0) == (df["status"] == "completed").sum()
     assert states.get("PRUNED", 0) == (df["status"] == "stopped_by_asha").sum()
@@ -372,14 +372,14 @@ def test_a_population_sweep_resumes_after_sigkill_of_the_driver(tmp_path, store)
     """Killed while populations train, resumed: every member ends with exactly one result, the
     members that had finished keep theirs, and trials.csv has one row per member."""
     out = tmp_path / "sweep"
-    args = _tune_args(store, out, "--n_trials", "8", "--population", "2", "--search_epochs", "6", "--grace_period",
+    args = _tune_args(store, out, "--n_trials", "24", "--population", "8", "--search_epochs", "6", "--grace_period",
                       "6", test=False)
-    done, _ = _kill_and_resume(out, args, 8)
+    done, _ = _kill_and_resume(out, args, 24)                # three populations of 8 on two slots
     df = pd.read_csv(out / "trials.csv")
-    assert len(df) == 8 and df["trial_id"].is_unique and (df["status"] != "errored").all()
+    assert len(df) == 24 and df["trial_id"].is_unique and (df["status"] != "errored").all()
     after = _finished_values(out / "optuna_study.db")
     with sqlite3.connect(out / "optuna_study.db") as c:
         n_trials = c.execute("select count(*) from trials where state != 'FAIL'").fetchone()[0]
-    assert len(after) == 8 and n_trials == 8                 # nothing lost, nothing run twice
+    assert len(after) == 24 and n_trials == 24               # nothing lost, nothing run twice
     assert all(after[n] == v for n, v in done.items())       # finished members kept their results
     assert sorted(df["optuna_trial"]) == sorted(after)
