@@ -1,4 +1,4 @@
-"""What one trial runs: xfer's one training loop, reporting to Ray every epoch.
+"""What one trial runs: xfer's one training loop, reporting to Ray as `ReportGate` allows.
 
 Two ways to run a trial, both around the same `_run` body:
 
@@ -15,7 +15,11 @@ Two ways to run a trial, both around the same `_run` body:
 Every report carries `epoch` (ASHA's time attribute and Optuna's step: Tune's
 iteration counter restarts after a restore), `timesteps_total` = epoch (the
 TensorBoard step), `objective` (the sweep's `--objective`, see xfer.selection)
-and every selection candidate as `sel/<name>`, and `node_id`, the Ray node the epoch ran on
+and every selection candidate as `sel/<name>`, the values at the trial's best epoch as
+`at_best/<name>`, the objectives of the epochs held back since the last report as `curve`
+(`ReportGate`: at most one report a second by default, always at ASHA's judgements, checkpoints
+and the end; TorchTrainer trials report every epoch, so that every rank reports the same ones),
+and `node_id`, the Ray node the epoch ran on
 (rank 0's node for TorchTrainer trials): a trial restored elsewhere after a node died
 shows both.
 A checkpoint (`checkpoint.pt`, loaded with weights_only=True; the whole training state) is
