@@ -42,14 +42,19 @@ def make_store(size: str, work: Path) -> Path:
     return store
 
 
+def tune_command(store: Path, out: Path, population: int, args, *extra: str) -> list[str]:
+    """`xfer tune` on make_store's pair (the test line's cells unlabelled), one CPU per trial."""
+    return [sys.executable, "-m", "xfer.cli", "tune", "--store", str(store), "--src_csv", "store:simA_GEX",
+            "--tgt_csv", "store:simA_PEAK", "--test_csv", "store:simB_GEX", "--sup_peak_csv", "store:simB_PEAK",
+            "--n_trials", str(args.n_trials), "--search_epochs", str(args.epochs), "--num_cpus", str(args.num_cpus),
+            "--cpus_per_trial", "1", "--population", str(population), "--output_folder", str(out),
+            "--progress_every", "600", *extra]
+
+
 def run_arm(store: Path, out: Path, population: int, args) -> dict:
     import pandas as pd
 
-    cmd = [sys.executable, "-m", "xfer.cli", "tune", "--store", str(store), "--src_csv", "store:simA_GEX",
-           "--tgt_csv", "store:simA_PEAK", "--test_csv", "store:simB_GEX", "--sup_peak_csv", "store:simB_PEAK",
-           "--n_trials", str(args.n_trials), "--search_epochs", str(args.epochs), "--num_cpus", str(args.num_cpus),
-           "--cpus_per_trial", "1", "--population", str(population), "--output_folder", str(out),
-           "--progress_every", "60"]
+    cmd = tune_command(store, out, population, args)
     t = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     wall = time.perf_counter() - t

@@ -40,17 +40,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_population_sweep import make_store  # noqa: E402
+from bench_population_sweep import make_store, tune_command  # noqa: E402
 
 ARMS = {"before": ["--report_every", "1", "--tensorboard"], "no_tensorboard": ["--report_every", "1"], "default": []}
 
 
 def run_arm(store: Path, out: Path, extra: list[str], args) -> dict:
-    cmd = [sys.executable, "-m", "xfer.cli", "tune", "--store", str(store), "--src_csv", "store:simA_GEX",
-           "--tgt_csv", "store:simA_PEAK", "--test_csv", "store:simB_GEX", "--sup_peak_csv", "store:simB_PEAK",
-           "--n_trials", str(args.n_trials), "--search_epochs", str(args.epochs), "--num_cpus", str(args.num_cpus),
-           "--cpus_per_trial", "1", "--population", str(args.population), "--output_folder", str(out),
-           "--progress_every", "600", *extra]
+    cmd = tune_command(store, out, args.population, args, *extra)
     t = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     wall = time.perf_counter() - t

@@ -205,9 +205,7 @@ class EpochAwareOptunaSearch(OptunaSearch):
             if trial_id in ot.completed or trial_id not in ot.trials:
                 return
             step, value = result.get(self._step_attr), result.get(self.metric)
-            # the epochs the trial held back since its last report first (tune.trainable.ReportGate)
-            points = [tuple(p) for p in result.get("curve") or ()] + [(step, value)]
-            for step, value in points:
+            for step, value in reported_points(result, step, value):
                 if step is not None and value is not None:
                     ot.trials[trial_id].report(float(value), int(step))
         except PrivateFieldGone as e:
@@ -233,10 +231,9 @@ class EpochAwareOptunaSearch(OptunaSearch):
                 return
             if step is not None:
                 ot_trial.set_user_attr("epochs_run", int(step))
-                # the epochs held back before the last report (tune.trainable.ReportGate), then the last
-                # epoch too: whole curves in the dashboard (Tune hands the result that ends a trial here only)
-                points = [tuple(p) for p in (result or {}).get("curve") or ()] + [(step, value)]
-                for s_, v_ in points:
+                # the last epoch too: whole curves in the dashboard (Tune hands the result that ends a
+                # trial here only)
+                for s_, v_ in reported_points(result or {}, step, value):
                     if v_ is not None and not error and int(s_) not in stored.intermediate_values:
                         ot_trial.report(float(v_), int(s_))
             if error:
@@ -388,6 +385,12 @@ class SweepSearchGenerator(SearchGenerator):
         base = gi.base()
         if isinstance(base, (EpochAwareOptunaSearch, PopulationSearch)):
             base.reconcile(trials)
+
+
+def reported_points(result: Dict, step, value, prefix: str = "") -> list[tuple]:
+    """(epoch, objective) pairs a report brings: the epochs the trial held back since its last
+    report (`<prefix>curve`, tune.trainable.ReportGate), then the reported epoch itself."""
+    return [tuple(p) for p in result.get(f"{prefix}curve") or ()] + [(step, value)]
 
 
 class AfterWarmupASHA(AsyncHyperBandScheduler):
@@ -569,10 +572,8 @@ class PopulationSearch(Searcher):
         Optuna trial's intermediate values; a step already recorded is skipped."""
         try:
             for i, number in enumerate(self.owned.get(trial_id, [])):
-                # the epochs held back since the population's last report first (tune.trainable.ReportGate)
-                points = [tuple(p) for p in result.get(f"m{i}/curve") or ()]
-                points.append((result.get(f"m{i}/epoch"), result.get(f"m{i}/objective")))
-                for step, value in points:
+                for step, value in reported_points(result, result.get(f"m{i}/epoch"),
+                                                   result.get(f"m{i}/objective"), f"m{i}/"):
                     if step is None or value is None or self.last.get(number, (0,))[0] >= int(step):
                         continue
                     self.last[number] = (int(step), float(value))
