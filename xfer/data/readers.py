@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -278,6 +279,96 @@ def _locate_bad_value(path, delim, names, col_idx: int, value: str) -> str:
     return "?"
 
 
+@dataclass(frozen=True)
+class _CsvLayout:
+    """What the first lines of a matrix CSV say about the rest: the delimiter, the header, which
+    way round it is, the column of phases inside it (if any) and the names of its value columns."""
+
+    delim: str
+    header: list[str]
+    orientation: str
+    label_idx: int | None
+    col_names: list[str]
+    row_width: int
+
+
+def _csv_layout(path: str, label_barcodes, label_column: str | None, orient: str, has_label_file: bool) -> _CsvLayout:
+    """Read the head of a matrix CSV: delimiter, header, orientation and the phase column."""
+    head = _read_head(path)
+    delim = "\t" if (path.endswith((".tsv", ".tsv.gz")) or ("\t" in head[0] and "," not in head[0])) else ","
+    header = [h.strip().strip('"') for h in head[0].split(delim)]
+    if len(header) < 2:
+        raise InputError(path, "header", "needs an id column and at least one feature column")
+    if len(head) < 2:
+        raise InputError(path, None, "no data rows (only a header)")
+    first_ids = [line.split(delim, 1)[0].strip().strip('"') for line in head[1:]]
+    orientation = _detect_orientation(path, header, first_ids, label_barcodes, orient)
+
+    label_idx = None
+    if orientation == "cells_rows" and not has_label_file:
+        label_idx = find_label_column(header[1:], path, label_column, required=label_column is not None)
+        label_idx = None if label_idx is None else label_idx + 1
+    col_names = [header[i] for i in range(1, len(header)) if i != label_idx]
+    _check_unique(np.asarray(col_names, dtype=object), path, "header",
+                  "feature columns" if orientation == "cells_rows" else "cell columns")
+    return _CsvLayout(delim, header, orientation, label_idx, col_names, max(len(head[1]), 1))
+
+
+def _stream_csv(path: str, lay: _CsvLayout, block_bytes: int) -> tuple[np.ndarray, sp.csr_matrix, np.ndarray | None]:
+    """Stream the body block by block: (row ids, sparse values, phase strings or None)."""
+    names = [f"c{i}" for i in range(len(lay.header))]
+    types = {n: pa.float32() for n in names}
+    types[names[0]] = pa.string()
+    if lay.label_idx is not None:
+        types[names[lay.label_idx]] = pa.string()
+    value_idx = [i for i in range(1, len(lay.header)) if i != lay.label_idx]
+    row_ids: list[np.ndarray] = []
+    phase_vals: list[np.ndarray] = []
+    blocks: list[sp.csr_matrix] = []
+    n_rows = 0
+    try:
+        reader = pacsv.open_csv(
+            path,
+            read_options=pacsv.ReadOptions(column_names=names, skip_rows=1,
+                                           block_size=int(max(block_bytes, 64 * lay.row_width))),
+            parse_options=pacsv.ParseOptions(delimiter=lay.delim),
+            convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False,
+                                                 quoted_strings_can_be_null=False))
+        for batch in reader:
+            ids = batch.column(0).to_numpy(zero_copy_only=False).astype(object)
+            block = batch.select(value_idx).to_tensor(null_to_nan=True, row_major=True).to_numpy()
+            _check_values(block, path, ids, lay.col_names, n_rows)
+            blocks.append(sp.csr_matrix(block))
+            row_ids.append(ids)
+            if lay.label_idx is not None:
+                phase_vals.append(batch.column(lay.label_idx).to_numpy(zero_copy_only=False).astype(object))
+            n_rows += batch.num_rows
+    except pa.ArrowInvalid as e:
+        raise _csv_parse_error(path, lay, names, str(e)) from None
+    except _STREAM_ERRORS as e:
+        if _codec(path) is None:
+            raise
+        raise _stream_error(path, e) from None
+    if n_rows == 0:
+        raise InputError(path, None, "no data rows (only a header)")
+    phases = np.concatenate(phase_vals) if lay.label_idx is not None else None
+    return np.concatenate(row_ids), sp.vstack(blocks, format="csr"), phases
+
+
+def _csv_parse_error(path: str, lay: _CsvLayout, names: list[str], msg: str) -> InputError:
+    """pyarrow's parse error as one line naming the row and column at fault."""
+    m = re.search(r"In CSV column #(\d+): (?:Row #\d+: )?CSV conversion error to float: invalid value '(.*)'", msg)
+    if m:
+        ci, val = int(m.group(1)), m.group(2)
+        row = _locate_bad_value(path, lay.delim, names, ci, val)
+        return InputError(path, f"row '{row}', column '{lay.header[ci]}'", f"non-numeric value '{val}' in a count matrix")
+    m = re.search(r"Expected (\d+) columns, got (\d+): (.*)", msg)
+    if m:
+        row = m.group(3).split(lay.delim, 1)[0]
+        return InputError(path, f"row '{row}'", f"has {m.group(2)} fields but the header has {m.group(1)}")
+    return InputError(path, None, f"malformed CSV: {msg}")
+
+
 def read_csv_matrix(path, *, modality: str, label_path=None, label_column: str | None = None,
                     orient: str = "auto", name: str | None = None,
                     block_bytes: int = 64 << 20) -> CellMatrix:
@@ -292,85 +383,19 @@ def read_csv_matrix(path, *, modality: str, label_path=None, label_column: str |
     label_barcodes = label_codes = None
     if label_path is not None:
         label_barcodes, label_codes = read_labels(label_path, label_column)
-    head = _read_head(path)
-    delim = "\t" if (path.endswith((".tsv", ".tsv.gz")) or ("\t" in head[0] and "," not in head[0])) else ","
-    header = [h.strip().strip('"') for h in head[0].split(delim)]
-    if len(header) < 2:
-        raise InputError(path, "header", "needs an id column and at least one feature column")
-    if len(head) < 2:
-        raise InputError(path, None, "no data rows (only a header)")
-    first_ids = [line.split(delim, 1)[0].strip().strip('"') for line in head[1:]]
-    orientation = _detect_orientation(path, header, first_ids, label_barcodes, orient)
-
-    label_idx = None
-    if orientation == "cells_rows" and label_path is None:
-        label_idx = find_label_column(header[1:], path, label_column, required=label_column is not None)
-        label_idx = None if label_idx is None else label_idx + 1
-    col_names = [header[i] for i in range(1, len(header)) if i != label_idx]
-    _check_unique(np.asarray(col_names, dtype=object), path, "header",
-                  "feature columns" if orientation == "cells_rows" else "cell columns")
-
-    names = [f"c{i}" for i in range(len(header))]
-    types = {n: pa.float32() for n in names}
-    types[names[0]] = pa.string()
-    if label_idx is not None:
-        types[names[label_idx]] = pa.string()
-    value_idx = [i for i in range(1, len(header)) if i != label_idx]
-    row_width = max(len(head[1]), 1)
-    row_ids: list[np.ndarray] = []
-    phase_vals: list[np.ndarray] = []
-    blocks: list[sp.csr_matrix] = []
-    n_rows = 0
-    try:
-        reader = pacsv.open_csv(
-            path,
-            read_options=pacsv.ReadOptions(column_names=names, skip_rows=1,
-                                           block_size=int(max(block_bytes, 64 * row_width))),
-            parse_options=pacsv.ParseOptions(delimiter=delim),
-            convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False,
-                                                 quoted_strings_can_be_null=False))
-        for batch in reader:
-            ids = batch.column(0).to_numpy(zero_copy_only=False).astype(object)
-            block = batch.select(value_idx).to_tensor(null_to_nan=True, row_major=True).to_numpy()
-            _check_values(block, path, ids, col_names, n_rows)
-            blocks.append(sp.csr_matrix(block))
-            row_ids.append(ids)
-            if label_idx is not None:
-                phase_vals.append(batch.column(label_idx).to_numpy(zero_copy_only=False).astype(object))
-            n_rows += batch.num_rows
-    except pa.ArrowInvalid as e:
-        msg = str(e)
-        m = re.search(r"In CSV column #(\d+): (?:Row #\d+: )?CSV conversion error to float: invalid value '(.*)'", msg)
-        if m:
-            ci, val = int(m.group(1)), m.group(2)
-            row = _locate_bad_value(path, delim, names, ci, val)
-            raise InputError(path, f"row '{row}', column '{header[ci]}'",
-                             f"non-numeric value '{val}' in a count matrix") from None
-        m = re.search(r"Expected (\d+) columns, got (\d+): (.*)", msg)
-        if m:
-            row = m.group(3).split(delim, 1)[0]
-            raise InputError(path, f"row '{row}'",
-                             f"has {m.group(2)} fields but the header has {m.group(1)}") from None
-        raise InputError(path, None, f"malformed CSV: {msg}") from None
-    except _STREAM_ERRORS as e:
-        if _codec(path) is None:
-            raise
-        raise _stream_error(path, e) from None
-    if n_rows == 0:
-        raise InputError(path, None, "no data rows (only a header)")
-    ids = np.concatenate(row_ids)
-    X = sp.vstack(blocks, format="csr")
-    if orientation == "cells_rows":
-        barcodes, features = ids, np.asarray(col_names, dtype=object)
+    lay = _csv_layout(path, label_barcodes, label_column, orient, label_path is not None)
+    ids, X, phase_values = _stream_csv(path, lay, block_bytes)
+    if lay.orientation == "cells_rows":
+        barcodes, features = ids, np.asarray(lay.col_names, dtype=object)
     else:
-        barcodes, features, X = np.asarray(col_names, dtype=object), ids, X.T.tocsr()
-    _check_unique(barcodes.astype(str), path, "barcode" if orientation == "cells_rows" else "header", "barcodes")
+        barcodes, features, X = np.asarray(lay.col_names, dtype=object), ids, X.T.tocsr()
+    _check_unique(barcodes.astype(str), path, "barcode" if lay.orientation == "cells_rows" else "header", "barcodes")
     _check_unique(features.astype(str), path, "feature", "features")
     labels = None
-    if label_idx is not None:
-        labels = encode_phases(np.concatenate(phase_vals), path, header[label_idx])
+    if phase_values is not None:
+        labels = encode_phases(phase_values, path, lay.header[lay.label_idx])
     ds = make_matrix(X, barcodes, features, labels, modality=modality, name=name or _stem(path),
-                     source=path, meta={"orientation": orientation})
+                     source=path, meta={"orientation": lay.orientation})
     if label_path is not None:
         ds = attach_labels(ds, label_barcodes, label_codes, label_path)
     return ds
