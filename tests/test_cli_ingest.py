@@ -30,10 +30,10 @@ def test_ingest_pair_then_use_store_names(tmp_path, seed_files, capsys):
     np.testing.assert_array_equal(peak.X.toarray(), seed_files["X_peak"])
     # store datasets are accepted by the same flags
     from xfer.cli import build_parser
-    from xfer.data.inputs import load_inputs
+    from xfer.flags import sources_from_args
     args = build_parser().parse_args(["ingest", "--store", str(store), "--src_csv", "store:L_GEX",
                                       "--tgt_csv", "store:L_PEAK"])
-    data = load_inputs(args)
+    data = sources_from_args(args).load()
     assert data["src"].n_cells == len(BARCODES) and data["tgt"].modality == "peak"
     assert main(["store", "--store", str(store)]) == 0
     assert "store:L_GEX" in capsys.readouterr().out

@@ -491,7 +491,7 @@ def test_stored_embedder_picks_entry_and_explains_missing(gf, tmp_path, caplog, 
 def test_xfer_embed_writes_then_hits(gf, tmp_path, capsys):
     from conftest import write_csv
     from xfer.cli import build_parser, main
-    from xfer.data.inputs import load_inputs
+    from xfer.flags import sources_from_args
 
     a, b = expr(10, seed=1, ids=False, name="A"), expr(8, seed=2, ids=False, name="B")
     fa = write_csv(tmp_path / "A.csv", a.barcodes, a.features, a.X.toarray())
@@ -508,7 +508,7 @@ def test_xfer_embed_writes_then_hits(gf, tmp_path, capsys):
     assert capsys.readouterr().out.count("cached") == 2 and time.perf_counter() - t0 < 10
     # what `xfer train --source_model geneformer` does with the same data flags: all hits
     args = build_parser().parse_args(["embed", "--source_model", "geneformer", *data])
-    inputs = load_inputs(args)
+    inputs = sources_from_args(args).load()
     emb = make_embedder("geneformer", store=EmbeddingStore(store), train=inputs["src"])
     res = embed_lines(emb, inputs["src"], {"test": inputs["test"]}, EmbeddingStore(store))
     assert res["train"].shape == (10, 16) and res["test"].shape == (8, 16)

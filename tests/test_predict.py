@@ -224,9 +224,8 @@ def test_an_ensemble_of_different_configs_is_scored_and_predicted_member_by_memb
     """A sweep's final model averages trials that differ in architecture and inputs: each member
     is featurised with its own preprocessing. `evaluate_checkpoint` (how `xfer tune` scores it)
     and `xfer predict` both give the mean of the members' own test-line predictions."""
-    from argparse import Namespace
-
     from xfer.checkpoint import ensemble_checkpoint, export_best, read_checkpoint, save_checkpoint
+    from xfer.data.inputs import DataSources
     from xfer.pipeline import evaluate_checkpoint
 
     runs = [_train(tiny_store, tmp_path / "mlp", "--set=ensemble=1", "--set=arch=mlp"),
@@ -236,9 +235,8 @@ def test_an_ensemble_of_different_configs_is_scored_and_predicted_member_by_memb
     assert members[0]["config"]["model"]["arch"] != members[1]["config"]["model"]["arch"]
     ens = ensemble_checkpoint(members)
     save_checkpoint(ens, tmp_path / "ens.pt")
-    args = Namespace(store=str(tiny_store), src_csv="store:A_GEX", tgt_csv="store:A_PEAK", test_csv="store:B_GEX",
-                     sup_peak_csv="store:B_PEAK", src_label_csv=None, tgt_label_csv=None, test_label_csv=None,
-                     sup_peak_label_csv=None, label_column=None, orient="auto")
+    args = DataSources(store=str(tiny_store), src="store:A_GEX", tgt="store:A_PEAK", test="store:B_GEX",
+                       sup_peak="store:B_PEAK")
     (tmp_path / "scored").mkdir()
     metrics, _ = evaluate_checkpoint(args, ens, tmp_path / "scored")
     cols = ["prob_G1", "prob_S", "prob_G2M"]

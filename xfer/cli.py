@@ -81,13 +81,15 @@ def cmd_simulate(args) -> int:
 # ----------------------------------------------------------------------------- ingest
 
 def cmd_ingest(args) -> int:
-    from .data.inputs import ROLES, given_roles, load_inputs
+    from .data.inputs import ROLES
     from .data.store import CellStore
+    from .flags import sources_from_args
 
-    roles = given_roles(args)
+    sources = sources_from_args(args)
+    roles = sources.given()
     if not roles:
         raise XferError("ingest: give at least one input (--src_csv, --tgt_csv, --test_csv, --sup_peak_csv)")
-    data = load_inputs(args, roles)          # everything is read and validated before anything is written
+    data = sources.load(roles)          # everything is read and validated before anything is written
     names = {r: (getattr(args, "name", None) if len(roles) == 1 and getattr(args, "name", None) else ds.name)
              for r, ds in data.items()}
     if len(set(names.values())) < len(names):
@@ -106,17 +108,20 @@ def cmd_ingest(args) -> int:
 # ----------------------------------------------------------------------------- embed
 
 def cmd_embed(args) -> int:
-    from .embed.command import run_embed
+    from .embed.command import MODEL_KEYS, run_embed
+    from .flags import sources_from_args
 
-    return run_embed(args)
+    return run_embed(sources_from_args(args), args.source_model, {k: getattr(args, k, None) for k in MODEL_KEYS},
+                     overwrite=bool(args.overwrite))
 
 
 # ----------------------------------------------------------------------------- train / baseline
 
 def cmd_train(args) -> int:
+    from .flags import config_from_args, sources_from_args
     from .pipeline import format_table, run_train
 
-    metrics = run_train(args)
+    metrics = run_train(sources_from_args(args), config_from_args(args), args.output_folder, args.device).metrics
     m = metrics["model"]
     print(f"best epoch {m['best_epoch']} of {m['epochs_run']} (objective {m['objective']} {m['best_objective']:.3f}"
           f"{', stopped early' if m['stopped_early'] else ''}), {m['train_seconds']:.1f} s training")
@@ -126,18 +131,20 @@ def cmd_train(args) -> int:
 
 
 def cmd_baseline(args) -> int:
+    from .flags import config_from_args, sources_from_args
     from .pipeline import format_table, run_baseline
 
-    metrics = run_baseline(args)
+    metrics = run_baseline(sources_from_args(args), config_from_args(args), args.output_folder)
     print(format_table(metrics))
     print(f"outputs: {args.output_folder}/metrics.json")
     return 0
 
 
 def cmd_predict(args) -> int:
-    from .predict import run_predict
+    from .flags import sources_from_args
+    from .predict import predict_files
 
-    run_predict(args)
+    predict_files(sources_from_args(args), args.checkpoint, args.output_folder, args.device)
     return 0
 
 
@@ -186,7 +193,7 @@ def cmd_report(args) -> int:
 # ----------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
-    from .data.inputs import add_data_arguments, add_store_argument
+    from .flags import add_data_arguments, add_predict_arguments, add_store_argument, add_train_arguments
 
     p = argparse.ArgumentParser(prog="xfer", description=__doc__.split("\n\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -220,8 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_embed_arguments(s)
     s.set_defaults(func=cmd_embed)
 
-    from .pipeline import add_train_arguments
-
     s = sub.add_parser("train", help="train the CDANN on the training line and score it (the seed's train script)")
     add_data_arguments(s)
     add_train_arguments(s)
@@ -231,8 +236,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_arguments(s)
     add_train_arguments(s)
     s.set_defaults(func=cmd_baseline)
-
-    from .predict import add_predict_arguments
 
     s = sub.add_parser("predict", help="label new cells (--sup_peak_csv and/or --test_csv) with a trained model")
     add_data_arguments(s)

@@ -17,86 +17,26 @@ from pathlib import Path
 import numpy as np
 
 from .baselines import run_baselines
-from .config import ARCHS, DIVERGENCES, TrainConfig, drop_other_arch_params, parse_set
+from .config import TrainConfig, drop_other_arch_params
 from .data.dataset import CellMatrix
 from .data.embed_store import EmbeddingStore
 from .data.fs import write_json
-from .data.inputs import load_inputs
+from .data.inputs import DataSources
 from .embed import embed_lines, make_embedder, predictor_state
 from .evaluate import classification_metrics, predictions_table
 from .predict import Predictor, featurise, predict_probs
 from .prepare import LineInputs, PeakPreprocessor, TrainData, prepare_training
+from .results import SPLITS
 from .selection import resolve_for
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("gex_val", "gex_test", "peak_val", "peak_test")  # the seed's four table columns
 
-# command-line flags that set config keys (seed spellings where the seed had them)
-CONFIG_FLAGS = {
-    "arch_type": "arch", "divergence_type": "divergence", "epochs": "epochs", "seed": "seed",
-    "source_model": "source_model", "peak_filter": "peak_filter", "use_peak_mapper": "use_peak_mapper",
-    "peak_mapper_method": "peak_mapper_method", "peak_impute_strategy": "peak_impute_strategy",
-    "use_cdann": "use_cdann", "batch_size": "batch_size", "lr": "lr", "patience": "patience",
-    "lambda_balance": "lambda_balance", "lambda_entropy": "lambda_entropy",
-    "lambda_target_class": "lambda_target_class", "lambda_pseudo": "lambda_pseudo", "metric": "metric",
-    "objective": "objective",
-}
-
-
-def add_train_arguments(parser) -> None:
-    import argparse
-
-    g = parser.add_argument_group("model and training (override --config_path)")
-    g.add_argument("--config_path", help="best_params.json from `xfer tune` (or a JSON/YAML of config keys)")
-    g.add_argument("--source_model", help="expression embedder (default pca)")
-    g.add_argument("--n_components", type=int, help="pca: embedding width (default 64)")
-    g.add_argument("--ensemble_model1", help="with --source_model ensemble: the first stored embedding")
-    g.add_argument("--ensemble_model2", help="with --source_model ensemble: the second stored embedding")
-    g.add_argument("--arch_type", help=f"peak encoder: {' | '.join(ARCHS)}")
-    g.add_argument("--divergence_type", help=' | '.join(DIVERGENCES))
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--batch_size", type=int)
-    g.add_argument("--lr", type=float)
-    g.add_argument("--patience", type=int, help="early stopping patience in epochs")
-    g.add_argument("--metric", help="validation metric: balanced_accuracy | accuracy | macro_f1")
-    g.add_argument("--objective", help="model selection (best epoch, early stopping, a sweep's ranking): transfer "
-                   "(label-free, on the test line's unlabelled cells; the default when --sup_peak_csv is given) | "
-                   "source_val (the training line's validation split) | a candidate of xfer.selection")
-    g.add_argument("--lambda_balance", type=float)
-    g.add_argument("--lambda_entropy", type=float)
-    g.add_argument("--lambda_target_class", type=float)
-    g.add_argument("--lambda_pseudo", type=float,
-                   help="self-training on the test line's unlabelled peaks (class-balanced pseudo-labels; 0 = off)")
-    g.add_argument("--use_cdann", action=argparse.BooleanOptionalAction, default=None,
-                   help="class-conditional adversary (default on); --no-use_cdann: plain DANN")
-    g.add_argument("--use_peak_mapper", action=argparse.BooleanOptionalAction, default=None,
-                   help="map the test line's peaks by genomic coordinates (default on)")
-    g.add_argument("--peak_mapper_method", help="exact | overlap | overlap_50pct | nearest")
-    g.add_argument("--peak_impute_strategy", help="zero | mean")
-    g.add_argument("--peak_filter", type=float, help="keep peaks non-zero in >= this fraction of training cells")
-    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other config key (repeatable), e.g. --set lambda_domain=0.5")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--output_folder", required=True)
-
-
-def build_config(args) -> TrainConfig:
-    cfg = TrainConfig.from_file(args.config_path) if getattr(args, "config_path", None) else TrainConfig()
-    over = {}
-    for flag, key in CONFIG_FLAGS.items():
-        v = getattr(args, flag, None)
-        if v is not None:
-            over[key] = v
-    if getattr(args, "n_components", None) is not None:
-        over["n_components"] = args.n_components
-    if "source_model" in over:
-        from .embed import resolve_source_model
-        over["source_model"] = resolve_source_model(over["source_model"], getattr(args, "ensemble_model1", None),
-                                                    getattr(args, "ensemble_model2", None))
-    over.update(parse_set(getattr(args, "set", None)))
-    # an --arch_type that differs from the config file's drops that arch's own parameters
+def make_config(config_path=None, overrides: dict | None = None) -> TrainConfig:
+    """A config file (or the defaults) with flat overrides (`xfer train`'s flags, the Python API's
+    keywords); an `arch` that differs from the file's drops that arch's own parameters."""
+    cfg = TrainConfig.from_file(config_path) if config_path else TrainConfig()
+    over = dict(overrides or {})
     if "arch" in over and over["arch"] != cfg.model.arch:
         cfg = TrainConfig.from_dict({**drop_other_arch_params(cfg.to_flat(), over["arch"]), "arch": over["arch"]})
     return TrainConfig.from_dict(over, base=cfg, source="command line")
@@ -124,8 +64,8 @@ class Loaded:
     embeddings: dict
 
 
-def load_for_training(args, cfg: TrainConfig) -> Loaded:
-    return embed_inputs(load_inputs(args, require=("src", "tgt")), cfg, EmbeddingStore(args.store))
+def load_for_training(sources: DataSources, cfg: TrainConfig) -> Loaded:
+    return embed_inputs(sources.load(require=("src", "tgt")), cfg, EmbeddingStore(sources.store))
 
 
 def embed_inputs(inputs: dict[str, CellMatrix], cfg: TrainConfig, store: EmbeddingStore) -> Loaded:
@@ -151,8 +91,8 @@ def prepare_member(loaded: Loaded, cfg: TrainConfig) -> Prepared:
                     test_peak_counts=counts, embeddings=embs)
 
 
-def prepare(args, cfg: TrainConfig) -> Prepared:
-    return prepare_member(load_for_training(args, cfg), cfg)
+def prepare(sources: DataSources, cfg: TrainConfig) -> Prepared:
+    return prepare_member(load_for_training(sources, cfg), cfg)
 
 
 def training_data(p: Prepared):
@@ -191,11 +131,6 @@ def format_table(metrics: dict, key: str = "balanced_accuracy") -> str:
     return "\n".join(lines)
 
 
-def evaluate_model(model, p: Prepared, out: Path | None = None) -> dict:
-    """Score one model on the four splits (see `evaluate_members`)."""
-    return evaluate_members([(model, p)], out)
-
-
 def evaluate_members(members: list[tuple[object, Prepared]], out: Path | None = None) -> dict:
     """Score the final model (one member, or a seed ensemble) on the four splits and write
     predictions_<split>.csv. The test line goes through the same `Predictor` as `xfer
@@ -215,7 +150,8 @@ def evaluate_members(members: list[tuple[object, Prepared]], out: Path | None = 
         splits[split] = (np.concatenate(bcs), np.concatenate(ys), np.concatenate(probs))
     test = members[0][1].test
     if test is not None:
-        heads = [Predictor(model=m, cfg=p.cfg, peaks=p.pre, embedder=p.embedder).predict(p.test) for m, p in members]
+        heads = [Predictor(model=m, cfg=p.cfg, peaks=p.pre, embedder=p.embedder).predict_line(p.test)
+                 for m, p in members]
         for head in ("gex", "peak"):
             if head in heads[0]:
                 splits[f"{head}_test"] = (test.barcodes, test.labels, sum(h[head] for h in heads) / len(heads))
@@ -231,7 +167,7 @@ def evaluate_members(members: list[tuple[object, Prepared]], out: Path | None = 
     return res
 
 
-def evaluate_checkpoint(args, ckpt: dict, out: Path | None = None, cache: dict | None = None
+def evaluate_checkpoint(sources: DataSources, ckpt: dict, out: Path | None = None, cache: dict | None = None
                         ) -> tuple[dict, Prepared]:
     """Score a saved predictor (one model, or an ensemble whose members may differ in config,
     as a sweep's top trials do) the way `xfer train` scores what it trains: each member is
@@ -248,7 +184,7 @@ def evaluate_checkpoint(args, ckpt: dict, out: Path | None = None, cache: dict |
         model, cfg = build_model(m)
         key = (cfg.data.source_model, cfg.data.n_components)  # what the expression embedding depends on
         if key not in loaded:
-            loaded[key] = load_for_training(args, cfg)
+            loaded[key] = load_for_training(sources, cfg)
         pkey = (repr(cfg.data), cfg.optim.seed)  # what the split and the preprocessing depend on
         if pkey not in prepared:
             prepared[pkey] = prepare_member(loaded[key], cfg)
@@ -256,62 +192,90 @@ def evaluate_checkpoint(args, ckpt: dict, out: Path | None = None, cache: dict |
     return evaluate_members(members, out), members[0][1]
 
 
-def run_train(args) -> dict:
-    from .checkpoint import ensemble_checkpoint, save_checkpoint
+@dataclass
+class TrainRun:
+    """What `xfer train` (and `xfer.train`) produce: the metrics (metrics.json), the final model
+    (best_model.pt's content), each member's epoch history and the members with their inputs."""
+    metrics: dict
+    checkpoint: dict
+    histories: list[list[dict]]
+    members: list[tuple[object, Prepared]]
+
+
+def _epoch_logger(cfg: TrainConfig):
+    def report(m, _ckpt):
+        if m["epoch"] == 1 or m["epoch"] % 10 == 0 or m.get("improved") or m.get("stopped_early"):
+            log.info("epoch %3d  loss %.3f  gex_val %.3f  peak_val %.3f  objective %.3f%s", m["epoch"],
+                     m["loss/total"], m[f"gex_val_{cfg.optim.metric}"], m[f"peak_val_{cfg.optim.metric}"],
+                     m["objective"], "  *" if m.get("improved") else "")
+    return report
+
+
+def _fit_member(loaded: Loaded, cfg: TrainConfig, device: str, out: Path | None):
     from .train import fit
 
+    p = prepare_member(loaded, cfg)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    log.info("training line: %d cells (%d train / %d val), %d encoder inputs per cell, %d-D %s embedding",
+             p.train.line.barcodes.shape[0], len(p.train.train_idx), len(p.train.val_idx), p.train.n_peaks,
+             p.train.emb_dim, cfg.data.source_model)
+    train = training_data(p)
+    if train.adapt is not None:
+        log.info("adapting to the test line's %d unlabelled PEAK cells (its labels are not read)",
+                 train.adapt.peaks.shape[0])
+    return fit(cfg, train, _epoch_logger(cfg), device=device), p
+
+
+def run_train(sources: DataSources, cfg: TrainConfig, output_folder=None, device: str = "auto") -> TrainRun:
+    """`xfer train`: train the run's members (one, or a seed ensemble), score the final model on
+    the four splits beside the plain baselines; with `output_folder`, write best_model.pt,
+    metrics.json, training_history.json and predictions_<split>.csv there (nothing is written
+    before every input has been read and checked)."""
+    from .checkpoint import ensemble_checkpoint, save_checkpoint
+
     t0 = time.perf_counter()
-    cfg = build_config(args)
-    out = Path(args.output_folder)
-    loaded = load_for_training(args, cfg)  # every input is read and checked before the output folder is made
+    out = None if output_folder is None else Path(output_folder)
+    loaded = load_for_training(sources, cfg)
     resolve_for(cfg, "sup_peak" in loaded.inputs, "test" in loaded.inputs)  # the objective must be computable
     configs = member_configs(cfg)
     members, results = [], []
     for i, cfg_i in enumerate(configs):
-        p = prepare_member(loaded, cfg_i)
-        out.mkdir(parents=True, exist_ok=True)
         if len(configs) > 1:
             log.info("ensemble member %d of %d (seed %d)", i + 1, len(configs), cfg_i.optim.seed)
-        log.info("training line: %d cells (%d train / %d val), %d encoder inputs per cell, %d-D %s embedding",
-                 p.train.line.barcodes.shape[0], len(p.train.train_idx), len(p.train.val_idx), p.train.n_peaks,
-                 p.train.emb_dim, cfg.data.source_model)
-
-        def report(m, _ckpt):
-            if m["epoch"] == 1 or m["epoch"] % 10 == 0 or m.get("improved") or m.get("stopped_early"):
-                log.info("epoch %3d  loss %.3f  gex_val %.3f  peak_val %.3f  objective %.3f%s", m["epoch"],
-                         m["loss/total"], m[f"gex_val_{cfg.optim.metric}"], m[f"peak_val_{cfg.optim.metric}"],
-                         m["objective"], "  *" if m.get("improved") else "")
-
-        train = training_data(p)
-        if train.adapt is not None:
-            log.info("adapting to the test line's %d unlabelled PEAK cells (its labels are not read)",
-                     train.adapt.peaks.shape[0])
-        result = fit(cfg_i, train, report, device=args.device)
+        result, p = _fit_member(loaded, cfg_i, device, out)
         members.append((result.model, p))
         results.append(result)
-        write_json(out / ("training_history.json" if i == 0 else f"training_history_member{i}.json"), result.history)
+        if out is not None:
+            write_json(out / ("training_history.json" if i == 0 else f"training_history_member{i}.json"),
+                       result.history)
     best = results[0].checkpoint if len(results) == 1 else ensemble_checkpoint([r.checkpoint for r in results])
-    save_checkpoint(best, out / "best_model.pt")
+    if out is not None:
+        save_checkpoint(best, out / "best_model.pt")
     metrics = evaluate_members(members, out)
-    p0, r0 = members[0][1], results[0]
-    metrics["baselines"] = baselines_for(p0)
-    metrics["model"] = {"best_epoch": r0.best_epoch, "best_objective": r0.best_metric, "objective": r0.objective,
-                        "stopped_early": r0.stopped_early,
-                        "epochs_run": len(r0.history), "train_seconds": round(sum(r.seconds for r in results), 2),
-                        "config": cfg.to_flat(), "peak_mapping": p0.pre.mapping_stats,
-                        "n_peaks": p0.train.n_peaks, "wall_seconds": round(time.perf_counter() - t0, 2)}
+    metrics["baselines"] = baselines_for(members[0][1])
+    metrics["model"] = _model_summary(configs, results, members[0][1], round(time.perf_counter() - t0, 2))
+    if out is not None:
+        write_json(out / "metrics.json", metrics)
+    return TrainRun(metrics=metrics, checkpoint=best, histories=[r.history for r in results], members=members)
+
+
+def _model_summary(configs: list[TrainConfig], results: list, p0: Prepared, wall: float) -> dict:
+    r0 = results[0]
+    model = {"best_epoch": r0.best_epoch, "best_objective": r0.best_metric, "objective": r0.objective,
+             "stopped_early": r0.stopped_early, "epochs_run": len(r0.history),
+             "train_seconds": round(sum(r.seconds for r in results), 2), "config": configs[0].to_flat(),
+             "peak_mapping": p0.pre.mapping_stats, "n_peaks": p0.train.n_peaks, "wall_seconds": wall}
     if len(results) > 1:
-        metrics["model"]["members"] = [{"seed": c.optim.seed, "best_epoch": r.best_epoch,
-                                        "best_objective": r.best_metric, "epochs_run": len(r.history)}
-                                       for c, r in zip(configs, results)]
-    write_json(out / "metrics.json", metrics)
-    return metrics
+        model["members"] = [{"seed": c.optim.seed, "best_epoch": r.best_epoch, "best_objective": r.best_metric,
+                             "epochs_run": len(r.history)} for c, r in zip(configs, results)]
+    return model
 
 
-def run_baseline(args) -> dict:
-    cfg = build_config(args)
-    out = Path(args.output_folder)
-    p = prepare(args, cfg)
+def run_baseline(sources: DataSources, cfg: TrainConfig, output_folder) -> dict:
+    """`xfer baseline`: the plain baselines alone (metrics.json)."""
+    out = Path(output_folder)
+    p = prepare(sources, cfg)
     metrics = {"baselines": baselines_for(p)}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", metrics)

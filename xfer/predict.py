@@ -87,8 +87,51 @@ def featurise(pre: PeakPreprocessor, embedder, gex: CellMatrix | None = None, pe
     return prepare_line(name, pre, gex=gex, emb=emb, peaks=peaks, peak_counts=counts), counts
 
 
+class _Predicts:
+    """`predict`: the notebook's entry point, shared by one model and an ensemble."""
+
+    def predict(self, data=None, *, peaks=None, gex=None, inplace: bool = False,
+                gex_modality: str | None = None, peak_modality: str | None = None) -> pd.DataFrame | None:
+        """Phase probabilities of cells given as an AnnData of accessibility or of expression
+        (which one is read from its features: peak coordinates or genes), a MuData with both
+        (`rna` and `atac` modalities, or those named), or `peaks=` / `gex=` (AnnData, a file or
+        store:NAME). With accessibility the accessibility head predicts (as `xfer predict`
+        writes predictions.csv); with expression alone the expression head.
+
+        Returns a DataFrame indexed by barcode: `predicted` and `prob_G1`, `prob_S`, `prob_G2M`.
+        `inplace=True` writes obs['xfer_phase'] and obs['xfer_prob_<phase>'] onto the AnnData (or
+        the MuData and its predicted modality) instead and returns None.
+
+            >>> model = xfer.load("run/best_model.pt")
+            >>> model.predict(atac).head()          # doctest: +SKIP
+                               predicted  prob_G1  prob_S  prob_G2M
+            barcode
+            AAACAGCCAAGGTCGA-1        G1    0.91    0.06      0.03
+        """
+        from .data.annotate import annotate
+        from .data.inputs import cells_to_predict
+
+        cells, target = cells_to_predict(data, peaks=peaks, gex=gex, gex_modality=gex_modality,
+                                         peak_modality=peak_modality)
+        probs, _ = self.predict_cells(gex=cells.get("test"), peaks=cells.get("sup_peak"))
+        head = "peak" if "sup_peak" in cells else "gex"
+        barcodes = next(iter(cells.values())).barcodes
+        if inplace:
+            if target is None:
+                raise ValueError("predict(inplace=True) needs an AnnData or MuData to write onto")
+            for obj in target:
+                annotate(obj, barcodes, probs[head])
+            return None
+        df = pd.DataFrame(probs[head], columns=[f"prob_{p}" for p in PHASES],
+                          index=pd.Index(np.asarray(barcodes).astype(str), name="barcode"))
+        df.insert(0, "predicted", pd.Categorical(np.asarray(PHASES)[probs[head].argmax(1)], categories=list(PHASES)))
+        return df
+
+
 @dataclass
-class Predictor:
+class Predictor(_Predicts):
+    """One trained model and what it needs to featurise new cells (`xfer.load` returns it)."""
+
     model: CDANN
     cfg: TrainConfig
     peaks: PeakPreprocessor
@@ -118,7 +161,12 @@ class Predictor:
         """The predictor of a checkpoint file: one model, or a seed ensemble of them."""
         from .checkpoint import read_checkpoint
 
-        ckpt = read_checkpoint(path, device)
+        return cls.from_saved(read_checkpoint(path, device), store=store, device=device, argv=argv)
+
+    @classmethod
+    def from_saved(cls, ckpt: dict, store=None, device="cpu",
+                   argv: list[str] | None = None) -> "Predictor | EnsemblePredictor":
+        """The predictor of a checkpoint's content (best_model.pt's dict): one model or an ensemble."""
         if "ensemble" in ckpt:
             return EnsemblePredictor([cls.from_checkpoint(m, store=store, device=device, argv=argv)
                                       for m in ckpt["ensemble"]])
@@ -132,7 +180,7 @@ class Predictor:
              emb: np.ndarray | None = None) -> tuple[LineInputs, sp.csr_matrix | None]:
         return featurise(self.peaks, self.embedder, gex=gex, peaks=peaks, emb=emb)
 
-    def predict(self, line: LineInputs) -> dict[str, np.ndarray]:
+    def predict_line(self, line: LineInputs) -> dict[str, np.ndarray]:
         """Class probabilities of each head the line has inputs for ("gex", "peak")."""
         stats = line.stats_tensors(self.device) if self.cfg.data.line_norm else None
         return predict_probs(self.model, line.emb, line.peaks, stats=stats)
@@ -141,11 +189,11 @@ class Predictor:
                       peaks: CellMatrix | None = None) -> tuple[dict[str, np.ndarray], dict | None]:
         """Featurise and predict another line's cells: (probabilities per head, peak-mapping stats)."""
         line, _ = self.line(gex=gex, peaks=peaks)
-        return self.predict(line), (dict(self.peaks.mapping_stats) if peaks is not None else None)
+        return self.predict_line(line), (dict(self.peaks.mapping_stats) if peaks is not None else None)
 
 
 @dataclass
-class EnsemblePredictor:
+class EnsemblePredictor(_Predicts):
     """A seed ensemble: each member featurises the cells with its own preprocessing; the
     members' probabilities are averaged."""
 
@@ -166,66 +214,71 @@ class EnsemblePredictor:
 
 # ----------------------------------------------------------------------------- xfer predict
 
-def add_predict_arguments(parser) -> None:
-    parser.add_argument("--checkpoint", required=True, metavar="PATH",
-                        help="best_model.pt of `xfer train` or `xfer tune`")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--output_folder", required=True)
-
-
-def run_predict(args) -> dict:
-    """Label the cells of --sup_peak_csv (accessibility head) and/or --test_csv (expression
-    head); everything is computed before anything is written."""
+def predict_files(sources, checkpoint, output_folder, device: str = "auto") -> dict:
+    """`xfer predict`: label the cells of the test line's accessibility (`sup_peak`) and/or
+    expression (`test`) with a checkpoint; everything is computed before anything is written."""
     from .data.fs import write_bytes_atomic, write_json
-    from .data.inputs import ROLES, load_inputs
+    from .data.inputs import ROLES
     from .device import resolve_device
     from .errors import XferError
 
     for role in ("src", "tgt"):
-        if getattr(args, f"{role}_csv", None):
+        if getattr(sources, role) is not None:
             raise XferError(f"{ROLES[role].flag}: xfer predict labels the cells of --sup_peak_csv (accessibility) "
                             "and/or --test_csv (expression); the training line is already in the checkpoint")
-    roles = [r for r in ("test", "sup_peak") if getattr(args, f"{r}_csv", None)]
+    roles = [r for r in ("test", "sup_peak") if getattr(sources, r) is not None]
     if not roles:
         raise XferError("predict: give the cells to label: --sup_peak_csv (accessibility) and/or --test_csv "
                         "(expression), a file or store:NAME")
-    device = resolve_device(args.device)
-    from .embed.stored import data_flags_from_args
-    predictor = Predictor.load(args.checkpoint, store=args.store, device=device, argv=data_flags_from_args(args))
-    data = load_inputs(args, roles)
+    predictor = Predictor.load(checkpoint, store=sources.store, device=resolve_device(device),
+                               argv=sources.flags())
+    data = sources.load(roles)
     gex, peaks = data.get("test"), data.get("sup_peak")
     probs, mapping = predictor.predict_cells(gex=gex, peaks=peaks)
     cells = gex if gex is not None else peaks  # paired: the same cells in the same order
+    files, metrics = _prediction_files(sources, cells, gex, peaks, probs)
+    summary = {"checkpoint": str(checkpoint), "model": predictor.info, "n_cells": int(cells.n_cells),
+               "inputs": {r: data[r].source for r in roles}, "peak_mapping": mapping, "metrics": metrics}
+    _print_summary(summary)
 
-    # everything below is in memory until the last step writes it
+    from .data.annotate import write_labelled_copy
+
+    out = Path(output_folder)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, obj in files.items():
+        if isinstance(obj, pd.DataFrame):
+            write_bytes_atomic(out / name, obj.to_csv(index=False).encode())
+        else:
+            write_labelled_copy(*obj, out / name)
+    write_json(out / "predict.json", summary)
+    print(f"outputs: {out}/ ({', '.join([*files, 'predict.json'])})")
+    return summary
+
+
+def _prediction_files(sources, cells: CellMatrix, gex, peaks, probs: dict) -> tuple[dict, dict]:
+    """What `xfer predict` writes, in memory: predictions.csv (the accessibility head's, else the
+    expression head's), predictions_gex.csv beside it when both heads predict, and a labelled copy
+    of each .h5ad / .h5mu input; and the metrics where the cells have labels."""
     files: dict[str, object] = {}
-    heads = []  # (head, its input, its predictions file): predictions.csv is the accessibility head's
+    heads = []  # (head, its input, its predictions file)
     if peaks is not None:
         heads.append(("peak", peaks, "predictions.csv"))
     if gex is not None:
         heads.append(("gex", gex, "predictions.csv" if peaks is None else "predictions_gex.csv"))
     metrics: dict = {}
     for head, ds, name in heads:
-        table = _predictions(cells.barcodes, cells.labels, probs[head])
-        files[name] = table
+        files[name] = _predictions(cells.barcodes, cells.labels, probs[head])
         if cells.labels is not None and (cells.labels >= 0).any():
             metrics[head] = classification_metrics(cells.labels, probs[head].argmax(1))
-        if str(ds.source).endswith(".h5ad"):
-            files[f"{Path(ds.source).name[:-len('.h5ad')]}.xfer.h5ad"] = (ds.source, cells.barcodes, probs[head])
-    summary = {"checkpoint": str(args.checkpoint), "model": predictor.info, "n_cells": int(cells.n_cells),
-               "inputs": {r: data[r].source for r in roles}, "peak_mapping": mapping, "metrics": metrics}
-    _print_summary(summary)
-
-    out = Path(args.output_folder)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, obj in files.items():
-        if isinstance(obj, pd.DataFrame):
-            write_bytes_atomic(out / name, obj.to_csv(index=False).encode())
-        else:
-            _write_h5ad_copy(*obj, out / name)
-    write_json(out / "predict.json", summary)
-    print(f"outputs: {out}/ ({', '.join([*files, 'predict.json'])})")
-    return summary
+        src = str(ds.source)
+        for suffix in (".h5ad", ".h5mu"):
+            if src.endswith(suffix):
+                mod = (sources.peak_modality or "atac") if head == "peak" else (sources.gex_modality or "rna")
+                copy = f"{Path(src).name[:-len(suffix)]}.xfer{suffix}"
+                if copy in files:  # one .h5mu holds both heads' cells: the accessibility head labels it
+                    continue
+                files[copy] = (src, cells.barcodes, probs[head]) + ((mod,) if suffix == ".h5mu" else ())
+    return files, metrics
 
 
 def _predictions(barcodes, labels, probs) -> pd.DataFrame:
@@ -233,27 +286,6 @@ def _predictions(barcodes, labels, probs) -> pd.DataFrame:
     has = labels is not None and (np.asarray(labels) >= 0).any()
     df = predictions_table(barcodes, labels if has else None, probs)
     return df if has else df.drop(columns="true")
-
-
-def _write_h5ad_copy(source: str, barcodes, probs: np.ndarray, target: Path) -> None:
-    """A copy of the input .h5ad with obs['xfer_phase'] and obs['xfer_prob_<phase>'] (cells
-    without a prediction, e.g. dropped by pairing, get a missing phase and NaN)."""
-    import anndata as ad
-
-    from .data.fs import atomic_path
-
-    adata = ad.read_h5ad(source)
-    pos = pd.Index(np.asarray(barcodes).astype(str)).get_indexer(adata.obs_names.astype(str))
-    has = pos >= 0
-    phase = np.full(adata.n_obs, None, dtype=object)
-    phase[has] = np.asarray(PHASES, dtype=object)[probs.argmax(1)[pos[has]]]
-    adata.obs["xfer_phase"] = pd.Categorical(phase, categories=list(PHASES))
-    for i, p in enumerate(PHASES):
-        col = np.full(adata.n_obs, np.nan)
-        col[has] = probs[pos[has], i]
-        adata.obs[f"xfer_prob_{p}"] = col
-    with atomic_path(target) as tmp:
-        adata.write_h5ad(tmp)
 
 
 def _print_summary(s: dict) -> None:

@@ -216,6 +216,15 @@ def write_labels_csv(ds: CellMatrix, path: str | Path, *, atomic: bool = True) -
 
 def write_h5ad(ds: CellMatrix, path: str | Path) -> Path:
     """Write an AnnData .h5ad: X CSR float32, obs['phase'] categorical (PHASES order)."""
+    adata = to_anndata(ds)
+    with atomic_path(path) as tmp:
+        adata.write_h5ad(tmp)
+    return Path(path)
+
+
+def to_anndata(ds: CellMatrix):
+    """The dataset as an AnnData (what write_h5ad writes): X CSR float32, obs['phase']
+    categorical (PHASES order) when labelled, var['gene_ids'] when the features have ids."""
     import anndata as ad
 
     obs = pd.DataFrame(index=pd.Index(ds.barcodes.astype(str), name="barcode"))
@@ -229,9 +238,7 @@ def write_h5ad(ds: CellMatrix, path: str | Path) -> Path:
     adata.uns["modality"] = ds.modality
     if ds.name:
         adata.uns["name"] = ds.name
-    with atomic_path(path) as tmp:
-        adata.write_h5ad(tmp)
-    return Path(path)
+    return adata
 
 
 # ----------------------------------------------------------------- 10x ARC h5

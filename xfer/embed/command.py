@@ -66,25 +66,25 @@ def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ensemble_model2", help="second member, e.g. scfoundation")
 
 
-def run_embed(args) -> int:
+def run_embed(sources, source_model: str, options: dict, overwrite: bool = False) -> int:
+    """Embed the expression roles of `sources` (DataSources) with `source_model` into the
+    embedding store; `options`: the model settings (MODEL_KEYS, None = the default)."""
     from ..data.embed_store import EmbeddingStore
-    from ..data.inputs import given_roles, load_inputs
     from . import make_embedder, resolve_source_model
     from .scfoundation import ScFoundationImport
     from .stored import embed_datasets
 
-    roles = given_roles(args)
+    roles = sources.given()
     todo = [r for r in GEX_ROLES if r in roles]
     if not todo:
         raise XferError("embed: give the expression to embed: --src_csv and/or --test_csv (with the same data "
                         "flags as `xfer train`)")
     t0 = time.perf_counter()
-    data = load_inputs(args, roles)  # every given role, paired exactly as `xfer train` pairs them
-    store = EmbeddingStore(args.store)
-    name = resolve_source_model(args.source_model, args.ensemble_model1, args.ensemble_model2)
-    kw = {k: getattr(args, k, None) for k in MODEL_KEYS}
-    embedder = make_embedder(name, store=store, train=data.get("src"), **kw)
-    overwrite = bool(args.overwrite) or isinstance(embedder, ScFoundationImport)  # an import always re-reads
+    data = sources.load(roles)  # every given role, paired exactly as `xfer train` pairs them
+    store = EmbeddingStore(sources.store)
+    name = resolve_source_model(source_model, options.get("ensemble_model1"), options.get("ensemble_model2"))
+    embedder = make_embedder(name, store=store, train=data.get("src"), **{k: options.get(k) for k in MODEL_KEYS})
+    overwrite = overwrite or isinstance(embedder, ScFoundationImport)  # an import always re-reads
     results = embed_datasets(embedder, {r: data[r] for r in todo}, store, overwrite=overwrite)
     for r in results:
         verb = {"hit": "cached", "wrote": "wrote"}[r.status]

@@ -44,7 +44,7 @@ def family(name: str) -> str:
 def _data_flag_names() -> set[str]:
     from ..data.inputs import ROLES
 
-    names = {"--label_column", "--orient", "--store"}
+    names = {"--label_column", "--orient", "--store", "--gex_modality", "--peak_modality"}
     for r in ROLES.values():
         names |= {r.flag, r.label_flag}
     return names
@@ -63,21 +63,6 @@ def data_flags_from_argv(argv: list[str] | None = None) -> list[str]:
                 out += [a, argv[i + 1]]
                 i += 1
         i += 1
-    return out
-
-
-def data_flags_from_args(args) -> list[str]:
-    """The data flags a parsed command line was given (the same flags `xfer embed` takes)."""
-    from ..data.inputs import ROLES
-
-    out = []
-    for r in ROLES.values():
-        for flag, dest in ((r.flag, f"{r.name}_csv"), (r.label_flag, f"{r.name}_label_csv")):
-            if getattr(args, dest, None):
-                out += [flag, str(getattr(args, dest))]
-    for flag in ("label_column", "store"):
-        if getattr(args, flag, None):
-            out += [f"--{flag}", str(getattr(args, flag))]
     return out
 
 
