@@ -3,7 +3,10 @@
 - the seed's CSV layout: cells as rows, the first column the cell id, features
   as columns (optionally a `phase` column), or the transpose (features as rows);
   labels in a separate CSV (a barcode column and a phase/label column);
-- AnnData `.h5ad` (labels in `obs['phase']` or a named column);
+- AnnData `.h5ad` (labels in `obs['phase']` or a named column), or an AnnData in memory;
+- MuData `.h5mu` (or a MuData in memory): expression from its `rna` modality, accessibility
+  from `atac` unless named otherwise; labels from `obs['phase']` of the modality, of the
+  MuData, or of another modality (see `matrix_from_mudata`);
 - 10x Multiome `filtered_feature_bc_matrix.h5` ("Gene Expression" / "Peaks").
 
 Large CSVs are streamed with pyarrow's multi-threaded reader block by block and
@@ -361,7 +364,8 @@ def _csv_parse_error(path: str, lay: _CsvLayout, names: list[str], msg: str) -> 
     if m:
         ci, val = int(m.group(1)), m.group(2)
         row = _locate_bad_value(path, lay.delim, names, ci, val)
-        return InputError(path, f"row '{row}', column '{lay.header[ci]}'", f"non-numeric value '{val}' in a count matrix")
+        return InputError(path, f"row '{row}', column '{lay.header[ci]}'",
+                          f"non-numeric value '{val}' in a count matrix")
     m = re.search(r"Expected (\d+) columns, got (\d+): (.*)", msg)
     if m:
         row = m.group(3).split(lay.delim, 1)[0]
@@ -401,57 +405,211 @@ def read_csv_matrix(path, *, modality: str, label_path=None, label_column: str |
     return ds
 
 
-# ----------------------------------------------------------------------------- h5ad
+# ----------------------------------------------------------------------------- AnnData (.h5ad) and MuData (.h5mu)
 
-def read_h5ad(path, *, modality: str, label_path=None, label_column: str | None = None,
-              layer: str | None = None, name: str | None = None) -> CellMatrix:
-    """AnnData -> CellMatrix (X or a named layer; labels from obs or a labels CSV)."""
+# The MuData modality each kind of data is read from, unless --gex_modality / --peak_modality name another.
+DEFAULT_MODALITIES = {"gex": "rna", "peak": "atac"}
+MODALITY_FLAGS = {"gex": "--gex_modality", "peak": "--peak_modality"}
+
+
+def load_anndata(path):
+    """An .h5ad file as an AnnData; a missing or unreadable file is an InputError naming it."""
     import anndata as ad
 
     path = str(path)
     _check_exists(path)
     try:
-        adata = ad.read_h5ad(path)
+        return ad.read_h5ad(path)
     except Exception as e:  # h5py / anndata raise many types for a broken file
         raise InputError(path, None, f"not a readable .h5ad file: {type(e).__name__}: {e}") from None
+
+
+def load_mudata(path):
+    """An .h5mu file as a MuData, as stored (no modality columns pulled into its obs); a missing or
+    unreadable file is an InputError naming it."""
+    import h5py
+    import mudata as md
+
+    path = str(path)
+    _check_exists(path)
+    try:
+        with h5py.File(path, "r") as f:
+            has_mod = "mod" in f
+    except OSError as e:
+        raise InputError(path, None, f"not a readable .h5mu file (not HDF5: {e})") from None
+    if not has_mod:
+        raise InputError(path, "mod", "no 'mod' group: not a MuData .h5mu file (an AnnData? name it .h5ad)")
+    try:
+        with md.set_options(pull_on_update=False):
+            return md.read_h5mu(path)
+    except Exception as e:  # h5py / anndata / mudata raise many types for a broken file
+        raise InputError(path, None, f"not a readable .h5mu file: {type(e).__name__}: {e}") from None
+
+
+def _anndata_counts(adata, *, modality: str, source: str, name: str, layer: str | None,
+                    where: str = "") -> CellMatrix:
+    """An AnnData's X (or a layer) as an unlabelled CellMatrix, checked; `where` prefixes the
+    fields errors name (e.g. "mod['rna']." for a MuData's modality)."""
     if adata.n_obs == 0 or adata.n_vars == 0:
-        raise InputError(path, "X", f"empty matrix ({adata.n_obs} cells x {adata.n_vars} features)")
+        raise InputError(source, f"{where}X", f"empty matrix ({adata.n_obs} cells x {adata.n_vars} features)")
     if layer is not None:
         if layer not in adata.layers:
-            raise InputError(path, f"layers['{layer}']", f"no such layer; layers are {list(adata.layers)}")
+            raise InputError(source, f"{where}layers['{layer}']", f"no such layer; layers are {list(adata.layers)}")
         X = adata.layers[layer]
     else:
         X = adata.X
+    field = f"{where}layers['{layer}']" if layer else f"{where}X"
+    if X is None:
+        raise InputError(source, field, "no matrix stored (X is empty); name a layer")
     X = sp.csr_matrix(X, dtype=np.float32)
-    field = f"layers['{layer}']" if layer else "X"
     if X.nnz:
         data = X.data
         if not np.isfinite(data).all() or (data < 0).any():
             bad = np.flatnonzero(~np.isfinite(data) | (data < 0))[0]
             row = np.searchsorted(X.indptr, bad, side="right") - 1
-            raise InputError(path, f"{field} row '{adata.obs_names[row]}', column '{adata.var_names[X.indices[bad]]}'",
-                             f"value {data[bad]!r}; counts must be finite and >= 0")
+            where_bad = f"{field} row '{adata.obs_names[row]}', column '{adata.var_names[X.indices[bad]]}'"
+            raise InputError(source, where_bad, f"value {data[bad]!r}; counts must be finite and >= 0")
     barcodes = np.asarray(adata.obs_names, dtype=object)
     features = np.asarray(adata.var_names, dtype=object)
-    _check_unique(barcodes, path, "obs_names", "barcodes")
-    _check_unique(features, path, "var_names", "features")
+    _check_unique(barcodes, source, f"{where}obs_names", "barcodes")
+    _check_unique(features, source, f"{where}var_names", "features")
     feature_ids = None
     for key in ("gene_ids", "gene_id", "ensembl_id", "ensembl"):
         if key in adata.var.columns:
             feature_ids = adata.var[key].astype(str).to_numpy(dtype=object)
             break
-    labels = None
-    if label_path is None:
-        li = find_label_column(list(adata.obs.columns), path, label_column, required=label_column is not None)
-        if li is not None:
-            col = adata.obs.columns[li]
-            values = adata.obs[col].astype(object).to_numpy()
-            labels = encode_phases(values, path, f"obs['{col}']")
-    ds = make_matrix(X, barcodes, features, labels, modality=modality, name=name or _stem(path),
-                     source=path, feature_ids=feature_ids)
+    return make_matrix(X, barcodes, features, None, modality=modality, name=name, source=source,
+                       feature_ids=feature_ids)
+
+
+def matrix_from_anndata(adata, *, modality: str, source: str, name: str | None = None, label_path=None,
+                        label_column: str | None = None, layer: str | None = None) -> CellMatrix:
+    """An in-memory AnnData -> CellMatrix (X or a named layer; labels from obs['phase'] or the
+    column named `label_column`, or from a labels CSV). `source` is what errors name: the file it
+    was read from, or e.g. "<AnnData>"; `name` defaults to its file stem."""
+    ds = _anndata_counts(adata, modality=modality, source=source, name=name or _stem(source), layer=layer)
     if label_path is not None:
-        ds = attach_labels(ds, *read_labels(label_path, label_column), label_path)
-    return ds
+        return attach_labels(ds, *read_labels(label_path, label_column), label_path)
+    li = find_label_column(list(adata.obs.columns), source, label_column, required=label_column is not None)
+    if li is None:
+        return ds
+    col = adata.obs.columns[li]
+    return ds.with_labels(encode_phases(adata.obs[col].astype(object).to_numpy(), source, f"obs['{col}']"))
+
+
+def read_h5ad(path, *, modality: str, label_path=None, label_column: str | None = None,
+              layer: str | None = None, name: str | None = None) -> CellMatrix:
+    """AnnData -> CellMatrix (X or a named layer; labels from obs or a labels CSV)."""
+    adata = load_anndata(path)
+    return matrix_from_anndata(adata, modality=modality, source=str(path), name=name, label_path=label_path,
+                               label_column=label_column, layer=layer)
+
+
+def get_modality(mdata, modality: str, mod_name: str, source: str):
+    """The AnnData of modality `mod_name` of a MuData; a missing one is an InputError naming
+    `source`, the modalities there are and the flag that names another (by `modality`)."""
+    if mod_name not in mdata.mod:
+        raise InputError(source, f"mod['{mod_name}']", f"has no '{mod_name}' modality (it has: "
+                         f"{', '.join(mdata.mod) or 'none'}); name one with {MODALITY_FLAGS[modality]}")
+    return mdata.mod[mod_name]
+
+
+def matrix_from_mudata(mdata, *, modality: str, mod_name: str | None = None, source: str, name: str | None = None,
+                       label_path=None, label_column: str | None = None) -> CellMatrix:
+    """One modality of an in-memory MuData -> CellMatrix: exactly that modality's cells.
+
+    `mod_name` defaults to DEFAULT_MODALITIES[modality] ("rna" for gex, "atac" for peak). Labels
+    come from a labels CSV when given, else from the first of these with a phase column (or the
+    column named `label_column`):
+      1. the modality's own obs (every value must be a phase, as in an .h5ad);
+      2. the MuData's obs: a plain column, then the modality's prefixed copy ("atac:phase");
+      3. another modality's obs, then its prefixed copy in the MuData's obs ("rna:phase"), in
+         the MuData's order: the same barcode is the same cell in every modality.
+    In 2 and 3 a cell the column does not cover (absent there, or a missing value) is unlabelled;
+    a column that covers none of the modality's cells is passed over. `source` is what errors
+    name; `name` defaults to "<file stem>_<mod_name>".
+    """
+    mod_name = mod_name or DEFAULT_MODALITIES[modality]
+    adata = get_modality(mdata, modality, mod_name, source)
+    ds = _anndata_counts(adata, modality=modality, source=source, name=name or f"{_stem(source)}_{mod_name}",
+                         layer=None, where=f"mod['{mod_name}'].")
+    if label_path is not None:
+        return attach_labels(ds, *read_labels(label_path, label_column), label_path)
+    return ds.with_labels(_mudata_labels(mdata, mod_name, ds.barcodes, source, label_column))
+
+
+def _label_sources(mdata, mod_name: str):
+    """(obs frame, column prefix, the frame's name in errors, strict) in the order labels are looked for."""
+    yield mdata.mod[mod_name].obs, "", f"mod['{mod_name}'].obs", True
+    yield mdata.obs, "", "obs", False
+    yield mdata.obs, f"{mod_name}:", "obs", False
+    for other in mdata.mod:
+        if other != mod_name:
+            yield mdata.mod[other].obs, "", f"mod['{other}'].obs", False
+            yield mdata.obs, f"{other}:", "obs", False
+
+
+def _label_candidates(obs, prefix: str, is_mudata_obs: bool, mods: set) -> list:
+    """The columns of `obs` that may hold phases: those under `prefix`; with no prefix, in the
+    MuData's obs, the columns not prefixed with a modality's name."""
+    if prefix:
+        return [c for c in obs.columns if str(c).startswith(prefix)]
+    if not is_mudata_obs:
+        return list(obs.columns)
+    return [c for c in obs.columns if not (":" in str(c) and str(c).split(":", 1)[0] in mods)]
+
+
+def _mudata_labels(mdata, mod_name: str, barcodes: np.ndarray, source: str,
+                   label_column: str | None) -> np.ndarray | None:
+    """The phase codes of a modality's cells from the MuData's label sources (see matrix_from_mudata)."""
+    mods = set(mdata.mod)
+    for obs, prefix, frame, strict in _label_sources(mdata, mod_name):
+        cols = _label_candidates(obs, prefix, frame == "obs", mods)
+        short = [str(c)[len(prefix):] for c in cols]
+        if label_column is not None and label_column.lower() not in {s.lower() for s in short}:
+            continue
+        li = find_label_column(short, source, label_column, required=False)
+        if li is None:
+            continue
+        col, field = cols[li], f"{frame}['{cols[li]}']"
+        if strict:
+            return encode_phases(obs[col].astype(object).to_numpy(), source, field)
+        codes = _covered_labels(obs, col, barcodes, source, field, frame)
+        if (codes >= 0).any():
+            log.info("%s: labels of mod['%s'] from %s (%d of %d cells)", source, mod_name, field,
+                     int((codes >= 0).sum()), len(codes))
+            return codes
+    if label_column is not None:
+        raise InputError(source, f"obs['{label_column}']", f"no such column in mod['{mod_name}'].obs, the "
+                         "MuData's obs or another modality's obs")
+    return None
+
+
+def _covered_labels(obs, col, barcodes: np.ndarray, source: str, field: str, frame: str) -> np.ndarray:
+    """A column's phases for `barcodes` aligned by barcode; cells it does not cover get -1
+    (`frame` names the obs frame in errors)."""
+    import pandas as pd
+
+    codes = np.full(len(barcodes), -1, dtype=np.int8)
+    if len(obs) == 0:
+        return codes
+    _check_unique(np.asarray(obs.index, dtype=object), source, f"{frame}_names", "barcodes")
+    pos = obs.index.astype(str).get_indexer(barcodes.astype(str))
+    values = obs[col].astype(object).to_numpy()
+    picked = np.where(pos >= 0, values[np.maximum(pos, 0)], None)
+    has = (pos >= 0) & ~pd.isna(picked)
+    has &= np.array([str(v).strip() != "" for v in picked], dtype=bool)
+    if has.any():
+        codes[has] = encode_phases(picked[has], source, field)
+    return codes
+
+
+def read_h5mu(path, *, modality: str, mod_name: str | None = None, label_path=None,
+              label_column: str | None = None, name: str | None = None) -> CellMatrix:
+    """One modality of a MuData .h5mu file -> CellMatrix (see matrix_from_mudata)."""
+    mdata = load_mudata(path)
+    return matrix_from_mudata(mdata, modality=modality, mod_name=mod_name, source=str(path), name=name,
+                              label_path=label_path, label_column=label_column)
 
 
 # ----------------------------------------------------------------------------- 10x h5
@@ -532,22 +690,28 @@ def file_format(path) -> str:
             p = p[: -len(suf)]
     if p.endswith(".h5ad"):
         return "h5ad"
+    if p.endswith(".h5mu"):
+        return "h5mu"
     if p.endswith(".h5"):
         return "10x"
     if p.endswith(CSV_SUFFIXES):
         return "csv"
-    raise InputError(path, None, "unknown file type; expected .csv/.tsv(.gz), .h5ad, or a 10x .h5")
+    raise InputError(path, None, "unknown file type; expected .csv/.tsv(.gz), .h5ad, .h5mu, or a 10x .h5")
 
 
 def read_matrix(path, *, modality: str, label_path=None, label_column: str | None = None,
-                orient: str = "auto", name: str | None = None) -> CellMatrix:
-    """Read any supported file as a CellMatrix of the given modality."""
+                orient: str = "auto", name: str | None = None, mod_name: str | None = None) -> CellMatrix:
+    """Read any supported file as a CellMatrix of the given modality (`mod_name`: the modality
+    of a .h5mu to read, default DEFAULT_MODALITIES[modality]; other formats have one)."""
     fmt = file_format(path)
     if fmt == "csv":
         ds = read_csv_matrix(path, modality=modality, label_path=label_path, label_column=label_column,
                              orient=orient, name=name)
     elif fmt == "h5ad":
         ds = read_h5ad(path, modality=modality, label_path=label_path, label_column=label_column, name=name)
+    elif fmt == "h5mu":
+        ds = read_h5mu(path, modality=modality, mod_name=mod_name, label_path=label_path,
+                       label_column=label_column, name=name)
     else:
         ds = read_10x_h5(path, modality=modality, label_path=label_path, label_column=label_column, name=name)
     _check_modality(ds)
