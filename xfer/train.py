@@ -119,6 +119,173 @@ class MemberState:
         return improved
 
 
+# ----------------------------------------------------------------------------- the population's named parts
+
+@dataclass
+class TrainingLine:
+    """The training line on the device: its cells' two modalities and labels, the split, and
+    what the labelled losses weigh classes by. Matrices are resident when they fit the memory
+    budget (`xfer.device.Rows`)."""
+
+    emb: Rows                             # expression embeddings (float32)
+    peaks: Rows                           # peak-encoder inputs (bf16 on a GPU)
+    labels: torch.Tensor                  # every cell's phase code, int64
+    train_rows: torch.Tensor              # the training split's row indices
+    val_rows: torch.Tensor                # the validation split's row indices
+    val_labels: np.ndarray                # the validation cells' phases, on the host (for the metrics)
+    class_prior: torch.Tensor             # class frequencies of the training cells (the balance term)
+    class_weight: torch.Tensor | None     # inverse-frequency CE weights (class_weighted), else None
+
+    @classmethod
+    def load(cls, data: TrainData, class_weighted: bool, dev: torch.device, dtype: torch.dtype,
+             memory_budget: int | None) -> "TrainingLine":
+        line = data.line
+        weight = None
+        if class_weighted:
+            w = 1.0 / np.maximum(data.class_prior, 1e-3)
+            weight = torch.as_tensor(w / (w * data.class_prior).sum(), dtype=torch.float32, device=dev)
+        return cls(emb=Rows(line.emb, dev, torch.float32, memory_budget),
+                   peaks=Rows(line.peaks, dev, dtype, memory_budget),
+                   labels=torch.as_tensor(line.labels.astype(np.int64), device=dev),
+                   train_rows=torch.as_tensor(data.train_idx, dtype=torch.long, device=dev),
+                   val_rows=torch.as_tensor(data.val_idx, dtype=torch.long, device=dev),
+                   val_labels=line.labels[data.val_idx], class_prior=torch.as_tensor(data.class_prior, device=dev),
+                   class_weight=weight)
+
+
+@dataclass
+class AdaptationLine:
+    """The other line's unlabelled cells on the device: its peaks and, when given, its expression
+    (what the `agreement` selection candidate compares the peak head with). The LineNorm
+    statistics are this line's own (None without `line_norm`)."""
+
+    peaks: Rows
+    peak_stats: tuple | None
+    emb: Rows | None = None
+    emb_stats: tuple | None = None
+
+    @classmethod
+    def load(cls, data: TrainData, line_norm: bool, dev: torch.device, dtype: torch.dtype,
+             memory_budget: int | None) -> "AdaptationLine":
+        other = data.adapt
+        stats = other.stats_tensors(dev)
+        line = cls(Rows(other.peaks, dev, dtype, memory_budget), stats["peaks"] if line_norm else None)
+        if other.emb is not None:
+            line.emb = Rows(other.emb, dev, torch.float32, memory_budget)
+            line.emb_stats = stats["emb"] if line_norm else None
+        return line
+
+
+@dataclass
+class CandidateRows:
+    """Each member's fixed random cells (`xfer.selection.subset`, drawn from its seed) that the
+    label-free selection candidates use every epoch: [P, k] row indices."""
+
+    domain_train: torch.Tensor            # training-line rows the domain classifier (IWCV, DEV) fits on
+    snd: torch.Tensor                     # adaptation-line rows SND scores
+
+    @classmethod
+    def draw(cls, seeds: Sequence[int], train_rows: torch.Tensor, n_other: int, dev: torch.device) -> "CandidateRows":
+        return cls(train_rows[torch.as_tensor(np.stack([selection.subset(len(train_rows), s) for s in seeds]),
+                                              device=dev)],
+                   torch.as_tensor(np.stack([selection.subset(n_other, s + 1) for s in seeds]), device=dev))
+
+    def redraw(self, m: int, seed: int, train_rows: torch.Tensor, n_other: int, dev: torch.device) -> None:
+        self.domain_train[m] = train_rows[torch.as_tensor(selection.subset(len(train_rows), seed), device=dev)]
+        self.snd[m] = torch.as_tensor(selection.subset(n_other, seed + 1), device=dev)
+
+
+@dataclass
+class PseudoLabels:
+    """Self-training: each member's pseudo-labels of the adaptation line and the CE weights that
+    balance its kept classes; device buffers that `refresh_pseudo_labels` fills in place (a
+    captured CUDA graph reads them there)."""
+
+    labels: torch.Tensor                  # [P, adaptation cells]; UNLABELLED where none is kept
+    class_weight: torch.Tensor            # [P, N_PHASES]
+
+    @classmethod
+    def empty(cls, size: int, n_cells: int, dev: torch.device) -> "PseudoLabels":
+        return cls(torch.full((size, n_cells), UNLABELLED, dtype=torch.long, device=dev),
+                   torch.zeros(size, N_PHASES, device=dev))
+
+    def clear(self, m: int) -> None:
+        self.labels[m].fill_(UNLABELLED)
+        self.class_weight[m].zero_()
+
+
+@dataclass
+class Optimiser:
+    """Every member's optimiser: per-member AdamW and gradient-norm clipping (`xfer.optim`) over
+    the batched model's parameters, and the mask of members still training, which the AdamW
+    reads in place (a masked member's weights do not move)."""
+
+    params: list[torch.Tensor]
+    adamw: PopulationAdamW
+    grad_clip: torch.Tensor               # [P] maximum gradient norm (0: unclipped)
+    active: torch.Tensor                  # [P] 1.0 training, 0.0 masked
+
+    @classmethod
+    def build(cls, model: CDANN, cfgs: Sequence[TrainConfig], dev: torch.device) -> "Optimiser":
+        def vec(get) -> torch.Tensor:
+            return torch.tensor([float(get(c)) for c in cfgs], dtype=torch.float32, device=dev)
+
+        active = torch.ones(len(cfgs), device=dev)
+        grad_clip = vec(lambda c: c.optim.grad_clip)
+        params = list(model.parameters())
+        adamw = PopulationAdamW(params, vec(lambda c: c.optim.lr), vec(lambda c: c.optim.weight_decay), active)
+        return cls(params, adamw, grad_clip, active)
+
+    def reset_member(self, m: int, cfg: TrainConfig) -> None:
+        """A fresh optimiser for member m, with cfg's learning rate, weight decay and clipping."""
+        self.adamw.reset_member(m)
+        self.adamw.lr[m], self.adamw.weight_decay[m] = cfg.optim.lr, cfg.optim.weight_decay
+        self.grad_clip[m] = cfg.optim.grad_clip
+
+    def step(self) -> None:
+        clip_grad_norm(self.params, self.grad_clip)
+        self.adamw.step()
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How an epoch is cut into optimiser steps: each member's training cells in its own shuffled
+    order, the ragged last batch dropped (MMD likes equal sizes); with several data-parallel
+    ranks each takes its own shard of every step's cells."""
+
+    n_train: int                          # training cells
+    batch_size: int                       # cells per member and step (per rank)
+    world: int                            # data-parallel ranks (1 without a process group)
+    rank: int
+    steps: int                            # optimiser steps per epoch
+
+    @classmethod
+    def of(cls, n_train: int, batch_size: int) -> "BatchPlan":
+        bs = min(batch_size, n_train)
+        world, rank = distributed()
+        return cls(n_train, bs, world, rank, max(1, n_train // (bs * world)))
+
+    def rows(self, order: torch.Tensor, step: int) -> torch.Tensor:
+        """This rank's cells of `step` from each member's epoch order [P, n_train]: [P, batch_size]."""
+        start = (step * self.world + self.rank) * self.batch_size
+        return order[:, start:start + self.batch_size]
+
+
+@dataclass
+class EpochSchedule:
+    """Each member's adaptation schedule: the warm-up factor of its current epoch (1.0: the
+    adaptation fully on) and the gradient-reversal strength of the current step, as [P] device
+    tensors that the step (and a captured CUDA graph) reads in place."""
+
+    warmup: list[float]
+    warmup_t: torch.Tensor
+    grl_t: torch.Tensor
+
+    @classmethod
+    def zeros(cls, size: int, dev: torch.device) -> "EpochSchedule":
+        return cls([0.0] * size, torch.zeros(size, device=dev), torch.zeros(size, device=dev))
+
+
 # ----------------------------------------------------------------------------- the population
 
 class Population:
@@ -130,7 +297,14 @@ class Population:
     dropout masks, batch order, adaptation draws), its own scalars (`xfer.config.MEMBER_KEYS`:
     learning rate, weight decay, every lambda, warm-up and GRL schedules, label smoothing,
     dropout rates, pseudo-label settings, patience, clipping), validation, best epoch, early
-    stopping and checkpoint. A member that stops is masked: its weights no longer move."""
+    stopping and checkpoint. A member that stops is masked: its weights no longer move.
+
+    Its parts: `model` (the batched CDANN), `members` (each one's `MemberState`), `loss_scalars`
+    (each member's loss weights, read by `xfer.objective.batch_loss`), `optimiser`, `line` (the
+    training line on the device), `adaptation` (the other line's unlabelled cells, or None),
+    `candidate_rows` (the cells the selection candidates use, when adapting), `pseudo` (the
+    self-training buffers, or None), `batches` (how an epoch is cut into steps), `schedule`
+    (this epoch's warm-up and GRL strengths) and `graph` (the captured step, on a GPU)."""
 
     def __init__(self, cfgs: Sequence[TrainConfig], data: TrainData, device: str | torch.device | None = None,
                  memory_budget: int | None = None):
@@ -138,13 +312,12 @@ class Population:
         check_population(cfgs)
         self.data = data
         cfg = self.cfg = cfgs[0]            # the shape (every member's is the same)
-        o = cfg.optim
         dev = self.dev = resolve_device(device)
-        self.size = P = len(cfgs)
+        self.size = len(cfgs)
         seeds = [c.optim.seed for c in cfgs]
         torch.manual_seed(seeds[0])         # the GPU's generator (the CPU's members have their own)
-        self.adapt = data.adapt is not None
-        self.dims = {"emb_dim": data.emb_dim, "n_peaks": data.n_peaks, "n_domains": 3 if self.adapt else 2}
+        adapting = data.adapt is not None
+        self.dims = {"emb_dim": data.emb_dim, "n_peaks": data.n_peaks, "n_domains": 3 if adapting else 2}
         model = build_model(data.emb_dim, data.n_peaks, [c.model for c in cfgs], use_cdann=cfg.loss.use_cdann,
                             seed=seeds, n_domains=self.dims["n_domains"])
         model.set_line_stats(data.line_stats)
@@ -153,70 +326,42 @@ class Population:
         self.members = [MemberState(c, np.random.default_rng(c.optim.seed), number=i, started=now)
                         for i, c in enumerate(cfgs)]
         self.started = len(cfgs)
-
-        def vec(get) -> torch.Tensor:
-            return torch.tensor([float(get(c)) for c in cfgs], dtype=torch.float32, device=dev)
-
-        self.hp = MemberScalars({k: [getattr(c.loss, k) for c in cfgs] for k in LOSS_SCALARS}).to(dev)
-        self.active = torch.ones(P, device=dev)
-        self.grad_clip = vec(lambda c: c.optim.grad_clip)
-        self.params = list(model.parameters())
-        self.optimizer = PopulationAdamW(self.params, vec(lambda c: c.optim.lr), vec(lambda c: c.optim.weight_decay),
-                                         self.active)
+        self.loss_scalars = MemberScalars({k: [getattr(c.loss, k) for c in cfgs] for k in LOSS_SCALARS}).to(dev)
+        self.optimiser = Optimiser.build(model, cfgs, dev)
         self.finished = False
 
-        # the data, on the device when it fits (rows are densified per batch otherwise)
-        self.on_cuda = self.amp = dev.type == "cuda"
+        # the data, on the device when it fits (rows are densified per batch otherwise); bf16 autocast on a GPU
+        self.amp = dev.type == "cuda"
         dtype = torch.bfloat16 if self.amp else torch.float32
-        line = data.line
-        self.E = Rows(line.emb, dev, torch.float32, memory_budget)
-        self.P = Rows(line.peaks, dev, dtype, memory_budget)
-        self.Y = torch.as_tensor(line.labels.astype(np.int64), device=dev)
-        self.tr = torch.as_tensor(data.train_idx, dtype=torch.long, device=dev)
-        self.va = torch.as_tensor(data.val_idx, dtype=torch.long, device=dev)
-        self.y_val = line.labels[data.val_idx]
-        self.prior = torch.as_tensor(data.class_prior, device=dev)
-        self.class_weight = None
-        if cfg.loss.class_weighted:
-            w = 1.0 / np.maximum(data.class_prior, 1e-3)
-            self.class_weight = torch.as_tensor(w / (w * data.class_prior).sum(), dtype=torch.float32, device=dev)
-        self.PB = self.stats_b = None
-        self.EB = self.stats_eb = None
-        if self.adapt:
-            self.PB = Rows(data.adapt.peaks, dev, dtype, memory_budget)
-            stats_b = data.adapt.stats_tensors(dev)
-            self.stats_b = stats_b["peaks"] if cfg.data.line_norm else None
-            if data.adapt.emb is not None:  # the test line's expression (unlabelled): the agreement candidate
-                self.EB = Rows(data.adapt.emb, dev, torch.float32, memory_budget)
-                self.stats_eb = stats_b["emb"] if cfg.data.line_norm else None
-        # model selection (xfer.selection): the candidate that chooses the best epoch, and each member's
-        # fixed random subsets of cells the domain classifier and SND use
-        self.objective = selection.resolve(o.objective, self.adapt, self.EB is not None)
-        self.sel_train = self.sel_test = None
-        if self.adapt:
-            self.sel_train = self.tr[torch.as_tensor(np.stack([selection.subset(len(data.train_idx), s)
-                                                               for s in seeds]), device=dev)]
-            self.sel_test = torch.as_tensor(np.stack([selection.subset(len(self.PB), s + 1) for s in seeds]),
-                                            device=dev)
-        # self-training: each member's pseudo-labels of the adaptation line, a device buffer refreshed in place
-        self.self_training = False
-        self.YB = self.pseudo_weight = None
-        if self.adapt and not self.hp.zero["lambda_pseudo"]:
-            self._start_self_training()
+        self.line = TrainingLine.load(data, cfg.loss.class_weighted, dev, dtype, memory_budget)
+        self.adaptation = AdaptationLine.load(data, cfg.data.line_norm, dev, dtype, memory_budget) if adapting else None
+        # model selection (xfer.selection): the candidate that chooses the best epoch
+        self.objective = selection.resolve(cfg.optim.objective, adapting, adapting and self.adaptation.emb is not None)
+        self.candidate_rows = CandidateRows.draw(seeds, self.line.train_rows, len(self.adaptation.peaks), dev) \
+            if adapting else None
+        self.pseudo: PseudoLabels | None = None
+        if adapting and not self.loss_scalars.zero["lambda_pseudo"]:
+            self.pseudo = PseudoLabels.empty(self.size, len(self.adaptation.peaks), dev)
+        self.batches = BatchPlan.of(len(data.train_idx), cfg.optim.batch_size)
+        self.schedule = EpochSchedule.zeros(self.size, dev)
+        self.graph = self._step_graph() if cfg.optim.cuda_graph else None
 
-        # batches: drop the ragged last one (MMD likes equal sizes); with several data-parallel
-        # ranks each takes its own shard of every step's cells
-        self.n_train = len(data.train_idx)
-        self.bs = min(o.batch_size, self.n_train)
-        self.world, self.rank = distributed()
-        self.steps = max(1, self.n_train // (self.bs * self.world))
-        # per-member schedules: device tensors the step (and a captured CUDA graph) reads in place
-        self.warm = [0.0] * P
-        self.warm_t = torch.zeros(P, device=dev)
-        self.grl_t = torch.zeros(P, device=dev)
-        self.graph = StepGraph(self.step, (P, self.bs), dev, self.params) if (
-            self.on_cuda and o.cuda_graph and self.world == 1 and self.E.resident and self.P.resident
-            and (self.PB is None or self.PB.resident)) else None
+    def _step_graph(self) -> StepGraph | None:
+        """The step captured as a CUDA graph: on one GPU (no data-parallel ranks) with every matrix resident."""
+        rows = [self.line.emb, self.line.peaks] + ([self.adaptation.peaks] if self.adaptation is not None else [])
+        if self.dev.type != "cuda" or self.batches.world != 1 or not all(r.resident for r in rows):
+            return None
+        return StepGraph(self.step, (self.size, self.batches.batch_size), self.dev, self.optimiser.params)
+
+    @property
+    def adapting(self) -> bool:
+        """Whether an adaptation line is given (its unlabelled cells join the objective and the selection)."""
+        return self.adaptation is not None
+
+    @property
+    def self_training(self) -> bool:
+        """Whether any member learns from pseudo-labels of the adaptation line (lambda_pseudo > 0)."""
+        return self.pseudo is not None
 
     # ------------------------------------------------------------------ members
     def training(self) -> list[int]:
@@ -227,7 +372,7 @@ class Population:
         ms = self.members[m]
         if ms.status == TRAINING:
             ms.status, ms.error, ms.seconds = status, error, seconds
-            self.active[m] = 0.0
+            self.optimiser.active[m] = 0.0
 
     @torch.no_grad()
     def replace(self, m: int, cfg: TrainConfig) -> None:
@@ -241,76 +386,69 @@ class Population:
         seed = cfg.optim.seed
         self.model.reset_member(m, cfg.model, seed)
         for k in LOSS_SCALARS:
-            self.hp.set_member(m, {k: getattr(cfg.loss, k)})
-        self.optimizer.reset_member(m)
-        self.optimizer.lr[m], self.optimizer.weight_decay[m] = cfg.optim.lr, cfg.optim.weight_decay
-        self.grad_clip[m] = cfg.optim.grad_clip
+            self.loss_scalars.set_member(m, {k: getattr(cfg.loss, k)})
+        self.optimiser.reset_member(m, cfg)
         self.members[m] = MemberState(cfg, np.random.default_rng(seed), number=self.started,
                                       started=time.perf_counter())
         self.started += 1
-        if self.adapt:
-            self.sel_train[m] = self.tr[torch.as_tensor(selection.subset(self.n_train, seed), device=self.dev)]
-            self.sel_test[m] = torch.as_tensor(selection.subset(len(self.PB), seed + 1), device=self.dev)
-            if not self.self_training and not self.hp.zero["lambda_pseudo"]:
-                self._start_self_training()
-            if self.self_training:
-                self.YB[m].fill_(UNLABELLED)
-                self.pseudo_weight[m].zero_()
-        self.active[m] = 1.0
+        if self.adapting:
+            self.candidate_rows.redraw(m, seed, self.line.train_rows, len(self.adaptation.peaks), self.dev)
+            if self.pseudo is None and not self.loss_scalars.zero["lambda_pseudo"]:
+                self.pseudo = PseudoLabels.empty(self.size, len(self.adaptation.peaks), self.dev)
+            if self.pseudo is not None:
+                self.pseudo.clear(m)
+        self.optimiser.active[m] = 1.0
         if self.graph is not None and self._structure() != before:
             # the step now runs other operations: capture it again
-            self.graph = StepGraph(self.step, (self.size, self.bs), self.dev, self.params)
-
-    def _start_self_training(self) -> None:
-        self.self_training = True
-        self.YB = torch.full((self.size, len(self.PB)), UNLABELLED, dtype=torch.long, device=self.dev)
-        self.pseudo_weight = torch.zeros(self.size, N_PHASES, device=self.dev)
+            self.graph = StepGraph(self.step, (self.size, self.batches.batch_size), self.dev, self.optimiser.params)
 
     def _structure(self) -> tuple:
-        return self.model.structure(), tuple(sorted(self.hp.zero.items())), self.self_training
+        return self.model.structure(), tuple(sorted(self.loss_scalars.zero.items())), self.self_training
 
     def _member_weights(self, m: int) -> dict:
         return {k: v[m:m + 1].detach().clone() for k, v in self.model.state_dict().items()}
 
     # ------------------------------------------------------------------ the step
-    def batch(self, idx: torch.Tensor) -> Batch:
-        """Each member's training cells idx [P, bs] and, when adapting, as many random cells of the other line."""
-        P, bs = idx.shape
-        flat = idx.reshape(-1)
-        emb, x, y = self.E[flat].view(P, bs, -1), self.P[flat].view(P, bs, -1), self.Y[idx]
-        if not self.adapt:
-            return Batch(emb, x, y)
-        if self.on_cuda:
-            bi = torch.randint(0, len(self.PB), (P, bs), device=self.dev)
+    def batch(self, rows: torch.Tensor) -> Batch:
+        """Each member's training cells rows [P, bs] and, when adapting, as many random cells of the other line."""
+        P, bs = rows.shape
+        flat = rows.reshape(-1)
+        line = self.line
+        emb, peaks, labels = line.emb[flat].view(P, bs, -1), line.peaks[flat].view(P, bs, -1), line.labels[rows]
+        if not self.adapting:
+            return Batch(emb, peaks, labels)
+        other = self.adaptation
+        if self.dev.type == "cuda":
+            drawn = torch.randint(0, len(other.peaks), (P, bs), device=self.dev)
         else:
-            bi = torch.as_tensor(np.stack([ms.rng.integers(0, len(self.PB), size=bs) for ms in self.members]))
-        bi = bi.to(self.dev)
-        return Batch(emb, x, y, xb=self.PB[bi.reshape(-1)].view(P, bs, -1), stats_b=self.stats_b,
-                     yb=self.YB.gather(1, bi) if self.self_training else None)
+            drawn = torch.as_tensor(np.stack([ms.rng.integers(0, len(other.peaks), size=bs) for ms in self.members]))
+        drawn = drawn.to(self.dev)
+        return Batch(emb, peaks, labels, xb=other.peaks[drawn.reshape(-1)].view(P, bs, -1), stats_b=other.peak_stats,
+                     yb=self.pseudo.labels.gather(1, drawn) if self.pseudo is not None else None)
 
-    def step(self, idx: torch.Tensor, warm: torch.Tensor, grl: torch.Tensor,
+    def step(self, rows: torch.Tensor, warm: torch.Tensor, grl: torch.Tensor,
              autocast_cache: bool = True) -> dict[str, torch.Tensor]:
-        """One optimiser step of every member on its cells idx [P, bs]; the detached loss parts, [P] each."""
-        b = self.batch(idx)
-        w = Weights(warm=warm, grl=grl, prior=self.prior, class_weight=self.class_weight,
-                    pseudo_weight=self.pseudo_weight)
+        """One optimiser step of every member on its cells rows [P, bs]; the detached loss parts, [P] each."""
+        batch = self.batch(rows)
+        weights = Weights(warm=warm, grl=grl, prior=self.line.class_prior, class_weight=self.line.class_weight,
+                          pseudo_weight=self.pseudo.class_weight if self.pseudo is not None else None)
         with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=autocast_cache):
-            parts = batch_loss(self.model, self.cfg.loss, self.hp, b, w)
-        self.optimizer.zero_grad()
+            parts = batch_loss(self.model, self.cfg.loss, self.loss_scalars, batch, weights)
+        self.optimiser.adamw.zero_grad()
         parts.total.sum().backward()  # the members are independent: each gets its own gradient
-        if self.world > 1:
-            allreduce_grads(self.model, self.world)
-        clip_grad_norm(self.params, self.grad_clip)
-        self.optimizer.step()
+        if self.batches.world > 1:
+            allreduce_grads(self.model, self.batches.world)
+        self.optimiser.step()
         return parts.detached()
 
     # ------------------------------------------------------------------ an epoch's parts
     def begin_epoch(self) -> list[float]:
         """Training mode and each member's warm-up factor of its next epoch (1.0: the adaptation fully on)."""
         self.model.train()
-        self.warm = [L.warmup_factor(ms.epoch, ms.cfg.loss.warmup_epochs) for ms in self.members]
-        self.warm_t.copy_(torch.tensor(self.warm, dtype=torch.float32))
-        return self.warm
+        warmup = [L.warmup_factor(ms.epoch, ms.cfg.loss.warmup_epochs) for ms in self.members]
+        self.schedule.warmup = warmup
+        self.schedule.warmup_t.copy_(torch.tensor(warmup, dtype=torch.float32))
+        return warmup
 
     @torch.no_grad()
     def refresh_pseudo_labels(self, members: list[int]) -> dict[int, int]:
@@ -319,23 +457,23 @@ class Population:
         elsewhere) and weights that balance the kept classes. Returns how many cells each kept."""
         if not members:
             return {}
-        PB = self.PB
-        probs = _predict_rows(self.model, {"peak": lambda i: self.model.predict_peaks(PB[i], self.stats_b)},
-                              torch.arange(len(PB), device=self.dev), self.amp)["peak"]
+        other, model = self.adaptation, self.model
+        probs = _predict_rows(model, {"peak": lambda i: model.predict_peaks(other.peaks[i], other.peak_stats)},
+                              torch.arange(len(other.peaks), device=self.dev), self.amp)["peak"]
         kept = {}
         for m in members:
             labels = L.select_pseudo_labels(probs[m], self.members[m].cfg.loss.pseudo_fraction)
-            self.YB[m].copy_(labels)
+            self.pseudo.labels[m].copy_(labels)
             counts = torch.bincount(labels[labels >= 0], minlength=N_PHASES).float()
             total = counts.sum()
-            self.pseudo_weight[m].copy_(torch.where(counts > 0, total / (N_PHASES * counts.clamp_min(1)),
-                                                    torch.zeros_like(counts)))
+            self.pseudo.class_weight[m].copy_(torch.where(counts > 0, total / (N_PHASES * counts.clamp_min(1)),
+                                                          torch.zeros_like(counts)))
             kept[m] = int(total.item())
         return kept
 
     def _grl_schedule(self) -> torch.Tensor:
         """Each member's GRL strength at every step of its next epoch: [steps, P] on the device."""
-        steps = self.steps
+        steps = self.batches.steps
         rows = [[L.grl_lambda((ms.epoch * steps + s) / max(1, ms.cfg.optim.epochs * steps), ms.cfg.loss.grl_gamma)
                  for ms in self.members] for s in range(steps)]
         return torch.tensor(rows, dtype=torch.float32).to(self.dev)
@@ -343,56 +481,60 @@ class Population:
     def train_epoch(self) -> dict[str, torch.Tensor]:
         """Every step of one epoch, each member over its own shuffled training cells; the mean of
         each loss part, [P]."""
-        steps = self.steps
-        order = self.tr[torch.as_tensor(np.stack([ms.rng.permutation(self.n_train) for ms in self.members]),
-                                        device=self.dev)]
+        plan, schedule = self.batches, self.schedule
+        order = self.line.train_rows[torch.as_tensor(
+            np.stack([ms.rng.permutation(plan.n_train) for ms in self.members]), device=self.dev)]
         grl = self._grl_schedule()
         sums: dict[str, torch.Tensor] = {}
-        for s in range(steps):
-            start = (s * self.world + self.rank) * self.bs
-            idx = order[:, start:start + self.bs]
-            self.grl_t.copy_(grl[s])
-            if self.graph is not None and self.graph.run(idx, self.warm_t, self.grl_t):
+        for s in range(plan.steps):
+            rows = plan.rows(order, s)
+            schedule.grl_t.copy_(grl[s])
+            if self.graph is not None and self.graph.run(rows, schedule.warmup_t, schedule.grl_t):
                 continue
-            for k, v in self.step(idx, self.warm_t, self.grl_t).items():
+            for k, v in self.step(rows, schedule.warmup_t, schedule.grl_t).items():
                 sums[k] = sums.get(k, 0) + v.float()
         if self.graph is not None:
             for k, v in self.graph.take_sums().items():
                 sums[k] = sums.get(k, 0) + v
-        return {k: (v / steps).cpu() for k, v in sums.items()}  # waits for the device
+        return {k: (v / plan.steps).cpu() for k, v in sums.items()}  # waits for the device
 
     def validate(self, members: list[int]) -> dict[int, dict]:
         """For each of `members`: the metrics of both heads on the training line's validation cells
         and, when adapting, every label-free selection candidate (`xfer.selection`) under "selection".
         The forward passes are batched over the whole population."""
-        model, E, P = self.model, self.E, self.P
-        val = _predict_rows(model, {"gex": lambda i: model.predict_source(E[i]),
-                                    "peak": lambda i: model.peak_latent(P[i]).z.float()}, self.va, self.amp)
+        model, line = self.model, self.line
+        val = _predict_rows(model, {"gex": lambda i: model.predict_source(line.emb[i]),
+                                    "peak": lambda i: model.peak_latent(line.peaks[i]).z.float()},
+                            line.val_rows, self.amp)
         z_val = val["peak"]
         p_val = self._classify(z_val)  # the PEAK latents are encoded once, for the metrics and the candidates
-        test = z_train = p_test = None
-        if self.adapt:
-            PB, EB = self.PB, self.EB
-            heads = {"z": lambda i: model.peak_latent(PB[i], self.stats_b).z.float()}
-            if EB is not None:
-                heads["gex"] = lambda i: model.predict_source(EB[i], self.stats_eb)
-            test = _predict_rows(model, heads, torch.arange(len(PB), device=self.dev), self.amp)
-            z_train = self._member_latents(self.sel_train)
-            p_test = self._classify(test["z"])
         gex_pred = val["gex"].argmax(-1).cpu().numpy()
         peak_pred = p_val.argmax(-1).cpu().numpy()
-        metrics = {m: {"gex": classification_metrics(self.y_val, gex_pred[m]),
-                       "peak": classification_metrics(self.y_val, peak_pred[m])} for m in members}
+        metrics = {m: {"gex": classification_metrics(line.val_labels, gex_pred[m]),
+                       "peak": classification_metrics(line.val_labels, peak_pred[m])} for m in members}
         source_val = [metrics[m]["peak"][self.members[m].cfg.optim.metric] for m in members]
-        if not self.adapt:
+        if not self.adapting:
             sel = [{"source_val": v} for v in source_val]
-        else:  # every candidate of every member at once (xfer.selection.candidate_values_members)
-            i = torch.as_tensor(members, device=self.dev)
-            sel = selection.candidate_values_members(
-                source_val, y_val=self.Y[self.va], p_val=p_val[i], z_val=z_val[i], z_train=z_train[i],
-                p_test=p_test[i], z_test=test["z"][i], p_test_gex=test["gex"][i] if "gex" in test else None,
-                snd_rows=self.sel_test[i])
+        else:
+            sel = self._candidates(members, source_val, p_val, z_val)
         return {m: {**metrics[m], "selection": s} for m, s in zip(members, sel)}
+
+    def _candidates(self, members: list[int], source_val: list[float], p_val: torch.Tensor,
+                    z_val: torch.Tensor) -> list[dict]:
+        """Every label-free selection candidate of every member in `members` at once
+        (xfer.selection.candidate_values_members), from the adaptation line's cells."""
+        model, other = self.model, self.adaptation
+        heads = {"z": lambda i: model.peak_latent(other.peaks[i], other.peak_stats).z.float()}
+        if other.emb is not None:
+            heads["gex"] = lambda i: model.predict_source(other.emb[i], other.emb_stats)
+        test = _predict_rows(model, heads, torch.arange(len(other.peaks), device=self.dev), self.amp)
+        z_train = self._member_latents(self.candidate_rows.domain_train)
+        p_test = self._classify(test["z"])
+        i = torch.as_tensor(members, device=self.dev)
+        return selection.candidate_values_members(
+            source_val, y_val=self.line.labels[self.line.val_rows], p_val=p_val[i], z_val=z_val[i], z_train=z_train[i],
+            p_test=p_test[i], z_test=test["z"][i], p_test_gex=test["gex"][i] if "gex" in test else None,
+            snd_rows=self.candidate_rows.snd[i])
 
     @torch.no_grad()
     def _member_latents(self, rows: torch.Tensor) -> torch.Tensor:
@@ -400,7 +542,7 @@ class Population:
         P, k = rows.shape
         self.model.eval()
         with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.amp):
-            z = self.model.peak_latent(self.P[rows.reshape(-1)].view(P, k, -1)).z.float()
+            z = self.model.peak_latent(self.line.peaks[rows.reshape(-1)].view(P, k, -1)).z.float()
         self.model.train()
         return z
 
@@ -427,7 +569,7 @@ class Population:
         val = self.validate(members)
         records = {}
         for m in members:
-            ms, o = self.members[m], self.members[m].cfg.optim
+            ms = self.members[m]
             epoch = ms.epoch + 1
             skip = unweighted_parts(ms.cfg)
             loss_m = {f"loss/{k}": float(v[m]) for k, v in losses.items() if k not in skip}
@@ -441,11 +583,12 @@ class Population:
                     raise XferError(problem)
                 self.stop(m, DIVERGED, problem, time.perf_counter() - ms.started)
                 continue
-            improved = ms.choose(epoch, objective, warmed[m] or epoch == o.epochs, lambda: self._member_weights(m))
+            eligible = warmed[m] or epoch == ms.cfg.optim.epochs
+            improved = ms.choose(epoch, objective, eligible, lambda: self._member_weights(m))
             ms.epoch = epoch
             metrics = _epoch_record(ms.cfg, ms, objective, val[m], loss_m, n_pseudo.get(m), warm[m], improved,
                                     epoch_seconds=time.perf_counter() - t0, train_seconds=train_seconds)
-            if ms.since_best >= o.patience:
+            if ms.since_best >= ms.cfg.optim.patience:
                 metrics["stopped_early"] = True
             ms.history.append(metrics)
             records[m] = metrics
@@ -494,7 +637,7 @@ class Population:
         ms = self.members[m]
         return {**self._predictor(m), "epoch": ms.epoch, "model": cpu_copy(self._member_weights(m)),
                 "train_state": {  # a member that has ended never steps again: no optimiser state
-                    "optimizer": self.optimizer.member_state(m) if ms.status == TRAINING else None,
+                    "optimizer": self.optimiser.adamw.member_state(m) if ms.status == TRAINING else None,
                     "best_model": None if ms.best_epoch == ms.epoch else cpu_copy(ms.best_weights),
                     "since_best": ms.since_best, "history": list(ms.history), "status": ms.status,
                     "rng": {"torch": self.model.noise.member_states()[m], "numpy": ms.rng.bit_generator.state}}}
@@ -507,7 +650,7 @@ class Population:
         for k, v in ckpt["model"].items():
             state[k][m].copy_(v.reshape(state[k][m].shape))
         if ts.get("optimizer") is not None:
-            self.optimizer.load_member_state(m, ts["optimizer"])
+            self.optimiser.adamw.load_member_state(m, ts["optimizer"])
         ms.epoch = int(ckpt["epoch"])
         ms.history = list(ts.get("history", []))
         ms.best_metric, ms.best_epoch = float(ckpt["best_metric"]), int(ckpt["best_epoch"])
@@ -602,7 +745,6 @@ def _epoch_record(cfg: TrainConfig, state: MemberState, objective: float, val: d
                   n_pseudo: int | None, warm: float, improved: bool, **seconds) -> dict:
     """What `report` and training_history.json get for one epoch: `objective` (what chooses the
     best epoch), every selection candidate as `sel/<name>`, the validation metrics, the losses."""
-    o = cfg.optim
     return {
         "epoch": state.epoch, "objective": objective, "best_epoch": state.best_epoch,
         "best_objective": state.best_metric if state.best_epoch else None,  # None: no epoch chosen yet (warm-up)
@@ -610,13 +752,13 @@ def _epoch_record(cfg: TrainConfig, state: MemberState, objective: float, val: d
         **{f"sel/{k}": v for k, v in val["selection"].items()},
         **losses, **({"pseudo_labels": n_pseudo} if n_pseudo is not None else {}),
         "warmup": warm, "adapted_epochs": adapted_epochs(state.epoch, cfg.loss.warmup_epochs),
-        "grl_lambda": L.grl_lambda((state.epoch - 1) / o.epochs, cfg.loss.grl_gamma),
+        "grl_lambda": L.grl_lambda((state.epoch - 1) / cfg.optim.epochs, cfg.loss.grl_gamma),
         **seconds, "improved": improved,
     }
 
 
 def adapted_epochs(epoch: int, warmup_epochs: int) -> int:
-    """Epochs so far with the adaptation fully on (`Trainer.begin_epoch`'s factor 1.0: from epoch
+    """Epochs so far with the adaptation fully on (`Population.begin_epoch`'s factor 1.0: from epoch
     warmup_epochs + 1): a sweep's ASHA counts its rungs in these, so that every trial is judged
     after the same number of epochs in which a model could be chosen (tune.searcher)."""
     return max(0, int(epoch) - max(0, int(warmup_epochs)))
@@ -630,7 +772,7 @@ def _non_finite(losses: dict, epoch: int) -> str | None:
 @torch.no_grad()
 def _predict_rows(model: CDANN, heads: dict[str, Callable[[torch.Tensor], torch.Tensor]], idx: torch.Tensor,
                   amp: bool, batch: int = 4096) -> dict[str, torch.Tensor]:
-    """Each head's outputs ([P, rows, ...], e.g. `lambda i: model.predict_peaks(P[i])`) for the rows `idx`,
+    """Each head's outputs ([P, rows, ...], e.g. `lambda i: model.predict_peaks(peaks[i])`) for the rows `idx`,
     in eval mode, from device-resident rows (no host round trip of inputs); float32 device tensors."""
     model.eval()
     out: dict[str, list] = {k: [] for k in heads}
