@@ -249,7 +249,8 @@ def predict_files(sources, checkpoint, output_folder, device: str = "auto") -> d
         if isinstance(obj, pd.DataFrame):
             write_bytes_atomic(out / name, obj.to_csv(index=False).encode())
         else:
-            write_labelled_copy(*obj, out / name)
+            src, barcodes, probs_, mod = obj
+            write_labelled_copy(src, barcodes, probs_, out / name, mod_name=mod)
     write_json(out / "predict.json", summary)
     print(f"outputs: {out}/ ({', '.join([*files, 'predict.json'])})")
     return summary
@@ -277,7 +278,7 @@ def _prediction_files(sources, cells: CellMatrix, gex, peaks, probs: dict) -> tu
                 copy = f"{Path(src).name[:-len(suffix)]}.xfer{suffix}"
                 if copy in files:  # one .h5mu holds both heads' cells: the accessibility head labels it
                     continue
-                files[copy] = (src, cells.barcodes, probs[head]) + ((mod,) if suffix == ".h5mu" else ())
+                files[copy] = (src, cells.barcodes, probs[head], mod if suffix == ".h5mu" else None)
     return files, metrics
 
 
