@@ -4,7 +4,7 @@ once, nothing fetched), and bad input (one line naming file and field, exit 2, n
 
 The sweep folder is built cheaply but in the real formats: a real Optuna study in SQLite (what
 the searcher records: intermediate values per epoch, ASHA-stopped trials PRUNED, the Ray trial id
-tag), sweep.json written by tune.sweep.Sweep, trials.csv by tune.sweep.trial_table from per-epoch
+tag), sweep.json written by tune.settings.Sweep, trials.csv by tune.export.trial_table from per-epoch
 reports that are a real training run's history, and that run's metrics.json as the sweep's.
 """
 
@@ -22,7 +22,8 @@ from chromium import chromium, read_png, screenshot
 from test_results import train_tiny
 
 from xfer.cli import main
-from xfer.report import asha_rungs, try_write_report
+from xfer.report import try_write_report
+from xfer.sweep_files import asha_rungs
 
 needs_chromium = pytest.mark.skipif(chromium() is None, reason="headless Chromium not installed (Debian package "
                                     "`chromium`; `make test` installs it as root with apt)")
@@ -42,7 +43,8 @@ def make_sweep(folder, train_dir, completed=(0, 2, 3, 5), n_trials=6, search_epo
     import optuna
     from optuna.distributions import CategoricalDistribution, FloatDistribution
 
-    from tune.sweep import Sweep, trial_table
+    from tune.export import trial_table
+    from tune.settings import Sweep
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     folder.mkdir(parents=True)

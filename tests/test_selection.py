@@ -164,7 +164,7 @@ def test_the_sweep_stores_file_test_inputs_without_labels(tmp_path, tiny_pair):
     """`xfer tune` ingests a test line given as files without its labels (only the driver's
     final scoring reads them, from the files)."""
     from conftest import write_csv
-    from tune.sweep import ingest_for_trials
+    from tune.ingest import ingest_for_trials
     from xfer.data.store import CellStore
 
     A, B = tiny_pair

@@ -9,7 +9,7 @@ import optuna
 import pytest
 
 from tune.space import BROAD_SPACE, NOT_SEARCHABLE, NOT_SEARCHED, load_space, parse_space
-from tune.sweep import _split_fixed, build_space
+from tune.configure import _split_fixed, build_space
 from xfer.config import (ALL_ARCH_PARAMS, ARCH_PARAMS, ARCHS, DataConfig, LossConfig, ModelConfig, OptimConfig,
                          TrainConfig)
 from xfer.errors import ConfigError
@@ -167,7 +167,7 @@ def test_empty_mapping_and_bad_key_in_a_space_file_name_the_file(tmp_path):
 def test_built_in_spaces_by_name_hold_the_shipped_defaults(name):
     """`--space broad|centred`: the shipped defaults are a point of each (a sweep enqueues them first)."""
     from tune.space import SPACES
-    from tune.sweep import default_point
+    from tune.configure import default_point
     space = load_space(name)
     assert space.source == f"{name} space" and set(space.params) == set(SPACES[name])
     assert default_point(space, {}) is not None
@@ -195,7 +195,7 @@ def test_a_sweep_ships_the_studys_pick():
     epochs, ASHA on adapted epochs with grace 5 and reduction factor 2, the greedy final model of
     at most 8 trials."""
     from tune.space import CENTRED_SPACE, DEFAULT_SPACE_NAME
-    from tune.sweep import default_grace, shortest_warmup
+    from tune.configure import default_grace, shortest_warmup
     from xfer.cli import build_parser
     a = build_parser().parse_args(["tune", "--output_folder", "x"])
     assert (a.n_trials, a.search_epochs, a.scheduler, a.rungs, a.reduction_factor, a.final_model,

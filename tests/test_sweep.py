@@ -1,4 +1,4 @@
-"""tune.sweep.trial_table on fake Tune results (no Ray cluster): every status branch."""
+"""tune.export.trial_table on fake Tune results (no Ray cluster): every status branch."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-from tune.sweep import trial_table
+from tune.export import trial_table
 from tune.trials import TRIAL_STATUSES
 
 SW = SimpleNamespace(search_epochs=4, metric="balanced_accuracy", population=1)
@@ -75,7 +75,7 @@ def _sweep_like(space: dict, base: dict | None = None):
 
 def test_default_point_is_the_shipped_defaults_within_the_space():
     from tune.space import BROAD_SPACE, parse_space
-    from tune.sweep import default_point
+    from tune.configure import default_point
     from xfer.config import ALL_ARCH_PARAMS, ARCH_PARAMS, TrainConfig
 
     point = default_point(*_sweep_like(BROAD_SPACE))
@@ -91,7 +91,7 @@ def test_default_point_is_the_shipped_defaults_within_the_space():
 
 def test_without_a_test_line_self_training_and_the_joint_basis_leave_the_space():
     from tune.space import load_space
-    from tune.sweep import transductive_space
+    from tune.configure import transductive_space
 
     space = load_space(None)
     assert transductive_space(space, True) is space
@@ -127,7 +127,8 @@ def test_error_column_names_the_exception_not_rays_header():
 def test_storage_settings(tmp_path, monkeypatch):
     from types import SimpleNamespace as NS
 
-    from tune.sweep import _check_storage, _train_storage
+    from tune.configure import _check_storage
+    from tune.tuner import _train_storage
 
     monkeypatch.chdir(tmp_path)
     assert _check_storage(None) == "" and _check_storage("") == ""
@@ -399,7 +400,7 @@ def test_reports_held_back_leave_every_asha_decision_where_it_was():
 def test_a_report_carries_its_trials_values_at_the_best_epoch():
     """trials.csv's values at the best epoch come from the trial's last report (each report carries
     them as at_best/...), not from the history of reports, which may skip the best epoch."""
-    from tune.sweep import _at_best_epoch
+    from tune.export import _at_best_epoch
     from tune.trainable import at_best
 
     best = {"epoch": 7, "objective": 0.6, "sel/agreement": 0.6, "sel/entropy": -0.2, "peak_val_balanced_accuracy": 0.7,

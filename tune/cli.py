@@ -10,14 +10,22 @@ log = logging.getLogger(__name__)
 
 
 def register(sub) -> None:
+    """`xfer tune` and `xfer demo` (tune.sweep and Ray are imported only when they run)."""
     from xfer.data.inputs import add_data_arguments
     from xfer.pipeline import add_train_arguments
 
     p = sub.add_parser("tune", help="hyperparameter sweep: Ray Tune + OptunaSearch + ASHA over Ray Train workers",
-                       description=__import__("tune.sweep", fromlist=["x"]).__doc__.split("\n\n")[0])
+                       description="`xfer tune`: OptunaSearch proposes, ASHA stops the weak, Ray runs the trials "
+                                   "(README: xfer tune).")
     add_data_arguments(p)
     add_train_arguments(p)
-    g = p.add_argument_group("sweep")
+    add_sweep_arguments(p.add_argument_group("sweep"))
+    p.set_defaults(func=cmd_tune)
+    add_demo_parser(sub)
+
+
+def add_sweep_arguments(g) -> None:
+    """The sweep's own flags: budget, space, scheduler, final model, cluster, storage, display."""
     g.add_argument("--n_trials", type=int, default=24,
                    help="trials to run (default 24: the study's pick, README: xfer tune, Design)")
     g.add_argument("--search_epochs", type=int, default=20, help="epochs per trial; ASHA's max_t (default 20)")
@@ -29,7 +37,7 @@ def register(sub) -> None:
     g.add_argument("--rungs", choices=("adapted", "after_warmup", "epochs"), default="adapted",
                    help="what ASHA's rungs count: adapted (default) the epochs after each trial's own warm-up, so no "
                         "trial is judged before it has an objective value; after_warmup: epochs, judged only once "
-                        "warmed; epochs: plain epochs (before issue 23)")
+                        "warmed; epochs: plain epochs")
     g.add_argument("--grace_period", type=int, default=0,
                    help="ASHA's first rung, in --rungs units (default search_epochs/4: 5 adapted epochs at 20)")
     g.add_argument("--reduction_factor", type=int, default=2, help="ASHA reduction factor (default 2)")
@@ -77,8 +85,9 @@ def register(sub) -> None:
     g.add_argument("--reuse_actors", action=argparse.BooleanOptionalAction, default=True,
                    help="fast path: run the next trial in a finished trial's actor (default; ~2 s saved per trial); "
                         "--no-reuse_actors gives each trial its own actor, named after it in the Ray dashboard")
-    p.set_defaults(func=cmd_tune)
 
+
+def add_demo_parser(sub) -> None:
     d = sub.add_parser("demo", help="the main job on built-in simulated data: simulate two cell lines, "
                                     "then a real local Ray Tune sweep (what `make demo` runs)")
     d.add_argument("--size", default="small", help="simulated size (tiny | small | medium | seed)")
@@ -98,7 +107,8 @@ def register(sub) -> None:
 def cmd_tune(args) -> int:
     from xfer.pipeline import format_table
 
-    from .sweep import run
+    from .final_model import final_model_source
+    from .sweep import run  # Ray and torch: only when a sweep runs
 
     res = run(args)
     sw, df, best = res["sweep"], res["table"], res["best"]
@@ -107,8 +117,6 @@ def cmd_tune(args) -> int:
           f"({', '.join(f'{v} {k}' for k, v in counts.items())})")
     print(f"best trial {best['trial_id']}: {best['objective']} {best['value']:.3f} at epoch {best['best_epoch']} "
           f"(arch {best['params']['arch']}, divergence {best['params']['divergence']})")
-    from .sweep import final_model_source
-
     final = best["final_model"]
     if final["members"]:
         print(f"best_model.pt: {final_model_source(final)}: "

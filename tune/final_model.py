@@ -56,6 +56,15 @@ class FinalModel:
                              "arch": r.get("param.arch")} for r, _ in self.members]}
 
 
+def final_model_source(final: dict) -> str:
+    """How a sweep's final model was made, in words (best_params.json's final_model)."""
+    n = len(final.get("members", []))
+    if final.get("guarded"):
+        return "the shipped defaults' trial (the rule's average had a lower objective)"
+    what = "one trial" if n == 1 else f"{n} trials averaged"
+    return f"{what} ({final.get('rule', 'top')} rule)"
+
+
 def same_footing(ranked, scheduler: str, search_epochs: int):
     """The rows of `ranked` (trials.csv, best first, ranked trials only) judged on the same footing."""
     if scheduler == "fifo":

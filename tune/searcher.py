@@ -412,7 +412,7 @@ class AfterWarmupASHA(AsyncHyperBandScheduler):
 
 def make_scheduler(kind: str, clock: str, max_t: int, grace_period: int, reduction_factor: int):
     """The sweep's trial scheduler: `fifo` runs every trial its whole budget; `asha` stops the weak
-    at rungs grace_period x reduction_factor^k counted on `clock` (tune.sweep.RUNG_CLOCKS)."""
+    at rungs grace_period x reduction_factor^k counted on `clock` (tune.settings.RUNG_CLOCKS)."""
     from ray.tune.schedulers import FIFOScheduler
 
     if kind == "fifo":

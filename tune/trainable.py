@@ -146,7 +146,7 @@ class CheckpointPolicy:
     - At each epoch where ASHA may stop the trial, when the best epoch changed since the last
       checkpoint, so the best weights are in storage wherever ASHA stops the trial (the sweep
       exports its final model's members from their last checkpoints). Those epochs follow
-      Ray's rule on the sweep's rung clock (`tune.sweep.RUNG_CLOCKS`): an epoch whose clock
+      Ray's rule on the sweep's rung clock (`tune.settings.RUNG_CLOCKS`): an epoch whose clock
       value is at or past a rung of `rungs` where the trial has not been judged yet (the highest
       such rung is then judged). `adapted`: the clock is `adapted_epochs`, zero through the
       warm-up; `after_warmup`: epochs, counted only once the adaptation is fully on (the first

@@ -27,6 +27,8 @@ from .errors import InputError, XferError
 from .evaluate import METRIC_KEYS
 from .phases import PHASES
 from .results import SPLIT_NAMES, read_json, read_metrics
+from .sweep_files import (SETTINGS_FILE, STUDY_DB, TRIALS_CSV, asha_rungs, load_study, read_settings, read_trials,
+                          rung_clock)
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +39,6 @@ STYLE = """body{font-family:system-ui,sans-serif;margin:24px auto;padding:0 16px
 h1{font-size:22px}h2{font-size:18px;margin-top:32px;border-bottom:1px solid #ddd}
 .table{overflow-x:auto;font-size:12px}table{border-collapse:collapse}.note{color:#666}
 th,td{padding:2px 6px;text-align:right;border-bottom:1px solid #eee;white-space:nowrap}th[colspan]{text-align:center}"""
-
-
-def asha_rungs(grace_period: int, reduction_factor: int, max_t: int) -> list[int]:
-    """ASHA's milestones: grace_period * reduction_factor^k up to max_t epochs."""
-    rungs, r = [], grace_period
-    while r <= max_t:
-        rungs.append(r)
-        r *= reduction_factor
-    return rungs
 
 
 def _note(text: str) -> str:
@@ -129,37 +122,6 @@ def train_report(folder: Path) -> tuple[str, list]:
 
 # ----------------------------------------------------------------------------- xfer tune
 
-def _read_sweep_settings(path: Path) -> dict:
-    sw = read_json(path)
-    if not isinstance(sw, dict):
-        raise InputError(path, None, "not a JSON object")
-    for k in ("name", "metric"):
-        if not isinstance(sw.get(k), str):
-            raise InputError(path, k, "missing or not a string")
-    for k, low in (("search_epochs", 1), ("grace_period", 1), ("reduction_factor", 2)):
-        if not isinstance(sw.get(k), int) or sw[k] < low:
-            raise InputError(path, k, f"missing or not an integer >= {low}")
-    return sw
-
-
-def _read_trials(path: Path, columns: list[str]):
-    import pandas as pd
-
-    if not path.is_file():
-        raise InputError(path, None, "not found")
-    try:
-        df = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise InputError(path, None, f"not a readable CSV ({str(e).splitlines()[0]})") from None
-    for c in columns:
-        if c not in df.columns:
-            raise InputError(path, c, "missing column")
-    for c in columns[2:]:
-        if not pd.api.types.is_numeric_dtype(df[c]):
-            raise InputError(path, c, "not numeric")
-    return df
-
-
 AT_BEST = ("every trial that reported counts, valued at its best epoch (ASHA stops most trials early: Optuna's "
            "own importances would see only the few that ran every epoch); a trial stopped early was judged on "
            "fewer epochs, so its value is a lower bound")
@@ -187,32 +149,14 @@ def _at_best(study):
     return copy
 
 
-def _load_study(path: Path, name: str):
-    """The sweep's Optuna study; the file is checked read-only first (never created or changed)."""
-    import sqlite3
-
-    import optuna
-
-    if not path.is_file():
-        raise InputError(path, None, "not found")
-    try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as c:
-            names = {r[0] for r in c.execute("select study_name from studies")}
-    except sqlite3.Error as e:
-        raise InputError(path, "studies", f"not an Optuna study database ({e})") from None
-    if name not in names:
-        raise InputError(path, f"study '{name}'", f"not in the database (it holds {sorted(names)})")
-    return optuna.load_study(study_name=name, storage=f"sqlite:///{path}")
-
-
 def sweep_report(folder: Path) -> tuple[str, list]:
     import plotly.graph_objects as go
     from optuna import visualization as ov
 
-    sw = _read_sweep_settings(folder / "sweep.json")
+    sw = read_settings(folder / SETTINGS_FILE)
     metric_col = f"peak_val_{sw['metric']}"
-    df = _read_trials(folder / "trials.csv", ["trial_id", "status", "epochs_run", "best_objective", metric_col])
-    study = _load_study(folder / "optuna_study.db", sw["name"])
+    df = read_trials(folder / TRIALS_CSV, ["trial_id", "status", "epochs_run", "best_objective", metric_col])
+    study = load_study(folder / STUDY_DB, sw["name"])
     metrics = read_metrics(folder / "metrics.json", require=()) if (folder / "metrics.json").exists() else None
     objective = sw.get("objective", "source_val")
 
@@ -226,7 +170,7 @@ def sweep_report(folder: Path) -> tuple[str, list]:
     names = {f"Trial{t.number}": f"#{t.number} {t.user_attrs.get('ray_trial_id', '')} ({t.state.name.lower()})"
              for t in study.trials}
     inter.for_each_trace(lambda tr: tr.update(name=names.get(tr.name, tr.name)))
-    clock = sw.get("rungs") or ("after_warmup" if sw.get("asha_after_warmup") else "epochs")
+    clock = rung_clock(sw.get("rungs"), bool(sw.get("asha_after_warmup")))
     if sw.get("scheduler", "asha") == "fifo":
         title = f"objective ({objective}) per epoch; every trial ran its whole budget (FIFO)"
     elif clock == "adapted":  # each trial's rungs sit after its own warm-up: no common epoch to mark
@@ -306,7 +250,7 @@ def write_report(folder) -> Path:
     from .data.fs import write_bytes_atomic
 
     folder = Path(folder)
-    if (folder / "sweep.json").is_file():
+    if (folder / SETTINGS_FILE).is_file():
         title, sections = sweep_report(folder)
     elif (folder / "metrics.json").is_file():
         title, sections = train_report(folder)

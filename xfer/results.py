@@ -19,8 +19,8 @@ from pathlib import Path
 
 from .errors import InputError
 from .evaluate import METRIC_KEYS
-from .pipeline import SPLITS
 
+SPLITS = ("gex_val", "gex_test", "peak_val", "peak_test")  # metrics.json's four scored splits, in table order
 SPLIT_FIELDS = (*METRIC_KEYS, "majority_rate", "n", "confusion")
 CONFIG_FIELDS = ("source_model", "arch", "divergence")
 SPLIT_NAMES = {"gex_val": "GEX val", "gex_test": "GEX test", "peak_val": "PEAK val", "peak_test": "PEAK test"}
