@@ -433,6 +433,45 @@ def _at_best(i: int, ms, metric: str) -> dict:
     return {f"m{i}/at_best/{k}": v for k, v in best.items() if k.startswith("sel/") or k == f"peak_val_{metric}"}
 
 
+def _member_summary(i: int, ms, number: int, metric: str) -> dict:
+    """Member i's summary under `m<i>/` (its status, epochs, Optuna trial number, best and last
+    objective, its record at its best epoch) from its state in xfer.train's population."""
+    m = {f"m{i}/status": ms.status, f"m{i}/epochs_run": ms.epoch, f"m{i}/trial": number,
+         f"m{i}/best_objective": ms.best_metric if ms.best_epoch else None, f"m{i}/best_epoch": ms.best_epoch,
+         f"m{i}/last_objective": ms.history[-1]["objective"] if ms.history else None,
+         f"m{i}/seconds": ms.seconds or (time.perf_counter() - ms.started)}
+    if ms.error:
+        m[f"m{i}/error"] = ms.error
+    m.update(_at_best(i, ms, metric))
+    return m
+
+
+def _population_resume(n: int) -> list[dict] | None:
+    """Every member's training checkpoint from the trial's latest checkpoint, those that had stopped
+    included; None when the trial starts afresh."""
+    from ray import tune
+
+    ckpt = tune.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        return [read_checkpoint(Path(d) / member_file(i)) for i in range(n)]
+
+
+def _report_with_checkpoint(pop, m: dict, policy: CheckpointPolicy) -> None:
+    """Report `m` with a checkpoint: a folder of every member's training checkpoint (each holds its
+    member's status: one that had stopped stays stopped)."""
+    from ray import tune
+
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        for i in range(pop.size):
+            torch.save(pop.checkpoint(i), Path(d) / member_file(i))
+        m["checkpoint_seconds"] = time.perf_counter() - t0
+        tune.report(m, checkpoint=tune.Checkpoint.from_directory(d))
+        policy.saved(m["epoch"], time.perf_counter() - t0)
+
+
 def population_trial(config: dict, *, spec: dict, base: dict, checkpoint_every: int = 0, rungs=(),
                      clock: str = "adapted", board: str = "", report_every: int = 0) -> None:
     """Tune function trainable of a population: its members (config["population"], one Optuna
@@ -458,11 +497,7 @@ def population_trial(config: dict, *, spec: dict, base: dict, checkpoint_every: 
     judge = ray.get_actor(board) if board and rungs else None
     data = load_trial_data(DataSpec(**spec), cfgs[0])
 
-    resume = None
-    ckpt = tune.get_checkpoint()
-    if ckpt is not None:  # every member's training checkpoint, those that had stopped included
-        with ckpt.as_directory() as d:
-            resume = [read_checkpoint(Path(d) / member_file(i)) for i in range(len(cfgs))]
+    resume = _population_resume(len(cfgs))
     policy = CheckpointPolicy(checkpoint_every)
     if resume is not None:
         policy.resumed_at(max(int(r["epoch"]) for r in resume))
@@ -491,16 +526,7 @@ def population_trial(config: dict, *, spec: dict, base: dict, checkpoint_every: 
         m["epoch_seconds"] = max((v for k, v in epoch_report.items() if k.endswith("/epoch_seconds")), default=0.0)
         m.update(epoch_report)
         for i, ms in enumerate(members):  # every member's summary in every report: the last one has them all
-            m[f"m{i}/status"] = ms.status
-            m[f"m{i}/epochs_run"] = ms.epoch
-            m[f"m{i}/trial"] = numbers[i]
-            m[f"m{i}/best_objective"] = ms.best_metric if ms.best_epoch else None
-            m[f"m{i}/best_epoch"] = ms.best_epoch
-            m[f"m{i}/last_objective"] = ms.history[-1]["objective"] if ms.history else None
-            m[f"m{i}/seconds"] = ms.seconds or (time.perf_counter() - ms.started)
-            if ms.error:
-                m[f"m{i}/error"] = ms.error
-            m.update(_at_best(i, ms, metric))
+            m.update(_member_summary(i, ms, numbers[i], metric))
         epoch_report.clear()
         last = m["members_training"] == 0
         write = policy.due(m, last)
@@ -513,13 +539,7 @@ def population_trial(config: dict, *, spec: dict, base: dict, checkpoint_every: 
         m.update({f"m{i}/curve": c for i, c in curves.items()})
         curves.clear()
         if write:
-            with tempfile.TemporaryDirectory() as d:
-                t0 = time.perf_counter()
-                for i in range(pop.size):  # each holds its member's status: one that had stopped stays stopped
-                    torch.save(pop.checkpoint(i), Path(d) / member_file(i))
-                m["checkpoint_seconds"] = time.perf_counter() - t0
-                tune.report(m, checkpoint=tune.Checkpoint.from_directory(d))
-                policy.saved(m["epoch"], time.perf_counter() - t0)
+            _report_with_checkpoint(pop, m, policy)
         else:
             tune.report(m)
 
