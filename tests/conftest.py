@@ -73,8 +73,8 @@ def write_labels(path, barcodes, phases, cols=("barcode", "phase")):
 
 
 @pytest.fixture
-def seed_files(tmp_path):
-    """The seed layout for one paired line: GEX/PEAK CSVs and a labels CSV."""
+def research_files(tmp_path):
+    """One paired line in the original research code's CSV layout: GEX/PEAK CSVs and a labels CSV."""
     gx = _counts(len(BARCODES), len(GENES), 0)
     pk = _counts(len(BARCODES), len(PEAKS), 1)
     return {

@@ -16,10 +16,10 @@ def _ingest(store, *args):
     return main(["ingest", "--store", str(store), *map(str, args)])
 
 
-def test_ingest_pair_then_use_store_names(tmp_path, seed_files, capsys):
+def test_ingest_pair_then_use_store_names(tmp_path, research_files, capsys):
     store = tmp_path / "store"
-    rc = _ingest(store, "--src_csv", seed_files["gex"], "--src_label_csv", seed_files["labels"],
-                 "--tgt_csv", seed_files["peak"])
+    rc = _ingest(store, "--src_csv", research_files["gex"], "--src_label_csv", research_files["labels"],
+                 "--tgt_csv", research_files["peak"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "store:L_GEX" in out and "store:L_PEAK" in out
@@ -27,7 +27,7 @@ def test_ingest_pair_then_use_store_names(tmp_path, seed_files, capsys):
     assert sorted(s.names()) == ["L_GEX", "L_PEAK"]
     peak = s.read("L_PEAK")
     assert list(peak.phase_names()) == PHASES_OF  # labels propagated to the paired modality
-    np.testing.assert_array_equal(peak.X.toarray(), seed_files["X_peak"])
+    np.testing.assert_array_equal(peak.X.toarray(), research_files["X_peak"])
     # store datasets are accepted by the same flags
     from xfer.cli import build_parser
     from xfer.flags import sources_from_args
@@ -39,40 +39,40 @@ def test_ingest_pair_then_use_store_names(tmp_path, seed_files, capsys):
     assert "store:L_GEX" in capsys.readouterr().out
 
 
-def test_ingest_store_dataset_of_wrong_modality(tmp_path, seed_files, capsys):
+def test_ingest_store_dataset_of_wrong_modality(tmp_path, research_files, capsys):
     store = tmp_path / "store"
-    assert _ingest(store, "--tgt_csv", seed_files["peak"], "--tgt_label_csv", seed_files["labels"]) == 0
+    assert _ingest(store, "--tgt_csv", research_files["peak"], "--tgt_label_csv", research_files["labels"]) == 0
     assert _ingest(store, "--src_csv", "store:L_PEAK") == 2
     assert "store dataset is peak, but --src_csv expects gex" in capsys.readouterr().err
 
 
-def test_error_gex_and_peak_share_no_barcodes(tmp_path, seed_files, capsys):
+def test_error_gex_and_peak_share_no_barcodes(tmp_path, research_files, capsys):
     other = [b.replace("-1", "-9") for b in BARCODES]
     peak = write_csv(tmp_path / "OTHER_PEAK.csv", other, ["chr1:1-100", "chr1:200-300"],
                      np.ones((len(other), 2)))
     store = tmp_path / "store"
-    rc = _ingest(store, "--src_csv", seed_files["gex"], "--src_label_csv", seed_files["labels"], "--tgt_csv", peak)
+    rc = _ingest(store, "--src_csv", research_files["gex"], "--src_label_csv", research_files["labels"], "--tgt_csv", peak)
     assert rc == 2
     err = capsys.readouterr().err
     assert "OTHER_PEAK.csv [barcode]: shares no barcode with the paired expression matrix" in err
     assert not os.path.exists(store / "datasets") or os.listdir(store / "datasets") == []
 
 
-def test_bad_second_input_writes_nothing(tmp_path, seed_files, capsys):
+def test_bad_second_input_writes_nothing(tmp_path, research_files, capsys):
     """All inputs are validated before anything is written."""
     bad_labels = write_labels(tmp_path / "bad_labels.csv", BARCODES, ["G1", "S", "G7", "G1"] * 3)
     store = tmp_path / "store"
-    rc = _ingest(store, "--src_csv", seed_files["gex"], "--src_label_csv", seed_files["labels"],
-                 "--test_csv", seed_files["gex"].parent / "L_GEX.csv", "--test_label_csv", bad_labels)
+    rc = _ingest(store, "--src_csv", research_files["gex"], "--src_label_csv", research_files["labels"],
+                 "--test_csv", research_files["gex"].parent / "L_GEX.csv", "--test_label_csv", bad_labels)
     assert rc == 2
     assert "bad_labels.csv [phase]: unknown phase name(s) 'G7' (3 cells)" in capsys.readouterr().err
     assert not os.path.exists(store / "datasets") or os.listdir(store / "datasets") == []
 
 
-def test_ingest_conflicting_paired_labels(tmp_path, seed_files, capsys):
+def test_ingest_conflicting_paired_labels(tmp_path, research_files, capsys):
     other = write_labels(tmp_path / "other.csv", BARCODES, ["S"] * len(BARCODES))
-    rc = _ingest(tmp_path / "s", "--src_csv", seed_files["gex"], "--src_label_csv", seed_files["labels"],
-                 "--tgt_csv", seed_files["peak"], "--tgt_label_csv", other)
+    rc = _ingest(tmp_path / "s", "--src_csv", research_files["gex"], "--src_label_csv", research_files["labels"],
+                 "--tgt_csv", research_files["peak"], "--tgt_label_csv", other)
     assert rc == 2
     assert "paired cells have different phase labels" in capsys.readouterr().err
 
@@ -111,16 +111,16 @@ def _gzip_cut(src, dst, keep=0.5):
 
 @pytest.mark.parametrize("broken", ["matrix", "labels"])
 @pytest.mark.parametrize("how, msg", [("plain", "not a gzip file"), ("cut", "truncated gzip stream")])
-def test_ingest_broken_gzip_is_one_line_and_writes_nothing(tmp_path, seed_files, capsys, broken, how, msg):
-    src = seed_files["gex" if broken == "matrix" else "labels"]
+def test_ingest_broken_gzip_is_one_line_and_writes_nothing(tmp_path, research_files, capsys, broken, how, msg):
+    src = research_files["gex" if broken == "matrix" else "labels"]
     bad = tmp_path / f"bad_{broken}.csv.gz"
     if how == "plain":
         bad.write_bytes(src.read_bytes())  # plain text renamed to .gz
     else:
         _gzip_cut(src, bad)
-    gex, labels = (bad, seed_files["labels"]) if broken == "matrix" else (seed_files["gex"], bad)
+    gex, labels = (bad, research_files["labels"]) if broken == "matrix" else (research_files["gex"], bad)
     store = tmp_path / "store"
-    assert _ingest(store, "--src_csv", gex, "--src_label_csv", labels, "--tgt_csv", seed_files["peak"]) == 2
+    assert _ingest(store, "--src_csv", gex, "--src_label_csv", labels, "--tgt_csv", research_files["peak"]) == 2
     line = _one_error_line(capsys.readouterr().err)
     assert line.startswith(f"xfer ingest: error: {bad}: {msg}"), line
     assert not store.exists()
@@ -129,12 +129,12 @@ def test_ingest_broken_gzip_is_one_line_and_writes_nothing(tmp_path, seed_files,
 # ----------------------------------------------------------------------------- a file where the store should be
 
 @pytest.mark.parametrize("under", [False, True])
-def test_store_path_that_is_a_file(tmp_path, seed_files, capsys, under):
+def test_store_path_that_is_a_file(tmp_path, research_files, capsys, under):
     """--store naming a regular file (or a path under one): one line, the file untouched."""
     f = tmp_path / "not_a_store"
     f.write_text("precious\n")
     store = f / "sub" if under else f
-    assert _ingest(store, "--src_csv", seed_files["gex"], "--src_label_csv", seed_files["labels"]) == 2
+    assert _ingest(store, "--src_csv", research_files["gex"], "--src_label_csv", research_files["labels"]) == 2
     line = _one_error_line(capsys.readouterr().err)
     assert line.startswith(f"xfer ingest: error: {f}: is a file"), line
     assert ("cannot be made under it" in line) == under
@@ -144,14 +144,14 @@ def test_store_path_that_is_a_file(tmp_path, seed_files, capsys, under):
     assert f"{f}: is a file, not a store directory" in capsys.readouterr().err
 
 
-def test_train_store_path_that_is_a_file(tmp_path, seed_files, capsys):
+def test_train_store_path_that_is_a_file(tmp_path, research_files, capsys):
     """xfer train reads its embeddings through the store: refused before anything is written
     there, and before the output folder is made."""
     f = tmp_path / "not_a_store"
     f.write_text("precious\n")
     out = tmp_path / "out"
-    rc = main(["train", "--store", str(f), "--src_csv", str(seed_files["gex"]), "--src_label_csv",
-               str(seed_files["labels"]), "--tgt_csv", str(seed_files["peak"]), "--output_folder", str(out),
+    rc = main(["train", "--store", str(f), "--src_csv", str(research_files["gex"]), "--src_label_csv",
+               str(research_files["labels"]), "--tgt_csv", str(research_files["peak"]), "--output_folder", str(out),
                "--epochs", "1"])
     assert rc == 2
     line = _one_error_line(capsys.readouterr().err)

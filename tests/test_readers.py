@@ -1,4 +1,4 @@
-"""Readers: the seed CSV layout (both orientations, labels inside or beside), h5ad, 10x h5."""
+"""Readers: the original research code's CSV layout (both orientations, labels inside or beside), h5ad, 10x h5."""
 
 from __future__ import annotations
 
@@ -15,29 +15,29 @@ from xfer.errors import InputError
 from xfer.phases import PHASES, canonical_phase, encode_phases
 
 
-def test_csv_cells_as_rows_with_label_file(seed_files):
-    ds = read_csv_matrix(seed_files["gex"], modality="gex", label_path=seed_files["labels"])
+def test_csv_cells_as_rows_with_label_file(research_files):
+    ds = read_csv_matrix(research_files["gex"], modality="gex", label_path=research_files["labels"])
     assert ds.X.shape == (len(BARCODES), len(GENES))
     assert sp.isspmatrix_csr(ds.X) and ds.X.dtype == np.float32
-    np.testing.assert_array_equal(ds.X.toarray(), seed_files["X_gex"])
+    np.testing.assert_array_equal(ds.X.toarray(), research_files["X_gex"])
     assert list(ds.barcodes) == BARCODES and list(ds.features) == GENES
     assert list(ds.phase_names()) == PHASES_OF
     assert ds.name == "L_GEX" and ds.meta["orientation"] == "cells_rows"
 
 
-def test_csv_phase_column_inside_matrix(tmp_path, seed_files):
-    p = write_csv(tmp_path / "in.csv", BARCODES, GENES, seed_files["X_gex"],
+def test_csv_phase_column_inside_matrix(tmp_path, research_files):
+    p = write_csv(tmp_path / "in.csv", BARCODES, GENES, research_files["X_gex"],
                   phase=["g1", "S", "G2/M", "G0/G1"] * 3)
     ds = read_csv_matrix(p, modality="gex")
     assert ds.n_features == len(GENES)  # the phase column is not a feature
     assert list(ds.phase_names()) == PHASES_OF
 
 
-def test_csv_features_as_rows_detected_by_label_barcodes(tmp_path, seed_files):
-    X = seed_files["X_peak"]
+def test_csv_features_as_rows_detected_by_label_barcodes(tmp_path, research_files):
+    X = research_files["X_peak"]
     p = tmp_path / "T.csv"
     pd.DataFrame(X.T, index=pd.Index(PEAKS, name="peak"), columns=BARCODES).to_csv(p)
-    ds = read_csv_matrix(p, modality="peak", label_path=seed_files["labels"])
+    ds = read_csv_matrix(p, modality="peak", label_path=research_files["labels"])
     assert ds.meta["orientation"] == "features_rows"
     np.testing.assert_array_equal(ds.X.toarray(), X)
     assert list(ds.features) == PEAKS and list(ds.barcodes) == BARCODES
@@ -49,8 +49,8 @@ def test_csv_features_as_rows_detected_by_label_barcodes(tmp_path, seed_files):
     np.testing.assert_array_equal(ds3.X.toarray(), X)
 
 
-def test_csv_gz_and_tsv(tmp_path, seed_files):
-    X = seed_files["X_gex"]
+def test_csv_gz_and_tsv(tmp_path, research_files):
+    X = research_files["X_gex"]
     df = pd.DataFrame(X, index=pd.Index(BARCODES, name="cell"), columns=GENES)
     df.to_csv(tmp_path / "a.csv.gz")
     df.to_csv(tmp_path / "a.tsv", sep="\t")
@@ -68,8 +68,8 @@ def _gzip_cut(src, dst, keep: float):
 
 
 @pytest.mark.parametrize("kind", ["matrix", "labels"])
-def test_error_gz_name_on_plain_text(tmp_path, seed_files, kind):
-    src = seed_files["gex" if kind == "matrix" else "labels"]
+def test_error_gz_name_on_plain_text(tmp_path, research_files, kind):
+    src = research_files["gex" if kind == "matrix" else "labels"]
     p = tmp_path / f"{kind}.csv.gz"
     p.write_bytes(src.read_bytes())  # plain text under a .gz name
     read = (lambda: read_matrix(p, modality="gex")) if kind == "matrix" else (lambda: read_labels(p))
@@ -79,8 +79,8 @@ def test_error_gz_name_on_plain_text(tmp_path, seed_files, kind):
 
 
 @pytest.mark.parametrize("kind", ["matrix", "labels"])
-def test_error_truncated_gzip(tmp_path, seed_files, kind):
-    src = seed_files["gex" if kind == "matrix" else "labels"]
+def test_error_truncated_gzip(tmp_path, research_files, kind):
+    src = research_files["gex" if kind == "matrix" else "labels"]
     p = _gzip_cut(src, tmp_path / f"{kind}.csv.gz", 0.5)
     read = (lambda: read_matrix(p, modality="gex")) if kind == "matrix" else (lambda: read_labels(p))
     with pytest.raises(InputError, match=r"truncated gzip stream \(the file ends early") as e:
@@ -104,9 +104,9 @@ def test_error_truncated_gzip_found_while_streaming(tmp_path):
         read_csv_matrix(p, modality="gex", block_bytes=1 << 16)
 
 
-def test_error_corrupted_gzip(tmp_path, seed_files):
+def test_error_corrupted_gzip(tmp_path, research_files):
     import gzip
-    data = bytearray(gzip.compress(seed_files["gex"].read_bytes()))
+    data = bytearray(gzip.compress(research_files["gex"].read_bytes()))
     mid = len(data) // 2
     data[mid:mid + 4] = bytes(b ^ 0xFF for b in data[mid:mid + 4])
     p = tmp_path / "c.csv.gz"
@@ -115,10 +115,10 @@ def test_error_corrupted_gzip(tmp_path, seed_files):
         read_matrix(p, modality="gex")
 
 
-def test_csv_streams_in_blocks(tmp_path, seed_files):
+def test_csv_streams_in_blocks(tmp_path, research_files):
     """A tiny block size forces many blocks; the result must be identical."""
-    ds = read_csv_matrix(seed_files["peak"], modality="peak", block_bytes=64)
-    np.testing.assert_array_equal(ds.X.toarray(), seed_files["X_peak"])
+    ds = read_csv_matrix(research_files["peak"], modality="peak", block_bytes=64)
+    np.testing.assert_array_equal(ds.X.toarray(), research_files["X_peak"])
 
 
 def test_labels_csv_column_names(tmp_path):
@@ -138,8 +138,8 @@ def test_phase_normalisation():
     assert PHASES == ("G1", "S", "G2M")
 
 
-def test_h5ad_reader(tmp_path, seed_files):
-    X = seed_files["X_gex"]
+def test_h5ad_reader(tmp_path, research_files):
+    X = research_files["X_gex"]
     a = ad.AnnData(X=sp.csr_matrix(X), obs=pd.DataFrame({"phase": PHASES_OF, "cycle": PHASES_OF}, index=BARCODES),
                    var=pd.DataFrame({"gene_ids": [f"ENSG{i:011d}" for i in range(len(GENES))]}, index=GENES))
     a.write_h5ad(tmp_path / "a.h5ad")
@@ -174,14 +174,14 @@ def _write_10x(path, gex_X, peak_X, barcodes, genes, peaks):
         fg["genome"] = np.array(["GRCh38"] * (len(genes) + len(peaks)), dtype="S")
 
 
-def test_10x_multiome_h5(tmp_path, seed_files):
+def test_10x_multiome_h5(tmp_path, research_files):
     p = tmp_path / "filtered_feature_bc_matrix.h5"
     genes = GENES[:-1] + [GENES[0]]  # 10x symbols can repeat
-    _write_10x(p, seed_files["X_gex"], seed_files["X_peak"], BARCODES, genes, PEAKS)
-    g = read_10x_h5(p, modality="gex", label_path=seed_files["labels"])
+    _write_10x(p, research_files["X_gex"], research_files["X_peak"], BARCODES, genes, PEAKS)
+    g = read_10x_h5(p, modality="gex", label_path=research_files["labels"])
     k = read_matrix(p, modality="peak")
-    np.testing.assert_array_equal(g.X.toarray(), seed_files["X_gex"])
-    np.testing.assert_array_equal(k.X.toarray(), seed_files["X_peak"])
+    np.testing.assert_array_equal(g.X.toarray(), research_files["X_gex"])
+    np.testing.assert_array_equal(k.X.toarray(), research_files["X_peak"])
     assert list(k.features) == PEAKS
     assert len(set(g.features)) == len(GENES) and g.features[-1] == "MCM5-1"
     assert g.feature_ids[0] == "ENSG00000000000"
@@ -204,9 +204,9 @@ def test_error_header_only(tmp_path):
         read_matrix(p, modality="gex")
 
 
-def test_error_duplicate_barcodes(tmp_path, seed_files):
+def test_error_duplicate_barcodes(tmp_path, research_files):
     bc = BARCODES[:-1] + [BARCODES[0]]
-    p = write_csv(tmp_path / "dup.csv", bc, GENES, seed_files["X_gex"])
+    p = write_csv(tmp_path / "dup.csv", bc, GENES, research_files["X_gex"])
     with pytest.raises(InputError, match=rf"dup\.csv \[barcode\].*1 duplicate barcodes: '{BARCODES[0]}'"):
         read_matrix(p, modality="gex")
 
@@ -217,36 +217,36 @@ def test_error_duplicate_label_barcodes(tmp_path):
         read_labels(p)
 
 
-def test_error_label_barcodes_missing_from_matrix(tmp_path, seed_files):
+def test_error_label_barcodes_missing_from_matrix(tmp_path, research_files):
     p = write_labels(tmp_path / "l.csv", BARCODES + ["EXTRA-1", "EXTRA-2"], PHASES_OF + ["G1", "S"])
     with pytest.raises(InputError, match=r"l\.csv \[barcode\]: 2 of 14 label barcodes are not in the matrix"):
-        read_matrix(seed_files["gex"], modality="gex", label_path=p)
+        read_matrix(research_files["gex"], modality="gex", label_path=p)
 
 
-def test_error_matrix_cells_missing_labels(tmp_path, seed_files):
+def test_error_matrix_cells_missing_labels(tmp_path, research_files):
     p = write_labels(tmp_path / "l.csv", BARCODES[:9], PHASES_OF[:9])
     with pytest.raises(InputError, match=r"l\.csv \[barcode\]: 3 of 12 cells of the matrix .* have no label"):
-        read_matrix(seed_files["gex"], modality="gex", label_path=p)
+        read_matrix(research_files["gex"], modality="gex", label_path=p)
 
 
-def test_error_nan_count(tmp_path, seed_files):
-    X = seed_files["X_gex"].copy()
+def test_error_nan_count(tmp_path, research_files):
+    X = research_files["X_gex"].copy()
     X[3, 2] = np.nan
     p = write_csv(tmp_path / "nan.csv", BARCODES, GENES, X)
     with pytest.raises(InputError, match=rf"nan\.csv \[row '{BARCODES[3]}', column 'TOP2A'\].*missing or non-finite"):
         read_matrix(p, modality="gex")
 
 
-def test_error_negative_count(tmp_path, seed_files):
-    X = seed_files["X_gex"].copy()
+def test_error_negative_count(tmp_path, research_files):
+    X = research_files["X_gex"].copy()
     X[5, 1] = -3
     p = write_csv(tmp_path / "neg.csv", BARCODES, GENES, X)
     with pytest.raises(InputError, match=rf"neg\.csv \[row '{BARCODES[5]}', column 'PCNA'\].*negative"):
         read_matrix(p, modality="gex")
 
 
-def test_error_non_numeric_count(tmp_path, seed_files):
-    df = pd.DataFrame(seed_files["X_gex"], index=pd.Index(BARCODES, name="barcode"), columns=GENES).astype(object)
+def test_error_non_numeric_count(tmp_path, research_files):
+    df = pd.DataFrame(research_files["X_gex"], index=pd.Index(BARCODES, name="barcode"), columns=GENES).astype(object)
     df.iloc[7, 4] = "lots"
     df.to_csv(tmp_path / "txt.csv")
     with pytest.raises(InputError, match=rf"txt\.csv \[row '{BARCODES[7]}', column 'GAPDH'\].*non-numeric value 'lots'"):
@@ -260,10 +260,10 @@ def test_error_ragged_row(tmp_path):
         read_matrix(p, modality="gex")
 
 
-def test_error_unknown_phase_names(tmp_path, seed_files):
+def test_error_unknown_phase_names(tmp_path, research_files):
     p = write_labels(tmp_path / "l.csv", BARCODES, ["G1", "S", "Mitosis", "G1"] * 3)
     with pytest.raises(InputError, match=r"l\.csv \[phase\]: unknown phase name\(s\) 'Mitosis' \(3 cells\)"):
-        read_matrix(seed_files["gex"], modality="gex", label_path=p)
+        read_matrix(research_files["gex"], modality="gex", label_path=p)
 
 
 def test_error_no_label_column(tmp_path):
@@ -273,16 +273,16 @@ def test_error_no_label_column(tmp_path):
         read_labels(p)
 
 
-def test_error_malformed_peak_names(tmp_path, seed_files):
+def test_error_malformed_peak_names(tmp_path, research_files):
     bad = PEAKS[:3] + ["chr2:1300-900", "chrX_10_x"]
-    p = write_csv(tmp_path / "badpeaks.csv", BARCODES, bad, seed_files["X_peak"])
+    p = write_csv(tmp_path / "badpeaks.csv", BARCODES, bad, research_files["X_peak"])
     with pytest.raises(InputError, match=r"badpeaks\.csv \[features\]: 2 of 5 peak names are malformed.*chr2:1300-900"):
         read_matrix(p, modality="peak")
 
 
-def test_error_peak_file_given_as_expression(seed_files):
+def test_error_peak_file_given_as_expression(research_files):
     with pytest.raises(InputError, match=r"L_PEAK\.csv \[features\].*looks like chromatin accessibility"):
-        read_matrix(seed_files["peak"], modality="gex")
+        read_matrix(research_files["peak"], modality="gex")
 
 
 def test_error_unknown_file_type(tmp_path):
@@ -299,9 +299,9 @@ def test_error_corrupted_h5ad(tmp_path):
         read_matrix(p, modality="gex")
 
 
-def test_error_10x_without_peaks(tmp_path, seed_files):
+def test_error_10x_without_peaks(tmp_path, research_files):
     p = tmp_path / "g.h5"
-    _write_10x(p, seed_files["X_gex"], np.zeros((len(BARCODES), 0)), BARCODES, GENES, [])
+    _write_10x(p, research_files["X_gex"], np.zeros((len(BARCODES), 0)), BARCODES, GENES, [])
     with pytest.raises(InputError, match=r"g\.h5 \[matrix/features/feature_type\]: no 'Peaks' features"):
         read_matrix(p, modality="peak")
 

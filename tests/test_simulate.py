@@ -177,13 +177,43 @@ def test_peak_sets_differ_but_overlap(pair):
 
 
 def test_size_validation():
-    assert SIZES["seed"] == SimSize(7_432, 7_728, 28_105, 92_328)
+    assert SIZES["research"] == SimSize(7_432, 7_728, 28_105, 92_328)
     with pytest.raises(ValueError, match="Tirosh"):
         SimSize(100, 100, 50, 1_000)
     with pytest.raises(ValueError, match="promoter"):
         SimSize(100, 100, 5_000, 1_000)
     with pytest.raises(ValueError, match="unknown simulation size"):
         simulate_pair("huge")
+
+
+def test_old_size_name_seed_is_research_with_a_note(caplog):
+    from xfer.data.simulate import size_name
+
+    assert list(SIZES) == ["tiny", "small", "medium", "research"]
+    with caplog.at_level("INFO", logger="xfer.data.simulate"):
+        assert size_name("seed") == "research"
+        assert SIZES["seed"] is SIZES["research"]
+    notes = [r.getMessage() for r in caplog.records]
+    assert notes == ["size 'seed' is the old name of size 'research'"] * 2
+    assert size_name("tiny") == "tiny"
+    with pytest.raises(KeyError):
+        SIZES["huge"]
+    with pytest.raises(ValueError, match="choose one of tiny, small, medium, research"):
+        size_name("huge")
+
+
+def test_simulate_command_takes_the_old_size_name(pair, tmp_path, monkeypatch, caplog, capsys):
+    import xfer.data.simulate as simulate
+    from xfer.cli import main
+
+    sizes = []
+    monkeypatch.setattr(simulate, "simulate_pair", lambda size, **kw: sizes.append(size) or pair)
+    with caplog.at_level("INFO"):
+        assert main(["simulate", "--size", "seed", "--out", str(tmp_path / "d"), "--formats", "csv"]) == 0
+    assert sizes == ["research"]
+    assert "size 'seed' is the old name of size 'research'" in caplog.text
+    assert main(["simulate", "--size", "huge", "--out", str(tmp_path / "e")]) == 2
+    assert "--size: unknown size 'huge'; choose from tiny, small, medium, research" in capsys.readouterr().err
 
 
 def test_custom_size_runs():

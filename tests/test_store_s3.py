@@ -54,13 +54,13 @@ def test_embedding_store_on_s3(s3):
     np.testing.assert_array_equal(again.get(key).vectors, vec)
 
 
-def test_xfer_ingest_into_s3_then_read_by_name(s3, seed_files, capsys):
+def test_xfer_ingest_into_s3_then_read_by_name(s3, research_files, capsys):
     from xfer.cli import main
 
     uri = f"s3://xfer/cli?{s3}"
-    assert main(["ingest", "--store", uri, "--src_csv", str(seed_files["gex"]),
-                 "--src_label_csv", str(seed_files["labels"]), "--tgt_csv", str(seed_files["peak"])]) == 0
+    assert main(["ingest", "--store", uri, "--src_csv", str(research_files["gex"]),
+                 "--src_label_csv", str(research_files["labels"]), "--tgt_csv", str(research_files["peak"])]) == 0
     assert "store:L_PEAK" in capsys.readouterr().out
     assert main(["store", "--store", uri]) == 0
     assert "store:L_GEX" in capsys.readouterr().out
-    np.testing.assert_array_equal(CellStore(uri).read("L_PEAK").X.toarray(), seed_files["X_peak"])
+    np.testing.assert_array_equal(CellStore(uri).read("L_PEAK").X.toarray(), research_files["X_peak"])

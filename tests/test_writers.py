@@ -14,7 +14,7 @@ import scipy.sparse as sp
 from xfer.data import fs, writers
 from xfer.data.dataset import CellMatrix, make_matrix
 from xfer.data.simulate import simulate_pair, write_simulation
-from xfer.data.writers import write_10x_h5, write_h5ad, write_labels_csv, write_seed_csv
+from xfer.data.writers import write_10x_h5, write_h5ad, write_labels_csv, write_research_csv
 from xfer.phases import PHASES
 
 
@@ -41,11 +41,11 @@ def no_temp_files(directory) -> bool:
     return not [p for p in directory.iterdir() if p.name.startswith(".")]
 
 
-# ------------------------------------------------------------------ seed CSV
+# ------------------------------------------------- the research code's CSV layout
 
 
-def test_seed_csv_layout_and_roundtrip(small, tmp_path):
-    path = write_seed_csv(small, tmp_path / "m.csv")
+def test_research_csv_layout_and_roundtrip(small, tmp_path):
+    path = write_research_csv(small, tmp_path / "m.csv")
     text = path.read_text()
     lines = text.splitlines()
     assert lines[0] == 'barcode,MCM5,PCNA,"odd,name",TOP2A'
@@ -59,67 +59,67 @@ def test_seed_csv_layout_and_roundtrip(small, tmp_path):
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 100])
-def test_seed_csv_chunking_does_not_change_bytes(pair, tmp_path, chunk):
+def test_research_csv_chunking_does_not_change_bytes(pair, tmp_path, chunk):
     ds = pair[0].peak
-    ref = write_seed_csv(ds, tmp_path / "ref.csv").read_bytes()
-    assert write_seed_csv(ds, tmp_path / "c.csv", chunk_cells=chunk).read_bytes() == ref
+    ref = write_research_csv(ds, tmp_path / "ref.csv").read_bytes()
+    assert write_research_csv(ds, tmp_path / "c.csv", chunk_cells=chunk).read_bytes() == ref
 
 
-def test_seed_csv_simulated_peaks_roundtrip(pair, tmp_path):
+def test_research_csv_simulated_peaks_roundtrip(pair, tmp_path):
     ds = pair[1].peak
-    df = pd.read_csv(write_seed_csv(ds, tmp_path / "p.csv"), index_col=0)
+    df = pd.read_csv(write_research_csv(ds, tmp_path / "p.csv"), index_col=0)
     assert list(df.columns) == list(ds.features)
     np.testing.assert_array_equal(df.to_numpy(), ds.X.toarray())
 
 
-def test_seed_csv_features_rows(small, tmp_path):
-    path = write_seed_csv(small, tmp_path / "t.csv", orient="features_rows")
+def test_research_csv_features_rows(small, tmp_path):
+    path = write_research_csv(small, tmp_path / "t.csv", orient="features_rows")
     assert path.read_text().splitlines()[0] == "feature,AAAA-1,CCCC-1,GGGG-1,TTTT-1,ACGT-1"
     df = pd.read_csv(path, index_col=0)
     assert list(df.index) == list(small.features)
     np.testing.assert_array_equal(df.to_numpy(), small.X.toarray().T)
 
 
-def test_seed_csv_labels_file_and_phase_column(small, tmp_path):
-    write_seed_csv(small, tmp_path / "m.csv", label_path=tmp_path / "labels.csv")
+def test_research_csv_labels_file_and_phase_column(small, tmp_path):
+    write_research_csv(small, tmp_path / "m.csv", label_path=tmp_path / "labels.csv")
     labels = pd.read_csv(tmp_path / "labels.csv")
     assert list(labels.columns) == ["barcode", "phase"]
     assert list(labels["barcode"]) == ["AAAA-1", "CCCC-1", "GGGG-1", "ACGT-1"]  # unlabelled cell left out
     assert list(labels["phase"]) == ["G1", "S", "G2M", "G1"]
 
-    path = write_seed_csv(small, tmp_path / "p.csv", phase_column=True)
+    path = write_research_csv(small, tmp_path / "p.csv", phase_column=True)
     df = pd.read_csv(path, index_col=0, keep_default_na=False)
     assert df.columns[-1] == "phase"
     assert list(df["phase"]) == ["G1", "S", "G2M", "", "G1"]
     np.testing.assert_array_equal(df.drop(columns="phase").to_numpy(), small.X.toarray())
 
 
-def test_seed_csv_float_values_roundtrip_exactly(pair, tmp_path):
+def test_research_csv_float_values_roundtrip_exactly(pair, tmp_path):
     X = pair[0].gex.X.copy()
     X.data = np.log1p(X.data / 3.0).astype(np.float32)
     ds = make_matrix(X, pair[0].gex.barcodes, pair[0].gex.features, modality="gex")
-    df = pd.read_csv(write_seed_csv(ds, tmp_path / "f.csv"), index_col=0)
+    df = pd.read_csv(write_research_csv(ds, tmp_path / "f.csv"), index_col=0)
     np.testing.assert_array_equal(df.to_numpy(np.float32), X.toarray())
 
 
-def test_seed_csv_gzip(small, tmp_path):
-    path = write_seed_csv(small, tmp_path / "m.csv.gz")
+def test_research_csv_gzip(small, tmp_path):
+    path = write_research_csv(small, tmp_path / "m.csv.gz")
     with gzip.open(path, "rt") as fh:
         df = pd.read_csv(fh, index_col=0)
     np.testing.assert_array_equal(df.to_numpy(), small.X.toarray())
 
 
-def test_seed_csv_rejects_bad_options(small, tmp_path):
+def test_research_csv_rejects_bad_options(small, tmp_path):
     with pytest.raises(ValueError, match="orient"):
-        write_seed_csv(small, tmp_path / "m.csv", orient="sideways")
+        write_research_csv(small, tmp_path / "m.csv", orient="sideways")
     with pytest.raises(ValueError, match="phase_column"):
-        write_seed_csv(small, tmp_path / "m.csv", orient="features_rows", phase_column=True)
+        write_research_csv(small, tmp_path / "m.csv", orient="features_rows", phase_column=True)
     with pytest.raises(ValueError, match="no labels"):
-        write_seed_csv(small.without_labels(), tmp_path / "m.csv", label_path=tmp_path / "l.csv")
+        write_research_csv(small.without_labels(), tmp_path / "m.csv", label_path=tmp_path / "l.csv")
     assert not list(tmp_path.iterdir())
 
 
-def test_seed_csv_failure_leaves_no_file(pair, tmp_path, monkeypatch):
+def test_research_csv_failure_leaves_no_file(pair, tmp_path, monkeypatch):
     real = writers._write_block
     calls = {"n": 0}
 
@@ -132,7 +132,7 @@ def test_seed_csv_failure_leaves_no_file(pair, tmp_path, monkeypatch):
     monkeypatch.setattr(writers, "_write_block", failing)
     target, labels = tmp_path / "m.csv", tmp_path / "labels.csv"
     with pytest.raises(OSError, match="disk full"):
-        write_seed_csv(pair[0].peak, target, label_path=labels, chunk_cells=10)
+        write_research_csv(pair[0].peak, target, label_path=labels, chunk_cells=10)
     assert calls["n"] == 3
     assert not target.exists() and not labels.exists()
     assert no_temp_files(tmp_path)
@@ -141,7 +141,7 @@ def test_seed_csv_failure_leaves_no_file(pair, tmp_path, monkeypatch):
     target.write_text("old contents")
     calls["n"] = 0
     with pytest.raises(OSError):
-        write_seed_csv(pair[0].peak, target, chunk_cells=10)
+        write_research_csv(pair[0].peak, target, chunk_cells=10)
     assert target.read_text() == "old contents"
     assert no_temp_files(tmp_path)
 

@@ -33,7 +33,7 @@ from xfer.config import (ALIASES, ALL_ARCH_PARAMS, ARCH_PARAMS, ARCHS, DIVERGENC
 from xfer.errors import ConfigError
 
 # The broad space (`--space broad`): every architecture and divergence, every width. Ranges follow
-# the seed's (λ_target_class 1-15, log) and what trained well on the simulator.
+# the original research code's (λ_target_class 1-15, log) and what trained well on the simulator.
 BROAD_SPACE: dict[str, Any] = {
     # optimisation
     "lr": {"type": "float", "low": 1e-4, "high": 3e-3, "log": True},

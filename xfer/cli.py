@@ -39,15 +39,18 @@ def _setup_logging(verbose: bool) -> None:
 # ----------------------------------------------------------------------------- simulate
 
 def cmd_simulate(args) -> int:
-    from .data.simulate import SIZES, simulate_pair, write_simulation
+    from .data.simulate import simulate_pair, size_name, write_simulation
     from .data.store import CellStore
 
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     unknown = sorted(set(formats) - {"csv", "h5ad", "10x", "store"})
     if unknown:
         raise XferError(f"--formats: unknown format(s) {unknown}; choose from csv, h5ad, 10x, store")
-    if args.size not in SIZES:
-        raise XferError(f"--size: unknown size '{args.size}'; choose from {', '.join(SIZES)}")
+    try:
+        args.size = size_name(args.size)  # an old name ("seed") is accepted, with a note
+    except ValueError:
+        from .data.simulate import SIZES
+        raise XferError(f"--size: unknown size '{args.size}'; choose from {', '.join(SIZES)}") from None
     t0 = time.perf_counter()
     size, settings = args.size, None
     if args.vary:  # the pair's assumptions (and cells per line) drawn from documented ranges
@@ -200,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("simulate", help="write a simulated paired-multiome pair of cell lines")
-    s.add_argument("--size", default="small", help="tiny | small | medium | seed (default small)")
+    s.add_argument("--size", default="small",
+                   help="tiny | small | medium | research (default small); research: the size of the original "
+                        "research code's data, 7,432 and 7,728 cells, 28,105 genes, 92,328 peaks (old name: seed)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--vary", action="store_true",
                    help="draw the pair's assumptions and cells per line from the documented ranges "
@@ -227,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_embed_arguments(s)
     s.set_defaults(func=cmd_embed)
 
-    s = sub.add_parser("train", help="train the CDANN on the training line and score it (the seed's train script)")
+    s = sub.add_parser("train", help="train the CDANN on the training line and score it "
+                       "(the original research code's train script)")
     add_data_arguments(s)
     add_train_arguments(s)
     s.set_defaults(func=cmd_train)
@@ -247,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_store)
 
     s = sub.add_parser("results", help="one row per model folder (xfer train / xfer tune outputs): the four splits, "
-                       "the majority-class rate and the best plain baseline (the seed's comprehensive results)")
+                       "the majority-class rate and the best plain baseline "
+                       "(the original research code's comprehensive results)")
     s.add_argument("--model_dirs", nargs="+", required=True, metavar="DIR", help="folders holding metrics.json")
     s.add_argument("--output_csv", default="comprehensive_results.csv",
                    help="the CSV to write (default comprehensive_results.csv)")

@@ -119,7 +119,7 @@ def baselines_for(p: Prepared) -> dict:
 # ----------------------------------------------------------------------------- outputs
 
 def format_table(metrics: dict, key: str = "balanced_accuracy") -> str:
-    """The seed's four columns for the model and every baseline (one metric)."""
+    """The original research code's four columns for the model and every baseline (one metric)."""
     rows = [("model", {s: metrics.get(s, {}) for s in SPLITS})]
     rows += [(f"  {name}", res) for name, res in metrics.get("baselines", {}).items()]
     lines = [f"{key:24s}" + "".join(f"{s:>11s}" for s in SPLITS)]

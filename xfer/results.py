@@ -1,4 +1,4 @@
-"""`xfer results`: one row per model folder (the seed's generate_comprehensive_results.py).
+"""`xfer results`: one row per model folder (the original research code's generate_comprehensive_results.py).
 
 A model folder is what `xfer train` or `xfer tune` wrote: its metrics.json holds
 the four splits (`gex_val`, `gex_test`, `peak_val`, `peak_test`), the plain
@@ -111,7 +111,7 @@ def _pct(row: dict, prefix: str) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The seed's "Results Summary" table: accuracy / balanced accuracy in percent."""
+    """The research code's "Results Summary" table: accuracy / balanced accuracy in percent."""
     head = ["Model", "Embedder", *SPLIT_NAMES.values(), "Best plain baseline, PEAK test", "Majority rate, PEAK test"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:

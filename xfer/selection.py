@@ -134,7 +134,7 @@ def domain_weights(z_train: Tensor, z_test: Tensor, z_eval: Tensor, iters: int =
     are standardised with the pooled statistics. solver: "newton" (damped Newton to convergence,
     at most `iters` steps, typically 5-10) or "lbfgs" (at most `iters` L-BFGS iterations,
     strong-Wolfe line search; the solver before issue 15). They reach the same optimum; on a
-    GPU (an H200, seed-sized `adapt` validation) Newton's few large kernels took 8-9 ms where
+    GPU (an H200, research-sized `adapt` validation) Newton's few large kernels took 8-9 ms where
     L-BFGS's thousands of small ones took 180-270 ms (bench/bench_gpu_epoch.py, BENCHMARKS.md)."""
     X = torch.cat([z_train, z_test]).float()
     mu, sd = X.mean(0), X.std(0).clamp_min(1e-6)

@@ -1,6 +1,6 @@
 """Readers for the files biologists have, each returning one CellMatrix.
 
-- the seed's CSV layout: cells as rows, the first column the cell id, features
+- the original research code's CSV layout: cells as rows, the first column the cell id, features
   as columns (optionally a `phase` column), or the transpose (features as rows);
   labels in a separate CSV (a barcode column and a phase/label column);
 - AnnData `.h5ad` (labels in `obs['phase']` or a named column), or an AnnData in memory;
@@ -10,7 +10,7 @@
 - 10x Multiome `filtered_feature_bc_matrix.h5` ("Gene Expression" / "Peaks").
 
 Large CSVs are streamed with pyarrow's multi-threaded reader block by block and
-sparsified per block, so a seed-sized PEAK matrix (7.4k x 92k) never exists as a
+sparsified per block, so a research-sized PEAK matrix (7.4k x 92k) never exists as a
 dense float64 frame. Every problem is an `InputError` naming the file and the
 field (column, row) at fault.
 """
@@ -376,7 +376,7 @@ def _csv_parse_error(path: str, lay: _CsvLayout, names: list[str], msg: str) -> 
 def read_csv_matrix(path, *, modality: str, label_path=None, label_column: str | None = None,
                     orient: str = "auto", name: str | None = None,
                     block_bytes: int = 64 << 20) -> CellMatrix:
-    """Stream a seed-layout CSV (or its transpose) into a sparse CellMatrix.
+    """Stream a CSV in the research code's layout (or its transpose) into a sparse CellMatrix.
 
     Labels come from `label_path` (a separate CSV) or, for cells-as-rows files, from a
     `phase`/`label` column inside the matrix (or the column named `label_column`).

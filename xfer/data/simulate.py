@@ -46,7 +46,7 @@ on a regulatory site (its promoter).  The mean UMI count of gene g in cell c::
 
 * ``m_g``: baseline mean UMIs, lognormal over genes (median 0.04, log-sd 1.9;
   markers drawn higher, median 0.8) - ~85 % zeros and ~4k genes per cell at
-  the seed size;
+  the research size;
 * ``L_c``: capture/library factor, lognormal (sd 0.35), line-specific median;
   ``1 + 0.8 t``: mRNA content grows through the cycle;
 * ``S``, ``G``: periodic (von Mises) programs in [0, 1] at the program clock
@@ -68,7 +68,7 @@ Counts are negative binomial with per-gene dispersion phi in 0.05..0.5.
 Accessibility (PEAK)
 --------------------
 Regulatory sites are spread along the genome (>= 4 kb apart); about 28 % are
-gene promoters at the seed size.  The mean number of Tn5 fragments at site j
+gene promoters at the research size.  The mean number of Tn5 fragments at site j
 in cell c::
 
     lam = s * D_c * cn_cj * [k * b_j * o_jl * exp(gamma (aS_g S + aG_g G) + z_c . v_j
@@ -113,7 +113,7 @@ peaks, simB 3 % more.
 
 Everything is deterministic given ``seed``: every random step draws from its
 own child of ``numpy.random.SeedSequence(seed)``.  Cells are generated in
-fixed chunks of 256, so the seed size (2 x ~7.5k cells, 28k genes, 92k peaks)
+fixed chunks of 256, so the research size (2 x ~7.5k cells, 28k genes, 92k peaks)
 never needs a dense cells x peaks array (about 2 minutes, < 3 GB on 2 cores).
 
 Varied pairs
@@ -145,6 +145,7 @@ baseline accuracies (at size "small": expression LR ~0.8, peak LSI + LR
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -159,6 +160,8 @@ from .dataset import CellMatrix, make_matrix
 
 __all__ = [
     "SIZES",
+    "SIZE_ALIASES",
+    "size_name",
     "SimSize",
     "SimulatedLine",
     "LineSpec",
@@ -212,12 +215,37 @@ class SimSize:
         return int(math.ceil(max(self.n_peaks_a, self.n_peaks_b) / CALLED_FRACTION))
 
 
-SIZES: dict[str, SimSize] = {
+SIZE_ALIASES: dict[str, str] = {"seed": "research"}  # old name -> name
+
+
+class _SizeTable(dict):
+    """The named sizes; an old name (SIZE_ALIASES) still looks its size up, with a note."""
+
+    def __missing__(self, name):
+        if name not in SIZE_ALIASES:
+            raise KeyError(name)
+        return self[size_name(name)]
+
+
+def size_name(name: str) -> str:
+    """`name` itself, or the name an old size name now has (logging a one-line note);
+    ValueError for a name that is neither."""
+    if name in SIZES:
+        return name
+    if name in SIZE_ALIASES:
+        new = SIZE_ALIASES[name]
+        logging.getLogger(__name__).info("size '%s' is the old name of size '%s'", name, new)
+        return new
+    raise ValueError(f"unknown simulation size {name!r}; choose one of {', '.join(SIZES)}")
+
+
+# "research": the size of the original research code's data (REH and SUP-B15 lines).
+SIZES: dict[str, SimSize] = _SizeTable({
     "tiny": SimSize(300, 320, 600, 2_000),
     "small": SimSize(1_500, 1_600, 3_000, 10_000),
     "medium": SimSize(3_000, 3_200, 8_000, 30_000),
-    "seed": SimSize(7_432, 7_728, 28_105, 92_328),
-}
+    "research": SimSize(7_432, 7_728, 28_105, 92_328),
+})
 
 # ------------------------------------------------------------------- line specs
 
@@ -957,10 +985,9 @@ def _resolve_size(size: str | SimSize) -> SimSize:
     if isinstance(size, SimSize):
         return size
     try:
-        return SIZES[size]
-    except KeyError:
-        raise ValueError(f"unknown simulation size {size!r}; choose one of {sorted(SIZES)} "
-                         "or pass a SimSize") from None
+        return SIZES[size_name(size)]
+    except ValueError as e:
+        raise ValueError(f"{e} or pass a SimSize") from None
 
 
 def simulate_pair(size: str | SimSize = "tiny", seed: int = 0,
@@ -1012,13 +1039,13 @@ def write_simulation(lines: Iterable[SimulatedLine], out_dir: str | Path,
     """Write simulated lines in the users' formats; returns {kind: [paths]}.
 
     Per line ``<name>``:
-      csv   ``<name>_GEX.csv``, ``<name>_PEAK.csv`` (seed layout: cells as rows)
+      csv   ``<name>_GEX.csv``, ``<name>_PEAK.csv`` (the research code's CSV layout: cells as rows)
       h5ad  ``<name>_GEX.h5ad``, ``<name>_PEAK.h5ad`` (labels in obs['phase'])
       10x   ``<name>_filtered_feature_bc_matrix.h5`` (Cell Ranger ARC layout, no labels)
     and always ``<name>_labels.csv`` (barcode,phase) under "labels" and
     ``<name>_truth.csv`` under "truth".
     """
-    from .writers import write_10x_h5, write_h5ad, write_seed_csv
+    from .writers import write_10x_h5, write_h5ad, write_research_csv
 
     formats = tuple(formats)
     unknown = set(formats) - {"csv", "h5ad", "10x"}
@@ -1032,7 +1059,7 @@ def write_simulation(lines: Iterable[SimulatedLine], out_dir: str | Path,
         if "csv" in formats:
             for ds in (line.gex, line.peak):
                 path = out / f"{ds.name}.csv"
-                write_seed_csv(ds, path)
+                write_research_csv(ds, path)
                 written["csv"].append(path)
         if "h5ad" in formats:
             for ds in (line.gex, line.peak):

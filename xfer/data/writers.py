@@ -1,11 +1,12 @@
-"""Writers for the file formats users bring: seed CSV, AnnData .h5ad, 10x Cell Ranger ARC .h5.
+"""Writers for the file formats users bring: the original research code's CSV layout, AnnData .h5ad,
+10x Cell Ranger ARC .h5.
 
 They exist so the simulator (and tests) can produce real files for the readers
 to read.  Every writer is atomic: it writes to a hidden temporary file next to
 the target and ``os.replace``-s it into place, so an error never leaves a
 half-written target (an existing target stays untouched).
 
-Seed CSV layout (``write_seed_csv``)::
+The research code's CSV layout (``write_research_csv``)::
 
     barcode,<feature1>,<feature2>,...[,phase]
     AAACAGCCAACATAAG-1,0,1,0,...[,G1]
@@ -13,7 +14,7 @@ Seed CSV layout (``write_seed_csv``)::
 Values of an integral matrix are printed as integers ("2", never "2.0"); other
 matrices use the shortest float32 round-trip spelling.  The CSV is formatted
 in blocks of rows with vectorised byte arithmetic (no per-value Python), so the
-seed-size PEAK matrix (7.4k x 92k, ~1.3 GB of text) is written in well under a
+research-sized PEAK matrix (7.4k x 92k, ~1.3 GB of text) is written in well under a
 minute; a path ending in ``.gz`` is gzip-compressed (level 1, much slower).
 """
 
@@ -34,7 +35,7 @@ from ..phases import PHASES
 from .dataset import CellMatrix
 from .fs import atomic_path
 
-__all__ = ["write_seed_csv", "write_labels_csv", "write_h5ad", "write_10x_h5"]
+__all__ = ["write_research_csv", "write_labels_csv", "write_h5ad", "write_10x_h5"]
 
 _BLOCK_VALUES = 4_000_000  # values formatted per block when chunk size is automatic
 _COMMA = ord(",")
@@ -152,10 +153,10 @@ def _phase_strings(ds: CellMatrix) -> np.ndarray:
     return np.asarray(ds.phase_names(), dtype=object)
 
 
-def write_seed_csv(ds: CellMatrix, path: str | Path, *, label_path: str | Path | None = None,
-                   phase_column: bool = False, orient: str = "cells_rows",
-                   chunk_cells: int | None = None) -> Path:
-    """Write ``ds`` as a seed-layout CSV (streamed in blocks, atomic).
+def write_research_csv(ds: CellMatrix, path: str | Path, *, label_path: str | Path | None = None,
+                       phase_column: bool = False, orient: str = "cells_rows",
+                       chunk_cells: int | None = None) -> Path:
+    """Write ``ds`` as a CSV in the original research code's layout (streamed in blocks, atomic).
 
     orient        "cells_rows": header ``barcode,<features...>``, one row per cell;
                   "features_rows": the transpose, header ``feature,<barcodes...>``.
