@@ -87,7 +87,7 @@ def main() -> int:
 
     from xfer.data.simulate import simulate_pair
     from xfer.data.store import CellStore
-    from xfer.data.writers import write_seed_csv
+    from xfer.data.writers import write_research_csv
 
     work = Path(args.workdir) / f"store_bench_{args.size}"
     work.mkdir(parents=True, exist_ok=True)
@@ -97,7 +97,7 @@ def main() -> int:
     ds = line_a.peak.without_labels()  # the matrix CSV alone, as the seed ships it
     t_sim = time.perf_counter() - t
     t = time.perf_counter()
-    write_seed_csv(ds, csv)
+    write_research_csv(ds, csv)
     t_write = time.perf_counter() - t
     store_root = work / "store"
     shutil.rmtree(store_root, ignore_errors=True)
