@@ -50,7 +50,7 @@ def test_the_broad_space_covers_every_live_parameter():
 
 
 def test_the_broad_space_reaches_optuna_as_written():
-    """What Optuna samples from is the default space's spec: the seed's lambda_target_class range
+    """What Optuna samples from is the default space's spec: the research code's lambda_target_class range
     (1-15, log), the new cls_hidden / label_smoothing ranges; and samples stay within them."""
     space = load_space("broad")
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))

@@ -90,7 +90,7 @@ def add_sweep_arguments(g) -> None:
 def add_demo_parser(sub) -> None:
     d = sub.add_parser("demo", help="the main job on built-in simulated data: simulate two cell lines, "
                                     "then a real local Ray Tune sweep (what `make demo` runs)")
-    d.add_argument("--size", default="small", help="simulated size (tiny | small | medium | seed)")
+    d.add_argument("--size", default="small", help="simulated size (tiny | small | medium | research; old name of research: seed)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--output_folder", default="demo_output")
     d.add_argument("--n_trials", type=int, default=24)
@@ -156,7 +156,7 @@ def cmd_demo(args) -> int:
     a, b = lines
     print(f"demo: simulated {a.name} ({a.gex.n_cells} cells) and {b.name} ({b.gex.n_cells} cells), "
           f"{a.gex.n_features} genes, {a.peak.n_features}/{b.peak.n_features} peaks, in {time.perf_counter() - t0:.0f} s; "
-          f"seed-layout CSVs in {out / 'data'}, store in {out / 'store'}")
+          f"CSVs in the research code's layout in {out / 'data'}, store in {out / 'store'}")
     shutil.rmtree(out / "sweep", ignore_errors=True)
     data = ["--store", str(out / "store"), "--src_csv", f"store:{a.gex.name}", "--tgt_csv", f"store:{a.peak.name}",
             "--test_csv", f"store:{b.gex.name}", "--sup_peak_csv", f"store:{b.peak.name}", "--source_model", "pca"]

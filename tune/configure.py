@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def _split_fixed(args) -> tuple[Namespace, dict]:
-    """Command-line settings that fix search parameters (seed flags and --set) go to the
+    """Command-line settings that fix search parameters (the research code's flags and --set) go to the
     space; the rest build the base config."""
     fixed = {}
     for flag, key in (("arch_type", "arch"), ("divergence_type", "divergence")):

@@ -300,7 +300,7 @@ _FIELD_TYPES: dict[str, dict[str, type]] = {
 }
 FLAT_KEYS: dict[str, str] = {k: s for s, ks in _FIELD_TYPES.items() for k in ks}
 assert len(FLAT_KEYS) == sum(len(v) for v in _FIELD_TYPES.values()), "config key names must be unique"
-# Seed spellings of the same settings.
+# The original research code's spellings of the same settings.
 ALIASES = {"arch_type": "arch", "divergence_type": "divergence"}
 for _alias, _key in ALIASES.items():
     FLAT_KEYS[_alias] = FLAT_KEYS[_key]
