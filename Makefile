@@ -50,10 +50,10 @@ test: $(STAMP) system-packages
 	$(PY) -m pytest -q -m cluster $(PYTEST_ARGS)
 
 bench-store: $(STAMP)
-	$(PY) bench/bench_store.py
+	$(PY) -m bench.store_vs_csv
 
 bench-mapper: $(STAMP)
-	$(PY) bench/bench_mapper.py
+	$(PY) -m bench.peak_mapper_speed
 
 clean:
 	rm -rf $(VENV) demo_output xfer_store

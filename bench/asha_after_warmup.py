@@ -1,9 +1,9 @@
 """Should ASHA judge a trial before its warm-up ends? A replay on development curves, then real sweeps.
 
-    python bench/bench_asha_warmup.py replay bench/results/bench_selection_dev.json [--sweeps 200]
-    python bench/bench_asha_warmup.py sweeps bench/_data/transfer --pairs 504 503 502 501
+    python -m bench.asha_after_warmup replay bench/results/selection_objective_dev.json [--sweeps 200]
+    python -m bench.asha_after_warmup sweeps bench/_data/transfer --pairs 504 503 502 501
 
-bench_selection.py trained 48 configurations of the default search space for all 30 epochs on
+selection_objective.py trained 48 configurations of the default search space for all 30 epochs on
 development pairs 101 and 102 and kept every epoch's objective (`agreement`), its warm-up
 factor and the PEAK-test balanced accuracy (`truth`, read here only to score the pick). Each
 replayed sweep draws 30 of the 48 (the shipped defaults first, as `xfer tune` does; the rest
@@ -12,7 +12,7 @@ lets a scheduler stop trials at its rungs (grace 3, reduction factor 2, max_t 30
 --search_epochs 30`'s defaults). The sweep's pick is the trial with the best objective over its
 eligible epochs (after its warm-up, or its 30th epoch), as trials.csv ranks.
 
-  asha         Ray's AsyncHyperBandScheduler as `xfer tune` runs it (bench_asha.Asha, checked
+  asha         Ray's AsyncHyperBandScheduler as `xfer tune` runs it (asha_savings.Asha, checked
                against Ray's own decisions there): every trial judged at every rung it reaches
   asha_warm    the same, except that a trial still in its warm-up at a rung is neither judged
                nor recorded there: it is judged at the first rung it reaches with the
@@ -20,7 +20,7 @@ eligible epochs (after its warm-up, or its 30th epoch), as trials.csv ranks.
   fifo         every trial runs all 30 epochs
 
 The replay uses development pairs only and chooses nothing shipped. `sweeps` then runs the
-real thing on the evaluation pairs of bench_sweep_ensemble.py (501-504), whose plain-ASHA
+real thing on the evaluation pairs of sweep_final_ensemble.py (501-504), whose plain-ASHA
 sweeps it reuses: the same command with `--asha_after_warmup` (an option, off by default),
 its final model scored as `xfer tune` scores it. The test line's labels only score.
 """
@@ -30,14 +30,11 @@ from __future__ import annotations
 import heapq
 import json
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_asha import Asha  # noqa: E402
+from bench.harness import Asha, pair_flags, read_results, run_xfer, summary, write_results
 
 MAX_T, GRACE, RF, SLOTS, N_TRIALS = 30, 3, 2, 2, 30
 
@@ -125,31 +122,29 @@ def cmd_replay(args) -> None:
               + f"; warm − asha {summ['asha_warm_minus_asha']['mean']:+.4f} ± {summ['asha_warm_minus_asha']['se']:.4f}"
               f" (better in {summ['asha_warm_minus_asha']['better']}, worse in {summ['asha_warm_minus_asha']['worse']})"
               f"; defaults alone {summ['defaults_truth']:.4f}", flush=True)
-    Path(args.json).write_text(json.dumps(out, indent=1))
+    write_results(args.json, out)
 
 
 def cmd_sweeps(root: Path, pairs: list[int], out_json: Path) -> None:
     import pandas as pd
 
-    from bench_sweeps import _call, _data, _summary
-
-    res = json.loads(out_json.read_text()) if out_json.exists() else {"pairs": {}}
+    res = read_results(out_json, default={"pairs": {}})
     for p in pairs:
         base = root / "sweep_ensemble" / f"pair{p}"
         plain = json.loads((base / "sweep" / "sweep.json").read_text())
-        _call(["tune", *_data(root / f"pair{p}"), "--objective", "transfer", "--n_trials", str(plain["n_trials"]),
-                   "--space", "broad", "--search_epochs", str(plain["search_epochs"]), "--num_cpus", "2", "--asha_after_warmup",
-                   "--output_folder", str(base / "sweep_warm"), "--name", f"warm_{p}"],
-                  base / "sweep_warm", base / "sweep_warm.log")
+        run_xfer(["tune", *pair_flags(root / f"pair{p}"), "--objective", "transfer", "--n_trials",
+                  str(plain["n_trials"]), "--space", "broad", "--search_epochs", str(plain["search_epochs"]),
+                  "--num_cpus", "2", "--asha_after_warmup", "--output_folder", str(base / "sweep_warm"),
+                  "--name", f"warm_{p}"], base / "sweep_warm", base / "sweep_warm.log")
         r = {}
         for arm, d in (("asha", base / "sweep"), ("asha_after_warmup", base / "sweep_warm")):
             df = pd.read_csv(d / "trials.csv")
             mm = json.loads((d / "metrics.json").read_text())
-            r[arm] = {**_summary(mm), "epochs_run": int(df["epochs_run"].sum()),
+            r[arm] = {**summary(mm), "epochs_run": int(df["epochs_run"].sum()),
                       "ranked": int(df["best_objective"].notna().sum()), "n_trials": len(df),
                       "best_objective": float(df["best_objective"].max())}
         res["pairs"][str(p)] = r
-        out_json.write_text(json.dumps(res, indent=1))
+        write_results(out_json, res)
         print(f"pair {p}: " + "; ".join(f"{a} {v['peak_test']:.3f} ({v['epochs_run']} epochs, {v['ranked']} ranked)"
                                        for a, v in r.items()), flush=True)
 
@@ -162,11 +157,11 @@ def main() -> None:
     rp = sub.add_parser("replay")
     rp.add_argument("dev_json")
     rp.add_argument("--sweeps", type=int, default=200, help="replayed sweeps per pair (random trial orders)")
-    rp.add_argument("--json", default="bench/results/bench_asha_warmup.json")
+    rp.add_argument("--json", default="bench/results/asha_after_warmup.json")
     sw = sub.add_parser("sweeps")
     sw.add_argument("root")
     sw.add_argument("--pairs", type=int, nargs="+", required=True)
-    sw.add_argument("--json", default="bench/results/bench_asha_warmup_sweeps.json")
+    sw.add_argument("--json", default="bench/results/asha_after_warmup_sweeps.json")
     args = ap.parse_args()
     if args.cmd == "replay":
         cmd_replay(args)

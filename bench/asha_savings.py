@@ -1,9 +1,9 @@
 """Issue 15, item 3: what ASHA saves.
 
-    python bench/bench_asha.py run bench/_data/transfer --pairs 408 [407 403] [--n_trials 16] [--epochs 20]
-    python bench/bench_asha.py report bench/results/bench_asha.json
+    python -m bench.asha_savings run bench/_data/transfer --pairs 408 [407 403] [--n_trials 16] [--epochs 20]
+    python -m bench.asha_savings report bench/results/asha_savings.json
 
-On each evaluation pair of bench_transfer.py (made by its `prepare` when missing; the test
+On each evaluation pair of model_vs_plain_recipe (prepared when missing, as its `prepare` does; the test
 line's expression and accessibility given, so the sweep's default objective is `transfer` =
 `agreement`), two sweeps over the SAME trials:
 
@@ -59,16 +59,15 @@ import os
 import platform
 import shutil
 import struct
-import subprocess
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-XFER = [sys.executable, "-m", "xfer.cli"]
+from bench.harness import (ROOT, XFER, Asha, git_head, pair_flags, pairs_cli, prepare_pairs, read_results, run,
+                           write_results)
+
 SEED = 0                       # the sweep's --seed (TPE, trial seeds)
 WITHIN = 0.01                  # "came within 0.01 of the full-budget sweep's best"
 TOLERANCES = (0.01, 0.005, 0.0025, 0.0)  # the same measure, stricter (reported beside it)
@@ -80,40 +79,6 @@ WATCHED = ("xfer/train.py", "xfer/checkpoint.py", "tune/trainable.py", "tune/swe
 
 
 # ----------------------------------------------------------------------------- ASHA, replayed
-
-class Asha:
-    """Ray Tune's AsyncHyperBandScheduler (ray/tune/schedulers/async_hyperband.py, Ray 2.60) with
-    one bracket and stop_last_trials=True, mode max: the same rungs, cutoff and order of checks."""
-
-    def __init__(self, grace: int, rf: float, max_t: int):
-        self.rf, self.max_t = rf, max_t
-        n = int(np.log(max_t / grace) / np.log(rf) + 1)
-        self.rungs = [(grace * rf ** k, {}) for k in reversed(range(n))]  # highest first, as Ray's
-
-    @property
-    def milestones(self) -> list:
-        return sorted(m for m, _ in self.rungs)
-
-    def _cutoff(self, recorded: dict):
-        return np.nanpercentile(list(recorded.values()), (1 - 1 / self.rf) * 100) if recorded else None
-
-    def _bracket(self, tid: str, t: int, value: float) -> bool:
-        for milestone, recorded in self.rungs:
-            if t < milestone or tid in recorded:
-                continue
-            cutoff = self._cutoff(recorded)
-            stop = cutoff is not None and value < cutoff
-            recorded[tid] = value
-            return stop
-        return False
-
-    def on_result(self, tid: str, t: int, value: float) -> bool:
-        """True: stop the trial (at max_t always, without recording, as Ray)."""
-        return True if t >= self.max_t else self._bracket(tid, t, value)
-
-    def on_complete(self, tid: str, t: int, value: float) -> None:
-        self._bracket(tid, t, value)
-
 
 def check_against_ray(n_sequences: int = 300) -> dict:
     """`Asha` against Ray's own AsyncHyperBandScheduler on random report sequences (random grace
@@ -227,19 +192,8 @@ def reach(events: list[dict], target: float) -> dict:
 
 # ----------------------------------------------------------------------------- the sweeps
 
-def _data(pair_dir: Path) -> list[str]:
-    return ["--store", str(pair_dir / "store"), "--src_csv", "store:A_GEX", "--tgt_csv", "store:A_PEAK",
-            "--test_csv", "store:B_GEX", "--sup_peak_csv", "store:B_PEAK"]
-
-
 def _hashes() -> dict:
     return {f: hashlib.sha256((ROOT / f).read_bytes()).hexdigest()[:12] for f in WATCHED if (ROOT / f).exists()}
-
-
-def _git_head() -> str:
-    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                       check=False)
-    return r.stdout.strip()
 
 
 def run_sweep(pair_dir: Path, out: Path, n: int, epochs: int, num_cpus: int, name: str) -> dict:
@@ -248,17 +202,12 @@ def run_sweep(pair_dir: Path, out: Path, n: int, epochs: int, num_cpus: int, nam
     if (out / "trials.csv").exists() and meta.exists():
         return json.loads(meta.read_text())
     shutil.rmtree(out, ignore_errors=True)          # a cut sweep starts again
-    argv = ["tune", *_data(pair_dir), "--n_trials", str(n), "--space", "broad", "--search_epochs", str(epochs), "--seed", str(SEED),
+    argv = ["tune", *pair_flags(pair_dir), "--n_trials", str(n), "--space", "broad", "--search_epochs", str(epochs), "--seed", str(SEED),
             "--num_cpus", str(num_cpus), "--output_folder", str(out), "--name", name]
     files = _hashes()
-    t = time.perf_counter()
-    with open(out.parent / "sweep.log", "w") as f:
-        r = subprocess.run(XFER + argv, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)
-    if r.returncode:
-        raise SystemExit(f"xfer tune failed for {out} (see {out.parent / 'sweep.log'})")
-    m = {"command": "xfer " + " ".join(argv), "wall_seconds": round(time.perf_counter() - t, 1),
-         "files_before": files, "files_after": _hashes(), "git_head": _git_head(),
+    ran = run(XFER + argv, log=out.parent / "sweep.log")
+    m = {"command": "xfer " + " ".join(argv), "wall_seconds": round(ran.seconds, 1),
+         "files_before": files, "files_after": _hashes(), "git_head": git_head(),
          "date": time.strftime("%Y-%m-%d %H:%M")}
     meta.write_text(json.dumps(m, indent=1))
     print(f"{out}: sweep {m['wall_seconds']:.0f} s", flush=True)
@@ -323,7 +272,6 @@ def _fifo_trial(job: tuple[str, dict, dict, dict]) -> tuple[str, dict]:
     import torch
 
     torch.set_num_threads(1)
-    sys.path.insert(0, str(ROOT))
     from tune.data import DataSpec, load_trial_data
     from tune.trainable import trial_config
     from xfer.train import fit
@@ -461,23 +409,21 @@ def analyse(sweep: dict, fifo: dict) -> dict:
     }
 
 
-def run(root: Path, pairs: list[int], n: int, epochs: int, num_cpus: int, workers: int, out_json: Path) -> None:
-    results = json.loads(out_json.read_text()) if out_json.exists() else {}
+def run_pairs(root: Path, pairs: list[int], n: int, epochs: int, num_cpus: int, workers: int,
+              out_json: Path) -> None:
+    results = read_results(out_json, default={})
     if results.get("n_trials") not in (None, n) or results.get("epochs") not in (None, epochs):
         results = {}
     results.update({"machine": f"CPU-2 dev machine: {platform.processor() or platform.machine()}, "
                                f"{os.cpu_count()} CPU cores, shared with other work (epochs are counted, not seconds)",
                     "date": time.strftime("%Y-%m-%d"), "n_trials": n, "epochs": epochs, "seed": SEED,
-                    "within": WITHIN, "goal": GOAL, "git_head": _git_head()})
+                    "within": WITHIN, "goal": GOAL, "git_head": git_head()})
     results["asha_replay_vs_ray"] = check_against_ray()
     results.setdefault("pairs", {})
     for p in pairs:
         pd_ = root / f"pair{p}"
         if not (pd_ / "settings.json").exists():
-            sys.path.insert(0, str(ROOT / "bench"))
-            from bench_transfer import prepare
-
-            prepare(root, (p,), "medium")
+            prepare_pairs(root, (p,), "medium")
         base = root / "asha" / f"n{n}_e{epochs}" / f"pair{p}"
         base.mkdir(parents=True, exist_ok=True)
         meta = run_sweep(pd_, base / "sweep", n, epochs, num_cpus, f"asha_{p}")
@@ -500,8 +446,7 @@ def run(root: Path, pairs: list[int], n: int, epochs: int, num_cpus: int, worker
                     "params": {t: sweep["trials"][t]["params"] for t in sweep["order"]},
                     })
         results["pairs"][str(p)] = res
-        out_json.parent.mkdir(parents=True, exist_ok=True)
-        out_json.write_text(json.dumps(results, indent=1))
+        write_results(out_json, results)
         print(report(out_json), flush=True)
 
 
@@ -594,18 +539,16 @@ def report(path: Path) -> str:
 
 
 def main() -> None:
-    from _cli import pairs_cli
-
     def options(r):
         r.add_argument("--n_trials", type=int, default=16)
         r.add_argument("--epochs", type=int, default=20)
         r.add_argument("--num_cpus", type=int, default=2)
         r.add_argument("--workers", type=int, default=2, help="FIFO trials at a time (one torch thread each)")
-        r.add_argument("--json", default="bench/results/bench_asha.json")
+        r.add_argument("--json", default="bench/results/asha_savings.json")
 
     args = pairs_cli(__doc__, options)
     if args.cmd == "run":
-        run(Path(args.root).resolve(), args.pairs, args.n_trials, args.epochs, args.num_cpus, args.workers,
+        run_pairs(Path(args.root).resolve(), args.pairs, args.n_trials, args.epochs, args.num_cpus, args.workers,
             Path(args.json))
     else:
         print(report(Path(args.json)))

@@ -1,7 +1,7 @@
 """Issue 15, item 2: what a trial's checkpoints cost, before and after `CheckpointPolicy`.
 
-    python bench/bench_checkpoints.py [--size small] [--epochs 50] [--out bench/results/bench_checkpoints.json]
-    python bench/bench_checkpoints.py --replay bench/results/bench_checkpoints.json   # the policies again, no training
+    python -m bench.checkpoint_cost [--size small] [--epochs 50] [--out bench/results/checkpoint_cost.json]
+    python -m bench.checkpoint_cost --replay bench/results/checkpoint_cost.json   # the policies again, no training
 
 One real training run (`xfer.train.fit`, the shipped defaults, one member, the training line
 of a simulated pair, adapting to the other line as a sweep's trials do) of `--epochs` epochs.
@@ -15,8 +15,8 @@ checkpoints each policy writes on that same run:
            periodically at the cost-driven interval (writing within 5 % of the compute)
 
 A projection replays the same run's best-epoch sequence with a GPU's times (`--project`: the
-H100 `adapt` epoch of bench/results/bench_gpu_epoch.json, 0.101 s, and 0.13 s to write the
-default model's 76 MB checkpoint on seed-sized data, the middle of the 0.11-0.16 s measured for
+H100 `adapt` epoch of bench/results/gpu_epoch_time.json, 0.101 s, and 0.13 s to write the
+default model's 76 MB checkpoint on research-sized data, the middle of the 0.11-0.16 s measured for
 issue 15): that is where checkpoint cost matters, and where the cost-driven interval stretches.
 
 Also what the trial's last checkpoint holds: its best epoch (the sweep exports the best trial's
@@ -30,23 +30,20 @@ import argparse
 import io
 import json
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tune.trainable import CheckpointPolicy  # noqa: E402
-from xfer.config import TrainConfig  # noqa: E402
-from xfer.data.simulate import simulate_pair  # noqa: E402
-from xfer.embed import PCAEmbedder, embed_lines  # noqa: E402
-from xfer.prepare import prepare_line, prepare_training  # noqa: E402
-from xfer.report import asha_rungs  # noqa: E402
-from xfer.train import fit  # noqa: E402
+from bench.harness import RESULTS, write_results
+from tune.trainable import CheckpointPolicy
+from xfer.config import TrainConfig
+from xfer.data.simulate import simulate_pair
+from xfer.embed import PCAEmbedder, embed_lines
+from xfer.prepare import prepare_line, prepare_training
+from xfer.sweep_files import asha_rungs
+from xfer.train import fit
 
 
 def _nbytes(obj) -> int:
@@ -116,7 +113,7 @@ def main() -> None:
     ap.add_argument("--size", default="small")
     ap.add_argument("--epochs", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_checkpoints.json"))
+    ap.add_argument("--out", default=str(RESULTS / "checkpoint_cost.json"))
     ap.add_argument("--project", default="0.101,0.13", help="EPOCH_S,WRITE_S of the GPU projection")
     ap.add_argument("--replay", help="a results JSON of an earlier run: replay its epochs, train nothing")
     a = ap.parse_args()
@@ -143,7 +140,7 @@ def main() -> None:
                        "date": time.strftime("%Y-%m-%d"), "wall_seconds": time.time() - t0}
     if a.replay:
         res["settings"] = {**old["settings"], "replayed": time.strftime("%Y-%m-%d")}
-    Path(a.out).write_text(json.dumps(res, indent=1))
+    write_results(a.out, res)
     pc = res["per_checkpoint"]
     print(f"checkpoint: {pc['median_bytes'] / 1e6:.1f} MB, {pc['median_write_seconds']:.3f} s to write; "
           f"epoch {pc['median_epoch_seconds']:.3f} s; parts (MB): "

@@ -1,6 +1,6 @@
 """Benchmark: cluster-wide sweeps on this machine (issue 13).
 
-    python bench/bench_cluster.py [--size small] [--json bench/results/bench_cluster.json]
+    python -m bench.cluster_costs [--size small] [--json bench/results/cluster_costs.json]
 
 Three figures, each from the real components (cluster/local_cluster.sh: a head and worker
 nodes, one CPU each, token auth; moto's S3 server on 127.0.0.1):
@@ -35,10 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.harness import ROOT, TEST, TRAIN, XFER, data_flags, read_results, run, simulate_into_store, write_results
+
 SCRIPT = ROOT / "cluster" / "local_cluster.sh"
-XFER = [sys.executable, "-m", "xfer.cli"]
 RAY = str(Path(sys.executable).with_name("ray"))
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 SMALL = ["--set=hidden_dim=128", "--set=latent_dim=32", "--set=n_layers=1", "--set=batch_size=128"]
@@ -57,15 +56,10 @@ def s3_server():
 
 
 def make_store(size: str, root: Path, s3_query: str) -> tuple[str, str]:
-    from xfer.data.simulate import simulate_pair
-    from xfer.data.store import CellStore
-
-    a, b = simulate_pair(size, seed=0)
-    local, remote = CellStore(str(root / "store")), CellStore(f"s3://xfer/store?{s3_query}")
-    for ds, name in ((a.gex, "A_GEX"), (a.peak, "A_PEAK"), (b.gex, "B_GEX"), (b.peak, "B_PEAK")):
-        local.write(ds, name, overwrite=True)
-        remote.write(ds, name, overwrite=True)
-    return str(root / "store"), f"s3://xfer/store?{s3_query}"
+    """The pair in a local store and in the same store on S3."""
+    local, remote = str(root / "store"), f"s3://xfer/store?{s3_query}"
+    simulate_into_store([local, remote], size, seed=0)
+    return local, remote
 
 
 def store_read(local: str, remote: str) -> dict:
@@ -75,9 +69,8 @@ def store_read(local: str, remote: str) -> dict:
     out = {}
     for label, uri in (("local", local), ("s3", remote)):
         st = CellStore(uri)
-        spec = DataSpec(store=uri, src="A_GEX", tgt="A_PEAK", test="B_GEX", sup_peak="B_PEAK",
-                        **{f"{r}_hash": st.manifest(n).content_hash for r, n in
-                           (("src", "A_GEX"), ("tgt", "A_PEAK"), ("test", "B_GEX"), ("sup_peak", "B_PEAK"))})
+        roles = dict(zip(("src", "tgt", "test", "sup_peak"), (*TRAIN, *TEST)))
+        spec = DataSpec(store=uri, **roles, **{f"{r}_hash": st.manifest(n).content_hash for r, n in roles.items()})
         read_inputs(spec)
         times = []
         for _ in range(3):
@@ -93,24 +86,21 @@ def store_read(local: str, remote: str) -> dict:
 
 def start_cluster(d: Path, workers: int, env: dict) -> tuple[dict, str]:
     port = random.randrange(20000, 31000, 50)
-    r = subprocess.run([str(SCRIPT), "start", "--workers", str(workers), "--cpus", "1", "--port", str(port),
-                        "--dashboard-port", str(port + 2), "--dir", str(d)], env=env, capture_output=True,
-                       text=True, timeout=240)
-    if r.returncode:
-        raise SystemExit(r.stdout + r.stderr)
+    r = run([str(SCRIPT), "start", "--workers", str(workers), "--cpus", "1", "--port", str(port),
+             "--dashboard-port", str(port + 2), "--dir", str(d)], env=env, timeout=240)
     client = {**env, "RAY_ADDRESS": r.stdout.strip().splitlines()[-1], "RAY_AUTH_MODE": "token",
               "RAY_AUTH_TOKEN_PATH": str(d / "auth_token")}
     return client, f"http://127.0.0.1:{port + 2}"
 
 
 def stop_cluster(d: Path, env: dict) -> None:
-    subprocess.run([str(SCRIPT), "stop", "--dir", str(d)], env=env, capture_output=True, timeout=120)
+    run([str(SCRIPT), "stop", "--dir", str(d)], env=env, timeout=120, check=False)
 
 
 def list_nodes(client: dict, dash: str) -> list[dict]:
     """The cluster's nodes as Ray's state API lists them (node_id, is_head_node, resources_total)."""
-    return json.loads(subprocess.run([RAY, "list", "nodes", "--address", dash, "--format", "json"], env=client,
-                                     capture_output=True, text=True, timeout=60, check=True).stdout)
+    return json.loads(run([RAY, "list", "nodes", "--address", dash, "--format", "json"], env=client,
+                          timeout=60).stdout)
 
 
 def _results(out: Path, name: str) -> dict:
@@ -128,13 +118,9 @@ def trial_startup(store: str, work: Path, env: dict) -> dict:
     try:
         names = {x["node_id"]: ("head" if x["is_head_node"] else "worker") for x in list_nodes(client, dash)}
         out = work / "startup"
-        r = subprocess.run(XFER + ["tune", "--address", "auto", "--store", store, "--src_csv", "store:A_GEX",
-                                   "--tgt_csv", "store:A_PEAK", "--test_csv", "store:B_GEX", "--sup_peak_csv",
-                                   "store:B_PEAK", "--n_trials", "6", "--space", "broad", "--search_epochs", "1", "--name", "startup",
-                                   "--output_folder", str(out), *SMALL], env=client, capture_output=True, text=True,
-                           timeout=1200)
-        if r.returncode:
-            raise SystemExit(r.stderr[-3000:])
+        run([*XFER, "tune", "--address", "auto", *data_flags(store), "--n_trials", "6", "--space", "broad",
+             "--search_epochs", "1", "--name", "startup", "--output_folder", str(out), *SMALL], env=client,
+            timeout=1200)
         rows = sorted((rs[0] for rs in _results(out, "startup").values()), key=lambda m: m["timestamp"])
         seen, trials = set(), []
         for m in rows:
@@ -154,10 +140,11 @@ def node_death(store: str, work: Path, env: dict) -> dict:
     try:
         w1 = next(x["node_id"] for x in list_nodes(client, dash) if "w1" in x["resources_total"])
         out, epochs, n = work / "death", 12, 6
-        proc = subprocess.Popen(XFER + ["tune", "--address", "auto", "--store", store, "--src_csv", "store:A_GEX",
-                                        "--tgt_csv", "store:A_PEAK", "--n_trials", str(n), "--space", "broad", "--search_epochs",
-                                        str(epochs), "--grace_period", str(epochs), "--checkpoint_every", "1",
-                                        "--name", "death", "--output_folder", str(out), *SMALL],
+        # in the background: the node dies while it runs
+        proc = subprocess.Popen([*XFER, "tune", "--address", "auto", *data_flags(store, test=False), "--n_trials",
+                                 str(n), "--space", "broad", "--search_epochs", str(epochs), "--grace_period",
+                                 str(epochs), "--checkpoint_every", "1", "--name", "death", "--output_folder", str(out),
+                                 *SMALL],
                                 env=client, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
         try:
@@ -170,7 +157,7 @@ def node_death(store: str, work: Path, env: dict) -> dict:
             if victim is None:
                 raise SystemExit("no trial ran on worker 1")
             t_kill = time.time()
-            subprocess.run([str(SCRIPT), "kill-node", "1", "--dir", str(d)], env=env, check=True, timeout=30)
+            run([str(SCRIPT), "kill-node", "1", "--dir", str(d)], env=env, timeout=30)
             back = None
             while back is None and time.time() < t_kill + 600:
                 rows = _results(out, "death").get(victim, [])
@@ -200,7 +187,7 @@ def node_death(store: str, work: Path, env: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="small")
-    ap.add_argument("--json", default="bench/results/bench_cluster.json")
+    ap.add_argument("--json", default="bench/results/cluster_costs.json")
     ap.add_argument("--parts", nargs="+", default=["store_read", "trial_startup", "node_death"],
                     choices=["store_read", "trial_startup", "node_death"], help="run these (merged into --json)")
     args = ap.parse_args()
@@ -209,11 +196,10 @@ def main() -> None:
         env.pop(k, None)
     os.environ.update(AWS)
     server, q = s3_server()
-    work = Path(tempfile.mkdtemp(prefix="bench_cluster_"))
+    work = Path(tempfile.mkdtemp(prefix="cluster_costs_"))
     try:
         local, remote = make_store(args.size, work, q)
-        path = Path(args.json)
-        res = json.loads(path.read_text()) if path.exists() else {}
+        res = read_results(args.json, default={})
         res.update({"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
                     "size": args.size})
         parts = {"store_read": lambda: store_read(local, remote),
@@ -224,8 +210,7 @@ def main() -> None:
             print(part, res[part], flush=True)
     finally:
         server.stop()
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(res, indent=1))
+    write_results(args.json, res)
     print(json.dumps(res, indent=1))
 
 

@@ -1,7 +1,7 @@
 """GPU benchmark: Geneformer-316M-shaped cell embedding throughput (random weights, no downloads).
 
-    python bench/bench_embed.py            # on a GPU machine (no ray / optuna / anndata imports)
-    python bench/bench_embed.py --smoke    # a tiny model on the CPU: checks the script and the encoder
+    python -m bench.embedding_throughput            # on a GPU machine (no ray / optuna / anndata imports)
+    python -m bench.embedding_throughput --smoke    # a tiny model on the CPU: checks the script and the encoder
 
 All figures are cells/s measured in this one process on one device (absolute numbers drift
 between machines: compare the ratios). The model is BertForMaskedLM with the V2-316M shape
@@ -28,7 +28,7 @@ check      ours (bf16) against transformers in float32 on a few cells: cosine si
 Goals (same run): ours with all layers >= ref_bf16_b100, and within 5 % of transformers at fixed
 lengths (the same computation: nothing to unpad); ours up to the second-to-last layer (the
 extractor's output, hidden_states[-2]) >= 5 x ref_extractor.
-Writes bench_embed.json to $OUT (or the current directory).
+Writes embedding_throughput.json to $OUT (or the current directory).
 """
 
 from __future__ import annotations
@@ -44,9 +44,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from xfer.embed.geneformer import BertCellEncoder  # noqa: E402
+from bench.harness import write_results
+from xfer.embed.geneformer import BertCellEncoder
 
 CLS, EOS, FIRST_GENE = 2, 3, 4
 
@@ -264,8 +263,8 @@ def main() -> int:
     if args.smoke:
         g["note"] = "smoke run on the CPU with a tiny model: the goals apply to the GPU run only"
     out["goals"] = g
-    dest = Path(os.environ.get("OUT", ".")) / "bench_embed.json"
-    dest.write_text(json.dumps(out, indent=1))
+    dest = Path(os.environ.get("OUT", ".")) / "embedding_throughput.json"
+    write_results(dest, out)
     print(json.dumps(out["goals"], indent=1))
     print(f"wrote {dest}")
     return 0

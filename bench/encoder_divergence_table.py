@@ -1,9 +1,9 @@
 """The model table: every encoder x divergence with the shipped defaults, beside the baselines.
 
-    python bench/bench_model_table.py --size medium --seed 0 [--archs dae,vae] [--divergences mmd]
+    python -m bench.encoder_divergence_table --size medium --seed 0 [--archs dae,vae] [--divergences mmd]
                                       [--epochs 100] [--set KEY=VALUE ...] [--json out.json]
 
-Simulates one pair (seed 0 is an evaluation pair: bench/bench_defaults.py chose the
+Simulates one pair (seed 0 is an evaluation pair: bench/training_defaults.py chose the
 defaults on other simulation seeds), prepares it once, trains each combination with `fit` exactly
 as `xfer train` does (adaptation to the test line's unlabelled peaks included
 when the default says so) and scores the four splits. Prints a Markdown table
@@ -13,19 +13,14 @@ of balanced accuracy (and accuracy / macro-F1 in the JSON).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from xfer.config import ARCHS, DIVERGENCES, TrainConfig  # noqa: E402
-from xfer.train import fit  # noqa: E402
-
-from bench_defaults import prepare_pair, score_splits  # noqa: E402
+from bench.harness import write_results
+from bench.harness.prepared import prepare_simulated_pair, score_splits
+from xfer.config import ARCHS, DIVERGENCES, TrainConfig
+from xfer.train import fit
 
 SPLITS = ("gex_val", "gex_test", "peak_val", "peak_test")
 
@@ -47,7 +42,7 @@ def main() -> int:
         over["epochs"] = args.epochs
     base = TrainConfig.from_dict(over)
     t0 = time.perf_counter()
-    data, test, bl = prepare_pair(args.size, args.seed, base)
+    data, test, bl = prepare_simulated_pair(args.size, args.seed, base)
     print(f"{args.size} pair (seed {args.seed}): {len(data.line.labels)}/{len(test.labels)} cells, {data.n_peaks} "
           f"encoder inputs; prepared with the baselines in {time.perf_counter() - t0:.0f} s", flush=True)
     results = {"size": args.size, "seed": args.seed, "machine": f"{os.cpu_count()} CPU cores", "baselines": bl,
@@ -66,7 +61,7 @@ def main() -> int:
             results["runs"].append(run)
             rows.append((f"{arch}-{div}", m))
             if args.json:  # written after every run, so a killed run keeps what it finished
-                Path(args.json).write_text(json.dumps(results, indent=1))
+                write_results(args.json, results)
             print(f"{arch:12s} {div:7s} " + " ".join(f"{s} {m[s]['balanced_accuracy']:.3f}" for s in SPLITS)
                   + f"  (best epoch {res.best_epoch}/{len(res.history)}, {run['seconds']:.0f} s)", flush=True)
     lines = ["| model | GEX val | GEX test | PEAK val | PEAK test |", "|---|---|---|---|---|"]
@@ -80,7 +75,7 @@ def main() -> int:
         lines.append("| majority-class rate | " + " | ".join(f"{any_m[s]['majority_rate']:.3f}" for s in SPLITS) + " |")
     print("\n" + "\n".join(lines))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        write_results(args.json, results)
     return 0
 
 

@@ -1,7 +1,7 @@
-"""GPU benchmark: one training epoch of xfer's loop on seed-sized data.
+"""GPU benchmark: one training epoch of xfer's loop on research-sized data.
 
-    python bench/bench_gpu_epoch.py            # on a GPU machine (no ray / optuna / anndata needed)
-    python bench/bench_gpu_epoch.py --smoke    # tiny shapes on CPU, to check the script runs
+    python -m bench.gpu_epoch_time            # on a GPU machine (no ray / optuna / anndata needed)
+    python -m bench.gpu_epoch_time --smoke    # tiny shapes on CPU, to check the script runs
 
 Shapes of the issue: 7,728 training cells x 25,027 peaks (the peaks channel, i.e.
 `peak_repr="peaks"`), a 1,152-D source embedding, batch 1,024, encoder
@@ -26,7 +26,7 @@ between the two. Reported per variant: the median over epochs 2..N of
 ratio to the reference measured in the same run (per step, and per epoch
 with the reference's ceil(7,728 / 1,024) = 8 steps against our 7 (the loop drops the
 ragged last batch)). Goal: epoch <= 1.5 x the reference.
-Writes bench_gpu_epoch.json to $OUT (or the current directory).
+Writes gpu_epoch_time.json to $OUT (or the current directory).
 """
 
 from __future__ import annotations
@@ -44,11 +44,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from xfer.config import TrainConfig  # noqa: E402
-from xfer.prepare import LineInputs, TrainData  # noqa: E402
-from xfer.train import fit  # noqa: E402
+from xfer.config import TrainConfig
+from xfer.prepare import LineInputs, TrainData
+from xfer.train import fit
 
 
 def synthetic(n_cells: int, n_peaks: int, emb_dim: int, density: float, seed: int = 0) -> TrainData:
@@ -160,7 +158,7 @@ def main() -> int:
         if dev == "cuda":
             torch.cuda.empty_cache()
     out["adapt_validate"] = validate_breakdown(cfg, adapt, dev)
-    dest = Path(os.environ.get("OUT", ".")) / "bench_gpu_epoch.json"
+    dest = Path(os.environ.get("OUT", ".")) / "gpu_epoch_time.json"
     dest.write_text(json.dumps(out, indent=1))
     if dev == "cuda" and not args.skip_reference:
         ref = Path(__file__).parent / "reference" / "gpu_reference.py"

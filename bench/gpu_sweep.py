@@ -2,10 +2,10 @@
 
 Run by bench/gpu_sweep.sh (which brings Ray, Optuna and the rest onto PYTHONPATH first):
 
-    python bench/gpu_sweep.py --out DIR [--size seed] [--n_trials 12] [--epochs 20]
+    python -m bench.gpu_sweep --out DIR [--size research] [--n_trials 12] [--epochs 20]
                               [--shares 1,plain,0.25,0.125,0.5] [--budget_s 330] [--cpu]
 
-1. Simulates the training line (simA) of a pair (`seed` size: 7,432 cells, 28,105 genes,
+1. Simulates the training line (A_GEX, A_PEAK) of a pair (`research` size: 7,432 cells, 28,105 genes,
    92,328 peaks; the test line, unused here, is cut to 256 cells unless --full_pair) and writes
    it into a store.
 2. Prepares the trial data into the node cache that every sweep's driver and trials then read
@@ -13,13 +13,13 @@ Run by bench/gpu_sweep.sh (which brings Ray, Optuna and the rest onto PYTHONPATH
    for preparing data the one before it prepared.
 3. For each share g in --shares: `xfer tune --gpus_per_trial g` (1/g trials per GPU) with the
    same trials, epochs, seed and space, fixed batch_size=256 (--set), on the training line only
-   (objective source_val, ASHA), as bench/bench_tune.py's sweep: the command's wall time and
+   (objective source_val, ASHA), as bench.orchestration_cost's sweep: the command's wall time and
    `Tuner.fit`'s alone, the trials' own compute (the sum of every trial's epoch_seconds,
-   bench_tune.sweep_figures), the ideal wall = compute / concurrent slots, per-trial start-up,
+   bench.harness.sweeps.sweep_figures), the ideal wall = compute / concurrent slots, per-trial start-up,
    epochs per second; per trial its process's torch.cuda.max_memory_allocated (a wrapper around
    tune.trainable.function_trial: the sweep is otherwise exactly `xfer tune`) and the most GPU
    memory nvidia-smi saw that process use; the GPU's utilisation and memory (nvidia-smi every
-   500 ms) over the step. `plain` in --shares: bench_tune.plain_optuna, a sequential Optuna loop
+   500 ms) over the step. `plain` in --shares: bench.harness.sweeps.plain_optuna, a sequential Optuna loop
    (TPE + MedianPruner) in one process over the same data (read from the same cache), space and
    epochs, no Ray.
 4. Writes DIR/gpu_sweep.json after every step (a time-out keeps what was measured). A step starts
@@ -28,7 +28,7 @@ Run by bench/gpu_sweep.sh (which brings Ray, Optuna and the rest onto PYTHONPATH
 --prepare_only --work W: steps 1-2 alone, into W; a later run with --work W and the same settings
 reuses them (gpu_sweep.sh prepares while the GPU runs the epoch benchmark).
 
-The original research sweep (issue 24: seed-sized, 100 trials x 50 epochs, the architecture and
+The original research sweep (issue 24: research-sized, 100 trials x 50 epochs, the architecture and
 divergence fixed), populations against today's sweep and the sequential Optuna loop of the same
 trials, in one device call:
 
@@ -39,7 +39,7 @@ where one call's time cannot hold all three, cut --epochs the same for all (the 
 skips a step that cannot finish; say so with the figures).
 
 --cpu (XFER_GPU_SWEEP_CPU=1 in gpu_sweep.sh): no GPU; each share g becomes g x --num_cpus CPUs
-per trial (the same 1/g concurrency), tiny sizes, bench_tune's fixed model; to test the script
+per trial (the same 1/g concurrency), tiny sizes, orchestration_cost's fixed small model; to test the script
 end to end on a machine without a GPU.
 """
 
@@ -50,21 +50,15 @@ import csv
 import datetime as dt
 import json
 import os
-import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-import bench_tune  # noqa: E402  (bench/bench_tune.py: sweep_figures, plain_optuna)
+from bench.harness import TRAIN, data_flags, fit_seconds, run, simulate_into_store
+from bench.harness.sweeps import SMALL_MODEL, plain_optuna, set_flags, slot_breakdown, sweep_figures
 
 MEM_ENV = "XFER_GPU_SWEEP_MEM"
 
@@ -193,24 +187,13 @@ def _num(x):
 # ----------------------------------------------------------------------------- steps
 
 def simulate(size: str, store: Path, full_pair: bool) -> dict:
-    """The pair's training line (simA) into the store. The sweeps read only simA, so unless
-    full_pair the test line is cut to one chunk of 256 cells: simA is the same, cell for cell
-    (the simulator draws each line from its own streams), in about half the time."""
-    from xfer.data.simulate import SIZES, SimSize, simulate_pair
-    from xfer.data.store import CellStore
-
-    sz = SIZES[size]
-    if not full_pair:
-        sz = SimSize(sz.n_cells_a, min(256, sz.n_cells_b), sz.n_genes, sz.n_peaks)
-    t = time.perf_counter()
-    A, B = simulate_pair(sz, seed=0)
-    t_sim = time.perf_counter() - t
-    s = CellStore(str(store))
-    for ds in (A.gex, A.peak):
-        s.write(ds, overwrite=True)
-    return {"size": size, "cells": A.gex.n_cells, "test_line_cells_simulated": B.gex.n_cells,
-            "genes": A.gex.n_features, "peaks": A.peak.n_features,
-            "simulate_s": t_sim, "store_write_s": time.perf_counter() - t - t_sim}
+    """The pair's training line (A) into the store. The sweeps read only that line, so unless
+    full_pair the test line is cut to one chunk of 256 cells: the training line is the same, cell
+    for cell (the simulator draws each line from its own streams), in about half the time."""
+    info = simulate_into_store(store, size, seed=0, lines="A", test_cells=None if full_pair else 256)
+    return {"size": size, "cells": info["cells"][0], "test_line_cells_simulated": info["cells"][1],
+            "genes": info["genes"], "peaks": info["peaks"], "simulate_s": info["simulate_s"],
+            "store_write_s": info["store_write_s"]}
 
 
 def warm_cache(store: Path, epochs: int, fixed: dict) -> dict:
@@ -223,8 +206,8 @@ def warm_cache(store: Path, epochs: int, fixed: dict) -> dict:
     from xfer.data.store import CellStore
 
     s = CellStore(str(store.resolve()))
-    spec = DataSpec(store=s.root.uri, src="simA_GEX", tgt="simA_PEAK", src_hash=s.manifest("simA_GEX").content_hash,
-                    tgt_hash=s.manifest("simA_PEAK").content_hash)
+    spec = DataSpec(store=s.root.uri, src=TRAIN[0], tgt=TRAIN[1], src_hash=s.manifest(TRAIN[0]).content_hash,
+                    tgt_hash=s.manifest(TRAIN[1]).content_hash)
     bins = BROAD_SPACE.get("bin_size")
     variants = [{"bin_size": v} for v in bins["choices"]] if isinstance(bins, dict) and "bin_size" not in fixed \
         else [{}]
@@ -252,17 +235,15 @@ def run_sweep(store: Path, work: Path, out: Path, args, share: float, smi: Smi, 
         res = ["--num_gpus", "0", "--gpus_per_trial", "0", "--cpus_per_trial", f"{share * args.num_cpus:g}"]
     else:
         res = ["--num_gpus", "1", "--gpus_per_trial", f"{share:g}", "--cpus_per_trial", f"{args.cpus_per_trial:g}"]
-    argv = ["--store", str(store), "--src_csv", "store:simA_GEX", "--tgt_csv", "store:simA_PEAK",
-            "--n_trials", str(args.n_trials), "--space", "broad", "--search_epochs", str(args.epochs), "--num_cpus", str(args.num_cpus),
-            *res, *(["--checkpoint_every", str(args.checkpoint_every)] if args.checkpoint_every is not None else []),
-            "--output_folder", str(sweep_out),
-            "--name", tag, "--progress_every", "10", *[f"--set={k}={v}" for k, v in args.fixed.items()],
+    argv = [*data_flags(store, test=False), "--n_trials", str(args.n_trials), "--space", "broad",
+            "--search_epochs", str(args.epochs), "--num_cpus", str(args.num_cpus), *res,
+            *(["--checkpoint_every", str(args.checkpoint_every)] if args.checkpoint_every is not None else []),
+            "--output_folder", str(sweep_out), "--name", tag, "--progress_every", "10", *set_flags(args.fixed),
             *(["--population", str(population)] if population > 1 else [])]
-    cmd = [sys.executable, str(Path(__file__).resolve()), "_xfer_tune", *argv]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", MEM_ENV: str(mem_file)}
-    t0w, t0 = time.time(), time.perf_counter()
-    rc, stdout, stderr = _run_step(cmd, env, timeout)
-    wall = time.perf_counter() - t0
+    cmd = [sys.executable, "-m", "bench.gpu_sweep", "_xfer_tune", *argv]
+    t0w = time.time()
+    ran = run(cmd, env={**os.environ, MEM_ENV: str(mem_file)}, timeout=max(1.0, timeout), check=False)
+    rc, stdout, stderr, wall = ran.returncode, ran.stdout, ran.stderr, ran.seconds
     t1w = time.time()
     with open(out / "sweeps.log", "a") as f:
         f.write(f"\n===== xfer tune {' '.join(argv)}\n--- rc {rc}, {wall:.1f} s\n--- stdout\n{stdout[-60000:]}"
@@ -272,13 +253,12 @@ def run_sweep(store: Path, work: Path, out: Path, args, share: float, smi: Smi, 
     if rc != 0:
         res_d["error"] = (stderr or stdout)[-2000:]
         try:  # what the trials reported before the failure or time-out
-            res_d["partial"] = bench_tune.sweep_figures(sweep_out)
+            res_d["partial"] = sweep_figures(sweep_out)
         except Exception:  # noqa: BLE001 - no trial reported
             pass
         return res_d
-    f = bench_tune.sweep_figures(sweep_out)
-    m = re.search(r"trials in ([0-9.]+) s", stdout)
-    f["sweep_wall_s"] = float(m.group(1)) if m else None
+    f = sweep_figures(sweep_out)
+    f["sweep_wall_s"] = fit_seconds(stdout)
     f["dashboard"] = "Ray dashboard: http" in (stdout + stderr)
     slots = min(round(1 / share), -(-args.n_trials // population))
     if population > 1:  # members, their epochs and their statuses (trials.csv: one row per member)
@@ -295,10 +275,8 @@ def run_sweep(store: Path, work: Path, out: Path, args, share: float, smi: Smi, 
         f["overhead_vs_ideal"] = f["sweep_wall_s"] / f["ideal_wall_s"] - 1
         f["epochs_per_s"] = f["epochs_total"] / f["sweep_wall_s"]
     f["epoch_s_median"] = _median_epoch(sweep_out)
-    if f["sweep_wall_s"]:  # Tuner.fit's slot-time split as bench_overhead.py splits it (from every epoch's report)
-        from bench_overhead import breakdown
-
-        b = breakdown(sweep_out / "ray_results", f["sweep_wall_s"], slots)
+    if f["sweep_wall_s"]:  # Tuner.fit's slot-time split as sweep_overhead splits it (from every epoch's report)
+        b = slot_breakdown(sweep_out / "ray_results", f["sweep_wall_s"], slots)
         f["slot_time"] = {"slot_seconds": b["slot_seconds"], "parts": b["parts"]}
     # per trial: torch's peak and what nvidia-smi saw of its process
     mem = {}
@@ -319,22 +297,8 @@ def run_sweep(store: Path, work: Path, out: Path, args, share: float, smi: Smi, 
     return res_d
 
 
-def _run_step(cmd: list[str], env: dict, timeout: float):
-    """(rc, stdout, stderr) of cmd in a process group of its own; at the time-out the whole group
-    is killed (the driver's Ray daemons also die with it: Ray ties them to the driver's life)."""
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                         start_new_session=True)
-    try:
-        stdout, stderr = p.communicate(timeout=max(1.0, timeout))
-        return p.returncode, stdout, stderr
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        stdout, stderr = p.communicate()
-        return "timeout", stdout, stderr
-
-
 def _trial_ids(sweep_out: Path) -> list[str]:
-    """Trial ids in bench_tune.sweep_figures' order (sorted result.json paths; the trial folder is its id)."""
+    """Trial ids in sweep_figures' order (sorted result.json paths; the trial folder is its id)."""
     return [p.parent.name for p in sorted((sweep_out / "ray_results").rglob("result.json"))
             if p.read_text().strip()]
 
@@ -348,13 +312,12 @@ def _median_epoch(sweep_out: Path) -> float | None:
 
 
 def plain_loop(store: str, epochs: int, n_trials: int, fixed: dict) -> dict:
-    """bench_tune.plain_optuna over the same data, space (the same fixed keys) and epochs; run in a
-    process of its own (python gpu_sweep.py _plain ...) so that its GPU memory is gone afterwards."""
+    """harness.sweeps.plain_optuna over the same data, space (the same fixed keys) and epochs; run in a
+    process of its own (python -m bench.gpu_sweep _plain ...) so that its GPU memory is gone afterwards."""
     import torch
 
     import tune.data
 
-    bench_tune.FIXED = dict(fixed)
     cuda = torch.cuda.is_available()
     prepare, timed = tune.data.prepare_from_store, {}
 
@@ -369,7 +332,7 @@ def plain_loop(store: str, epochs: int, n_trials: int, fixed: dict) -> dict:
             tune.data.prepare_from_store = cached_prepare
             timed["prepare_s"] = time.perf_counter() - t
     tune.data.prepare_from_store = cached_prepare
-    r = bench_tune.plain_optuna(Path(store), SimpleNamespace(epochs=epochs, n_trials=n_trials))
+    r = plain_optuna(Path(store), epochs, n_trials, fixed)
     r["prepare_s"] = timed.get("prepare_s")
     r["loop_s"] = r["wall_s"] - (r["prepare_s"] or 0.0)   # the trials alone, as Tuner.fit for a sweep
     r["loop_vs_compute"] = r["loop_s"] / r["compute_s"] if r["compute_s"] else None
@@ -380,10 +343,11 @@ def plain_loop(store: str, epochs: int, n_trials: int, fixed: dict) -> dict:
 
 
 def run_plain(store: Path, out: Path, args, timeout: float, smi: Smi) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "_plain", str(store), str(args.epochs), str(args.n_trials),
+    cmd = [sys.executable, "-m", "bench.gpu_sweep", "_plain", str(store), str(args.epochs), str(args.n_trials),
            json.dumps(args.fixed)]
     t0w, t0 = time.time(), time.perf_counter()
-    rc, stdout, stderr = _run_step(cmd, {**os.environ, "OMP_NUM_THREADS": "1"}, timeout)
+    ran = run(cmd, timeout=max(1.0, timeout), check=False)
+    rc, stdout, stderr = ran.returncode, ran.stdout, ran.stderr
     with open(out / "sweeps.log", "a") as f:
         f.write(f"\n===== plain Optuna loop\n--- rc {rc}, {time.perf_counter() - t0:.1f} s\n--- stdout\n"
                 f"{stdout[-20000:]}\n--- stderr\n{stderr[-20000:]}\n")
@@ -437,7 +401,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--cpu", action="store_true", default=cpu_default, help="no GPU: tiny sizes, shares of the CPUs")
-    ap.add_argument("--size", help="simulated size (default seed; tiny with --cpu)")
+    ap.add_argument("--size", help="simulated size (default research; tiny with --cpu)")
     ap.add_argument("--n_trials", type=int, help="trials per sweep (default 12; 4 with --cpu)")
     ap.add_argument("--epochs", type=int, help="epochs per trial, ASHA's max_t (default 20; 3 with --cpu)")
     ap.add_argument("--shares", default="1,plain,0.25,0.125,0.5",
@@ -447,7 +411,7 @@ def main() -> int:
     ap.add_argument("--cpus_per_trial", type=float, default=1.0)
     ap.add_argument("--checkpoint_every", type=int, help="xfer tune --checkpoint_every (default: xfer tune's)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="fixed search keys for every run (default batch_size=256; with --cpu bench_tune's)")
+                    help="fixed search keys for every run (default batch_size=256; with --cpu the small model of orchestration_cost)")
     ap.add_argument("--budget_s", type=float, default=330.0,
                     help="seconds from start by which every step has ended: a step starts only if the longest step "
                          "so far still fits, and is stopped at the budget (default 330)")
@@ -461,7 +425,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.prepare_only and not args.work:
         ap.error("--prepare_only needs --work (the folder the sweeps then read)")
-    args.size = args.size or ("tiny" if args.cpu else "seed")
+    args.size = args.size or ("tiny" if args.cpu else "research")
     args.n_trials = args.n_trials or (4 if args.cpu else 12)
     args.epochs = args.epochs or (3 if args.cpu else 20)
     args.num_cpus = args.num_cpus or os.cpu_count() or 1
@@ -470,7 +434,7 @@ def main() -> int:
 
         args.fixed = parse_set(args.set)
     else:
-        args.fixed = dict(bench_tune.FIXED) if args.cpu else {"batch_size": 256}
+        args.fixed = dict(SMALL_MODEL) if args.cpu else {"batch_size": 256}
     t_start = time.perf_counter()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

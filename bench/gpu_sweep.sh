@@ -6,11 +6,11 @@
 #   device tool: carry ["bench/_deps"], command "bash bench/gpu_sweep.sh", timeout_s 600
 #   two parts (pack_deps.py split it): carry ["bench/_deps/deps.part1.tar.xz"] with the same command
 #     (unpacks, exits 3), then at once, while the machine is warm, ["bench/_deps/deps.part2.tar.xz"]
-#   here, no GPU: python bench/pack_deps.py --python-version 3.11 --out /tmp/d/deps.tar.xz;
+#   here, no GPU: python -m bench.pack_deps --python-version 3.11 --out /tmp/d/deps.tar.xz;
 #     XFER_DEPS_PACK=/tmp/d XFER_GPU_SWEEP_CPU=1 OUT=/tmp/o PYTHON=venv/bin/python bash bench/gpu_sweep.sh
 # Writes $OUT/gpu_sweep.json, gpu_sweep.log (every step's output), sweeps.log, smi_gpu.csv,
-# smi_apps.csv; with XFER_GPU_EPOCH=1 also bench_gpu_epoch.json (the device returns 8 files at most). Arguments go to
-# bench/gpu_sweep.py (defaults: seed-sized pair, 12 trials x 20 epochs, shares 1,plain,0.25,0.125,0.5);
+# smi_apps.csv; with XFER_GPU_EPOCH=1 also gpu_epoch_time.json (the device returns 8 files at most). Arguments go to
+# bench/gpu_sweep.py (defaults: research-sized pair, 12 trials x 20 epochs, shares 1,plain,0.25,0.125,0.5);
 # everything ends within XFER_GPU_SWEEP_DEADLINE (570) s of the start.
 set -u -o pipefail
 export PYTHONUNBUFFERED=1 OUT="${OUT:-.}"
@@ -37,7 +37,7 @@ for p in "$PACKS"/deps.tar.xz "$PACKS"/deps.part*.tar.xz; do
 done
 markers=("$DEPS"/.xfer_deps_part*of*)
 if [ ${#markers[@]} -eq 0 ]; then
-  echo "gpu_sweep: no pack in $PACKS and none unpacked in $DEPS: build it with python bench/pack_deps.py and carry bench/_deps"
+  echo "gpu_sweep: no pack in $PACKS and none unpacked in $DEPS: build it with python -m bench.pack_deps and carry bench/_deps"
   exit 2
 fi
 total="${markers[0]##*of}"
@@ -57,7 +57,7 @@ meta = json.loads((deps / "XFER_DEPS.json").read_text())
 here = "%d.%d" % sys.version_info[:2]
 if meta["python_version"] != here:
     sys.exit(f"gpu_sweep: the pack is for Python {meta['python_version']}, {sys.executable} is {here}: "
-             f"python bench/pack_deps.py --python-version {here}")
+             f"python -m bench.pack_deps --python-version {here}")
 p = tomllib.loads(Path("pyproject.toml").read_text())["project"]
 d = deps / f"{p['name'].replace('-', '_')}-{p['version']}.dist-info"
 d.mkdir(exist_ok=True)
@@ -90,7 +90,7 @@ pin_prep=() pin_epoch=()
 if [ "$ncpu" -ge 8 ] && command -v taskset >/dev/null; then
   pin_prep=(taskset -c "2-$((ncpu - 1))") pin_epoch=(taskset -c 0-1)
 fi
-"${pin_prep[@]}" "$PY" bench/gpu_sweep.py --work "$WORK" --prepare_only "$@" >"$WORK.prepare.log" 2>&1 &
+"${pin_prep[@]}" "$PY" -m bench.gpu_sweep --work "$WORK" --prepare_only "$@" >"$WORK.prepare.log" 2>&1 &
 prep=$!
 if [ "${XFER_GPU_EPOCH:-0}" = 1 ]; then
   smoke=(); [ "${XFER_GPU_SWEEP_CPU:-0}" = 1 ] && smoke=(--smoke)
@@ -99,7 +99,7 @@ if [ "${XFER_GPU_EPOCH:-0}" = 1 ]; then
     | tee -a "$OUT/gpu_sweep.log"
   echo "gpu_sweep: GPU tests $((SECONDS - t)) s" | tee -a "$OUT/gpu_sweep.log"
   t=$SECONDS
-  timeout 200 "${pin_epoch[@]}" "$PY" bench/bench_gpu_epoch.py "${smoke[@]}" >>"$OUT/gpu_sweep.log" 2>&1
+  timeout 200 "${pin_epoch[@]}" "$PY" -m bench.gpu_epoch_time "${smoke[@]}" >>"$OUT/gpu_sweep.log" 2>&1
   echo "gpu_sweep: epoch benchmark + reference rc $? in $((SECONDS - t)) s" | tee -a "$OUT/gpu_sweep.log"
 fi
 wait $prep
@@ -111,7 +111,7 @@ tail -n 40 "$WORK.prepare.log" >>"$OUT/gpu_sweep.log"; tail -n 3 "$WORK.prepare.
 #    default 570), less 25 s for the summary; a later --budget_s in the arguments wins
 left=$(( ${XFER_GPU_SWEEP_DEADLINE:-570} - SECONDS ))
 [ $left -gt 60 ] || { echo "gpu_sweep: only $left s left before the deadline, no sweep run"; exit 2; }
-timeout "$left" "$PY" bench/gpu_sweep.py --out "$OUT" --work "$WORK" --budget_s "$((left - 25))" "$@" 2>&1 \
+timeout "$left" "$PY" -m bench.gpu_sweep --out "$OUT" --work "$WORK" --budget_s "$((left - 25))" "$@" 2>&1 \
   | tee -a "$OUT/gpu_sweep.log"
 rc=$?
 echo "gpu_sweep: rc $rc, ${SECONDS} s in all" | tee -a "$OUT/gpu_sweep.log"

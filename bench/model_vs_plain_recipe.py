@@ -1,8 +1,8 @@
 """Issue 11: does the model beat the strongest plain recipe on pairs whose assumptions vary?
 
-    python bench/bench_transfer.py prepare DIR [--round 2] [--size medium]
-    python bench/bench_transfer.py run DIR [--round 2] [--json bench/results/bench_transfer_round2.json] [--workers 2]
-    python bench/bench_transfer.py report bench/results/bench_transfer_round2.json --dir DIR   # BENCHMARKS.md tables
+    python -m bench.model_vs_plain_recipe prepare DIR [--round 2] [--size medium]
+    python -m bench.model_vs_plain_recipe run DIR [--round 2] [--json bench/results/model_vs_plain_recipe_round2.json] [--workers 2]
+    python -m bench.model_vs_plain_recipe report bench/results/model_vs_plain_recipe_round2.json --dir DIR   # BENCHMARKS.md tables
 
 `prepare` draws each pair's cells per line and assumptions with
 `xfer.data.simulate.draw_settings(seed, size)` (documented ranges, never tuned
@@ -10,7 +10,7 @@ towards the model), simulates it and ingests it into DIR/pair<seed>/store
 (A_GEX, A_PEAK: the training line; B_GEX, B_PEAK: the test line, whose labels
 only score), with the drawn settings in DIR/pair<seed>/settings.json.
 
-`run`: every run is exactly `xfer train` (`xfer.pipeline.run_train`) on a
+`run`: every run is exactly `xfer train` (the command, in a process of its own) on a
 pair's store, with the test line's expression and accessibility given as
 `--test_csv` / `--sup_peak_csv`, so its metrics.json holds the model and every
 plain baseline (the joint-LSI recipe included) on the same prepared peaks.
@@ -34,16 +34,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import sys
-import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.harness import (best_plain_baseline, confusion_se, pair_flags, pair_settings, prepare_pairs, run_xfer,
+                           write_results)
 
-PEAK_BASELINES = ("lsi_lr", "lsi_aligned", "lsi_coral", "joint_lsi_z", "joint_lsi_coral")
 DEV = (101, 102, 103, 104)
 # Each round: its candidates (overrides of the defaults shipped before this study; "default" is
 # those defaults) and its evaluation pairs. A later round is chosen on the same development pairs
@@ -85,51 +82,16 @@ def _seeds(text: str) -> tuple[int, ...]:
     return tuple(int(s) for s in text.split(",") if s.strip())
 
 
-# ----------------------------------------------------------------------------- prepare
-
-def prepare(out: Path, seeds: tuple[int, ...], size: str) -> None:
-    from dataclasses import asdict
-
-    from xfer.data.fs import write_json
-    from xfer.data.simulate import draw_settings, simulate_pair
-    from xfer.data.store import CellStore
-
-    for seed in seeds:
-        d = out / f"pair{seed}"
-        if (d / "settings.json").exists():
-            continue
-        t = time.perf_counter()
-        sz, st = draw_settings(seed, size)
-        A, B = simulate_pair(sz, seed=seed, settings=st)
-        store = CellStore(str(d / "store"))
-        for ds, name in ((A.gex, "A_GEX"), (A.peak, "A_PEAK"), (B.gex, "B_GEX"), (B.peak, "B_PEAK")):
-            store.write(ds, name, overwrite=True)
-        write_json(d / "settings.json", {"seed": seed, "size": asdict(sz), "settings": st.to_dict()})
-        print(f"pair {seed}: {sz.n_cells_a} / {sz.n_cells_b} cells, prepared in {time.perf_counter() - t:.0f} s",
-              flush=True)
-
-
 # ----------------------------------------------------------------------------- run
 
 def _train(job: tuple[str, dict, Path, Path, int]) -> dict:
-    """One `xfer train` run in its own process (one torch thread)."""
+    """One `xfer train` run in a process of its own (one thread); a run whose metrics.json exists
+    is read, not repeated."""
     name, over, pair_dir, run_dir, seed = job
-    os.environ["OMP_NUM_THREADS"] = "1"
-    import torch
-    torch.set_num_threads(1)
-    metrics = run_dir / "metrics.json"
-    if not metrics.exists():
-        from xfer.cli import build_parser
-        from xfer.pipeline import run_train
-
-        flags = ["train", "--store", str(pair_dir / "store"), "--src_csv", "store:A_GEX", "--tgt_csv", "store:A_PEAK",
-                 "--test_csv", "store:B_GEX", "--sup_peak_csv", "store:B_PEAK", "--device", "cpu",
-                 "--seed", str(seed), "--output_folder", str(run_dir)]
-        flags += [f"--set={k}={v}" for k, v in over.items()]
-        t = time.perf_counter()
-        run_train(build_parser().parse_args(flags))
-        print(f"{run_dir.name}: {time.perf_counter() - t:.0f} s", flush=True)
-    m = json.loads(metrics.read_text())
+    flags = ["train", *pair_flags(pair_dir), "--device", "cpu", "--seed", str(seed), "--output_folder", str(run_dir)]
+    flags += [f"--set={k}={v}" for k, v in over.items()]
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    m = run_xfer(flags, run_dir, run_dir.with_name(run_dir.name + ".log"))
     return {"candidate": name, "pair": int(pair_dir.name[4:]), "seed": seed, "overrides": over,
             **{s: m[s] for s in ("gex_val", "gex_test", "peak_val", "peak_test")}, "baselines": m["baselines"],
             "best_epoch": m["model"]["best_epoch"], "epochs_run": m["model"]["epochs_run"],
@@ -160,7 +122,7 @@ def _ba(res: dict, split: str) -> float:
 
 
 def best_baseline(res: dict) -> tuple[str, float]:
-    return max(((k, _ba(res["baselines"][k], "peak_test")) for k in PEAK_BASELINES), key=lambda kv: kv[1])
+    return best_plain_baseline(res)
 
 
 def margin(res: dict) -> float:
@@ -175,8 +137,7 @@ def run(root: Path, out_json: Path, dev: tuple[int, ...], evl: tuple[int, ...], 
                "eval": list(evl), "dev_runs": [], "eval_runs": [], "pick": None}
 
     def save():
-        out_json.parent.mkdir(parents=True, exist_ok=True)
-        out_json.write_text(json.dumps(results, indent=1))
+        write_results(out_json, results)
 
     def members(n, p, s):
         spec = cands[n]
@@ -212,27 +173,15 @@ def run(root: Path, out_json: Path, dev: tuple[int, ...], evl: tuple[int, ...], 
 
 # ----------------------------------------------------------------------------- report
 
-def _se(res: dict) -> float:
-    """Standard error of a balanced accuracy from its confusion matrix (binomial per class)."""
-    cm = res["peak_test"]["confusion"]
-    terms = []
-    for i, row in enumerate(cm):
-        n = sum(row)
-        if n:
-            r = row[i] / n
-            terms.append(r * (1 - r) / n)
-    return math.sqrt(sum(terms)) / len(terms)
-
-
 def report(path: Path, root: Path | None = None) -> str:
     res = json.loads(path.read_text())
     out = []
     settings = {}
     if root is not None:
         for p in res["dev"] + res["eval"]:
-            f = root / f"pair{p}" / "settings.json"
-            if f.exists():
-                settings[p] = json.loads(f.read_text())
+            st = pair_settings(root / f"pair{p}")
+            if st:
+                settings[p] = st
     out.append("Development pairs (training seed 0), PEAK-test balanced accuracy minus the best plain PEAK baseline:\n")
     out.append("| candidate | " + " | ".join(f"pair {p}" for p in res["dev"]) + " | mean |")
     out.append("|---|" + "---|" * (len(res["dev"]) + 1))
@@ -263,7 +212,7 @@ def report(path: Path, root: Path | None = None) -> str:
         diffs = []
         for n in names:
             vals = [_ba(r, "peak_test") for r in rs[n]]
-            se = sum(_se(r) for r in rs[n]) / len(rs[n])
+            se = sum(confusion_se(r["peak_test"]["confusion"]) for r in rs[n]) / len(rs[n])
             row.append(f"{sum(vals) / len(vals):.3f} ± {se:.3f}")
             diffs.append(sum(vals) / len(vals) - bval)
             summary[n].append(diffs[-1])
@@ -303,7 +252,7 @@ def main() -> None:
         a.add_argument("--dev", default=",".join(map(str, DEV)))
         a.add_argument("--eval", help="evaluation pair seeds (default: the round's)")
     p.add_argument("--size", default="medium")
-    r.add_argument("--json", help="default bench/results/bench_transfer_round<N>.json")
+    r.add_argument("--json", help="default bench/results/model_vs_plain_recipe_round<N>.json")
     r.add_argument("--workers", type=int, default=2)
     r.add_argument("--epochs", type=int, help="override the epochs of every run (a smoke test)")
     q = sub.add_parser("report")
@@ -314,9 +263,9 @@ def main() -> None:
         rnd = ROUNDS[args.round]
         evl = _seeds(args.eval) if args.eval else rnd["eval"]
     if args.cmd == "prepare":
-        prepare(Path(args.dir), _seeds(args.dev) + evl, args.size)
+        prepare_pairs(Path(args.dir), _seeds(args.dev) + evl, args.size)
     elif args.cmd == "run":
-        out = Path(args.json or f"bench/results/bench_transfer_round{args.round}.json")
+        out = Path(args.json or f"bench/results/model_vs_plain_recipe_round{args.round}.json")
         run(Path(args.dir), out, _seeds(args.dev), evl, args.workers,
             {"epochs": args.epochs} if args.epochs else None, rnd["candidates"])
         print(report(out, Path(args.dir)))

@@ -1,7 +1,7 @@
 """Pack what `xfer tune` needs beyond a GPU machine's own packages into one tar.xz (issue 15).
 
-    python bench/pack_deps.py                                  # bench/_deps/deps.tar.xz, for the lent GPU machine
-    python bench/pack_deps.py --python-version 3.11 --out /tmp/deps311/deps.tar.xz   # for a local test venv
+    python -m bench.pack_deps                                  # bench/_deps/deps.tar.xz, for the lent GPU machine
+    python -m bench.pack_deps --python-version 3.11 --out /tmp/deps311/deps.tar.xz   # for a local test venv
 
 The lent GPU machine (BENCHMARKS.md, "`xfer tune` on one GPU") has Python 3.12 with torch, transformers,
 numpy, scipy, pandas, pyarrow, scikit-learn, pyyaml, tqdm and h5py, and no network. Everything

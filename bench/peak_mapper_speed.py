@@ -13,7 +13,7 @@ Times `map_peaks` for each method (median of --repeat runs), plus
 cells x query-peaks matrix; prints a table with the mapped fractions and
 optionally writes everything as JSON (--json PATH).
 
-    python bench/bench_mapper.py [--n-ref 100000] [--n-query 100000] [--json out.json]
+    python -m bench.peak_mapper_speed [--n-ref 100000] [--n-query 100000] [--json out.json]
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """CPU benchmark: the epoch time of a population of P members against P separate trials.
 
-    python bench/bench_population.py                 # demo (small) and seed sizes, P = 1 2 4 8 16
-    python bench/bench_population.py --sizes small --populations 1 8 --epochs 2   # a quick look
-    python bench/bench_population.py --device cuda --sizes seed --populations 1 4 16 64   # a GPU (gpu_run.sh)
+    python -m bench.population_trainer_speed                 # demo (small) and research sizes, P = 1 2 4 8 16
+    python -m bench.population_trainer_speed --sizes small --populations 1 8 --epochs 2   # a quick look
+    python -m bench.population_trainer_speed --device cuda --sizes research --populations 1 4 16 64   # a GPU (gpu_run.sh)
 
 What is timed: `xfer.train.fit_population` on simulated data (the shipped defaults: DAE, MMD,
 LSI + coverage inputs, adapting to the test line's unlabelled cells with self-training and
@@ -12,7 +12,7 @@ over epochs 2..E of the loop's own `epoch_seconds` (steps + validation of every 
 `train_seconds` (the steps). "Separate" is P x the P = 1 epoch: P trials run one after the
 other with the same threads, what a sweep pays per epoch without populations. The gain is
 separate / population. On a GPU also torch's peak memory per P and the GPU's utilisation
-(nvidia-smi every 200 ms) while that population trained. Writes bench/results/bench_population.json.
+(nvidia-smi every 200 ms) while that population trained. Writes bench/results/population_trainer_speed.json.
 """
 
 from __future__ import annotations
@@ -30,14 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from xfer.config import TrainConfig  # noqa: E402
-from xfer.data.simulate import simulate_pair  # noqa: E402
-from xfer.embed import PCAEmbedder, embed_lines  # noqa: E402
-from xfer.prepare import prepare_line, prepare_training  # noqa: E402
-from xfer.train import fit_population  # noqa: E402
+from bench.harness import RESULTS, write_results
+from xfer.config import TrainConfig
+from xfer.data.simulate import simulate_pair
+from xfer.embed import PCAEmbedder, embed_lines
+from xfer.prepare import prepare_line, prepare_training
+from xfer.train import fit_population
 
 
 def members(base: TrainConfig, n: int, seed: int = 0) -> list[TrainConfig]:
@@ -119,12 +117,12 @@ def time_population(data, cfgs, device: str) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", nargs="+", default=["small", "seed"])
+    ap.add_argument("--sizes", nargs="+", default=["small", "research"])
     ap.add_argument("--populations", nargs="+", type=int, default=[1, 2, 4, 8, 16])
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "2")))
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_population.json"))
+    ap.add_argument("--out", default=str(RESULTS / "population_trainer_speed.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     # patience above the epochs: every member trains every epoch (nobody is masked early)
@@ -152,7 +150,7 @@ def main() -> int:
                 row["train_gain"] = P * one["train_s"] / row["train_s"]
             print(size, json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}),
                   flush=True)
-            out_path.write_text(json.dumps(out, indent=1))  # after every row: a time-out keeps what was measured
+            write_results(out_path, out)  # after every row: a time-out keeps what was measured
     print("wrote", out_path)
     return 0
 

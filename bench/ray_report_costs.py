@@ -1,9 +1,9 @@
 """CPU benchmark: what Ray's per-report costs take from a sweep whose epochs are short, change by change.
 
-    python bench/bench_ray_costs.py [--size tiny] [--n_trials 8] [--epochs 30] [--repeats 3]
+    python -m bench.ray_report_costs [--size tiny] [--n_trials 8] [--epochs 30] [--repeats 3]
 
 Where a GPU trains a trial's epoch in tens of milliseconds (BENCHMARKS.md: an H200 epoch of
-seed-sized data is 0.06-0.09 s), a Tune report per epoch is no longer small: the trial's training
+research-sized data is 0.06-0.09 s), a Tune report per epoch is no longer small: the trial's training
 thread waits for each report until the driver has processed it (Tune's function trainables report
 synchronously; the driver runs the searcher, the scheduler, the loggers and the callbacks). This
 script reproduces that regime on CPU with the `tiny` simulated pair, whose epochs are short too,
@@ -19,7 +19,7 @@ after arm, `--repeats` rounds:
 Per run: the command's wall, Tuner.fit's wall, the reports the trials sent (lines of their
 result.json), the trials' epochs, and their mean wall per epoch (Tune's time_total_s over the
 epochs run: the epoch's compute plus the wait for its report). Writes
-bench/results/bench_ray_costs.json; the medians over the rounds are what BENCHMARKS.md quotes.
+bench/results/ray_report_costs.json; the medians over the rounds are what BENCHMARKS.md quotes.
 """
 
 from __future__ import annotations
@@ -28,31 +28,19 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-
-from bench_population_sweep import make_store, tune_command  # noqa: E402
+from bench.harness import RESULTS, fit_seconds, population_tune_argv, run, simulate_into_store, write_results
 
 ARMS = {"before": ["--report_every", "1", "--tensorboard"], "no_tensorboard": ["--report_every", "1"], "default": []}
 
 
 def run_arm(store: Path, out: Path, extra: list[str], args) -> dict:
-    cmd = tune_command(store, out, args.population, args, *extra)
-    t = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    wall = time.perf_counter() - t
-    if r.returncode != 0:
-        raise SystemExit(r.stderr[-3000:])
-    fit = re.search(r"trials in ([0-9.]+) s", r.stdout)
+    ran = run(population_tune_argv(store, out, args.population, args.n_trials, args.epochs, args.num_cpus, *extra))
     reports, epochs, per_epoch = 0, 0, []
     for res in (out / "ray_results").rglob("result.json"):
         lines = [json.loads(ln) for ln in res.read_text().splitlines() if ln.strip()]
@@ -64,7 +52,7 @@ def run_arm(store: Path, out: Path, extra: list[str], args) -> dict:
         epochs += n
         if n:
             per_epoch.append(float(last["time_total_s"]) / n)
-    return {"wall_s": wall, "fit_s": float(fit.group(1)) if fit else None, "reports": reports, "epochs": epochs,
+    return {"wall_s": ran.seconds, "fit_s": fit_seconds(ran.stdout), "reports": reports, "epochs": epochs,
             "trial_s_per_epoch": statistics.mean(per_epoch) if per_epoch else None,
             "tfevents": len(list((out / "ray_results").rglob("events.out.tfevents*")))}
 
@@ -78,14 +66,15 @@ def main() -> int:
     ap.add_argument("--num_cpus", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_ray_costs.json"))
+    ap.add_argument("--out", default=str(RESULTS / "ray_report_costs.json"))
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_raycosts_"))
     res = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "size": args.size, "n_trials": args.n_trials,
            "epochs": args.epochs, "population": args.population, "num_cpus": args.num_cpus,
            "method": " ".join(__doc__.split("\n\n")[2].split()), "runs": [], "median": {}}
     try:
-        store = make_store(args.size, work)
+        store = work / "store"
+        simulate_into_store(store, args.size, seed=0)
         for rnd in range(args.repeats):
             for arm in args.arms:
                 out = work / f"{arm}_{rnd}"
@@ -93,14 +82,14 @@ def main() -> int:
                 res["runs"].append(row)
                 print(json.dumps(row), flush=True)
                 shutil.rmtree(out, ignore_errors=True)  # checkpoints: the figures are kept
-                Path(args.out).write_text(json.dumps(res, indent=1))
+                write_results(args.out, res)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     for arm in args.arms:
         rows = [r for r in res["runs"] if r["arm"] == arm]
         res["median"][arm] = {k: statistics.median(r[k] for r in rows if r[k] is not None)
                               for k in ("wall_s", "fit_s", "reports", "epochs", "trial_s_per_epoch")}
-    Path(args.out).write_text(json.dumps(res, indent=1))
+    write_results(args.out, res)
     print(json.dumps(res["median"], indent=1))
     print("wrote", args.out)
     return 0

@@ -1,10 +1,10 @@
 """Issue 12: which label-free objective picks the configuration that transfers best?
 
-    python bench/bench_selection.py run bench/_data/transfer --pairs 101 102 --json bench/results/bench_selection_dev.json
-    python bench/bench_selection.py run bench/_data/transfer --pairs 401 402 403 404 --json bench/results/bench_selection_eval.json
-    python bench/bench_selection.py report bench/results/bench_selection_dev.json [bench/results/bench_selection_eval.json]
+    python -m bench.selection_objective run bench/_data/transfer --pairs 101 102 --json bench/results/selection_objective_dev.json
+    python -m bench.selection_objective run bench/_data/transfer --pairs 401 402 403 404 --json bench/results/selection_objective_eval.json
+    python -m bench.selection_objective report bench/results/selection_objective_dev.json [bench/results/selection_objective_eval.json]
 
-The pairs are bench_transfer.py's (`prepare` makes them: varied simulator settings,
+The pairs are model_vs_plain_recipe.py's (`prepare` makes them: varied simulator settings,
 stores with A_GEX/A_PEAK, the training line, and B_GEX/B_PEAK, the test line).
 
 `run` trains a population of N configurations (default 48) on every pair: configuration 0
@@ -36,57 +36,21 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.harness import pairs_cli, write_results
+from bench.harness.populations import population as draw_population
+from bench.harness.populations import transductive_data
 
 POPULATION_SEED = 12
 
 
 def population(n: int) -> list[dict]:
     """Configuration 0: the shipped defaults (every searched key at its default); then n - 1
-    random draws from the default space."""
-    import optuna
-
-    from tune.space import load_space
-    from tune.sweep import default_point
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    space = load_space("broad")
-    configs = [default_point(space, {})]
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=POPULATION_SEED))
-    for _ in range(n - 1):
-        t = study.ask()
-        configs.append(space(t))
-        study.tell(t, 0.0)
-    return configs
-
-
-_DATA: dict = {}
-
-
-def _prepared(pair_dir: Path, cfg):
-    """(TrainData with the unlabelled test line, the test line's features and labels), per
-    pair and data settings, memoised in the worker process."""
-    key = (str(pair_dir), cfg.data, cfg.optim.seed)
-    if key not in _DATA:
-        from argparse import Namespace
-
-        from xfer.pipeline import load_for_training, prepare_member, training_data
-
-        args = Namespace(store=str(pair_dir / "store"), src_csv="store:A_GEX", tgt_csv="store:A_PEAK",
-                         test_csv="store:B_GEX", sup_peak_csv="store:B_PEAK", label_column=None, orient="auto",
-                         src_label_csv=None, tgt_label_csv=None, test_label_csv=None, sup_peak_label_csv=None)
-        p = prepare_member(load_for_training(args, cfg), cfg)
-        train = training_data(p)
-        assert train.adapt is not None and train.adapt.labels is None
-        if any(k[0] != key[0] for k in _DATA):
-            _DATA.clear()  # one pair's data at a time per worker (memory)
-        _DATA[key] = (train, p.test)
-    return _DATA[key]
+    random draws from the default space of the study (the broad space)."""
+    return draw_population("broad", n, POPULATION_SEED)
 
 
 def _run(job: tuple) -> dict:
@@ -107,7 +71,7 @@ def _run(job: tuple) -> dict:
     cfg = TrainConfig.from_dict({**base, **params, "epochs": epochs, "patience": epochs + 1, "ensemble": 1,
                                  "objective": "source_val"})
     t0 = time.perf_counter()
-    train, test = _prepared(Path(pair_dir), cfg)
+    train, test = transductive_data(Path(pair_dir), cfg)
     stats = {k: tuple(torch.as_tensor(a) for a in v) for k, v in test.stats().items()}
     x_test = torch.as_tensor(test.peaks.toarray() if hasattr(test.peaks, "toarray") else test.peaks,
                              dtype=torch.float32)
@@ -142,9 +106,8 @@ def run(root: Path, pairs: list[int], n: int, epochs: int, workers: int, out_jso
     jobs.sort(key=lambda j: (j[0], j[2]["peak_repr"], j[2]["bin_size"], j[1]))  # workers reuse prepared data
     with ProcessPoolExecutor(workers) as pool:
         runs = list(pool.map(_run, jobs))
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps({"machine": f"{os.cpu_count()} CPU cores", "pairs": pairs, "n": n,
-                                    "epochs": epochs, "population_seed": POPULATION_SEED, "runs": runs}))
+    write_results(out_json, {"machine": f"{os.cpu_count()} CPU cores", "pairs": pairs, "n": n, "epochs": epochs,
+                             "population_seed": POPULATION_SEED, "runs": runs}, indent=None)
     print(report([out_json], pick=False))
 
 
@@ -239,8 +202,6 @@ def report(paths: list[Path], pick: bool = True) -> str:
 
 
 def main() -> None:
-    from _cli import pairs_cli
-
     def options(r):
         r.add_argument("--n", type=int, default=48)
         r.add_argument("--epochs", type=int, default=30)

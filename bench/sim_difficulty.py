@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/sim_difficulty.py [--size small] [--seed 0] [--folds 5]
+    python -m bench.sim_difficulty [--size small] [--seed 0] [--folds 5]
 
 Prints balanced accuracies (mean over stratified folds where it says CV):
 
@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
@@ -34,9 +32,7 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from xfer.data.simulate import SIZES, simulate_pair  # noqa: E402
+from xfer.data.simulate import SIZES, simulate_pair
 
 _PEAK = re.compile(r"^(.+?)[:_-](\d+)[-_](\d+)$")
 

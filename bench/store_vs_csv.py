@@ -1,13 +1,13 @@
-"""Benchmark: loading a seed-sized PEAK matrix from the Parquet cell store vs parsing its CSV.
+"""Benchmark: loading a research-sized PEAK matrix from the Parquet cell store vs parsing its CSV.
 
-    python bench/bench_store.py [--size seed] [--repeat 3] [--json out.json]
+    python -m bench.store_vs_csv [--size research] [--repeat 3] [--json out.json]
 
-Simulates one pair at the given size (seed: 7,432 cells x 92,328 peaks for
-the training line), writes the training line's PEAK matrix in the seed's CSV
+Simulates one pair at the given size (research: 7,432 cells x 92,328 peaks for
+the training line), writes the training line's PEAK matrix in the research code's CSV
 layout, ingests it into a store, then times (best of --repeat, page cache warm
 for every contender):
 
-  csv_pandas   pandas.read_csv of the whole CSV (how the seed's scripts load it:
+  csv_pandas   pandas.read_csv of the whole CSV (how the research code's scripts load it:
                a dense frame) + conversion to CSR
   csv_xfer     xfer's streaming CSV reader (pyarrow, block by block to CSR; what
                `xfer ingest` does once)
@@ -24,12 +24,13 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from bench.harness import ROOT, run, write_results
 
 
 def best_of(fn, repeat: int) -> tuple[float, object]:
@@ -75,9 +76,9 @@ def main() -> int:
     ap.add_argument("--_contender", help=argparse.SUPPRESS)
     ap.add_argument("--_csv", help=argparse.SUPPRESS)
     ap.add_argument("--_store", help=argparse.SUPPRESS)
-    ap.add_argument("--size", default="seed")
+    ap.add_argument("--size", default="research")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--workdir", default=str(Path(__file__).parent / "_data"))
+    ap.add_argument("--workdir", default=str(ROOT / "bench" / "_data"))
     ap.add_argument("--skip-pandas", action="store_true", help="skip the (slow, memory-hungry) dense pandas parse")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
@@ -94,7 +95,7 @@ def main() -> int:
     csv = work / "A_PEAK.csv"
     t = time.perf_counter()
     line_a, _ = simulate_pair(args.size, seed=0)
-    ds = line_a.peak.without_labels()  # the matrix CSV alone, as the seed ships it
+    ds = line_a.peak.without_labels()  # the matrix CSV alone, as the research code ships it
     t_sim = time.perf_counter() - t
     t = time.perf_counter()
     write_research_csv(ds, csv)
@@ -122,10 +123,9 @@ def main() -> int:
                               ("csv_pandas", "csv_pandas", 1)):
         if key == "csv_pandas" and args.skip_pandas:
             continue
-        r = subprocess.run([sys.executable, __file__, "--_contender", code, "--_csv", str(csv),
-                            "--_store", str(store_root), "--repeat", str(repeat)],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
+        r = run([sys.executable, "-m", "bench.store_vs_csv", "--_contender", code, "--_csv", str(csv),
+                 "--_store", str(store_root), "--repeat", str(repeat)], threads=None, check=False)
+        if not r.ok:
             res[f"{key}_error"] = r.stderr[-1500:]
             print(f"{key}: failed ({r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode})")
             continue
@@ -139,7 +139,7 @@ def main() -> int:
             print(f"{name:12s} {res[name + '_s']:9.2f} {res[name + '_peak_rss_gb']:12.1f} "
                   f"{res[name + '_s'] / t_store:14.1f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1))
+        write_results(args.json, res)
     return 0
 
 

@@ -1,16 +1,16 @@
 """Issue 23, done means: the sweep under the new defaults against the shipped defaults and the
 best plain baseline, on fresh evaluation pairs never used to choose anything.
 
-    python bench/bench_transfer.py prepare bench/_data/transfer --dev 101 --eval 601,602,603,604,605,606,607,608
-    python bench/bench_sweep_eval.py run bench/_data/transfer --pairs 601 602 603 604 605 606 607 608
-    python bench/bench_sweep_eval.py report bench/results/bench_sweep_eval.json   # settings from bench/_data/transfer
+    python -m bench.model_vs_plain_recipe prepare bench/_data/transfer --dev 101 --eval 601,602,603,604,605,606,607,608
+    python -m bench.sweep_design_eval run bench/_data/transfer --pairs 601 602 603 604 605 606 607 608
+    python -m bench.sweep_design_eval report bench/results/sweep_design_eval.json   # settings from bench/_data/transfer
 
 On each pair (drawn by `xfer.data.simulate.draw_settings` from the simulator's varied ranges,
 seeds 601-608: never run before this study), each run exactly the command a user types, one
 after another on an otherwise idle machine (the walls are the whole commands):
 
   sweep     `xfer tune` with the test line's expression and accessibility (unlabelled) and
-            nothing else but `--num_cpus 2`: the new defaults (bench_sweep_study.py's pick)
+            nothing else but `--num_cpus 2`: the new defaults (sweep_design_study.py's pick)
   before    `xfer tune` as it was before issue 23 (the code at commit BEFORE_COMMIT, checked out
             in a git worktree, with its own defaults: 20 trials x 50 epochs, ASHA on plain epochs
             with grace 6 / rf 2, the top 4 averaged however far they ran) and `--num_cpus 2`
@@ -24,52 +24,46 @@ joint-LSI recipes, picked after the fact (which favours the baselines).
 from __future__ import annotations
 
 import json
-import math
 import os
-import sys
+import shutil
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.harness import ROOT, mean_se, pair_flags, pairs_cli, read_results, run, run_xfer, summary, with_se, \
+    write_results
 
 BEFORE_COMMIT = "df90855"   # main just before issue 23
 
 
 def _before_tree() -> Path:
     """A worktree of the code before issue 23 (its `python -m xfer.cli` imports its own packages)."""
-    import subprocess
-
-    from bench_sweeps import ROOT
-
     tree = ROOT / "bench" / "_data" / "before_issue23"
     if not (tree / "xfer").exists():
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), BEFORE_COMMIT], check=True)
+        run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), BEFORE_COMMIT])
     return tree
 
 
-def run(root: Path, pairs: list[int], out_json: Path, before: bool, only: set[str] | None = None) -> None:
+def run_pairs(root: Path, pairs: list[int], out_json: Path, before: bool, only: set[str] | None = None) -> None:
     import pandas as pd
 
-    from bench_sweeps import _call, _data, _summary
-
-    res = json.loads(out_json.read_text()) if out_json.exists() else {"pairs": {}}
+    res = read_results(out_json, default={"pairs": {}})
     res.update(machine=f"{os.cpu_count()} CPU cores", date=time.strftime("%Y-%m-%d"))
     for p in pairs:
         base = root / "sweep_eval" / f"pair{p}"
         base.mkdir(parents=True, exist_ok=True)
         r = res["pairs"].get(str(p), {})
-        arms = [("sweep", ["tune", *_data(root / f"pair{p}"), "--num_cpus", "2", "--name", f"eval_{p}"])]
+        arms = [("sweep", ["tune", *pair_flags(root / f"pair{p}"), "--num_cpus", "2", "--name", f"eval_{p}"])]
         if before:
-            arms.append(("before", ["tune", *_data(root / f"pair{p}"), "--num_cpus", "2", "--name", f"before_{p}"]))
-        arms.append(("defaults", ["train", *_data(root / f"pair{p}"), "--device", "cpu"]))
+            arms.append(("before", ["tune", *pair_flags(root / f"pair{p}"), "--num_cpus", "2", "--name", f"before_{p}"]))
+        arms.append(("defaults", ["train", *pair_flags(root / f"pair{p}"), "--device", "cpu"]))
         for arm, argv in arms:
             out = base / arm
             if arm in r or (only and arm not in only):
                 continue
             t = time.perf_counter()
-            m = _call(argv + ["--output_folder", str(out)], out, base / f"{arm}.log",
-                      cwd=_before_tree() if arm == "before" else None)
-            r[arm] = {**_summary(m), "wall_s": round(time.perf_counter() - t, 1)}
+            m = run_xfer(argv + ["--output_folder", str(out)], out, base / f"{arm}.log",
+                         cwd=_before_tree() if arm == "before" else None)
+            r[arm] = {**summary(m), "wall_s": round(time.perf_counter() - t, 1)}
             if arm != "defaults":
                 df = pd.read_csv(out / "trials.csv")
                 bp = json.loads((out / "best_params.json").read_text())
@@ -80,24 +74,15 @@ def run(root: Path, pairs: list[int], out_json: Path, before: bool, only: set[st
                                   "scheduler", "rungs", "grace_period", "reduction_factor", "n_trials",
                                   "search_epochs", "final_model", "final_ensemble")})
             res["pairs"][str(p)] = r
-            out_json.parent.mkdir(parents=True, exist_ok=True)
-            out_json.write_text(json.dumps(res, indent=1))
+            write_results(out_json, res)
             # the sweep's checkpoints are the bulk of the disk; the figures are written
-            import shutil
-
             shutil.rmtree(out / "ray_results", ignore_errors=True)
     if all({"sweep", "defaults"} <= set(v) for v in res["pairs"].values()):
         print(report(out_json, root))
 
 
-def _se(v: float, n: int) -> float:
-    return math.sqrt(v * (1 - v) / n)
-
-
 def report(path: Path, root: Path | None = None) -> str:
-    from bench_sweeps import mean_se
-
-    d = json.loads(Path(path).read_text())
+    d = read_results(path)
     pairs = sorted(d["pairs"], key=int)
     have_before = any("before" in d["pairs"][p] for p in pairs)
     lines = ["| pair | cells A / B | sweep (new defaults) ± SE | "
@@ -124,8 +109,8 @@ def report(path: Path, root: Path | None = None) -> str:
             if b:
                 dbef.append(s["peak_test"] - b["peak_test"])
             bef = f"{b['peak_test']:.3f} | " if b else "– | "
-        lines.append(f"| {p} | {cells} | {s['peak_test']:.3f} ± {_se(s['peak_test'], s['n']):.3f} | {bef}"
-                     f"{f['peak_test']:.3f} ± {_se(f['peak_test'], f['n']):.3f} | {s['best_baseline_value']:.3f} "
+        lines.append(f"| {p} | {cells} | {with_se(s['peak_test'], s)} | {bef}"
+                     f"{with_se(f['peak_test'], f)} | {s['best_baseline_value']:.3f} "
                      f"({s['best_baseline']}) | {x:+.3f} | {y:+.3f} | {s['wall_s']:.0f} s / "
                      + ((f"{r['before']['wall_s']:.0f} s / " if "before" in r else "– / ") if have_before else "")
                      + f"{f['wall_s']:.0f} s |")
@@ -172,10 +157,8 @@ def report(path: Path, root: Path | None = None) -> str:
 
 
 def main() -> None:
-    from _cli import pairs_cli
-
     def options(r):
-        r.add_argument("--json", default="bench/results/bench_sweep_eval.json")
+        r.add_argument("--json", default="bench/results/sweep_design_eval.json")
         r.add_argument("--no-before", dest="before", action="store_false",
                        help="skip the sweep as it was before issue 23")
         r.add_argument("--arms", default="", help="comma-separated arms to run now (default: all); a pair's "
@@ -183,10 +166,10 @@ def main() -> None:
 
     ap = pairs_cli(__doc__, options)
     if ap.cmd == "run":
-        run(Path(ap.root).resolve(), ap.pairs, Path(ap.json), ap.before,
+        run_pairs(Path(ap.root).resolve(), ap.pairs, Path(ap.json), ap.before,
             set(ap.arms.split(",")) - {""} or None)
     else:
-        root = Path(__file__).resolve().parent / "_data" / "transfer"
+        root = ROOT / "bench" / "_data" / "transfer"
         print(report(Path(ap.json), root if root.exists() else None))
 
 

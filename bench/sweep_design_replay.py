@@ -1,10 +1,10 @@
-"""The replay and the rule of bench_sweep_study.py (see its docstring): sweeps played on recorded
+"""The replay and the rule of sweep_design_study.py (see its docstring): sweeps played on recorded
 full-budget curves, each budget policy x space x trials/epochs x final-model rule, scored against
 the shipped defaults on the development pairs.
 
-    python bench/bench_sweep_replay.py run bench/_data/transfer --pairs 101 102 401 402 --sweeps 100
-    python bench/bench_sweep_replay.py report bench/results/bench_sweep_study.json
-    python bench/bench_sweep_replay.py budgets bench/results/bench_sweep_study.json
+    python -m bench.sweep_design_replay run bench/_data/transfer --pairs 101 102 401 402 --sweeps 100
+    python -m bench.sweep_design_replay report bench/results/sweep_design_study.json
+    python -m bench.sweep_design_replay budgets bench/results/sweep_design_study.json
 
 `budgets` applies the same rule with the cost cap raised from twice today's design to 4x, 8x and
 no cap: what the rule would pick, and gain on the development pairs, if a sweep could afford more
@@ -46,8 +46,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_asha import Asha
-from bench_sweep_study import EPOCHS, SLOTS, _pair_args, _runs_dir, load_population
+from bench.harness import Asha, pair_data, pairs_cli, write_results
+from bench.harness.populations import load_population, study_runs_dir
+
+SLOTS = 2               # trials at a time, as `xfer tune --num_cpus 2` runs them
 
 # Calibrated on a real sweep of today's design on pair 101 (`xfer tune`, 30 trials x 30 epochs, CPU-2,
 # the population paused): the command took 199 s, 44 s of it outside Tuner.fit (imports, data
@@ -87,7 +89,7 @@ class Pair:
                 self.pops[space] = load_population(root, pair, space)
             except FileNotFoundError:
                 pass
-        self.dir = _runs_dir(root, pair)
+        self.dir = study_runs_dir(root, pair)
         self._probs: dict[str, tuple] = {}
         self.labels = self._labels(root, pair)
         mpath = root / "sweep_study" / f"pair{pair}" / "defaults" / "metrics.json"
@@ -106,7 +108,7 @@ class Pair:
             from xfer.config import TrainConfig
             from xfer.pipeline import prepare
 
-            p = prepare(_pair_args(root / f"pair{pair}"), TrainConfig())
+            p = prepare(pair_data(root / f"pair{pair}"), TrainConfig())
             np.save(cache, p.test.labels.astype(np.int64))
         return np.load(cache)
 
@@ -339,7 +341,7 @@ def summarise(per_pair: dict[int, dict], pairs: dict[int, Pair]) -> list[dict]:
 
 
 def choose(rows: list[dict], cap: float = 2.0) -> tuple[dict, dict]:
-    """The rule of bench_sweep_study.py: among the designs buildable in every replayed sweep and
+    """The rule of sweep_design_study.py: among the designs buildable in every replayed sweep and
     costing at most `cap` (2) times today's, the highest mean gain over the shipped defaults; within
     0.002 of a cheaper one, the cheaper."""
     today = next(r for r in rows if (r["space"], r["policy"], r["grace"], r["rf"], r["n_trials"], r["epochs"],
@@ -362,8 +364,7 @@ def cmd_replay(root: Path, pairs: list[int], sweeps: int, out_json: Path) -> Non
     pick, today = choose(rows)
     out = {"pairs": pairs, "sweeps": sweeps, "defaults": {p: v.defaults for p, v in loaded.items()},
            "baselines": {p: v.baseline for p, v in loaded.items()}, "rows": rows, "pick": pick, "today": today}
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(out, indent=1))
+    write_results(out_json, out)
     print(report(out))
 
 
@@ -406,11 +407,9 @@ def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "budgets":
         print(budgets(json.loads(Path(sys.argv[2]).read_text())))
         return
-    from _cli import pairs_cli
-
     def options(r):
         r.add_argument("--sweeps", type=int, default=100)
-        r.add_argument("--json", default="bench/results/bench_sweep_study.json")
+        r.add_argument("--json", default="bench/results/sweep_design_study.json")
 
     args = pairs_cli(__doc__, options)
     if args.cmd == "run":

@@ -1,14 +1,14 @@
 """Issue 23: which sweep design returns a model above the shipped defaults?
 
-    python bench/bench_sweep_study.py population bench/_data/transfer --pairs 101 102 401 402 --space default --n 48
-    python bench/bench_sweep_study.py population bench/_data/transfer --pairs 101 102 401 402 --space centred --n 32
-    python bench/bench_sweep_study.py seeds bench/_data/transfer --pairs 101 102 401 402 --top 4   # not run for issue 23 (time): seeds3 never a candidate
-    python bench/bench_sweep_study.py defaults bench/_data/transfer --pairs 101 102 401 402
-    python bench/bench_sweep_replay.py run bench/_data/transfer --pairs 101 102 401 402 [--sweeps 100] [--json FILE]
+    python -m bench.sweep_design_study population bench/_data/transfer --pairs 101 102 401 402 --space default --n 48
+    python -m bench.sweep_design_study population bench/_data/transfer --pairs 101 102 401 402 --space centred --n 32
+    python -m bench.sweep_design_study seeds bench/_data/transfer --pairs 101 102 401 402 --top 4   # not run for issue 23 (time): seeds3 never a candidate
+    python -m bench.sweep_design_study defaults bench/_data/transfer --pairs 101 102 401 402
+    python -m bench.sweep_design_replay run bench/_data/transfer --pairs 101 102 401 402 [--sweeps 100] [--json FILE]
 
-Development pairs only (bench_transfer.py's pairs 101, 102, 401 and 402: varied simulator
+Development pairs only (model_vs_plain_recipe.py's pairs 101, 102, 401 and 402: varied simulator
 settings; they chose the objective, the ensemble size and the retraining question before, and
-choose here). Nothing here reads an evaluation pair; `bench_sweep_eval.py` runs the pick on
+choose here). Nothing here reads an evaluation pair; `sweep_design_eval.py` runs the pick on
 fresh pairs.
 
 `population` trains N configurations of a search space on every pair, each exactly as a
@@ -17,7 +17,7 @@ cells unlabelled; `xfer.train.fit`, one torch thread), for E epochs (30, today's
 `--search_epochs` of the studies) with no early stopping. Configuration 0 is the shipped
 defaults; the others are drawn from the space (Optuna's RandomSampler). `--space default` is
 the broad space (`tune.space.BROAD_SPACE`, the default space before this study) drawn with
-bench_selection.py's seed (12), so its 48 configurations are the ones of that study (their
+selection_objective.py's seed (12), so its 48 configurations are the ones of that study (their
 recorded objective is within 0.006 of that study's records: the code changed since);
 `--space centred` is `tune.space.CENTRED_SPACE` (every searched parameter in a narrow range
 around its default, the architecture and divergence the defaults'). Every epoch records what
@@ -34,20 +34,20 @@ ensemble of the best configuration" (at the trial budget).
 `defaults` runs the shipped defaults exactly as users do (`xfer train`, 100 epochs, patience
 20, the ensemble of three) on each pair, with the plain baselines in its metrics.json: the bar.
 
-`bench_sweep_replay.py run` plays sweeps on the recorded curves (the trial order random, the shipped defaults
+`sweep_design_replay.py run` plays sweeps on the recorded curves (the trial order random, the shipped defaults
 first as `xfer tune` enqueues them, 2 trials at a time, each epoch lasting its measured time,
 each trial stopped where the budget policy says) and builds each final-model rule from what
 the sweep left (each trial's best eligible epoch up to where it stopped). The measure: the
 final model's PEAK-test balanced accuracy minus the shipped defaults' on the pair.
 
-THE RULE, fixed here before any evaluation pair runs (bench_sweep_replay.choose):
+THE RULE, fixed here before any evaluation pair runs (sweep_design_replay.choose):
   1. candidates: every (space, budget policy, n_trials x epochs, final-model rule) of the grid
-     (bench_sweep_replay.POLICIES, SIZES, RULES) that could be built in every replayed sweep and
+     (sweep_design_replay.POLICIES, SIZES, RULES) that could be built in every replayed sweep and
      whose cost (mean over sweeps and pairs of FIXED_S + the replayed makespan + any training the
      rule adds after the sweep) is at most twice that of today's design (ASHA with grace 3 / rf 2
      on plain epochs, 30 trials x 30 epochs, the top 4 averaged); today's two defects (rungs on
      plain epochs, the top 4 however far they ran) and the probe top4_epochs3 are replayed for
-     reference only (bench_sweep_replay.NOT_SHIPPABLE);
+     reference only (sweep_design_replay.NOT_SHIPPABLE);
   2. the pick: the highest mean over the development pairs of (final model - shipped defaults);
      a candidate within 0.002 of a cheaper one loses to it.
 `xfer tune` and `make demo` then ship the pick.
@@ -60,23 +60,19 @@ little (λ_p at 2/3 of the schedule instead of the end; within 0.005 of each oth
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
-import random
-import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.harness import pair_flags, pairs_cli, run_xfer
+from bench.harness.populations import STUDY_EPOCHS as EPOCHS
+from bench.harness.populations import load_population, run_key, study_runs_dir, transductive_data
+from bench.harness.populations import population as draw_population
 
-EPOCHS = 30
-SLOTS = 2
 # "default": the broad space (tune.space.BROAD_SPACE, the default space until this study); "centred":
 # tune.space.CENTRED_SPACE
 POPULATION_SEEDS = {"default": 12, "centred": 13}
@@ -85,51 +81,7 @@ POPULATION_SEEDS = {"default": 12, "centred": 13}
 
 def population(space_name: str, n: int) -> list[dict]:
     """Configuration 0: the shipped defaults; then n - 1 random draws of the space."""
-    import optuna
-
-    from tune.space import load_space
-    from tune.sweep import default_point
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    space = load_space("broad" if space_name == "default" else "centred")
-    configs = [default_point(load_space("broad"), {})]
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=POPULATION_SEEDS[space_name]))
-    for _ in range(n - 1):
-        t = study.ask()
-        configs.append(space(t))
-        study.tell(t, 0.0)
-    return configs
-
-
-def run_key(params: dict, seed: int) -> str:
-    """A run's file name: the same configuration and seed is one run, whichever population drew it."""
-    return hashlib.sha1(json.dumps({"p": params, "s": seed}, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def _pair_args(pair_dir: Path):
-    from argparse import Namespace
-
-    return Namespace(store=str(pair_dir / "store"), src_csv="store:A_GEX", tgt_csv="store:A_PEAK",
-                     test_csv="store:B_GEX", sup_peak_csv="store:B_PEAK", label_column=None, orient="auto",
-                     src_label_csv=None, tgt_label_csv=None, test_label_csv=None, sup_peak_label_csv=None)
-
-
-_DATA: dict = {}
-
-
-def _prepared(pair_dir: Path, cfg):
-    """(TrainData with the unlabelled test line, the test line's inputs), memoised per worker."""
-    key = (str(pair_dir), cfg.data, cfg.optim.seed)
-    if key not in _DATA:
-        from xfer.pipeline import load_for_training, prepare_member, training_data
-
-        p = prepare_member(load_for_training(_pair_args(pair_dir), cfg), cfg)
-        train = training_data(p)
-        assert train.adapt is not None and train.adapt.labels is None
-        if any(k[0] != key[0] for k in _DATA):
-            _DATA.clear()
-        _DATA[key] = (train, p.test)
-    return _DATA[key]
+    return draw_population("broad" if space_name == "default" else "centred", n, POPULATION_SEEDS[space_name])
 
 
 def _train(job: tuple) -> str:
@@ -150,7 +102,7 @@ def _train(job: tuple) -> str:
     cfg = TrainConfig.from_dict({**base, **params, "epochs": epochs, "patience": epochs + 1, "ensemble": 1,
                                  "seed": seed, "objective": "transfer"})
     t0 = time.perf_counter()
-    train, test = _prepared(Path(pair_dir), cfg)
+    train, test = transductive_data(Path(pair_dir), cfg)
     stats = test.stats_tensors("cpu")
     x_peak = torch.as_tensor(test.peaks.toarray() if hasattr(test.peaks, "toarray") else test.peaks,
                              dtype=torch.float32)
@@ -184,10 +136,6 @@ def _train(job: tuple) -> str:
     return str(out)
 
 
-def _runs_dir(root: Path, pair: int) -> Path:
-    return root / "sweep_study" / f"pair{pair}" / "runs"
-
-
 def _pool(jobs: list[tuple], workers: int) -> None:
     jobs = [j for j in jobs if not Path(j[4]).with_suffix(".json").exists()]
     # workers reuse prepared data: keep a pair's runs with the same inputs together
@@ -203,27 +151,8 @@ def cmd_population(root: Path, pairs: list[int], space: str, n: int, workers: in
         runs = [{"config": i, "key": run_key(c, 0), "params": c} for i, c in enumerate(configs)]
         manifest.parent.mkdir(parents=True, exist_ok=True)
         manifest.write_text(json.dumps({"space": space, "n": n, "epochs": EPOCHS, "runs": runs}, indent=1))
-    _pool([(str(root / f"pair{p}"), c, 0, EPOCHS, str(_runs_dir(root, p) / run_key(c, 0)))
+    _pool([(str(root / f"pair{p}"), c, 0, EPOCHS, str(study_runs_dir(root, p) / run_key(c, 0)))
            for p in pairs for c in configs], workers)
-
-
-def load_population(root: Path, pair: int, space: str) -> list[dict]:
-    """The population's runs (seed 0) with their records, in configuration order; the
-    extra seeds of a configuration under "seeds" when they were trained."""
-    man = json.loads((root / "sweep_study" / f"pair{pair}" / f"population_{space}.json").read_text())
-    out = []
-    for r in man["runs"]:
-        f = _runs_dir(root, pair) / f"{r['key']}.json"
-        if not f.exists():
-            continue
-        rec = json.loads(f.read_text())
-        rec.update(config=r["config"], key=r["key"], seeds={})
-        for s in (1, 2):
-            k = run_key(r["params"], s)
-            if (_runs_dir(root, pair) / f"{k}.json").exists():
-                rec["seeds"][s] = k
-        out.append(rec)
-    return out
 
 
 def eligible(history: list[dict], upto: int, max_t: int) -> list[int]:
@@ -246,28 +175,22 @@ def cmd_seeds(root: Path, pairs: list[int], top: int, workers: int) -> None:
             for r in ranked[:top]:
                 for s in (1, 2):
                     jobs.append((str(root / f"pair{p}"), r["params"], s, EPOCHS,
-                                 str(_runs_dir(root, p) / run_key(r["params"], s))))
+                                 str(study_runs_dir(root, p) / run_key(r["params"], s))))
     _pool(list({j[4]: j for j in jobs}.values()), workers)
 
 
 def cmd_defaults(root: Path, pairs: list[int], workers: int = 2) -> None:
     """`xfer train` with the shipped defaults on each pair, `workers` pairs at a time (one thread each)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from bench_sweeps import _call, _data
-
     def one(p: int) -> None:
         out = root / "sweep_study" / f"pair{p}" / "defaults"
-        _call(["train", *_data(root / f"pair{p}"), "--device", "cpu", "--output_folder", str(out)], out,
-              out.parent / "defaults.log")
+        run_xfer(["train", *pair_flags(root / f"pair{p}"), "--device", "cpu", "--output_folder", str(out)], out,
+                 out.parent / "defaults.log")
 
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(one, pairs))
 
 
 def main() -> None:
-    from _cli import pairs_cli
-
     def pop_opts(r):
         r.add_argument("--space", choices=sorted(POPULATION_SEEDS), default="default")
         r.add_argument("--n", type=int, default=48)

@@ -1,11 +1,11 @@
 """What a sweep returns: its best trial alone, or its top K trials averaged (`xfer tune --final_ensemble K`)?
 
-    OMP_NUM_THREADS=1 python bench/bench_sweep_ensemble.py dev bench/_data/transfer --pairs 401 402 403 404
+    OMP_NUM_THREADS=1 python -m bench.sweep_final_ensemble dev bench/_data/transfer --pairs 401 402 403 404
     (one thread, as the figures were made: with more, float sums change and a near-tie may flip a cell)
-    python bench/bench_sweep_ensemble.py run bench/_data/transfer --pairs 501 502 503 504   # report
-    python bench/bench_sweep_ensemble.py report bench/results/bench_sweep_ensemble.json
+    python -m bench.sweep_final_ensemble run bench/_data/transfer --pairs 501 502 503 504   # report
+    python -m bench.sweep_final_ensemble report bench/results/sweep_final_ensemble.json
 
-dev: the `--objective transfer` sweeps that bench_sweeps.py ran on pairs 401-404 (30 trials of
+dev: the `--objective transfer` sweeps that sweep_objective_eval.py ran on pairs 401-404 (30 trials of
 up to 30 epochs; those pairs reported issue 12 and chose nothing about the final model).
 For each K in CANDIDATES, the top K trials' best epochs, averaged, are scored on the pair's
 test line by the product's own functions (the top-K of `xfer tune` before issue 23, `ensemble_checkpoint`,
@@ -14,7 +14,7 @@ THE RULE, fixed here before any evaluation pair ran: the K with the highest mean
 balanced accuracy over the development pairs; a K within 0.001 of a smaller one loses to it.
 That K is `xfer tune`'s default (tune/cli.py); `run` refuses to start when they differ.
 
-run: on fresh evaluation pairs (bench_transfer.py's simulator, seeds never used before), each
+run: on fresh evaluation pairs (model_vs_plain_recipe.py's simulator, seeds never used before), each
 run exactly the command a user types:
   sweep     `xfer tune --objective transfer`, 30 trials of up to 30 epochs, the default
             final ensemble: its metrics.json is what a user gets
@@ -29,15 +29,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
-from argparse import Namespace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_sweeps import _call, _data, _se, _summary, mean_se  # noqa: E402
+from bench.harness import mean_se, pair_data, pair_flags, pairs_cli, run_xfer, summary, with_se, \
+    write_results
 
 CANDIDATES = (1, 2, 3, 4, 5, 8)
 TIE = 0.001
@@ -53,13 +49,13 @@ def _sweep_checkpoints(sweep_dir: Path):
     return checkpoint_of
 
 
-def score_top(sweep_dir: Path, ks: tuple[int, ...]) -> dict:
-    """PEAK-test metrics of the top-K ensemble of a finished sweep, for each K."""
+def score_top(sweep_dir: Path, pair_dir: Path, ks: tuple[int, ...]) -> dict:
+    """PEAK-test metrics of the top-K ensemble of a finished sweep on the prepared pair
+    `pair_dir`, for each K."""
     import pandas as pd
     from xfer.checkpoint import ensemble_checkpoint, export_best, read_checkpoint
     from xfer.pipeline import evaluate_checkpoint
 
-    sw = json.loads((sweep_dir / "sweep.json").read_text())
     df = pd.read_csv(sweep_dir / "trials.csv")
     ranked = df[df["status"] != "errored"].dropna(subset=["best_objective"]).sort_values(
         "best_objective", ascending=False, kind="stable")
@@ -72,7 +68,7 @@ def score_top(sweep_dir: Path, ks: tuple[int, ...]) -> dict:
     out, cache = {}, {}  # the inputs and each member's preparation, once for every K
     for k in ks:  # as `xfer tune` does: up to k, when fewer trials reached an eligible epoch
         ck = [c for _, c in members[:k]]
-        m, _ = evaluate_checkpoint(Namespace(**sw["data_args"]), ck[0] if len(ck) == 1 else ensemble_checkpoint(ck),
+        m, _ = evaluate_checkpoint(pair_data(pair_dir), ck[0] if len(ck) == 1 else ensemble_checkpoint(ck),
                                    cache=cache)
         out[k] = {**m["peak_test"], "members": [r["trial_id"] for r, _ in members[:k]]}
     return {"by_k": out, "n_ranked": len(ranked)}
@@ -93,13 +89,12 @@ def cmd_dev(root: Path, pairs: list[int], sweeps: str, out_json: Path) -> None:
     res = {"machine": f"{os.cpu_count()} CPU cores", "sweeps": sweeps, "candidates": list(CANDIDATES), "pairs": {}}
     for p in pairs:
         t = time.perf_counter()
-        r = score_top(root / sweeps / f"pair{p}" / "transfer", CANDIDATES)
+        r = score_top(root / sweeps / f"pair{p}" / "transfer", root / f"pair{p}", CANDIDATES)
         res["pairs"][str(p)] = {"by_k": {str(k): v for k, v in r["by_k"].items()}, "n_ranked": r["n_ranked"]}
         print(f"pair {p}: " + ", ".join(f"K={k} {v['balanced_accuracy']:.3f}" for k, v in r["by_k"].items())
               + f" ({time.perf_counter() - t:.0f} s)", flush=True)
     res["chosen"] = choose(res["pairs"])
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(res, indent=1))
+    write_results(out_json, res)
     print(f"chosen K = {res['chosen']}")
 
 
@@ -123,25 +118,23 @@ def cmd_run(root: Path, pairs: list[int], n_trials: int, epochs: int, num_cpus: 
         base.mkdir(parents=True, exist_ok=True)
         r = res["pairs"].get(str(p), {})
         if part in ("both", "defaults"):
-            m = _call(["train", *_data(pd_), "--device", "cpu", "--output_folder", str(base / "defaults")],
+            m = run_xfer(["train", *pair_flags(pd_), "--device", "cpu", "--output_folder", str(base / "defaults")],
                       base / "defaults", base / "defaults.log")
-            r["defaults"] = {**_summary(m), "seconds": m["model"]["wall_seconds"]}
+            r["defaults"] = {**summary(m), "seconds": m["model"]["wall_seconds"]}
             r["settings"] = json.loads((pd_ / "settings.json").read_text())
         if part == "defaults":
             res["pairs"][str(p)] = r
-            out_json.parent.mkdir(parents=True, exist_ok=True)
-            out_json.write_text(json.dumps(res, indent=1))
+            write_results(out_json, res)
             continue
-        m = _call(["tune", *_data(pd_), "--objective", "transfer", "--n_trials", str(n_trials), "--space", "broad", "--search_epochs",
+        m = run_xfer(["tune", *pair_flags(pd_), "--objective", "transfer", "--n_trials", str(n_trials), "--space", "broad", "--search_epochs",
                    str(epochs), "--num_cpus", str(num_cpus), "--output_folder", str(base / "sweep"),
                    "--name", f"ens_{p}"], base / "sweep", base / "sweep.log")
-        r["sweep"] = {**_summary(m), "n_members": m["model"]["n_members"],
+        r["sweep"] = {**summary(m), "n_members": m["model"]["n_members"],
                       "final_model": json.loads((base / "sweep" / "best_params.json").read_text())["final_model"]}
-        top1 = score_top(base / "sweep", (1,))["by_k"][1]
-        r["top1"] = {**_summary({"peak_test": top1, "baselines": m["baselines"]}), "trial": top1["members"][0]}
+        top1 = score_top(base / "sweep", pd_, (1,))["by_k"][1]
+        r["top1"] = {**summary({"peak_test": top1, "baselines": m["baselines"]}), "trial": top1["members"][0]}
         res["pairs"][str(p)] = r
-        out_json.parent.mkdir(parents=True, exist_ok=True)
-        out_json.write_text(json.dumps(res, indent=1))
+        write_results(out_json, res)
     if part == "both":
         print(report(out_json))
 
@@ -181,8 +174,8 @@ def report(path: Path, dev_path: Path | None = None) -> str:
         db.append(b)
         above_d += a > 0
         above_b += b > 0
-        lines.append(f"| {p} | {sz['n_cells_a']} / {sz['n_cells_b']} | {s['peak_test']:.3f} ± {_se(s):.3f} | "
-                     f"{t['peak_test']:.3f} | {f['peak_test']:.3f} ± {_se(f):.3f} | {s['best_baseline_value']:.3f} "
+        lines.append(f"| {p} | {sz['n_cells_a']} / {sz['n_cells_b']} | {with_se(s['peak_test'], s)} | "
+                     f"{t['peak_test']:.3f} | {with_se(f['peak_test'], f)} | {s['best_baseline_value']:.3f} "
                      f"({s['best_baseline']}) | {a:+.3f} | {b:+.3f} |")
     n = len(pairs)
     (md, sd_d), (mb, sd_b) = mean_se(dd), mean_se(db)
@@ -201,18 +194,16 @@ def report(path: Path, dev_path: Path | None = None) -> str:
 
 
 def main() -> None:
-    from _cli import pairs_cli
-
     def dev_options(d):
-        d.add_argument("--sweeps", default="sweeps/n30_e30", help="bench_sweeps.py's sweeps under ROOT")
-        d.add_argument("--json", default="bench/results/bench_sweep_ensemble_dev.json")
+        d.add_argument("--sweeps", default="sweeps/n30_e30", help="sweep_objective_eval.py's sweeps under ROOT")
+        d.add_argument("--json", default="bench/results/sweep_final_ensemble_dev.json")
 
     def run_options(r):
         r.add_argument("--n_trials", type=int, default=30)
         r.add_argument("--epochs", type=int, default=30)
         r.add_argument("--num_cpus", type=int, default=2)
-        r.add_argument("--dev_json", default="bench/results/bench_sweep_ensemble_dev.json")
-        r.add_argument("--json", default="bench/results/bench_sweep_ensemble.json")
+        r.add_argument("--dev_json", default="bench/results/sweep_final_ensemble_dev.json")
+        r.add_argument("--json", default="bench/results/sweep_final_ensemble.json")
         r.add_argument("--part", choices=("both", "sweep", "defaults"), default="both",
                        help="only the sweeps or only the defaults (two lanes at once; then `both` collects)")
 

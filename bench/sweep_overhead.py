@@ -1,9 +1,9 @@
 """Issue 15, item 4: where a sweep's orchestration overhead goes on the 2-core machine.
 
-    python bench/bench_overhead.py [--size small] [--n_trials 8] [--epochs 10] [--json out.json]
+    python -m bench.sweep_overhead [--size small] [--n_trials 8] [--epochs 10] [--json out.json]
                                    [--snapshot_s 1]
 
-Runs the sweep of "Sweep orchestration" (bench_tune.py's settings: `xfer tune`, function
+Runs the sweep of "Sweep orchestration" (orchestration_cost.py's settings: `xfer tune`, function
 fast path, 2 slots) and splits its slot-time, Tuner.fit wall x slots, from the trials'
 result.json (every epoch's report) into:
 
@@ -26,21 +26,15 @@ sweep; `xfer tune` uses 1 s for an exact resume).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import re
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.bench_tune import FIX  # noqa: E402
+from bench.harness import XFER, data_flags, fit_seconds, run, simulate_into_store, write_results
+from bench.harness.sweeps import SMALL_MODEL, set_flags, slot_breakdown
 
 TICK = os.sysconf("SC_CLK_TCK")
 GROUPS = (("trials", ("ray::XferTrial", "ray::ImplicitFunc", "ray::_Inner", "ray::IDLE")),
@@ -91,60 +85,10 @@ class CpuSampler(threading.Thread):
                     g[name] += t
                     break
             else:
-                if "bench_overhead" not in cmd and t > 0:
+                if "sweep_overhead" not in cmd and t > 0:
                     g["other"] += t
                     self.other[cmd[:120]] = self.other.get(cmd[:120], 0.0) + t
         return g
-
-
-def breakdown(results: Path, fit_wall: float, slots: int) -> dict:
-    trials = []
-    for f in sorted(results.rglob("result.json")):
-        rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
-        if not rows:
-            continue
-        end = rows[-1]["timestamp"]
-        start = end - rows[-1]["time_total_s"]
-        compute = sum(r.get("epoch_seconds", 0.0) for r in rows)
-        ckpt = sum(r.get("checkpoint_seconds", 0.0) for r in rows)
-        startup = rows[0]["time_this_iter_s"] - rows[0].get("epoch_seconds", 0.0) - rows[0].get("checkpoint_seconds", 0.0)
-        reporting = sum(r["time_this_iter_s"] - r.get("epoch_seconds", 0.0) - r.get("checkpoint_seconds", 0.0)
-                        for r in rows[1:])
-        trials.append({"start": start, "end": end, "epochs": rows[-1]["epoch"], "compute_s": compute,
-                       "checkpoint_s": ckpt, "startup_s": startup, "reporting_s": reporting,
-                       "wall_s": rows[-1]["time_total_s"]})
-    t0 = min(t["start"] for t in trials)
-    t_end = max(t["end"] for t in trials)
-    # idle slot-seconds on a fine grid: before the first trial is not seen here (fit's start is not in
-    # result.json), so it is what fit's wall leaves over once the trials' span is accounted for
-    step, busy_idle, tail = 0.01, 0.0, 0.0
-    last_start = max(t["start"] for t in trials)
-    x = t0
-    while x < t_end:
-        running = sum(t["start"] <= x < t["end"] for t in trials)
-        free = max(0, slots - running) * step
-        if x >= last_start:
-            tail += free
-        else:
-            busy_idle += free
-        x += step
-    span = t_end - t0
-    outside = max(0.0, fit_wall - span) * slots
-    # fit's start: Tune writes tuner.pkl when fit starts the experiment
-    pkl = next(results.glob("*/tuner.pkl"), None)
-    before = min(outside, max(0.0, t0 - pkl.stat().st_mtime) * slots) if pkl else None
-    total = fit_wall * slots
-    parts = {"compute": sum(t["compute_s"] for t in trials), "startup": sum(t["startup_s"] for t in trials),
-             "reporting": sum(t["reporting_s"] for t in trials), "checkpoints": sum(t["checkpoint_s"] for t in trials),
-             "idle: gaps between trials": busy_idle, "idle: ASHA tail": tail}
-    if before is None:
-        parts["idle: before the first trial and after the last"] = outside
-    else:
-        parts["idle: before the first trial"] = before
-        parts["idle: after the last trial"] = outside - before
-    parts["unaccounted"] = total - sum(parts.values())
-    return {"slot_seconds": total, "parts": parts, "n_trials": len(trials),
-            "epochs": sum(t["epochs"] for t in trials), "trials": trials}
 
 
 def main() -> None:
@@ -156,33 +100,22 @@ def main() -> None:
     ap.add_argument("--snapshot_s", default="1")
     ap.add_argument("--json")
     a = ap.parse_args()
-    from xfer.data.simulate import simulate_pair
-    from xfer.data.store import CellStore
-
-    work = Path(tempfile.mkdtemp(prefix="bench_overhead_"))
-    store = CellStore(str(work / "store"))
-    for line in simulate_pair(a.size, seed=0):
-        for ds in (line.gex, line.peak):
-            store.write(ds)
+    work = Path(tempfile.mkdtemp(prefix="sweep_overhead_"))
+    simulate_into_store(work / "store", a.size, seed=0)
     out = work / "sweep"
-    cmd = [sys.executable, "-m", "xfer.cli", "tune", "--store", str(work / "store"), "--src_csv", "store:simA_GEX",
-           "--tgt_csv", "store:simA_PEAK", "--n_trials", str(a.n_trials), "--space", "broad", "--search_epochs", str(a.epochs),
-           "--num_cpus", str(a.num_cpus), "--output_folder", str(out), *FIX]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TUNE_GLOBAL_CHECKPOINT_S": a.snapshot_s}
+    cmd = [*XFER, "tune", *data_flags(work / "store", test=False), "--n_trials", str(a.n_trials), "--space", "broad",
+           "--search_epochs", str(a.epochs), "--num_cpus", str(a.num_cpus), "--output_folder", str(out),
+           *set_flags(SMALL_MODEL)]
     sampler = CpuSampler()
     sampler.start()
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    stdout, stderr = proc.communicate()
-    wall = time.perf_counter() - t
-    sampler.stop_.set()
-    sampler.join()
-    if proc.returncode != 0:
-        raise SystemExit(stderr[-3000:])
-    m = re.search(r"trials in ([0-9.]+) s", stdout)
-    fit_wall = float(m.group(1))
-    res = breakdown(out / "ray_results", fit_wall, a.num_cpus)
-    res.update({"command_wall_s": wall, "fit_wall_s": fit_wall, "cpu_seconds": sampler.grouped(proc.pid),
+    try:
+        ran = run(cmd, env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": a.snapshot_s})
+    finally:
+        sampler.stop_.set()
+        sampler.join()
+    wall, fit_wall = ran.seconds, fit_seconds(ran.stdout)
+    res = slot_breakdown(out / "ray_results", fit_wall, a.num_cpus)
+    res.update({"command_wall_s": wall, "fit_wall_s": fit_wall, "cpu_seconds": sampler.grouped(ran.pid),
                 "cpu_other_top": dict(sorted(sampler.other.items(), key=lambda kv: -kv[1])[:8]),
                 "settings": {**vars(a), "machine": f"{platform.node()}, {os.cpu_count()} CPUs",
                              "date": time.strftime("%Y-%m-%d")}})
@@ -195,7 +128,7 @@ def main() -> None:
     print("CPU seconds during the command: " + ", ".join(f"{k} {v:.1f}" for k, v in res["cpu_seconds"].items())
           + f" (of {wall * (os.cpu_count() or 2):.1f} available)")
     if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=1))
+        write_results(a.json, res)
 
 
 if __name__ == "__main__":

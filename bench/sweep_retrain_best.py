@@ -1,10 +1,10 @@
 """Should a sweep return its best configuration retrained the way the shipped defaults train?
 
-    OMP_NUM_THREADS=1 python bench/bench_sweep_retrain.py dev bench/_data/transfer --pairs 401 402 403 404
-    OMP_NUM_THREADS=1 python bench/bench_sweep_retrain.py run bench/_data/transfer --pairs 501 502 503 504
-    python bench/bench_sweep_retrain.py report bench/results/bench_sweep_retrain.json
+    OMP_NUM_THREADS=1 python -m bench.sweep_retrain_best dev bench/_data/transfer --pairs 401 402 403 404
+    OMP_NUM_THREADS=1 python -m bench.sweep_retrain_best run bench/_data/transfer --pairs 501 502 503 504
+    python -m bench.sweep_retrain_best report bench/results/sweep_retrain_best.json
 
-Today `xfer tune` returns its top 4 trials' best epochs, averaged (bench_sweep_ensemble.py). Those
+Today `xfer tune` returns its top 4 trials' best epochs, averaged (sweep_final_ensemble.py). Those
 trials trained for at most `--search_epochs` (30 here) with one seed each, many cut short by ASHA.
 The shipped defaults train for 100 epochs with an ensemble of three seeds. On four evaluation pairs
 the sweep's model came out level with the defaults (-0.003 ± 0.004, BENCHMARKS.md, "What a sweep
@@ -21,7 +21,7 @@ the four development pairs, the mean of (retrained - sweep) in PEAK-test balance
 exceeds TIE (0.001). Fewer than four pairs decide nothing.
 
 run: on the evaluation pairs 501-504, with the sweeps and shipped defaults of
-bench_sweep_ensemble.py (root/sweep_ensemble/pairNNN/{sweep,defaults}, never used to choose
+sweep_final_ensemble.py (root/sweep_ensemble/pairNNN/{sweep,defaults}, never used to choose
 anything), adds `retrained` and reports it beside them and the best plain baseline.
 The test line's labels are read only by each run's final scoring.
 """
@@ -30,22 +30,18 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_sweeps import _call, _data, _se, _summary, mean_se  # noqa: E402
+from bench.harness import mean_se, pair_flags, pairs_cli, run_xfer, summary, with_se, write_results
 
 TIE = 0.001
 DEV_PAIRS = 4
 
 
 def _retrain(pd_: Path, base: Path) -> dict:
-    m = _call(["train", *_data(pd_), "--config_path", str(base / "sweep" / "best_params.json"), "--device", "cpu",
+    m = run_xfer(["train", *pair_flags(pd_), "--config_path", str(base / "sweep" / "best_params.json"), "--device", "cpu",
                "--output_folder", str(base / "retrained")], base / "retrained", base / "retrained.log")
-    return {**_summary(m), "seconds": m["model"]["wall_seconds"], "n_members": m["model"].get("n_members")}
+    return {**summary(m), "seconds": m["model"]["wall_seconds"], "n_members": m["model"].get("n_members")}
 
 
 def decide(pairs: dict) -> dict:
@@ -65,17 +61,16 @@ def cmd_dev(root: Path, pairs: list[int], n_trials: int, epochs: int, num_cpus: 
     for p in pairs:
         pd_, base = root / f"pair{p}", root / "sweep_retrain" / f"pair{p}"
         base.mkdir(parents=True, exist_ok=True)
-        m = _call(["tune", *_data(pd_), "--objective", "transfer", "--n_trials", str(n_trials), "--space", "broad", "--search_epochs",
+        m = run_xfer(["tune", *pair_flags(pd_), "--objective", "transfer", "--n_trials", str(n_trials), "--space", "broad", "--search_epochs",
                    str(epochs), "--num_cpus", str(num_cpus), "--output_folder", str(base / "sweep"),
                    "--name", f"ret_{p}"], base / "sweep", base / "sweep.log")
-        r = {"sweep": {**_summary(m), "n_members": m["model"]["n_members"],
+        r = {"sweep": {**summary(m), "n_members": m["model"]["n_members"],
                        "best_params": json.loads((base / "sweep" / "best_params.json").read_text())["params"]},
              "settings": json.loads((pd_ / "settings.json").read_text())}
         r["retrained"] = _retrain(pd_, base)
         res["pairs"][str(p)] = r
         res["decision"] = decide(res["pairs"])
-        out_json.parent.mkdir(parents=True, exist_ok=True)
-        out_json.write_text(json.dumps(res, indent=1))
+        write_results(out_json, res)
         print(f"pair {p}: sweep {r['sweep']['peak_test']:.3f}, retrained {r['retrained']['peak_test']:.3f}", flush=True)
     print(report(out_json))
 
@@ -88,14 +83,13 @@ def cmd_run(root: Path, pairs: list[int], out_json: Path) -> None:
         pd_, base = root / f"pair{p}", root / "sweep_ensemble" / f"pair{p}"
         for need in ("sweep/metrics.json", "defaults/metrics.json"):
             if not (base / need).exists():
-                raise SystemExit(f"{base / need} is missing: run bench_sweep_ensemble.py run on pair {p} first")
-        r = {"sweep": _summary(json.loads((base / "sweep" / "metrics.json").read_text())),
-             "defaults": _summary(json.loads((base / "defaults" / "metrics.json").read_text())),
+                raise SystemExit(f"{base / need} is missing: run sweep_final_ensemble.py run on pair {p} first")
+        r = {"sweep": summary(json.loads((base / "sweep" / "metrics.json").read_text())),
+             "defaults": summary(json.loads((base / "defaults" / "metrics.json").read_text())),
              "settings": json.loads((pd_ / "settings.json").read_text())}
         r["retrained"] = _retrain(pd_, base)
         res["pairs"][str(p)] = r
-        out_json.parent.mkdir(parents=True, exist_ok=True)
-        out_json.write_text(json.dumps(res, indent=1))
+        write_results(out_json, res)
     print(report(out_json))
 
 
@@ -116,7 +110,7 @@ def report(path: Path, dev_path: Path | None = None) -> str:
         diffs: dict[str, list[float]] = {}  # retrained − each other model, per pair
         for p in pairs:
             r = d["pairs"][p]
-            cells = [f"{r[c]['peak_test']:.3f} ± {_se(r[c]):.3f}" if c in r else "—" for c in cols]
+            cells = [with_se(r[c]["peak_test"], r[c]) if c in r else "—" for c in cols]
             b = r["sweep"]
             diff = r["retrained"]["peak_test"] - r["sweep"]["peak_test"] if "retrained" in r else None
             if "retrained" in r:
@@ -139,16 +133,14 @@ def report(path: Path, dev_path: Path | None = None) -> str:
 
 
 def main() -> None:
-    from _cli import pairs_cli
-
     def dev_options(d):
         d.add_argument("--n_trials", type=int, default=30)
         d.add_argument("--epochs", type=int, default=30)
         d.add_argument("--num_cpus", type=int, default=2)
-        d.add_argument("--json", default="bench/results/bench_sweep_retrain_dev.json")
+        d.add_argument("--json", default="bench/results/sweep_retrain_best_dev.json")
 
     def run_options(r):
-        r.add_argument("--json", default="bench/results/bench_sweep_retrain.json")
+        r.add_argument("--json", default="bench/results/sweep_retrain_best.json")
 
     args = pairs_cli(__doc__, run_options, more={"dev": dev_options})
     if args.cmd == "dev":

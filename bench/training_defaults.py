@@ -1,8 +1,8 @@
 """How the shipped training defaults were chosen, and what they give on pairs never used to choose them.
 
-    python bench/bench_defaults.py prepare DIR [--seeds 1,5,6,0,2,3,4] [--size medium]
-    python bench/bench_defaults.py run DIR [--dev 1,5,6] [--eval 0,2,3,4] [--budget 540] [--json out.json]
-    python bench/bench_defaults.py report out.json      # the Markdown tables of BENCHMARKS.md
+    python -m bench.training_defaults prepare DIR [--seeds 1,5,6,0,2,3,4] [--size medium]
+    python -m bench.training_defaults run DIR [--dev 1,5,6] [--eval 0,2,3,4] [--budget 540] [--json out.json]
+    python -m bench.training_defaults report out.json      # the Markdown tables of BENCHMARKS.md
 
 `prepare` (CPU; needs the simulator) simulates each pair, prepares it exactly as
 `xfer train` does with the default data settings and writes DIR/pair<seed>.npz
@@ -36,13 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from xfer.config import ARCHS, DIVERGENCES, TrainConfig  # noqa: E402
-from xfer.evaluate import classification_metrics  # noqa: E402
-from xfer.prepare import LineInputs, TrainData  # noqa: E402
-from xfer.predict import predict_probs  # noqa: E402
-from xfer.train import fit  # noqa: E402
+from bench.harness import write_results
+from bench.harness.prepared import prepare_simulated_pair, score_splits
+from xfer.config import ARCHS, DIVERGENCES, TrainConfig
+from xfer.prepare import LineInputs, TrainData
+from xfer.train import fit
 
 SPLITS = ("gex_val", "gex_test", "peak_val", "peak_test")
 
@@ -64,44 +62,13 @@ CANDIDATES: dict[str, dict] = {
 N_EVAL_CANDIDATES = 4  # the previous defaults, the pick and the next two on the development pairs
 
 
-def score_splits(model, data: TrainData, test: LineInputs, stats) -> dict:
-    """The four columns: GEX / PEAK on the training line's validation split and on the test line
-    (whose labels only score here)."""
-    pv = predict_probs(model, data.line.emb[data.val_idx], data.line.peaks[data.val_idx])
-    pt = predict_probs(model, test.emb, test.peaks, stats=stats)
-    y_val = data.line.labels[data.val_idx]
-    return {"gex_val": classification_metrics(y_val, pv["gex"].argmax(1)),
-            "peak_val": classification_metrics(y_val, pv["peak"].argmax(1)),
-            "gex_test": classification_metrics(test.labels, pt["gex"].argmax(1)),
-            "peak_test": classification_metrics(test.labels, pt["peak"].argmax(1))}
-
-
 # ----------------------------------------------------------------------------- prepare (CPU)
-
-def prepare_pair(size: str, seed: int, base: TrainConfig) -> tuple[TrainData, LineInputs, dict]:
-    """Simulate one pair and prepare it as `xfer train` does (PCA embedding, split, peak
-    channels, the test line's peaks mapped); returns (training data, test line, baselines)."""
-    from xfer.baselines import run_baselines
-    from xfer.data.simulate import simulate_pair
-    from xfer.embed import PCAEmbedder, embed_lines
-    from xfer.prepare import prepare_line, prepare_training
-
-    A, B = simulate_pair(size, seed=seed)
-    emb = embed_lines(PCAEmbedder(base.data.n_components), A.gex, {"test": B.gex})
-    data, pre = prepare_training(A.gex, A.peak, emb["train"], base.data, base.optim.seed)
-    counts = pre.map_counts(B.peak)
-    test = prepare_line(B.name, pre, gex=B.gex, emb=emb["test"], peaks=B.peak, peak_counts=counts)
-    bl = run_baselines(peaks_a=pre.training_counts(A.peak), y_a=A.gex.labels, train_idx=data.train_idx,
-                       val_idx=data.val_idx, peaks_b=counts, y_b=B.gex.labels, emb_a=data.line.emb,
-                       emb_b=test.emb, gex_a=A.gex, gex_b=B.gex, seed=base.optim.seed)
-    return data, test, bl
-
 
 def prepare(out: Path, seeds: list[int], size: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for seed in seeds:
         t = time.perf_counter()
-        data, test, bl = prepare_pair(size, seed, TrainConfig())
+        data, test, bl = prepare_simulated_pair(size, seed, TrainConfig())
         np.savez_compressed(
             out / f"pair{seed}.npz", emb=data.line.emb, peaks=np.asarray(data.line.peaks), labels=data.line.labels,
             train_idx=data.train_idx, val_idx=data.val_idx, prior=data.class_prior,
@@ -155,7 +122,7 @@ def run(src: Path, dev_seeds: list[int], eval_seeds: list[int], budget: float, o
                "best_epoch": fr.best_epoch, "epochs_run": len(fr.history),
                "seconds": round(time.perf_counter() - t, 1), **m}
         res["runs"].append(rec)
-        out_json.write_text(json.dumps(res, indent=1, default=_jsonable))
+        write_results(out_json, res, default=_jsonable)
         print(f"{stage:5s} {name:22s} pair {seed}/{train_seed} {arch}-{div}: "
               + " ".join(f"{k} {m[k]['balanced_accuracy']:.3f}" for k in SPLITS)
               + f" ({rec['seconds']:.0f} s, best epoch {fr.best_epoch}/{len(fr.history)})", flush=True)
@@ -187,7 +154,7 @@ def run(src: Path, dev_seeds: list[int], eval_seeds: list[int], budget: float, o
         for div in DIVERGENCES:
             if (arch, div) != ("dae", "mmd"):
                 one("table", pick, eval_seeds[0], CANDIDATES[pick], arch, div)
-    out_json.write_text(json.dumps(res, indent=1, default=_jsonable))
+    write_results(out_json, res, default=_jsonable)
 
 
 # ----------------------------------------------------------------------------- report
@@ -291,7 +258,7 @@ def main() -> int:
     r.add_argument("--eval", default="0,2,3,4")
     r.add_argument("--train_seeds", default="0,1", help="training seeds per pair (the table uses the first)")
     r.add_argument("--budget", type=float, default=540.0, help="seconds")
-    r.add_argument("--json", type=Path, default=Path(os.environ.get("OUT", ".")) / "bench_defaults.json")
+    r.add_argument("--json", type=Path, default=Path(os.environ.get("OUT", ".")) / "training_defaults.json")
     q = sub.add_parser("report")
     q.add_argument("json", type=Path)
     a = ap.parse_args()
