@@ -4,7 +4,6 @@ objective resolution, and that no test-line label reaches a trial."""
 from __future__ import annotations
 
 import math
-from argparse import Namespace
 
 import numpy as np
 import pytest
@@ -165,6 +164,7 @@ def test_the_sweep_stores_file_test_inputs_without_labels(tmp_path, tiny_pair):
     final scoring reads them, from the files)."""
     from conftest import write_csv
     from tune.ingest import ingest_for_trials
+    from xfer.data.inputs import DataSources
     from xfer.data.store import CellStore
 
     A, B = tiny_pair
@@ -173,9 +173,7 @@ def test_the_sweep_stores_file_test_inputs_without_labels(tmp_path, tiny_pair):
         from xfer.phases import decode_phases
         files[role] = str(write_csv(tmp_path / f"{role}.csv", ds.barcodes, ds.features, ds.X.toarray(),
                                     phase=decode_phases(ds.labels)))
-    args = Namespace(store=str(tmp_path / "store"), label_column=None, orient="auto",
-                     **{f"{r}_csv": f for r, f in files.items()}, **{f"{r}_label_csv": None for r in files})
-    spec = ingest_for_trials(args)
+    spec = ingest_for_trials(DataSources(store=str(tmp_path / "store"), **files))
     store = CellStore(str(tmp_path / "store"))
     assert store.manifest(spec["src"]).has_labels
     for role in ("test", "sup_peak"):

@@ -9,7 +9,6 @@ import optuna
 import pytest
 
 from tune.space import BROAD_SPACE, NOT_SEARCHABLE, NOT_SEARCHED, load_space, parse_space
-from tune.configure import _split_fixed, build_space
 from xfer.config import (ALL_ARCH_PARAMS, ARCH_PARAMS, ARCHS, DataConfig, LossConfig, ModelConfig, OptimConfig,
                          TrainConfig)
 from xfer.errors import ConfigError
@@ -74,12 +73,20 @@ def test_the_broad_space_reaches_optuna_as_written():
     assert 0.35 < sum(v < 15 ** 0.5 for v in ltc) / len(ltc) < 0.65
 
 
+def _request(*flags):
+    """`xfer tune`'s flags as the sweep request they make (tune.cli.sweep_request)."""
+    from tune.cli import sweep_request
+    from xfer.cli import build_parser
+
+    return sweep_request(build_parser().parse_args(["tune", "--src_csv", "a.csv", "--tgt_csv", "b.csv",
+                                                    "--output_folder", "out", *flags]))
+
+
 def test_command_line_fixes_parameters():
-    from argparse import Namespace
-    args = Namespace(arch_type="vae", divergence_type="mmd,coral", set=["lr=0.001", "beta=2.0"], space="broad")
-    rest, fixed = _split_fixed(args)
-    space = build_space(args, fixed)
-    assert not hasattr(rest, "arch_type")
+    req = _request("--arch_type", "vae", "--divergence_type", "mmd,coral", "--set", "lr=0.001", "--set", "beta=2.0",
+                   "--space", "broad", "--lambda_pseudo", "0.5")
+    space = load_space(req.space, req.fixed)
+    assert req.overrides == {"lambda_pseudo": 0.5}  # the space's settings are not the base config's
     for params in _sample(space, 20):
         assert params["arch"] == "vae" and params["lr"] == 0.001 and params["beta"] == 2.0
         assert params["divergence"] in ("mmd", "coral")
@@ -89,16 +96,15 @@ def test_command_line_fixes_parameters():
 def test_command_line_arch_choices_drop_other_architectures_parameters():
     """`--arch_type dae,vae` (a categorical spec) keeps exactly the two architectures' own
     parameters of the base space; a parameter the user set for a dropped architecture is an error."""
-    from argparse import Namespace
-    args = Namespace(arch_type="dae,vae", divergence_type=None, set=["lambda_recon=0.5"], space="broad")
-    space = build_space(args, _split_fixed(args)[1])
+    req = _request("--arch_type", "dae,vae", "--set", "lambda_recon=0.5", "--space", "broad")
+    space = load_space(req.space, req.fixed)
     assert set(space.params) & ALL_ARCH_PARAMS == {"corruption", "beta", "lambda_recon"}
     assert space.params["lambda_recon"].kind == "fixed" and space.params["arch"].values() == ("dae", "vae")
     seen = {params["arch"] for params in _sample(space, 20)}
     assert seen == {"dae", "vae"}
-    args = Namespace(arch_type="vae", divergence_type=None, set=["temperature=0.2"], space="broad")
+    req = _request("--arch_type", "vae", "--set", "temperature=0.2", "--space", "broad")
     with pytest.raises(ConfigError, match="only used by arch contrastive, which this space never chooses") as e:
-        build_space(args, _split_fixed(args)[1])
+        load_space(req.space, req.fixed)
     assert e.value.key == "temperature" and "command line" in str(e.value)
 
 

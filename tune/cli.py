@@ -11,14 +11,13 @@ log = logging.getLogger(__name__)
 
 def register(sub) -> None:
     """`xfer tune` and `xfer demo` (tune.sweep and Ray are imported only when they run)."""
-    from xfer.data.inputs import add_data_arguments
-    from xfer.pipeline import add_train_arguments
+    from xfer.flags import add_data_arguments, add_train_arguments
 
     p = sub.add_parser("tune", help="hyperparameter sweep: Ray Tune + OptunaSearch + ASHA over Ray Train workers",
                        description="`xfer tune`: OptunaSearch proposes, ASHA stops the weak, Ray runs the trials "
                                    "(README: xfer tune).")
     add_data_arguments(p)
-    add_train_arguments(p)
+    add_train_arguments(p, sweep=True)
     add_sweep_arguments(p.add_argument_group("sweep"))
     p.set_defaults(func=cmd_tune)
     add_demo_parser(sub)
@@ -104,13 +103,48 @@ def add_demo_parser(sub) -> None:
     d.set_defaults(func=cmd_demo)
 
 
+def sweep_request(args):
+    """`xfer tune`'s flags as a SweepRequest: --arch_type / --divergence_type (comma lists: the
+    choices searched) and --set fix the space; the other config flags set every trial's config."""
+    from xfer.config import parse_set
+    from xfer.flags import config_overrides, sources_from_args
+
+    from .request import SweepRequest
+
+    fixed = {}
+    for flag, key in (("arch_type", "arch"), ("divergence_type", "divergence")):
+        v = getattr(args, flag, None)
+        if v is not None:
+            choices = [c.strip() for c in v.split(",") if c.strip()]
+            fixed[key] = choices[0] if len(choices) == 1 else {"type": "categorical", "choices": choices}
+    fixed.update(parse_set(getattr(args, "set", None)))
+    return SweepRequest(
+        sources=sources_from_args(args), output_folder=args.output_folder, config_path=args.config_path,
+        overrides=config_overrides(args, skip=("arch_type", "divergence_type", "set")), fixed=fixed,
+        space=args.space, n_trials=args.n_trials, search_epochs=args.search_epochs, scheduler=args.scheduler,
+        rungs="after_warmup" if args.asha_after_warmup else args.rungs, grace_period=args.grace_period,
+        reduction_factor=args.reduction_factor, checkpoint_every=args.checkpoint_every,
+        report_every=args.report_every, tensorboard=args.tensorboard, final_model=args.final_model,
+        final_ensemble=args.final_ensemble, population=args.population, max_failures=args.max_failures,
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, num_workers=args.num_workers,
+        trainer=args.trainer, storage=args.storage, name=args.name, reuse_actors=args.reuse_actors)
+
+
+def run_options(args):
+    from .request import RunOptions
+
+    return RunOptions(address=args.address, num_cpus=args.num_cpus, num_gpus=getattr(args, "num_gpus", None),
+                      verbose=args.tune_verbose, progress_every=args.progress_every)
+
+
 def cmd_tune(args) -> int:
     from xfer.pipeline import format_table
 
     from .final_model import final_model_source
     from .sweep import run  # Ray and torch: only when a sweep runs
 
-    res = run(args)
+    res = run(None, resume=args.output_folder, options=run_options(args)) if args.resume else \
+        run(sweep_request(args), options=run_options(args))
     sw, df, best = res["sweep"], res["table"], res["best"]
     counts = df["status"].value_counts().to_dict()
     print(f"\nsweep '{sw.name}': {len(df)} trials in {res['wall_seconds']:.1f} s "
@@ -174,9 +208,11 @@ def cmd_demo(args) -> int:
     shutil.rmtree(out / "defaults", ignore_errors=True)
     print(f"\ndemo: training the shipped defaults ({args.search_epochs} epochs as in the trials, the shipped "
           "ensemble of three)")
-    defaults = run_train(build_parser().parse_args(
-        ["train", *data, "--epochs", str(args.search_epochs), "--device", "cpu",
-         "--output_folder", str(out / "defaults")]))
+    from xfer.flags import config_from_args, sources_from_args
+
+    train_args = build_parser().parse_args(["train", *data, "--epochs", str(args.search_epochs),
+                                            "--output_folder", str(out / "defaults")])
+    defaults = run_train(sources_from_args(train_args), config_from_args(train_args), out / "defaults", "cpu").metrics
     swept = json.loads((out / "sweep" / "metrics.json").read_text())
     print(demo_summary(b.name, swept, defaults, str(out / "sweep" / "metrics.json")))
     if (out / "sweep" / "report.html").exists():

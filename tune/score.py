@@ -3,9 +3,8 @@ labels, after the search), beside the plain baselines: <output_folder>/metrics.j
 
 from __future__ import annotations
 
-from argparse import Namespace
-
 from xfer.data.fs import write_json
+from xfer.data.inputs import DataSources
 
 from .final_model import final_model_source
 from .settings import Sweep
@@ -16,7 +15,7 @@ def score_best(sw: Sweep, ckpt: dict, final: dict | None = None) -> dict | None:
     here) + baselines; `final`: best_params.json's final_model (how it was made)."""
     from xfer.pipeline import baselines_for, evaluate_checkpoint
 
-    metrics, p = evaluate_checkpoint(Namespace(**sw.data_args), ckpt, sw.output)
+    metrics, p = evaluate_checkpoint(DataSources.from_dict(sw.data_args), ckpt, sw.output)
     metrics["baselines"] = baselines_for(p)
     n = len(ckpt.get("ensemble", [ckpt]))
     metrics["model"] = {"source": "the sweep's final model: " + final_model_source(final or {"members": [0] * n}),

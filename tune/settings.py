@@ -11,8 +11,6 @@ from xfer.data.fs import resolve, write_json
 from xfer.errors import XferError
 from xfer.sweep_files import SETTINGS_FILE, STUDY_DB, read_settings, rung_clock
 
-DATA_FLAGS = ("src_csv", "src_label_csv", "tgt_csv", "tgt_label_csv", "test_csv", "test_label_csv",
-              "sup_peak_csv", "sup_peak_label_csv", "label_column", "orient", "store")
 SCHEDULERS = ("asha", "fifo")  # asha stops the weak trials at its rungs; fifo runs every trial its whole budget
 # What ASHA's rungs count (`xfer tune --rungs`; tune.searcher.make_scheduler):
 #   adapted       epochs with the adaptation fully on (`adapted_epochs` in each report: the epoch minus
@@ -46,7 +44,7 @@ class Sweep:
     checkpoint_every: int
     max_failures: int
     seed: int
-    data_args: dict
+    data_args: dict                     # xfer.data.inputs.DataSources.to_dict(): what the final scoring reads
     objective: str = "source_val"       # the selection candidate that ranks trials (xfer.selection)
     objective_setting: str = "auto"     # what was asked for (--objective)
     storage_uri: str = ""               # Tune's storage (results, checkpoints): a path or URI; "" = output/ray_results

@@ -40,6 +40,7 @@ from .configure import new_sweep
 from .data import DataSpec, load_trial_data
 from .export import export
 from .ray_start import ray_environment, start_ray
+from .request import RunOptions, SweepRequest
 from .score import score_best
 from .settings import Sweep
 from .tuner import make_tuner
@@ -47,26 +48,27 @@ from .tuner import make_tuner
 log = logging.getLogger(__name__)
 
 
-def run(args) -> dict:
-    """Start (or resume) a sweep, wait for it, export and score. Returns a summary."""
+def run(request: SweepRequest | None = None, *, resume=None, options: RunOptions | None = None) -> dict:
+    """Start a new sweep (`request`) or finish the one in the folder `resume`, wait for it, export
+    and score. Returns a summary: the Sweep, the trials table, best_params, metrics, the dashboard
+    address, the wall time and report.html's path."""
+    if (request is None) == (resume is None):
+        raise ValueError("run: give either a new sweep's request or the folder of a sweep to resume")
+    options = options or RunOptions()
     ray_environment()
-    out = Path(args.output_folder).resolve()
-    sw = Sweep.load(out) if args.resume else new_sweep(args)
-    if not args.resume:
+    sw = Sweep.load(Path(resume).resolve()) if resume is not None else new_sweep(request)
+    if resume is None:
         # validates and prepares the training data once before any trial (and warms this node's cache)
         load_trial_data(DataSpec(**sw.spec), TrainConfig.from_dict(sw.base))
         sw.save()
-    verbose = bool(getattr(args, "tune_verbose", False))  # a display choice of this invocation, not in sweep.json
-    ctx = start_ray(getattr(args, "address", None), getattr(args, "num_cpus", None), getattr(args, "num_gpus", None),
-                    sw.name, quiet=not verbose)
+    ctx = start_ray(options.address, options.num_cpus, options.num_gpus, sw.name, quiet=not options.verbose)
     dashboard = getattr(ctx, "dashboard_url", None)
     if dashboard:
         log.info("Ray dashboard: http://%s", dashboard)
     t0 = time.perf_counter()
-    if not verbose:
+    if not options.verbose:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # its INFO lines ("A new study created ...")
-    tuner = make_tuner(sw, restore=args.resume, verbose=verbose,
-                       progress_every=float(getattr(args, "progress_every", 30.0)))
+    tuner = make_tuner(sw, restore=resume is not None, verbose=options.verbose, progress_every=options.progress_every)
     try:
         grid = tuner.fit()
     finally:

@@ -100,16 +100,19 @@ def add_train_arguments(parser, sweep: bool = False) -> None:
     g.add_argument("--output_folder", required=True)
 
 
-def config_overrides(args) -> dict:
-    """The config keys a parsed command line sets (flags, then --set), as a flat dict."""
-    over = {key: getattr(args, flag) for flag, key in CONFIG_FLAGS.items() if getattr(args, flag, None) is not None}
+def config_overrides(args, skip: tuple[str, ...] = ()) -> dict:
+    """The config keys a parsed command line sets (flags, then --set), as a flat dict; `skip`:
+    flags left out (a sweep reads --arch_type, --divergence_type and --set as space settings)."""
+    over = {key: getattr(args, flag) for flag, key in CONFIG_FLAGS.items()
+            if flag not in skip and getattr(args, flag, None) is not None}
     if getattr(args, "n_components", None) is not None:
         over["n_components"] = args.n_components
     if "source_model" in over:
         from .embed import resolve_source_model
         over["source_model"] = resolve_source_model(over["source_model"], getattr(args, "ensemble_model1", None),
                                                     getattr(args, "ensemble_model2", None))
-    over.update(parse_set(getattr(args, "set", None)))
+    if "set" not in skip:
+        over.update(parse_set(getattr(args, "set", None)))
     return over
 
 
