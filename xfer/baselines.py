@@ -9,7 +9,7 @@
     lsi_coral       as lsi_aligned, then the test line's components CORAL-aligned
                     to the training line's (whiten with its own covariance,
                     re-colour with the training line's)
-    joint_lsi_z     the strongest plain recipe found so far (issue 11): binarised
+    joint_lsi_z     the strongest plain recipe measured (BENCHMARKS.md): binarised
                     peaks, TF-IDF per line with each line's own IDF, log1p; one
                     truncated SVD (50) fitted on both lines' cells together; the
                     components z-scored per line; balanced LR on every cell of the
