@@ -44,6 +44,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from bench.harness import write_results
 from xfer.config import TrainConfig
 from xfer.prepare import LineInputs, TrainData
 from xfer.train import fit
@@ -82,9 +83,9 @@ def run_variant(name: str, data: TrainData, cfg: TrainConfig, dev: str) -> dict:
 def validate_breakdown(cfg: TrainConfig, data: TrainData, dev: str, reps: int = 5) -> dict:
     """Where an `adapt` epoch's time outside its steps goes: the per-epoch validation (every
     label-free selection candidate, xfer.selection) timed whole, with the domain classifier of
-    IWCV / DEV fitted by each solver, and with that classifier left out (weights of 1: timing only,
-    never shipped); and the self-training refresh. Medians of `reps` calls after one warm-up, on
-    the model after one epoch."""
+    IWCV / DEV (xfer.selection.domain_weights, fitted by Newton steps) and with that classifier
+    left out (weights of 1: timing only, never shipped); and the self-training refresh. Medians
+    of `reps` calls after one warm-up, on the model after one epoch."""
     from xfer import selection
     from xfer.train import Population
 
@@ -104,18 +105,13 @@ def validate_breakdown(cfg: TrainConfig, data: TrainData, dev: str, reps: int = 
             ts.append(time.perf_counter() - t)
         return round(1e3 * statistics.median(ts), 2)
 
+    out = {"validate_ms_newton": timed(lambda: tr.validate([0]))}
     orig = selection.domain_weights
-    out, sel = {}, {}
     try:
-        for name, fn in (("lbfgs", lambda *a, **k: orig(*a, **{**k, "solver": "lbfgs"})),
-                         ("newton", lambda *a, **k: orig(*a, **{**k, "solver": "newton"})),
-                         ("no_domain_classifier", lambda zt, zs, ze, **k: torch.ones(len(ze), device=ze.device))):
-            selection.domain_weights = fn
-            out[f"validate_ms_{name}"] = timed(lambda: tr.validate([0]))
-            sel[name] = {k: round(v, 5) for k, v in tr.validate([0])[0]["selection"].items() if k in ("iwcv", "dev")}
+        selection.domain_weights = lambda zt, zs, ze, **k: torch.ones(len(ze), device=ze.device)
+        out["validate_ms_no_domain_classifier"] = timed(lambda: tr.validate([0]))
     finally:
         selection.domain_weights = orig
-    out["iwcv_dev_by_solver"] = {k: v for k, v in sel.items() if k != "no_domain_classifier"}
     if tr.self_training:
         out["refresh_pseudo_labels_ms"] = timed(lambda: tr.refresh_pseudo_labels([0]))
     print("validate_breakdown", json.dumps(out), flush=True)
@@ -159,7 +155,7 @@ def main() -> int:
             torch.cuda.empty_cache()
     out["adapt_validate"] = validate_breakdown(cfg, adapt, dev)
     dest = Path(os.environ.get("OUT", ".")) / "gpu_epoch_time.json"
-    dest.write_text(json.dumps(out, indent=1))
+    write_results(dest, out)
     if dev == "cuda" and not args.skip_reference:
         ref = Path(__file__).parent / "reference" / "gpu_reference.py"
         r = subprocess.run([sys.executable, str(ref)], capture_output=True, text=True, env=os.environ)
@@ -175,7 +171,7 @@ def main() -> int:
                 v["meets_1.5x"] = v["epoch_seconds_median"] <= 1.5 * ref_step["epoch_s"]
         else:
             out["reference_error"] = r.stderr[-2000:]
-        dest.write_text(json.dumps(out, indent=1))
+        write_results(dest, out)
     print(json.dumps({k: ({n: {kk: vv for kk, vv in v.items() if kk != "epoch_seconds_all"}
                            for n, v in out[k].items()} if k == "variants" else out[k])
                       for k in out if k in ("variants", "reference_epoch_seconds", "reference_step_ms",
