@@ -44,6 +44,8 @@ def test_csv_features_as_rows_detected_by_label_barcodes(tmp_path, research_file
     # without labels the barcode-looking header decides
     ds2 = read_csv_matrix(p, modality="peak")
     assert ds2.meta["orientation"] == "features_rows"
+    np.testing.assert_array_equal(ds2.X.toarray(), X)
+    assert list(ds2.barcodes) == BARCODES and ds2.labels is None
     # and --orient forces it
     ds3 = read_csv_matrix(p, modality="peak", orient="features_rows")
     np.testing.assert_array_equal(ds3.X.toarray(), X)
@@ -140,7 +142,8 @@ def test_phase_normalisation():
 
 def test_h5ad_reader(tmp_path, research_files):
     X = research_files["X_gex"]
-    a = ad.AnnData(X=sp.csr_matrix(X), obs=pd.DataFrame({"phase": PHASES_OF, "cycle": PHASES_OF}, index=BARCODES),
+    cycle = ["S", "G2M", "G1", "S"] * 3  # differs from "phase" in every cell: label_column must pick it
+    a = ad.AnnData(X=sp.csr_matrix(X), obs=pd.DataFrame({"phase": PHASES_OF, "cycle": cycle}, index=BARCODES),
                    var=pd.DataFrame({"gene_ids": [f"ENSG{i:011d}" for i in range(len(GENES))]}, index=GENES))
     a.write_h5ad(tmp_path / "a.h5ad")
     ds = read_h5ad(tmp_path / "a.h5ad", modality="gex")
@@ -148,7 +151,8 @@ def test_h5ad_reader(tmp_path, research_files):
     assert list(ds.phase_names()) == PHASES_OF
     assert ds.feature_ids[0] == "ENSG00000000000"
     ds2 = read_h5ad(tmp_path / "a.h5ad", modality="gex", label_column="cycle")
-    assert list(ds2.phase_names()) == PHASES_OF
+    assert list(ds2.phase_names()) == cycle
+    np.testing.assert_array_equal(ds2.X.toarray(), X)
 
 
 def test_real_h5ad_with_lab_measured_phases():
