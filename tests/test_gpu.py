@@ -49,9 +49,9 @@ def test_cuda_graph_step_trains_like_eager(adapt):
     info = graphed.extra["cuda_graph"]
     assert info["captured"] and not info["failed"] and info["replays"] > 0, info
     assert eager.extra["cuda_graph"] is None
-    for res in (graphed, eager):
+    for res in (graphed, eager):  # (a non-finite loss would have raised)
         losses = [h["loss/total"] for h in res.history]
-        assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+        assert losses[-1] < losses[0]
         assert res.best_metric > 0.8  # the classes are easy: both paths must learn them
     # same parts logged, similar values (the random streams differ, the optimisation does not)
     g, e = graphed.history[-1], eager.history[-1]
@@ -68,7 +68,7 @@ def test_a_population_trains_through_one_cuda_graph():
     """Eight members of one shape, their scalars different, through one captured step; a member
     stopped after its first epoch is replaced by a fresh configuration (the graph is captured
     again only where the step's operations change), and every member learns the easy classes."""
-    from xfer.train import HALTED, fit_population
+    from xfer.train import FINISHED, HALTED, fit_population
 
     data = _data().with_adaptation(_data(seed=1).line)
     base = TrainConfig.from_dict({"arch": "dae", "hidden_dim": 64, "latent_dim": 32, "batch_size": 128, "epochs": 10,
@@ -85,6 +85,7 @@ def test_a_population_trains_through_one_cuda_graph():
     info = results[0].extra["cuda_graph"]
     assert info["captured"] and not info["failed"] and info["replays"] > 0, info
     for r in results[:3] + results[4:]:
+        assert r.status == FINISHED, (r.status, r.error)  # a member with a non-finite loss ends DIVERGED
         losses = [h["loss/total"] for h in r.history]
-        assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+        assert losses[-1] < losses[0]
         assert r.best_metric > 0.8
