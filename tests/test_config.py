@@ -52,10 +52,41 @@ def test_bad_config_names_the_key(bad, key, msg):
     assert f"'{key}'" in str(e.value)
 
 
-def test_every_arch_param_belongs_to_a_field():
+def test_every_arch_param_is_a_model_key_with_its_registered_default_and_range():
+    from xfer import registry
+
+    assert tuple(ARCH_PARAMS) == ("dae", "vae", "contrastive", "hybrid", "mlp")
     for arch, params in ARCH_PARAMS.items():
-        for p in params:
-            assert FLAT_KEYS[p] == "model", (arch, p)
+        cfg = TrainConfig.from_dict({"arch": arch})
+        assert tuple(cfg.model.params) == params
+        for spec in registry.encoder(arch).params:
+            assert FLAT_KEYS[spec.name] == "model", (arch, spec.name)
+            assert getattr(cfg.model, spec.name) == spec.default and spec.problem(spec.default) is None
+    with pytest.raises(AttributeError, match="arch 'dae' has no setting 'beta'"):
+        TrainConfig().model.beta  # noqa: B018 - not a parameter of dae
+
+
+@pytest.mark.parametrize("key, bad, msg", [
+    ("corruption", 1.0, r"must be in \[0, 1\), got 1.0"), ("beta", -0.5, "must be >= 0, got -0.5"),
+    ("temperature", 0.0, "must be > 0, got 0.0"), ("n_blocks", 0, "must be >= 1, got 0"),
+    ("proj_dim", 1.5, "expected int"),
+])
+def test_arch_params_are_checked_against_their_registration(key, bad, msg):
+    from xfer import registry
+
+    arch = registry.param_owners(key)[0]
+    with pytest.raises(ConfigError, match=msg) as e:
+        TrainConfig.from_dict({"arch": arch, key: bad})
+    assert e.value.key == key
+
+
+def test_changing_arch_keeps_the_parameters_both_share():
+    """A base config's value of a parameter the new architecture shares carries over; the others
+    take the new architecture's defaults."""
+    dae = TrainConfig.from_dict({"arch": "dae", "lambda_recon": 0.5, "corruption": 0.2})
+    vae = dae.replace(arch="vae")
+    assert vae.model.params == {"beta": 1.7, "lambda_recon": 0.5}
+    assert vae.replace(arch="dae").model.params == {"corruption": 0.05, "lambda_recon": 0.5}
 
 
 def test_from_file_json_yaml_and_best_params(tmp_path):
@@ -81,6 +112,14 @@ def test_from_file_errors_name_the_file(tmp_path):
 def test_checkpoint_config_round_trip():
     cfg = TrainConfig.from_dict({"arch": "vae", "beta": 0.5})
     assert TrainConfig.from_dict(cfg.to_dict(), allow_inert=True) == cfg
+    assert cfg.to_dict()["model"]["beta"] == 0.5 and "corruption" not in cfg.to_dict()["model"]
+    # a checkpoint config holding every architecture's parameters (inert ones at their defaults)
+    full = {**cfg.to_dict(), "model": {**cfg.to_dict()["model"], **{k: v for k, v in
+                                                                    cfg.to_flat(live_only=False).items()
+                                                                    if k in ("corruption", "n_blocks")}}}
+    assert TrainConfig.from_dict(full, allow_inert=True) == cfg
+    with pytest.raises(ConfigError, match="only used by arch dae"):
+        TrainConfig.from_dict(full)
 
 
 def test_ensemble_size_is_validated():

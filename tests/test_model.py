@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from xfer import losses as L
+from xfer import registry
 from xfer.config import ARCHS, DIVERGENCES, TrainConfig
-from xfer.model import ENCODERS, build_model
+from xfer.model import PeakEncoder, build_model, encoder_class
 from xfer.model.layers import grad_reverse
 
 from conftest import SMALL_MODEL
@@ -41,7 +42,24 @@ def test_encoder_contract(arch):
     model.eval()
     a, b = model.peak_latent(x).z, model.peak_latent(x).z
     assert torch.equal(a, b)  # deterministic at evaluation (VAE: posterior mean, no corruption)
-    assert ENCODERS[arch].arch == arch
+    assert type(model.encoder) is encoder_class(arch)
+
+
+def test_every_registered_encoder_loads_and_reads_its_member_parameters():
+    """ARCHS is the registry's; each name loads its class, and the encoder's per-member scalars are
+    peak_dropout and the parameters its registration declares per member, with each member's value."""
+    expected = {"dae": {"corruption", "lambda_recon"}, "vae": {"beta", "lambda_recon"},
+                "contrastive": {"temperature", "aug_dropout", "lambda_contrastive"}, "hybrid": set(), "mlp": set()}
+    assert tuple(ARCHS) == tuple(expected)
+    for arch in ARCHS:
+        assert issubclass(encoder_class(arch), PeakEncoder), arch
+        spec = registry.encoder(arch)
+        assert set(spec.member_params()) == expected[arch], arch
+        cfgs = [_cfg(arch).model, _cfg(arch, peak_dropout=0.05, **{p: 0.5 for p in spec.member_params()}).model]
+        model = build_model(16, 40, cfgs, seed=[0, 1])
+        assert set(model.encoder.hp.names) == {"peak_dropout", *expected[arch]}
+        for name in model.encoder.hp.names:
+            assert model.encoder.hp.values[name] == [getattr(c, name) for c in cfgs], (arch, name)
 
 
 def test_dae_corrupts_and_vae_samples_only_in_training():

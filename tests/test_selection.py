@@ -51,13 +51,12 @@ def test_dev_risk_control_variate():
     assert S.dev_risk(torch.tensor(loss), torch.ones(50, dtype=torch.float64)) == pytest.approx(loss.mean())
 
 
-@pytest.mark.parametrize("solver", ["lbfgs", "newton"])
-def test_domain_weights_upweight_test_like_cells(solver):
+def test_domain_weights_upweight_test_like_cells():
     g = torch.Generator().manual_seed(0)
     z_train = torch.randn(400, 4, generator=g)
     z_test = torch.randn(400, 4, generator=g) + torch.tensor([2.0, 0, 0, 0])
     probe = torch.tensor([[0.0, 0, 0, 0], [1.0, 0, 0, 0], [2.0, 0, 0, 0]])
-    w = S.domain_weights(z_train, z_test, probe, solver=solver)
+    w = S.domain_weights(z_train, z_test, probe)
     # the true density ratio is exp(2x - 2): e^-2, 1 and e^2 at x = 0, 1, 2 (the midpoint weighs 1)
     assert w[0] < w[1] < w[2]
     assert w.log().tolist() == pytest.approx([-2.0, 0.0, 2.0], abs=0.4)
@@ -66,8 +65,8 @@ def test_domain_weights_upweight_test_like_cells(solver):
     assert S.iwcv_balanced_accuracy(y, pred, torch.tensor([3.0, 1.0, 1.0, 1.0])) == pytest.approx(0.875)
 
 
-def test_domain_weight_solvers_reach_the_same_optimum():
-    """Both solvers fit the same L2-regularised logistic regression: scikit-learn's lbfgs on the
+def test_domain_weights_reach_the_logistic_regression_optimum():
+    """The Newton solver fits the L2-regularised logistic regression: scikit-learn's lbfgs on the
     same objective (C = 1 / (2 l2 n), intercept unpenalised) gives the same log-weights."""
     from sklearn.linear_model import LogisticRegression
 
@@ -80,11 +79,8 @@ def test_domain_weight_solvers_reach_the_same_optimum():
     clf = LogisticRegression(C=1 / (2 * 1e-3 * 600), tol=1e-10, max_iter=10_000).fit(
         ((X - mu) / sd).numpy(), np.r_[np.zeros(300), np.ones(300)])
     expected = clf.decision_function(((probe - mu) / sd).numpy())
-    for solver in ("lbfgs", "newton"):
-        got = S.domain_weights(z_train, z_test, probe, solver=solver).log().numpy()
-        assert got == pytest.approx(expected, abs=2e-3), solver
-    with pytest.raises(ValueError, match="unknown solver"):
-        S.domain_weights(z_train, z_test, probe, solver="sgd")
+    got = S.domain_weights(z_train, z_test, probe).log().numpy()
+    assert got == pytest.approx(expected, abs=2e-3)
 
 
 def test_agreement_is_balanced_accuracy_against_the_expression_head():
@@ -105,6 +101,31 @@ def test_resolve_objective():
         S.resolve("agreement", adapting=True, has_test_gex=False)
     with pytest.raises(ConfigError, match="config key 'objective': unknown 'nope'"):
         TrainConfig.from_dict({"objective": "nope"})
+    with pytest.raises(ConfigError, match="'entropy' scores the test line's unlabelled cells"):
+        S.resolve("entropy", adapting=False, has_test_gex=True)
+
+
+def test_candidates_and_their_needs_come_from_the_registry():
+    """The candidates are the registrations, in their order; what each needs is declared there, and
+    a mean candidate needs what its parts need."""
+    from xfer import registry
+    from xfer.config import OBJECTIVES
+
+    assert tuple(S.CANDIDATES) == ("source_val", "entropy", "im", "snd", "iwcv", "dev", "agreement",
+                                   "source_val_entropy", "source_val_im", "source_val_agreement")
+    assert tuple(OBJECTIVES) == ("auto", "transfer", *S.CANDIDATES)
+    assert set(S.NEEDS_TEST_GEX) == {"agreement", "source_val_agreement"}
+    assert registry.objective("source_val").needs == frozenset()
+    assert registry.objective("source_val_im").needs == {"test_peaks"}
+    assert registry.objective("source_val_agreement").mean_of == ("source_val", "agreement")
+    from xfer.errors import XferError
+    with pytest.raises(XferError, match="must include 'test_peaks'"):
+        registry.register_objective(registry.ObjectiveSpec("needs_nothing", needs=frozenset(), value=len))
+    with pytest.raises(XferError, match="already registered"):
+        registry.register_objective(registry.ObjectiveSpec("entropy", value=len))
+    with pytest.raises(XferError, match="a setting of its own"):
+        registry.register_objective(registry.ObjectiveSpec("auto", value=len))
+    assert "needs_nothing" not in S.CANDIDATES
 
 
 def test_every_candidate_is_reported_each_epoch_and_chooses_the_best_epoch(tiny_train):

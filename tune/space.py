@@ -6,6 +6,11 @@ parameters are a valid config and `best_params.json` loads straight into
 sampled first and each architecture's own parameters (`xfer.config.ARCH_PARAMS`)
 are sampled only when it is chosen, so no trial carries an inert parameter.
 
+The built-in spaces (`SPACES`) hold the settings every model has, written here,
+and each registered encoder's parameters with their entries for that space,
+declared with the encoder (xfer.registry.Param.search; xfer/builtin.py): the
+broad space chooses among every registered encoder.
+
 A space is a mapping key -> spec, where a spec is one of
 
     {"type": "float", "low": 1e-4, "high": 3e-3, "log": true}
@@ -23,18 +28,22 @@ config, architecture parameters for an architecture the space cannot choose.
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from xfer import registry
 from xfer.config import (ALIASES, ALL_ARCH_PARAMS, ARCH_PARAMS, ARCHS, DIVERGENCES, FLAT_KEYS, TrainConfig,
                          drop_other_arch_params, load_mapping_file)
 from xfer.errors import ConfigError
 
 # The broad space (`--space broad`): every architecture and divergence, every width. Ranges follow
 # the original research code's (λ_target_class 1-15, log) and what trained well on the simulator.
-BROAD_SPACE: dict[str, Any] = {
+# Each encoder's own parameters follow these (`builtin_space`).
+_BROAD_COMMON: dict[str, Any] = {
     # optimisation
     "lr": {"type": "float", "low": 1e-4, "high": 3e-3, "log": True},
     "weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
@@ -57,7 +66,7 @@ BROAD_SPACE: dict[str, Any] = {
     "peak_repr": {"type": "categorical", "choices": ["lsi", "joint_lsi"]},
     "bin_size": {"type": "categorical", "choices": [0, 1_000_000]},
     # architecture
-    "arch": {"type": "categorical", "choices": list(ARCHS)},
+    "arch": {"type": "categorical", "choices": ARCHS},          # every registered encoder
     "divergence": {"type": "categorical", "choices": list(DIVERGENCES)},
     "dropout": {"type": "float", "low": 0.0, "high": 0.5},
     "peak_dropout": {"type": "float", "low": 0.0, "high": 0.3},
@@ -67,23 +76,14 @@ BROAD_SPACE: dict[str, Any] = {
     "proj_hidden": {"type": "categorical", "choices": [256, 512, 1024]},
     "cls_hidden": {"type": "categorical", "choices": [64, 128, 256, 512]},
     "disc_hidden": {"type": "categorical", "choices": [256, 512, 1024]},
-    # architecture-specific (sampled only for their arch)
-    "corruption": {"type": "float", "low": 0.0, "high": 0.3},                      # dae
-    "beta": {"type": "float", "low": 0.1, "high": 4.0, "log": True},                # vae
-    "lambda_recon": {"type": "float", "low": 0.1, "high": 3.0, "log": True},        # dae, vae
-    "temperature": {"type": "float", "low": 0.03, "high": 0.5, "log": True},        # contrastive
-    "proj_dim": {"type": "categorical", "choices": [64, 128, 256]},                 # contrastive
-    "aug_dropout": {"type": "float", "low": 0.05, "high": 0.5},                     # contrastive
-    "lambda_contrastive": {"type": "float", "low": 0.1, "high": 3.0, "log": True},  # contrastive
-    "n_blocks": {"type": "int", "low": 1, "high": 4},                               # hybrid
-    "hybrid_width": {"type": "categorical", "choices": [512, 1024, 2048]},           # hybrid
 }
 
 # The centred space (`--space centred`): every searched parameter of the broad space in a narrow range
 # around its shipped default (xfer/config.py: log ranges about x/÷3, linear ones about ±half the
 # default's span); the architecture (dae), divergence (mmd), conditioning and the coverage channel
-# are the defaults'. bench/bench_sweep_study.py compares the two.
-CENTRED_SPACE: dict[str, Any] = {
+# are the defaults'. bench/bench_sweep_study.py compares the two. The encoder's own parameters
+# follow these (`builtin_space`).
+_CENTRED_COMMON: dict[str, Any] = {
     "lr": {"type": "float", "low": 1e-4, "high": 1e-3, "log": True},
     "weight_decay": {"type": "float", "low": 3e-5, "high": 3e-4, "log": True},
     "batch_size": {"type": "categorical", "choices": [128, 256, 512]},
@@ -112,11 +112,33 @@ CENTRED_SPACE: dict[str, Any] = {
     "proj_hidden": {"type": "categorical", "choices": [512, 1024]},
     "cls_hidden": {"type": "categorical", "choices": [128, 256, 512]},
     "disc_hidden": {"type": "categorical", "choices": [512, 1024]},
-    "corruption": {"type": "float", "low": 0.0, "high": 0.15},
-    "lambda_recon": {"type": "float", "low": 0.3, "high": 3.0, "log": True},
 }
+_COMMON = {"broad": _BROAD_COMMON, "centred": _CENTRED_COMMON}
 
-SPACES: dict[str, dict[str, Any]] = {"broad": BROAD_SPACE, "centred": CENTRED_SPACE}
+
+def builtin_space(name: str) -> dict[str, Any]:
+    """A built-in space as the registry stands now: its common entries, then, in the registry's
+    order (`xfer.registry.all_params`), the parameters that have an entry for it and belong to an
+    architecture the space can choose."""
+    out = {k: _materialise(v) for k, v in _COMMON[name].items()}
+    archs = set(_choices(out.get("arch", TrainConfig().model.arch)))
+    for key, p in registry.all_params().items():
+        if name in p.search and archs & set(registry.param_owners(key)):
+            out[key] = copy.deepcopy(dict(p.search[name]))
+    return out
+
+
+def _materialise(spec):
+    """A spec as plain data (a registry view such as ARCHS becomes a list)."""
+    if isinstance(spec, dict):
+        return {k: _materialise(v) for k, v in spec.items()}
+    return list(spec) if isinstance(spec, registry.LiveNames) else copy.deepcopy(spec)
+
+
+# The built-in spaces, read from the registry each time they are used.
+BROAD_SPACE: Mapping[str, Any] = registry.LiveMapping(lambda: builtin_space("broad"))
+CENTRED_SPACE: Mapping[str, Any] = registry.LiveMapping(lambda: builtin_space("centred"))
+SPACES: dict[str, Mapping[str, Any]] = {"broad": BROAD_SPACE, "centred": CENTRED_SPACE}
 DEFAULT_SPACE_NAME = "centred"   # the pick of bench/bench_sweep_study.py (BENCHMARKS.md, "A sweep that pays")
 
 # Keys that never belong in a search space (they are sweep settings, not trial parameters).
@@ -252,7 +274,7 @@ def _number(source, key, spec, name):
 
 def parse_space(raw: dict, source: str = "search space") -> SearchSpace:
     """Parse and validate a space mapping; every error names the key."""
-    if not isinstance(raw, dict) or not raw:
+    if not isinstance(raw, Mapping) or not raw:
         raise ConfigError("space", "a search space must be a non-empty mapping of config keys", source)
     params: dict[str, Param] = {}
     for key0, spec in raw.items():
@@ -298,7 +320,7 @@ def parse_space(raw: dict, source: str = "search space") -> SearchSpace:
     archs = space.archs()
     for key in params:
         if key in ALL_ARCH_PARAMS:
-            owners = [a for a, ps in ARCH_PARAMS.items() if key in ps]
+            owners = registry.param_owners(key)
             if not set(owners) & set(archs):
                 raise ConfigError(key, f"only used by arch {' / '.join(owners)}, which this space never chooses "
                                   f"(arch choices: {', '.join(archs)})", source)
@@ -310,7 +332,7 @@ def _check_values(key: str, values: list, source: str) -> None:
     for v in values:
         cfg = {key: v}
         if key in ALL_ARCH_PARAMS:
-            cfg["arch"] = next(a for a, ps in ARCH_PARAMS.items() if key in ps)
+            cfg["arch"] = registry.param_owners(key)[0]
         try:
             TrainConfig.from_dict(cfg)
         except ConfigError as e:
@@ -325,7 +347,7 @@ def load_space(path: str | Path | None, fixed: dict | None = None) -> SearchSpac
     flag `space`; errors inside the space name the file and the key."""
     if path is None or str(path) in SPACES:
         name = DEFAULT_SPACE_NAME if path is None else str(path)
-        space = parse_space(SPACES[name], f"{name} space")
+        space = parse_space(builtin_space(name), f"{name} space")
     else:
         space = parse_space(load_mapping_file(path, "space"), str(path))
     return space.with_fixed(fixed) if fixed else space

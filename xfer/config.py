@@ -9,7 +9,10 @@ value is a ConfigError that names the key (with a close match when there is one)
 
 Architecture-specific keys (ARCH_PARAMS) are live only for their
 architecture: setting `beta` while `arch` is `dae` is an error, so no config
-carries an inert parameter.
+carries an inert parameter. They are declared with their encoder (xfer.registry,
+xfer.builtin): their names, defaults, types and valid ranges come from there, as
+do the architectures, the selection objectives and the peak representations a
+config may name. Reading a config imports no torch.
 """
 
 from __future__ import annotations
@@ -22,47 +25,38 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from . import registry
 from .errors import ConfigError
+from .registry import ALL_ARCH_PARAMS, ARCH_PARAMS, ARCHS, PEAK_REPRS, SELECTION_CANDIDATES, LiveNames, LiveSet
 
-ARCHS = ("dae", "vae", "contrastive", "hybrid", "mlp")
+# ARCHS, ARCH_PARAMS, ALL_ARCH_PARAMS, SELECTION_CANDIDATES and PEAK_REPRS come from the registrations
+# (xfer.registry): views that always show what is registered now, extensions included.
 # The divergence names: the one list config validation, the search space and the benches use.
 # xfer.losses.DIVERGENCES maps exactly these names to their functions (checked when it is imported;
 # kept here so that reading a config does not import torch).
 DIVERGENCES = ("mmd", "kl", "jensen", "coral")
 METRICS = ("balanced_accuracy", "accuracy", "macro_f1")
-# Model-selection objectives (xfer.selection computes them; named here so that reading a config
-# does not import torch): label-free candidates, "transfer" (the study's pick) and "auto".
-SELECTION_CANDIDATES = ("source_val", "entropy", "im", "snd", "iwcv", "dev", "agreement",
-                        "source_val_entropy", "source_val_im", "source_val_agreement")
-OBJECTIVES = ("auto", "transfer", *SELECTION_CANDIDATES)
+# Model-selection objectives: "auto", "transfer" (the study's pick) and the registered label-free
+# candidates (SELECTION_CANDIDATES; xfer.selection computes them).
+OBJECTIVES = LiveNames(lambda: (*registry.META_OBJECTIVES, *SELECTION_CANDIDATES))
 SOURCE_MODELS_BUILTIN = ("pca",)
 MAPPER_METHODS = ("exact", "overlap", "overlap_50pct", "nearest")
 IMPUTE = ("zero", "mean")
 PEAK_TRANSFORMS = ("tfidf", "binary", "log1p")
-PEAK_REPRS = ("peaks", "lsi", "joint_lsi", "none")
-
-# Parameters that only mean something for one architecture.
-ARCH_PARAMS: dict[str, tuple[str, ...]] = {
-    "dae": ("corruption", "lambda_recon"),
-    "vae": ("beta", "lambda_recon"),
-    "contrastive": ("temperature", "proj_dim", "aug_dropout", "lambda_contrastive"),
-    "hybrid": ("n_blocks", "hybrid_width"),
-    "mlp": (),
-}
-ALL_ARCH_PARAMS = frozenset(p for ps in ARCH_PARAMS.values() for p in ps)
 
 
 # Settings each member of a population has for itself: the scalars of the model, the losses and
 # the optimiser (xfer.train trains P configurations that differ only in these as one batched
 # model). Every other setting is the population's shape, the same for all of its members
-# (`shape_of`, `check_population`).
-MEMBER_KEYS = frozenset({
-    "dropout", "peak_dropout", "corruption", "beta", "lambda_recon", "temperature", "aug_dropout",
-    "lambda_contrastive",
+# (`shape_of`, `check_population`). An encoder's parameters are members' own when declared so
+# (xfer.registry.Param.member).
+_MEMBER_FIELDS = frozenset({
+    "dropout", "peak_dropout",
     "lambda_class", "lambda_target_class", "lambda_domain", "lambda_divergence", "lambda_balance",
     "lambda_entropy", "lambda_pseudo", "pseudo_fraction", "grl_gamma", "warmup_epochs", "label_smoothing",
     "lr", "weight_decay", "patience", "seed", "grad_clip",
 })
+MEMBER_KEYS = LiveSet(lambda: _MEMBER_FIELDS | {k for k, p in registry.all_params().items() if p.member})
 
 
 @dataclass(frozen=True)
@@ -77,16 +71,26 @@ class ModelConfig:
     dropout: float = 0.5
     peak_dropout: float = 0.2      # dropout on the peak input (all archs)
     randomized_dim: int = 1024     # CDAN randomised multilinear map width (used when C*latent > 4096)
-    # architecture-specific (live only for their arch; see ARCH_PARAMS)
-    corruption: float = 0.05       # dae: fraction of input entries zeroed
-    beta: float = 1.7              # vae: weight of KL(q(z|x) || N(0, I))
-    lambda_recon: float = 1.0      # dae / vae: weight of the reconstruction loss
-    temperature: float = 0.1       # contrastive: NT-Xent temperature
-    proj_dim: int = 128            # contrastive: projection size for NT-Xent
-    aug_dropout: float = 0.2       # contrastive: peak dropout augmentation of the accessibility view
-    lambda_contrastive: float = 1.0
-    n_blocks: int = 2              # hybrid: residual GELU blocks
-    hybrid_width: int = 2048       # hybrid: width of the residual blocks
+    # The architecture's own parameters (ARCH_PARAMS[arch], declared with its encoder: xfer.builtin for
+    # the built-in ones) as (name, value) pairs in their declared order; a parameter not given takes its
+    # declared default. Read as attributes (cfg.beta) or as the mapping `params`.
+    arch_params: tuple[tuple[str, typing.Any], ...] = ()
+
+    def __post_init__(self):
+        given = dict(self.arch_params)
+        if self.arch in ARCHS:   # an unknown arch keeps what it was given; validate() refuses it
+            given = {p.name: given.get(p.name, p.default) for p in registry.encoder(self.arch).params}
+        object.__setattr__(self, "arch_params", tuple(given.items()))
+
+    @property
+    def params(self) -> dict[str, typing.Any]:
+        return dict(self.arch_params)
+
+    def __getattr__(self, name: str):
+        for k, v in self.__dict__.get("arch_params", ()):
+            if k == name:
+                return v
+        raise AttributeError(f"ModelConfig of arch {self.__dict__.get('arch')!r} has no setting {name!r}")
 
 
 @dataclass(frozen=True)
@@ -161,28 +165,24 @@ class TrainConfig:
                   base: "TrainConfig | None" = None, allow_inert: bool = False) -> "TrainConfig":
         """Build (or update `base`) from flat or nested keys; validates everything.
 
-        allow_inert: accept parameters of other architectures (a checkpoint's full
-        config holds every field); user-given configs keep the default (refuse)."""
+        allow_inert: accept (and drop) parameters of other architectures (a checkpoint's config
+        may hold them); user-given configs keep the default (refuse)."""
         base = base or cls()
-        d = dict(d or {})
-        updates: dict[str, dict] = {s: {} for s in cls.SECTIONS}
-        for key, value in d.items():
+        updates: dict[str, dict] = {s: {} for s in (*cls.SECTIONS, "arch_params")}
+        for key, value in dict(d or {}).items():
             if key in cls.SECTIONS and isinstance(value, dict):
                 for k, v in value.items():
-                    if k not in _FIELD_TYPES[key]:
-                        raise ConfigError(f"{key}.{k}", _unknown_msg(k, _FIELD_TYPES[key]), source)
-                    updates[key][k] = v
+                    updates[_section_of(k, source, nested_in=key)][k] = v
                 continue
-            section = FLAT_KEYS.get(key)
-            if section is None:
-                raise ConfigError(key, _unknown_msg(key, FLAT_KEYS), source)
-            updates[section][ALIASES.get(key, key)] = value
+            updates[_section_of(key, source)][ALIASES.get(key, key)] = value
         given = {k for sec in updates.values() for k in sec}
         sections = {}
         for s in cls.SECTIONS:
-            cur = getattr(base, s)
             vals = {k: _coerce(k, v, _FIELD_TYPES[s][k], source) for k, v in updates[s].items()}
-            sections[s] = dataclasses.replace(cur, **vals)
+            if s == "model":  # the base's values of parameters the (new) arch shares, then the given ones
+                own = {k: _coerce(k, v, registry.all_params()[k].type, source) for k, v in updates["arch_params"].items()}
+                vals["arch_params"] = tuple({**base.model.params, **own}.items())
+            sections[s] = dataclasses.replace(getattr(base, s), **vals)
         cfg = cls(**sections)
         cfg.validate(source=source, given=set() if allow_inert else given)
         return cfg
@@ -200,17 +200,16 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ views
     def to_dict(self) -> dict:
-        """Nested dict of every value (what checkpoints store)."""
-        return {s: dataclasses.asdict(getattr(self, s)) for s in self.SECTIONS}
+        """Nested dict of every value (what checkpoints store); the model section holds the
+        architecture's own parameters beside its fields."""
+        return {s: _section_values(getattr(self, s)) for s in self.SECTIONS}
 
     def to_flat(self, live_only: bool = True) -> dict:
-        """Flat dict; with live_only, architecture parameters of other archs are left out."""
+        """Flat dict; without live_only it also holds every other registered architecture's
+        parameters, at their defaults (inert)."""
         out = {}
         for s in self.SECTIONS:
-            for k, v in dataclasses.asdict(getattr(self, s)).items():
-                if live_only and k in ALL_ARCH_PARAMS and k not in ARCH_PARAMS[self.model.arch]:
-                    continue
-                out[k] = list(v) if isinstance(v, tuple) else v
+            out.update(_section_values(getattr(self, s), every_arch=not live_only))
         return out
 
     def replace(self, **flat) -> "TrainConfig":
@@ -230,8 +229,8 @@ class TrainConfig:
         need(o.metric in METRICS, "metric", f"unknown metric {o.metric!r}; choose from {', '.join(METRICS)}")
         need(o.objective in OBJECTIVES, "objective", f"unknown {o.objective!r}; choose from {', '.join(OBJECTIVES)}")
         need(d.peak_repr in PEAK_REPRS, "peak_repr", f"unknown {d.peak_repr!r}; choose from {', '.join(PEAK_REPRS)}")
-        need(d.peak_repr != "none" or d.bin_size > 0, "peak_repr",
-             "'none' needs the coverage channel (bin_size > 0): the encoder would have no input")
+        need(registry.peak_repr(d.peak_repr).features or d.bin_size > 0, "peak_repr",
+             f"{d.peak_repr!r} needs the coverage channel (bin_size > 0): the encoder would have no input")
         need(d.lsi_components >= 2, "lsi_components", f"must be >= 2, got {d.lsi_components}")
         need(d.bin_size == 0 or d.bin_size >= 1000, "bin_size", f"must be 0 (off) or >= 1000 bp, got {d.bin_size}")
         need(d.bin_components >= 0, "bin_components", f"must be >= 0, got {d.bin_components}")
@@ -242,15 +241,14 @@ class TrainConfig:
         need(d.peak_impute_strategy in IMPUTE, "peak_impute_strategy",
              f"unknown {d.peak_impute_strategy!r}; choose from {', '.join(IMPUTE)}")
         for key in ("latent_dim", "hidden_dim", "n_layers", "proj_hidden", "cls_hidden", "disc_hidden",
-                    "randomized_dim", "proj_dim", "n_blocks", "hybrid_width"):
+                    "randomized_dim"):
             need(getattr(m, key) >= 1, key, f"must be >= 1, got {getattr(m, key)}")
-        for key in ("dropout", "peak_dropout", "corruption", "aug_dropout"):
+        for key in ("dropout", "peak_dropout"):
             v = getattr(m, key)
             need(0.0 <= v < 1.0, key, f"must be in [0, 1), got {v}")
-        need(m.beta >= 0, "beta", f"must be >= 0, got {m.beta}")
-        need(m.temperature > 0, "temperature", f"must be > 0, got {m.temperature}")
-        for key in ("lambda_recon", "lambda_contrastive"):
-            need(getattr(m, key) >= 0, key, f"must be >= 0, got {getattr(m, key)}")
+        for p in registry.encoder(m.arch).params:  # the ranges its encoder declares
+            problem = p.problem(getattr(m, p.name))
+            need(problem is None, p.name, problem)
         for f in fields(lo):
             if f.name.startswith("lambda_"):
                 v = getattr(lo, f.name)
@@ -294,16 +292,43 @@ def check_population(cfgs: "list[TrainConfig]", source: str | None = None) -> No
                                   "share every setting but their scalars (xfer.config.MEMBER_KEYS)", source)
 
 
+def _section_values(section, every_arch: bool = False) -> dict:
+    """A section's values by key; a ModelConfig's architecture parameters follow its fields (with
+    every_arch, every registered architecture's, in the registry's order, inert ones at their defaults)."""
+    out = {f.name: getattr(section, f.name) for f in fields(section) if f.name != "arch_params"}
+    if isinstance(section, ModelConfig):
+        own = section.params
+        out.update({k: own.get(k, p.default) for k, p in registry.all_params().items()} if every_arch else own)
+    return out
+
+
 _FIELD_TYPES: dict[str, dict[str, type]] = {
-    s: {f.name: typing.get_type_hints(cls)[f.name] for f in fields(cls)}
+    s: {f.name: typing.get_type_hints(cls)[f.name] for f in fields(cls) if f.name != "arch_params"}
     for s, cls in (("model", ModelConfig), ("loss", LossConfig), ("optim", OptimConfig), ("data", DataConfig))
 }
-FLAT_KEYS: dict[str, str] = {k: s for s, ks in _FIELD_TYPES.items() for k in ks}
-assert len(FLAT_KEYS) == sum(len(v) for v in _FIELD_TYPES.values()), "config key names must be unique"
+_FIELD_SECTION: dict[str, str] = {k: s for s, ks in _FIELD_TYPES.items() for k in ks}
+assert len(_FIELD_SECTION) == sum(len(v) for v in _FIELD_TYPES.values()), "config key names must be unique"
 # The original research code's spellings of the same settings.
 ALIASES = {"arch_type": "arch", "divergence_type": "divergence"}
-for _alias, _key in ALIASES.items():
-    FLAT_KEYS[_alias] = FLAT_KEYS[_key]
+# Every flat key (aliases and the registered architecture parameters included) -> its section.
+FLAT_KEYS = registry.LiveMapping(lambda: {**_FIELD_SECTION, **{a: _FIELD_SECTION[k] for a, k in ALIASES.items()},
+                                          **{k: "model" for k in registry.all_params()}})
+registry.reserve({*_FIELD_SECTION, *ALIASES, *TrainConfig.SECTIONS, "arch_params", "params"})
+
+
+def _section_of(key: str, source, nested_in: str | None = None) -> str:
+    """Where a given key goes: its section, or "arch_params" (an architecture parameter)."""
+    known = _FIELD_TYPES[nested_in] if nested_in else _FIELD_SECTION
+    if key in known:
+        return nested_in or known[key]
+    if not nested_in and key in ALIASES:
+        return _FIELD_SECTION[ALIASES[key]]
+    if nested_in in (None, "model") and key in ALL_ARCH_PARAMS:
+        return "arch_params"
+    if nested_in:
+        raise ConfigError(f"{nested_in}.{key}", _unknown_msg(key, [*known, *(ALL_ARCH_PARAMS if nested_in == "model"
+                                                                              else ())]), source)
+    raise ConfigError(key, _unknown_msg(key, FLAT_KEYS), source)
 
 
 # ----------------------------------------------------------------------------- shared helpers

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from . import losses as L
+from . import registry
 from .config import LossConfig
 from .model import CDANN
 from .model.encoders import per_member
@@ -37,18 +38,24 @@ LOSS_SCALARS = ("lambda_class", "lambda_target_class", "lambda_domain", "lambda_
                 "lambda_entropy", "lambda_pseudo", "label_smoothing")
 
 
-# Which weight of a member's config a loss part is scaled by (the encoders' parts: their ModelConfig's).
-PART_WEIGHTS = {"class_source": "lambda_class", "class_target": "lambda_target_class", "adversarial": "lambda_domain",
-                "divergence": "lambda_divergence", "balance": "lambda_balance", "entropy": "lambda_entropy",
-                "pseudo": "lambda_pseudo", "recon": "lambda_recon", "kl": "lambda_recon",
-                "contrastive": "lambda_contrastive"}
+# Which weight of a member's config a loss part is scaled by; the encoders' parts are weighted by the
+# parameters their registrations say (xfer.registry.Param.weighs).
+LOSS_PART_WEIGHTS = {"class_source": "lambda_class", "class_target": "lambda_target_class",
+                     "adversarial": "lambda_domain", "divergence": "lambda_divergence", "balance": "lambda_balance",
+                     "entropy": "lambda_entropy", "pseudo": "lambda_pseudo"}
+
+
+def part_weights() -> dict[str, str]:
+    """Every loss part -> the config key that weights it (the encoders' from the registry)."""
+    own = {part: k for k, p in registry.all_params().items() for part in p.weighs}
+    return {**LOSS_PART_WEIGHTS, **own}
 
 
 def unweighted_parts(cfg) -> set[str]:
     """The loss parts a configuration weights 0 (a run of it alone never computes them; in a
     population they are computed for the members that weight them, and left out of this one's record)."""
     flat = cfg.to_flat(live_only=False)
-    zero = {part for part, lam in PART_WEIGHTS.items() if flat.get(lam, 1.0) == 0}
+    zero = {part for part, lam in part_weights().items() if flat.get(lam, 1.0) == 0}
     return zero | {f"{p}_adapt" for p in zero}
 
 

@@ -9,13 +9,18 @@
     prepare_line      -> LineInputs of another line (e.g. the test line) for scoring
 
 What the peak encoder reads is configurable (DataConfig) and built from up to
-two channels, concatenated:
+two channels, concatenated: the peak channel, a `PeakRepr` strategy registered
+under its `peak_repr` name (xfer.registry; the built-in ones in xfer/builtin.py),
+and the coverage channel:
 
     peak_repr="peaks"  the filtered peaks, binarised x IDF (`peak_transform`);
                        deliberately not divided by the cell's total: total
                        accessibility grows with DNA content through S phase
     peak_repr="lsi"    LSI components: log TF-IDF -> truncated SVD fitted on the
                        training cells (Signac / GLUE-style input)
+    peak_repr="joint_lsi"  LSI of both lines' cells (each line's own IDF), fitted
+                       on the other line's unlabelled peaks too (transductive)
+    peak_repr="none"   no peak channel (the coverage channel alone)
     bin_size > 0       the coverage channel: fragments summed in genomic bins
                        (1 Mb by default), log of the share of the cell's total,
                        standardised with the line's own bin statistics and
@@ -39,6 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
+from . import registry
 from .config import DataConfig
 from .data.dataset import CellMatrix
 from .data.mapper import chrom_prefix_differs, map_dataset, strip_chr
@@ -97,6 +103,94 @@ def log_tfidf(X: sp.csr_matrix, idf: np.ndarray | None = None) -> tuple[sp.csr_m
     return B, idf
 
 
+class PeakRepr:
+    """A peak representation: how a line's counts on the kept peaks become the encoder's peak
+    channel. Fitted once on the training line's training cells (`fit`), it transforms any line
+    (`transform`); its fitted arrays are `arrays`, saved in checkpoints under the keys STATE
+    (beside the preprocessor's own). transductive: fitted on the other line's peaks too."""
+
+    STATE: tuple[str, ...] = ()
+    transductive = False
+
+    def __init__(self, cfg: DataConfig, arrays: dict | None = None):
+        self.cfg, self.arrays = cfg, dict(arrays or {})
+
+    def fit(self, pre: "PeakPreprocessor", kept: sp.csr_matrix, other: sp.csr_matrix | None) -> None:
+        """kept: the training cells' counts on the kept peaks; other: the other line's counts on
+        them (transductive representations only; None when no other line is given)."""
+
+    def transform(self, pre: "PeakPreprocessor", kept_counts: sp.csr_matrix):
+        """A line's peak channel (CSR or dense float32), or None for no channel."""
+        raise NotImplementedError
+
+    def state(self) -> dict:
+        return {k: self.arrays[k] for k in self.STATE if self.arrays.get(k) is not None}
+
+    @classmethod
+    def from_state(cls, cfg: DataConfig, state: dict) -> "PeakRepr":
+        return cls(cfg, {k: state[k] for k in cls.STATE})
+
+
+class PeaksRepr(PeakRepr):
+    """The filtered peaks, `peak_transform`ed with the preprocessor's IDF."""
+
+    def transform(self, pre, kept_counts):
+        return transform_peaks(kept_counts, pre.idf, self.cfg.peak_transform)
+
+
+def _lsi_basis(T: sp.csr_matrix, n_components: int) -> np.ndarray:
+    from sklearn.decomposition import TruncatedSVD
+
+    k = min(n_components, min(T.shape) - 1)
+    svd = TruncatedSVD(k, random_state=0, algorithm="randomized", n_iter=7).fit(T)
+    return svd.components_.astype(np.float32)
+
+
+class LSIRepr(PeakRepr):
+    """LSI of the training line: its log TF-IDF (its IDF kept for every line) -> truncated SVD."""
+
+    STATE = ("lsi_components", "lsi_idf")
+
+    def fit(self, pre, kept, other):
+        T, self.arrays["lsi_idf"] = log_tfidf(kept)
+        self.arrays["lsi_components"] = _lsi_basis(T, self.cfg.lsi_components)
+
+    def transform(self, pre, kept_counts):
+        a = self.arrays
+        return np.asarray(log_tfidf(kept_counts, a["lsi_idf"])[0] @ a["lsi_components"].T, np.float32)
+
+
+class JointLSIRepr(PeakRepr):
+    """One SVD of both lines' cells (the training cells of the training line and every cell of the
+    other line; no label is read), each line's log TF-IDF with its own IDF."""
+
+    STATE = ("lsi_components",)
+    transductive = True
+
+    def fit(self, pre, kept, other):
+        T = log_tfidf(kept)[0]
+        if other is not None:
+            T = sp.vstack([T, log_tfidf(other)[0]]).tocsr()
+        else:
+            log.info("joint_lsi without another line's peaks: the basis is the training line's alone")
+        self.arrays["lsi_components"] = _lsi_basis(T, self.cfg.lsi_components)
+
+    def transform(self, pre, kept_counts):  # the line's own IDF (label-free), the shared components
+        return np.asarray(log_tfidf(kept_counts)[0] @ self.arrays["lsi_components"].T, np.float32)
+
+
+class NoPeakRepr(PeakRepr):
+    """No peak channel: the encoder reads the coverage channel alone."""
+
+    def transform(self, pre, kept_counts):
+        return None
+
+
+def peak_repr_class(name: str) -> type[PeakRepr]:
+    """The strategy registered as `name` (DataConfig.peak_repr)."""
+    return registry.peak_repr(name).load()
+
+
 @dataclass
 class PeakPreprocessor:
     """Every peak-side transform, fitted on the training line's training cells."""
@@ -106,8 +200,7 @@ class PeakPreprocessor:
     kept_idx: np.ndarray | None = None
     idf: np.ndarray | None = None             # peaks channel (log1p(N / (1 + df)))
     col_mean: np.ndarray | None = None        # raw column means of kept peaks (for 'mean' imputation)
-    lsi_idf: np.ndarray | None = None
-    lsi_components: np.ndarray | None = None  # (k, n_kept)
+    channel: PeakRepr | None = None           # the fitted peak representation (cfg.peak_repr)
     bin_keys: np.ndarray | None = None
     bin_components: np.ndarray | None = None  # (k, n_bins) or None for raw bins
     n_peaks_before: int = 0
@@ -115,8 +208,8 @@ class PeakPreprocessor:
 
     def fit(self, tgt: CellMatrix, train_idx: np.ndarray, other: CellMatrix | None = None) -> "PeakPreprocessor":
         """Fit on the training line's training cells; `other`: another line's peaks (unlabelled),
-        which the transductive `joint_lsi` basis is fitted on as well."""
-        from sklearn.decomposition import PCA, TruncatedSVD
+        which a transductive representation (`joint_lsi`) is fitted on as well."""
+        from sklearn.decomposition import PCA
 
         c = self.cfg
         Xtr = tgt.X[train_idx]
@@ -133,22 +226,9 @@ class PeakPreprocessor:
         self.col_mean = np.asarray(kept.mean(axis=0)).ravel().astype(np.float32)
         log.info("peak filter %.3f kept %d of %d peaks (training cells only)", c.peak_filter, len(self.kept_idx),
                  tgt.n_features)
-        if c.peak_repr == "lsi":
-            T, self.lsi_idf = log_tfidf(kept)
-            k = min(c.lsi_components, min(T.shape) - 1)
-            svd = TruncatedSVD(k, random_state=0, algorithm="randomized", n_iter=7).fit(T)
-            self.lsi_components = svd.components_.astype(np.float32)
-        elif c.peak_repr == "joint_lsi":
-            # each line's log TF-IDF with its own IDF, one SVD of both lines' cells (the training
-            # cells of the training line and every cell of the other line; no label is read)
-            T = log_tfidf(kept)[0]
-            if other is not None:
-                T = sp.vstack([T, log_tfidf(self.map_counts(other))[0]]).tocsr()
-            else:
-                log.info("joint_lsi without another line's peaks: the basis is the training line's alone")
-            k = min(c.lsi_components, min(T.shape) - 1)
-            svd = TruncatedSVD(k, random_state=0, algorithm="randomized", n_iter=7).fit(T)
-            self.lsi_components = svd.components_.astype(np.float32)
+        self.channel = peak_repr_class(c.peak_repr)(c)
+        other_counts = self.map_counts(other) if other is not None and self.channel.transductive else None
+        self.channel.fit(self, kept, other_counts)
         if c.bin_size > 0:
             _, self.bin_keys = genomic_bins(parse_peak_names(tgt.features, tgt.source, "features"), c.bin_size)
             prof = self._bin_profile(tgt)
@@ -183,13 +263,8 @@ class PeakPreprocessor:
         channels) and its own peaks (for the coverage channel). Sparse when only the
         peaks channel is on, else dense float32."""
         c = self.cfg
-        parts = []
-        if c.peak_repr == "peaks":
-            parts.append(transform_peaks(kept_counts, self.idf, c.peak_transform))
-        elif c.peak_repr == "lsi":
-            parts.append(np.asarray(log_tfidf(kept_counts, self.lsi_idf)[0] @ self.lsi_components.T, np.float32))
-        elif c.peak_repr == "joint_lsi":  # the line's own IDF (label-free), the shared components
-            parts.append(np.asarray(log_tfidf(kept_counts)[0] @ self.lsi_components.T, np.float32))
+        channel = self.channel.transform(self, kept_counts)
+        parts = [] if channel is None else [channel]
         if c.bin_size > 0:
             prof = self._bin_profile(peaks)
             parts.append(prof @ self.bin_components.T if self.bin_components is not None else prof)
@@ -242,11 +317,8 @@ class PeakPreprocessor:
         """Rebuild a fitted preprocessor from `state()` (arrays as numpy or tensors)."""
         st = {k: (v.numpy() if hasattr(v, "numpy") else v) for k, v in state.items()}
         pre = cls(cfg, peak_names=np.asarray(st["peak_names"], dtype=object), idf=st["idf"], col_mean=st["col_mean"],
-                  n_peaks_before=int(st.get("n_peaks_before", 0)))
-        if cfg.peak_repr == "lsi":
-            pre.lsi_idf, pre.lsi_components = st["lsi_idf"], st["lsi_components"]
-        elif cfg.peak_repr == "joint_lsi":
-            pre.lsi_components = st["lsi_components"]
+                  n_peaks_before=int(st.get("n_peaks_before", 0)),
+                  channel=peak_repr_class(cfg.peak_repr).from_state(cfg, st))
         if cfg.bin_size > 0:
             pre.bin_keys = np.asarray(st["bin_keys"]).astype(str)
             pre.bin_components = st.get("bin_components")
@@ -255,11 +327,7 @@ class PeakPreprocessor:
     def state(self) -> dict:
         """Everything needed to featurise new cells (numpy arrays; checkpoints convert them)."""
         out = {"peak_names": list(map(str, self.peak_names)), "idf": self.idf, "col_mean": self.col_mean,
-               "n_peaks_before": self.n_peaks_before}
-        if self.lsi_components is not None:
-            out["lsi_components"] = self.lsi_components
-        if self.lsi_idf is not None:
-            out["lsi_idf"] = self.lsi_idf
+               "n_peaks_before": self.n_peaks_before, **self.channel.state()}
         if self.bin_keys is not None:
             out["bin_keys"] = list(map(str, self.bin_keys))
             if self.bin_components is not None:

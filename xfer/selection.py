@@ -1,9 +1,10 @@
 """Label-free model selection for transfer: which epoch and which trial to keep.
 
-Every epoch the training loop computes each candidate below from what it may
-see: the training line's labelled validation cells and the test line's
-*unlabelled* cells (its accessibility; its expression when --test_csv is
-given). No test-line label reaches any of them. Higher is better for all.
+Every epoch the training loop computes each registered candidate (xfer.registry; the built-in
+ones below are registered in xfer/builtin.py) from what it may see: the training line's
+labelled validation cells and the test line's *unlabelled* cells (its accessibility; its
+expression when --test_csv is given), gathered in a `SelectionInputs`. No test-line label
+reaches any of them. Higher is better for all.
 
     source_val            the training line's PEAK validation metric (no transfer signal)
     entropy               1 - mean entropy of the test line's PEAK predictions / log C
@@ -26,10 +27,12 @@ given). No test-line label reaches any of them. Higher is better for all.
     source_val_im         the mean of source_val and im
     source_val_agreement  the mean of source_val and agreement
 
-A population (xfer.train.Population) computes every candidate of all its members at once
-(`candidate_values_members`: the same formulas batched over a leading member axis, one Newton
-solve for every member's domain classifier), so validating P members costs a few kernels and
-host round trips per candidate rather than P times as many.
+Each candidate has two functions: `<name>_value` scores one member (`candidate_values`, the
+formulas as written) and `<name>_members` every member of a population (xfer.train.Population)
+at once (`candidate_values_members`: the same formulas batched over a leading member axis, one
+Newton solve for every member's domain classifier), so validating P members costs a few kernels
+and host round trips per candidate rather than P times as many. The means (source_val_<x>) are
+computed from the others' values on the host.
 
 `objective=transfer` is the candidate the study `bench/bench_selection.py` chose on
 development pairs by its fixed rule (TRANSFER: `agreement`, and `iwcv` when the test line's
@@ -48,15 +51,19 @@ compute the same ones); tests/test_selection.py checks each against its definiti
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from . import registry
 from .config import OBJECTIVES, SELECTION_CANDIDATES as CANDIDATES
 from .errors import ConfigError
 
-NEEDS_TEST_GEX = frozenset({"agreement", "source_val_agreement"})
+# The candidates that need the test line's expression (from their registrations).
+NEEDS_TEST_GEX = registry.LiveSet(lambda: frozenset(n for n, s in registry.objectives().items()
+                                                    if "test_gex" in s.needs))
 # The study's picks (bench/bench_selection.py, BENCHMARKS.md): the lowest mean selection regret
 # on the development pairs, among all candidates and among those that need no test expression.
 TRANSFER = {"with_expression": "agreement", "peaks_only": "iwcv"}
@@ -76,10 +83,11 @@ def resolve(objective: str, adapting: bool, has_test_gex: bool) -> str:
             raise ConfigError("objective", "'transfer' needs the test line's peaks (--sup_peak_csv) and "
                               "adapt_test_peaks; without them use source_val")
         return TRANSFER["with_expression" if has_test_gex else "peaks_only"]
-    if objective != "source_val" and not adapting:
+    needs = registry.objective(objective).needs
+    if "test_peaks" in needs and not adapting:
         raise ConfigError("objective", f"{objective!r} scores the test line's unlabelled cells: give "
                           "--sup_peak_csv (and keep adapt_test_peaks on)")
-    if objective in NEEDS_TEST_GEX and not has_test_gex:
+    if "test_gex" in needs and not has_test_gex:
         raise ConfigError("objective", f"{objective!r} needs the test line's expression (--test_csv)")
     return objective
 
@@ -90,11 +98,109 @@ def resolve_for(cfg, test_peaks: bool, test_gex: bool) -> str:
     return resolve(cfg.optim.objective, test_peaks and cfg.data.adapt_test_peaks, test_gex)
 
 
-def available(adapting: bool, has_test_gex: bool) -> tuple[str, ...]:
-    """The candidates a run can compute."""
-    if not adapting:
-        return ("source_val",)
-    return tuple(c for c in CANDIDATES if has_test_gex or c not in NEEDS_TEST_GEX)
+# ----------------------------------------------------------------------------- what a candidate reads
+
+@dataclass
+class SelectionInputs:
+    """What the selection candidates of one epoch may read. p_*: class probabilities, z_*: PEAK
+    latents; *_val: the training line's validation cells (labels y_val), z_train: (a subset of) its
+    training cells, *_test: the test line's cells (unlabelled), p_test_gex: the expression head on
+    the same test cells; snd_rows: the test rows SND and the domain classifier use (None: all).
+    One member's tensors, or (`members`) every member's with a leading member axis [P, ...]
+    (y_val [n] is shared; snd_rows [P, k]). `cached` keeps what several candidates share."""
+
+    source_val: float | list[float]
+    y_val: Tensor | None = None
+    p_val: Tensor | None = None
+    z_val: Tensor | None = None
+    z_train: Tensor | None = None
+    p_test: Tensor | None = None
+    z_test: Tensor | None = None
+    p_test_gex: Tensor | None = None
+    snd_rows: Tensor | None = None
+    members: bool = False
+    chunk: int = 8                      # members whose SND similarity matrices are built at once
+    cache: dict = field(default_factory=dict, repr=False)
+
+    def given(self) -> frozenset[str]:
+        """Which of registry.NEEDS these inputs hold."""
+        if self.p_test is None:
+            return frozenset()
+        needed = {"y_val": self.y_val, "p_val": self.p_val, "z_val": self.z_val, "z_train": self.z_train,
+                  "z_test": self.z_test}
+        missing = [k for k, v in needed.items() if v is None]
+        if missing:
+            raise ValueError(f"selection: p_test is given without {', '.join(missing)}")
+        return frozenset({"test_peaks"} | ({"test_gex"} if self.p_test_gex is not None else set()))
+
+    def cached(self, key: str, make):
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
+
+    def member(self, m: int) -> "SelectionInputs":
+        """Member m's inputs (of inputs with a member axis)."""
+        one = {k: (v if k == "y_val" or v is None else v[m]) for k, v in vars(self).items()
+               if k not in ("source_val", "members", "chunk", "cache")}
+        return SelectionInputs(self.source_val[m], **one)
+
+    def test_subset(self, t: Tensor) -> Tensor:
+        """The test rows SND and the domain classifier use, of t ([n, ...], or [P, n, ...] for members)."""
+        if self.snd_rows is None:
+            return t
+        if not self.members:
+            return t[self.snd_rows]
+        return t.gather(1, self.snd_rows.unsqueeze(2).expand(-1, -1, t.shape[2]))
+
+
+def candidate_values(source_val: float, *, y_val: Tensor | None = None, p_val: Tensor | None = None,
+                     z_val: Tensor | None = None, z_train: Tensor | None = None, p_test: Tensor | None = None,
+                     z_test: Tensor | None = None, p_test_gex: Tensor | None = None,
+                     snd_rows: Tensor | None = None) -> dict[str, float]:
+    """Every registered candidate computable from what is given (see SelectionInputs), for one member."""
+    x = SelectionInputs(source_val, y_val=y_val, p_val=p_val, z_val=z_val, z_train=z_train, p_test=p_test,
+                        z_test=z_test, p_test_gex=p_test_gex, snd_rows=snd_rows)
+    specs = _computable(x)
+    values = {n: float(s.value_fn()(x)) for n, s in specs.items() if not s.mean_of}
+    return _with_means(values, specs)
+
+
+def candidate_values_members(source_val: list[float], *, y_val: Tensor | None = None, p_val: Tensor | None = None,
+                             z_val: Tensor | None = None, z_train: Tensor | None = None,
+                             p_test: Tensor | None = None, z_test: Tensor | None = None,
+                             p_test_gex: Tensor | None = None, snd_rows: Tensor | None = None,
+                             chunk: int = 8) -> list[dict[str, float]]:
+    """`candidate_values` for P members at once (a population, xfer.train.Population): every
+    tensor has a leading member axis ([P, ...]; y_val [n] is shared), snd_rows [P, k] each
+    member's fixed subset of test rows. The same formulas on the same numbers, batched (a
+    candidate registered without a batched function runs member by member); tests/test_selection.py
+    checks them member by member against `candidate_values`. Returns one dict per member."""
+    x = SelectionInputs(source_val, y_val=y_val, p_val=p_val, z_val=z_val, z_train=z_train, p_test=p_test,
+                        z_test=z_test, p_test_gex=p_test_gex, snd_rows=snd_rows, members=True, chunk=chunk)
+    specs = _computable(x)
+    cols = {}
+    for name, spec in specs.items():
+        if spec.mean_of:
+            continue
+        batched = spec.members_fn()
+        cols[name] = batched(x) if batched is not None else [spec.value_fn()(x.member(m))
+                                                             for m in range(len(source_val))]
+    host = {k: (v.double().cpu().tolist() if isinstance(v, Tensor) else list(v)) for k, v in cols.items()}
+    return [_with_means({k: float(v[m]) for k, v in host.items()}, specs) for m in range(len(source_val))]
+
+
+def _computable(x: SelectionInputs) -> dict:
+    """The registered candidates whose needs the inputs meet, in the registry's order."""
+    given = x.given()
+    return {n: s for n, s in registry.objectives().items() if s.needs <= given}
+
+
+def _with_means(values: dict[str, float], specs: dict) -> dict[str, float]:
+    """values with the mean candidates added, every candidate in the registry's order."""
+    for name, spec in specs.items():
+        if spec.mean_of:
+            values[name] = sum(values[n] for n in spec.mean_of) / len(spec.mean_of)
+    return {n: values[n] for n in specs}
 
 
 # ----------------------------------------------------------------------------- the scores (pure)
@@ -127,44 +233,19 @@ def soft_neighbourhood_density(p: Tensor, temperature: float = SND_TEMPERATURE) 
     return float(-(q * q.clamp_min(1e-30).log()).sum(1).mean())
 
 
-def domain_weights(z_train: Tensor, z_test: Tensor, z_eval: Tensor, iters: int = 50,
-                   l2: float = 1e-3, solver: str = "newton") -> Tensor:
+def domain_weights(z_train: Tensor, z_test: Tensor, z_eval: Tensor, iters: int = 50, l2: float = 1e-3) -> Tensor:
     """Importance weights p(test | z) / p(train | z) * n_train / n_test of the rows z_eval, from an
-    L2-regularised logistic domain classifier fitted on z_train (0) vs z_test (1); the features
-    are standardised with the pooled statistics. solver: "newton" (damped Newton to convergence,
-    at most `iters` steps, typically 5-10) or "lbfgs" (at most `iters` L-BFGS iterations,
-    strong-Wolfe line search; the solver before issue 15). They reach the same optimum; on a
-    GPU (an H200, research-sized `adapt` validation) Newton's few large kernels took 8-9 ms where
-    L-BFGS's thousands of small ones took 180-270 ms (bench/bench_gpu_epoch.py, BENCHMARKS.md)."""
+    L2-regularised logistic domain classifier fitted on z_train (0) vs z_test (1) by damped Newton
+    steps (to convergence, at most `iters`, typically 5-10); the features are standardised with
+    the pooled statistics."""
     X = torch.cat([z_train, z_test]).float()
     mu, sd = X.mean(0), X.std(0).clamp_min(1e-6)
     X = (X - mu) / sd
     y = torch.cat([torch.zeros(len(z_train)), torch.ones(len(z_test))]).to(X.device)
-    if solver == "newton":
-        w, b = _logistic_newton(X, y, l2, iters)
-    elif solver == "lbfgs":
-        w, b = _logistic_lbfgs(X, y, l2, iters)
-    else:
-        raise ValueError(f"domain_weights: unknown solver {solver!r} (lbfgs, newton)")
+    w, b = _logistic_newton(X, y, l2, iters)
     with torch.no_grad():
         logit = ((z_eval.float() - mu) / sd) @ w + b
         return logit.clamp(-20, 20).exp() * (len(z_train) / len(z_test))
-
-
-def _logistic_lbfgs(X: Tensor, y: Tensor, l2: float, iters: int) -> tuple[Tensor, Tensor]:
-    with torch.enable_grad():
-        w = torch.zeros(X.shape[1], device=X.device, requires_grad=True)
-        b = torch.zeros((), device=X.device, requires_grad=True)
-        opt = torch.optim.LBFGS([w, b], max_iter=iters, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(X @ w + b, y) + l2 * (w * w).sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-    return w.detach(), b.detach()
 
 
 def _logistic_newton(X: Tensor, y: Tensor, l2: float, iters: int, tol: float = 1e-7) -> tuple[Tensor, Tensor]:
@@ -199,8 +280,6 @@ def agreement(p_peak: Tensor, p_gex: Tensor) -> float:
     return iwcv_balanced_accuracy(ref, pred, torch.ones_like(ref, dtype=torch.float32))
 
 
-# ----------------------------------------------------------------------------- all of them
-
 def subset(n: int, seed: int, k: int = MAX_CELLS) -> np.ndarray:
     """A fixed random subset of at most k of n rows (the same every epoch)."""
     if n <= k:
@@ -208,36 +287,100 @@ def subset(n: int, seed: int, k: int = MAX_CELLS) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
 
 
-def candidate_values(source_val: float, *, y_val: Tensor | None = None, p_val: Tensor | None = None,
-                     z_val: Tensor | None = None, z_train: Tensor | None = None, p_test: Tensor | None = None,
-                     z_test: Tensor | None = None, p_test_gex: Tensor | None = None,
-                     snd_rows: Tensor | None = None) -> dict[str, float]:
-    """Every candidate computable from what is given. p_*: class probabilities, z_*: PEAK latents;
-    *_val: the training line's validation cells (with their labels y_val), z_train: (a subset of)
-    its training cells, *_test: the test line's cells (unlabelled), p_test_gex: the expression
-    head on the same test cells; snd_rows: the test rows SND uses."""
-    out = {"source_val": float(source_val)}
-    if p_test is None:
-        return out
-    out["entropy"] = entropy_score(p_test)
-    out["im"] = information_maximisation(p_test)
-    out["snd"] = soft_neighbourhood_density(p_test if snd_rows is None else p_test[snd_rows])
-    if z_val is not None and z_train is not None and z_test is not None:
-        zt = z_test if snd_rows is None else z_test[snd_rows]
-        w = domain_weights(z_train, zt, z_val)
-        pred = p_val.argmax(1)
-        out["iwcv"] = iwcv_balanced_accuracy(y_val, pred, w)
-        ce = -p_val.float().clamp_min(1e-12).log().gather(1, y_val.view(-1, 1)).squeeze(1)
-        out["dev"] = -dev_risk(ce, w)
-    if p_test_gex is not None:
-        out["agreement"] = agreement(p_test, p_test_gex)
-    for other in ("entropy", "im", "agreement"):
-        if other in out:
-            out[f"source_val_{other}"] = 0.5 * (out["source_val"] + out[other])
-    return out
+# ----------------------------------------------------------------------------- the candidates, one member
+# (registered in xfer/builtin.py; x: SelectionInputs of one member)
+
+def entropy_value(x: SelectionInputs) -> float:
+    return entropy_score(x.p_test)
 
 
-# ----------------------------------------------------------------------------- a population's members at once
+def im_value(x: SelectionInputs) -> float:
+    return information_maximisation(x.p_test)
+
+
+def snd_value(x: SelectionInputs) -> float:
+    return soft_neighbourhood_density(x.test_subset(x.p_test))
+
+
+def _weights(x: SelectionInputs) -> Tensor:
+    """The validation cells' importance weights (one domain classifier for iwcv and dev)."""
+    return x.cached("weights", lambda: domain_weights(x.z_train, x.test_subset(x.z_test), x.z_val))
+
+
+def iwcv_value(x: SelectionInputs) -> float:
+    return iwcv_balanced_accuracy(x.y_val, x.p_val.argmax(1), _weights(x))
+
+
+def dev_value(x: SelectionInputs) -> float:
+    ce = -x.p_val.float().clamp_min(1e-12).log().gather(1, x.y_val.view(-1, 1)).squeeze(1)
+    return -dev_risk(ce, _weights(x))
+
+
+def agreement_value(x: SelectionInputs) -> float:
+    return agreement(x.p_test, x.p_test_gex)
+
+
+# ----------------------------------------------------------------------------- the candidates, every member at once
+# (x: SelectionInputs with a member axis; each returns [P])
+
+def entropy_members(x: SelectionInputs) -> Tensor:
+    return 1.0 - _entropy_rows(x.p_test).mean(1) / math.log(x.p_test.shape[-1])
+
+
+def im_members(x: SelectionInputs) -> Tensor:
+    p = x.p_test
+    return (_entropy_rows(p.float().mean(1)) - _entropy_rows(p).mean(1)) / math.log(p.shape[-1])
+
+
+def snd_members(x: SelectionInputs) -> Tensor:
+    """SND of each member, the similarity matrices of `x.chunk` members at a time."""
+    p_test, P = x.p_test, x.p_test.shape[0]
+    rows = x.snd_rows if x.snd_rows is not None else torch.arange(p_test.shape[1], device=p_test.device).expand(P, -1)
+    snd = []
+    for s in range(0, P, x.chunk):
+        p_sub = p_test[s:s + x.chunk].gather(1, rows[s:s + x.chunk].unsqueeze(2).expand(-1, -1, p_test.shape[2]))
+        f = torch.nn.functional.normalize(p_sub.float(), dim=2)
+        sim = torch.bmm(f, f.transpose(1, 2)) / SND_TEMPERATURE
+        sim.diagonal(dim1=1, dim2=2).fill_(-math.inf)
+        q = torch.softmax(sim, dim=2)
+        snd.append(-(q * q.clamp_min(1e-30).log()).sum(2).mean(1))
+    return torch.cat(snd)
+
+
+def _weights_members(x: SelectionInputs) -> Tensor:
+    """`_weights` of every member [P, n_val]: one Newton solve for all members' domain classifiers."""
+    def make():
+        z_train, zt = x.z_train, x.test_subset(x.z_test)
+        X = torch.cat([z_train, zt], 1).float()
+        mu, sd = X.mean(1, keepdim=True), X.std(1, keepdim=True).clamp_min(1e-6)
+        y = torch.cat([torch.zeros(z_train.shape[1]), torch.ones(zt.shape[1])]).to(X.device)
+        theta = _logistic_newton_members((X - mu) / sd, y, 1e-3, 50)
+        logit = torch.bmm((x.z_val.float() - mu) / sd, theta[:, :-1].unsqueeze(2)).squeeze(2) + theta[:, -1:]
+        return logit.clamp(-20, 20).exp() * (z_train.shape[1] / zt.shape[1])
+    return x.cached("weights", make)
+
+
+def iwcv_members(x: SelectionInputs) -> Tensor:
+    return _balanced_agreement(x.y_val, x.p_val.argmax(2), _weights_members(x))
+
+
+def dev_members(x: SelectionInputs) -> Tensor:
+    w, P = _weights_members(x), x.p_val.shape[0]
+    ce = -x.p_val.float().clamp_min(1e-12).log().gather(2, x.y_val.view(1, -1, 1).expand(P, -1, 1)).squeeze(2)
+    wl, wd = (w * ce).double(), w.double()
+    var = wd.var(1)
+    cov = ((wl - wl.mean(1, keepdim=True)) * (wd - wd.mean(1, keepdim=True))).sum(1) / (wd.shape[1] - 1)
+    eta = torch.where(var == 0, torch.zeros_like(var), -cov / torch.where(var == 0, torch.ones_like(var), var))
+    return -(wl.mean(1) + eta * wd.mean(1) - eta)
+
+
+def agreement_members(x: SelectionInputs) -> Tensor:
+    p_test = x.p_test
+    return _balanced_agreement(x.p_test_gex.argmax(2), p_test.argmax(2), None,
+                               classes=torch.arange(p_test.shape[2], device=p_test.device))
+
+
+# ----------------------------------------------------------------------------- batched helpers
 
 @torch.no_grad()
 def _logistic_newton_members(X: Tensor, y: Tensor, l2: float, iters: int, tol: float = 1e-7) -> Tensor:
@@ -315,60 +458,3 @@ def _balanced_agreement(ref: Tensor, pred: Tensor, weights: Tensor | None, class
         total = total + has * ((pred == c).float() * w * m).sum(1) / den.clamp_min(1e-12)
         present = present + has
     return total / present.clamp_min(1)
-
-
-def candidate_values_members(source_val: list[float], *, y_val: Tensor | None = None, p_val: Tensor | None = None,
-                             z_val: Tensor | None = None, z_train: Tensor | None = None,
-                             p_test: Tensor | None = None, z_test: Tensor | None = None,
-                             p_test_gex: Tensor | None = None, snd_rows: Tensor | None = None,
-                             chunk: int = 8) -> list[dict[str, float]]:
-    """`candidate_values` for P members at once (a population, xfer.train.Population): every
-    tensor has a leading member axis ([P, ...]; y_val [n] is shared), snd_rows [P, k] each
-    member's fixed subset of test rows. The same formulas on the same numbers, batched (the SND
-    similarity matrices `chunk` members at a time); tests/test_selection.py checks them
-    member by member against `candidate_values`. Returns one dict per member."""
-    out = [{"source_val": float(v)} for v in source_val]
-    if p_test is None:
-        return out
-    P, log_c = p_test.shape[0], math.log(p_test.shape[-1])
-    cols: dict[str, Tensor] = {}
-    cols["entropy"] = 1.0 - _entropy_rows(p_test).mean(1) / log_c
-    cols["im"] = (_entropy_rows(p_test.float().mean(1)) - _entropy_rows(p_test).mean(1)) / log_c
-    rows = snd_rows if snd_rows is not None else torch.arange(p_test.shape[1], device=p_test.device).expand(P, -1)
-    snd = []
-    for s in range(0, P, chunk):
-        p_sub = p_test[s:s + chunk].gather(1, rows[s:s + chunk].unsqueeze(2).expand(-1, -1, p_test.shape[2]))
-        f = torch.nn.functional.normalize(p_sub.float(), dim=2)
-        sim = torch.bmm(f, f.transpose(1, 2)) / SND_TEMPERATURE
-        sim.diagonal(dim1=1, dim2=2).fill_(-math.inf)
-        q = torch.softmax(sim, dim=2)
-        snd.append(-(q * q.clamp_min(1e-30).log()).sum(2).mean(1))
-    cols["snd"] = torch.cat(snd)
-    if z_val is not None and z_train is not None and z_test is not None:
-        zt = z_test.gather(1, rows.unsqueeze(2).expand(-1, -1, z_test.shape[2])) if snd_rows is not None else z_test
-        X = torch.cat([z_train, zt], 1).float()
-        mu, sd = X.mean(1, keepdim=True), X.std(1, keepdim=True).clamp_min(1e-6)
-        y = torch.cat([torch.zeros(z_train.shape[1]), torch.ones(zt.shape[1])]).to(X.device)
-        theta = _logistic_newton_members((X - mu) / sd, y, 1e-3, 50)
-        logit = torch.bmm((z_val.float() - mu) / sd, theta[:, :-1].unsqueeze(2)).squeeze(2) + theta[:, -1:]
-        w = logit.clamp(-20, 20).exp() * (z_train.shape[1] / zt.shape[1])
-        pred = p_val.argmax(2)
-        cols["iwcv"] = _balanced_agreement(y_val, pred, w)
-        ce = -p_val.float().clamp_min(1e-12).log().gather(2, y_val.view(1, -1, 1).expand(P, -1, 1)).squeeze(2)
-        wl, wd = (w * ce).double(), w.double()
-        var = wd.var(1)
-        cov = ((wl - wl.mean(1, keepdim=True)) * (wd - wd.mean(1, keepdim=True))).sum(1) / (wd.shape[1] - 1)
-        eta = torch.where(var == 0, torch.zeros_like(var), -cov / torch.where(var == 0, torch.ones_like(var), var))
-        cols["dev"] = -(wl.mean(1) + eta * wd.mean(1) - eta)
-    if p_test_gex is not None:
-        cols["agreement"] = _balanced_agreement(p_test_gex.argmax(2), p_test.argmax(2), None,
-                                                classes=torch.arange(p_test.shape[2], device=p_test.device))
-    host = {k: v.double().cpu().tolist() for k, v in cols.items()}   # one transfer for every member
-    for m, d in enumerate(out):
-        for k in ("entropy", "im", "snd", "iwcv", "dev", "agreement"):
-            if k in host:
-                d[k] = float(host[k][m])
-        for other in ("entropy", "im", "agreement"):
-            if other in d:
-                d[f"source_val_{other}"] = 0.5 * (d["source_val"] + d[other])
-    return out

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .. import losses as L
 from ..config import ModelConfig
 from ..phases import N_PHASES
-from .encoders import ENCODERS, EncoderOutput, PeakEncoder
+from .encoders import EncoderOutput, PeakEncoder, encoder_class
 from .layers import Noise, PDropout, PLayerNorm, PLinear, grad_reverse, mlp
 
 FULL_MAP_LIMIT = 4096  # classes x features above this use the randomised multilinear map
@@ -65,7 +65,7 @@ class CDANN(nn.Module):
         self.src_norm = LineNorm(P, emb_dim)
         self.peak_norm = LineNorm(P, n_peaks)
         self.projection = mlp(P, [emb_dim, cfg.proj_hidden, cfg.latent_dim], rates, self.noise)
-        self.encoder: PeakEncoder = ENCODERS[cfg.arch](n_peaks, cfgs, self.noise)
+        self.encoder: PeakEncoder = encoder_class(cfg.arch)(n_peaks, cfgs, self.noise)
         self.classifier = mlp(P, [cfg.latent_dim, cfg.cls_hidden, N_PHASES], rates, self.noise)
         self.use_cdann = use_cdann
         self.randomized = use_cdann and N_PHASES * cfg.latent_dim > FULL_MAP_LIMIT

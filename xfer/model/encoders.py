@@ -1,5 +1,7 @@
-"""The five peak encoders. Each maps (normalised) accessibility to the shared space
-and owns its objective, trained and weighted by config:
+"""The five built-in peak encoders. Each maps (normalised) accessibility to the shared space
+and owns its objective, trained and weighted by config. Each is registered, with its own
+parameters (defaults, ranges, search-space entries), in xfer/builtin.py; `encoder_class`
+gives the class a config's `arch` names (an extension's encoder too: xfer.registry):
 
     dae          input corruption + reconstruction through a decoder
     vae          reparameterised latent, beta-weighted KL + reconstruction;
@@ -11,7 +13,8 @@ and owns its objective, trained and weighted by config:
 
 Every encoder is a population of P same-shape encoders (`xfer.model.layers`): inputs
 [P, n, peaks] (or [n, peaks], shared), latents [P, n, latent]; its own weights (lambda_recon,
-beta, temperature, ...) and corruption rates are per member.
+beta, temperature, ...) and corruption rates are per member: `hp` holds peak_dropout and the
+parameters its registration declares `member=True`, read from each member's ModelConfig.
 
 Interface: `perturb(x)` (training-time corruption of the line-standardised input:
 masking noise, a masked entry set to 0 = the line's mean), `forward(x) -> EncoderOutput`,
@@ -30,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import losses as L
+from .. import registry
 from ..config import ModelConfig
 from .layers import MemberScalars, Noise, PDropout, PLayerNorm, PLinear, ResidualBlock, drop_entries, mlp
 
@@ -46,14 +50,20 @@ def per_member(fn, *args):
     return torch.vmap(fn)(*args)
 
 
+def encoder_class(arch: str) -> type["PeakEncoder"]:
+    """The encoder class registered as `arch` (imported on first use)."""
+    return registry.encoder(arch).load()
+
+
 class PeakEncoder(nn.Module):
-    arch = "base"
-    SCALARS: tuple[str, ...] = ("peak_dropout",)   # per-member ModelConfig fields this encoder reads
+    """Built from the members' ModelConfigs (one arch: the first's); `hp` holds each member's
+    peak_dropout and the member parameters of its arch's registration."""
 
     def __init__(self, n_peaks: int, cfgs: Sequence[ModelConfig], noise: Noise):
         super().__init__()
         self.n_peaks, self.cfg, self.noise, self.size = n_peaks, cfgs[0], noise, len(cfgs)
-        self.hp = MemberScalars({k: [getattr(c, k) for c in cfgs] for k in self.SCALARS})
+        scalars = ("peak_dropout", *registry.encoder(self.cfg.arch).member_params())
+        self.hp = MemberScalars({k: [getattr(c, k) for c in cfgs] for k in scalars})
 
     def perturb(self, x: Tensor) -> Tensor:
         return drop_entries(self.noise, x, self.hp.peak_dropout, self.hp.values["peak_dropout"])
@@ -70,8 +80,6 @@ def _hidden(cfg: ModelConfig) -> list[int]:
 
 
 class MLPEncoder(PeakEncoder):
-    arch = "mlp"
-
     def __init__(self, n_peaks: int, cfgs: Sequence[ModelConfig], noise: Noise):
         super().__init__(n_peaks, cfgs, noise)
         cfg = self.cfg
@@ -88,9 +96,6 @@ def _recon(enc: PeakEncoder, decoder: nn.Module, z: Tensor, x_clean: Tensor) -> 
 
 
 class DAEEncoder(MLPEncoder):
-    arch = "dae"
-    SCALARS = ("peak_dropout", "corruption", "lambda_recon")
-
     def __init__(self, n_peaks: int, cfgs: Sequence[ModelConfig], noise: Noise):
         super().__init__(n_peaks, cfgs, noise)
         self.decoder = mlp(self.size, [self.cfg.latent_dim, *reversed(_hidden(self.cfg)), n_peaks],
@@ -104,9 +109,6 @@ class DAEEncoder(MLPEncoder):
 
 
 class VAEEncoder(PeakEncoder):
-    arch = "vae"
-    SCALARS = ("peak_dropout", "beta", "lambda_recon")
-
     def __init__(self, n_peaks: int, cfgs: Sequence[ModelConfig], noise: Noise):
         super().__init__(n_peaks, cfgs, noise)
         cfg, rates = self.cfg, [c.dropout for c in cfgs]
@@ -136,9 +138,6 @@ class VAEEncoder(PeakEncoder):
 
 
 class ContrastiveEncoder(MLPEncoder):
-    arch = "contrastive"
-    SCALARS = ("peak_dropout", "aug_dropout", "temperature", "lambda_contrastive")
-
     def __init__(self, n_peaks: int, cfgs: Sequence[ModelConfig], noise: Noise):
         super().__init__(n_peaks, cfgs, noise)
         cfg = self.cfg
@@ -158,8 +157,6 @@ class ContrastiveEncoder(MLPEncoder):
 
 
 class HybridEncoder(PeakEncoder):
-    arch = "hybrid"
-
     def __init__(self, n_peaks: int, cfgs: Sequence[ModelConfig], noise: Noise):
         super().__init__(n_peaks, cfgs, noise)
         cfg, rates, P = self.cfg, [c.dropout for c in cfgs], self.size
@@ -171,7 +168,3 @@ class HybridEncoder(PeakEncoder):
     def forward(self, x: Tensor) -> EncoderOutput:
         return EncoderOutput(self.out(self.blocks(self.inp(x))))
 
-
-ENCODERS: dict[str, type[PeakEncoder]] = {
-    cls.arch: cls for cls in (DAEEncoder, VAEEncoder, ContrastiveEncoder, HybridEncoder, MLPEncoder)
-}
