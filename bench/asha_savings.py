@@ -75,7 +75,7 @@ GOAL = 0.35                    # the fraction the issue asks for
 GRID_GRACE = (1, 2, 3, 4, 5)
 GRID_RF = (2, 3, 4)
 KEEP = ("epoch", "objective", "best_objective", "best_epoch", "stopped_early", "epoch_seconds")
-WATCHED = ("xfer/train.py", "xfer/checkpoint.py", "tune/trainable.py", "tune/sweep.py", "xfer/selection.py")
+WATCHED = ("xfer/train.py", "xfer/checkpoint.py", "tune/trainable.py", "tune/driver.py", "xfer/selection.py")
 
 
 # ----------------------------------------------------------------------------- ASHA, replayed

@@ -100,7 +100,7 @@ def xfer_tune(argv: list[str]) -> int:
 
     from xfer.cli import main
 
-    tune.trainable.function_trial = measured_trial  # sweep.make_trainable imports it at call time
+    tune.trainable.function_trial = measured_trial  # tune.tuner.make_trainable imports it at call time
     return main(["tune", *argv])
 
 

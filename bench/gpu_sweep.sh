@@ -73,7 +73,7 @@ export PYTHONPATH="$PWD:$DEPS${PYTHONPATH:+:$PYTHONPATH}"
 import importlib.metadata as md
 import sys
 import optuna, ray, torch
-import tune.sweep, tune.trainable, xfer.cli
+import tune.driver, tune.trainable, xfer.cli
 assert "tune" in [e.name for e in md.entry_points(group="xfer.commands")], "xfer tune is not registered"
 print(f"Python {sys.version.split()[0]}; torch {torch.__version__} (CUDA {torch.cuda.is_available()}); "
       f"ray {ray.__version__} from {ray.__file__}; optuna {optuna.__version__}; xfer tune registered")

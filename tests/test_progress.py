@@ -128,7 +128,7 @@ def test_plain_lines_counts_best_eta_cadence_and_final_line():
     assert "elapsed 0:00:30, left ~0:00:25" in at30
     assert "1 completed, 1 stopped by ASHA, 1 errored, 1 running, 0 pending (of 4)" in periodic[1]
 
-    # one line per trial that ended, with the shared status rule (tune.sweep.trial_status)
+    # one line per trial that ended, with the shared status rule (tune.trials.trial_status)
     ended = [ln for ln in lines if ln.startswith("trial ")]
     assert ended == [
         "trial abc_00001 stopped by ASHA after 2/4 epochs, best agreement 0.6000 [1/4 done]",

@@ -54,7 +54,7 @@ def sweep(inputs=None, output_folder="sweep", *, params: dict | None = None, fix
     from xfer.errors import ConfigError
     from xfer.predict import Predictor
 
-    from .sweep import run
+    from .driver import run
 
     unknown = sorted(set(settings) - _OPTIONS - _SETTINGS)
     if unknown:

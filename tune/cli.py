@@ -10,7 +10,7 @@ log = logging.getLogger(__name__)
 
 
 def register(sub) -> None:
-    """`xfer tune` and `xfer demo` (tune.sweep and Ray are imported only when they run)."""
+    """`xfer tune` and `xfer demo` (tune.driver and Ray are imported only when they run)."""
     from xfer.flags import add_data_arguments, add_train_arguments
 
     p = sub.add_parser("tune", help="hyperparameter sweep: Ray Tune + OptunaSearch + ASHA over Ray Train workers",
@@ -141,7 +141,7 @@ def cmd_tune(args) -> int:
     from xfer.pipeline import format_table
 
     from .final_model import final_model_source
-    from .sweep import run  # Ray and torch: only when a sweep runs
+    from .driver import run  # Ray and torch: only when a sweep runs
 
     res = run(None, resume=args.output_folder, options=run_options(args)) if args.resume else \
         run(sweep_request(args), options=run_options(args))

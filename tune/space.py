@@ -144,7 +144,7 @@ DEFAULT_SPACE_NAME = "centred"   # the pick of bench/bench_sweep_study.py (BENCH
 # Keys that never belong in a search space (they are sweep settings, not trial parameters).
 NOT_SEARCHABLE = {"epochs", "seed", "metric", "objective"}
 
-# Searched only when the sweep adapts to a test line (tune.sweep.transductive_space drops them otherwise).
+# Searched only when the sweep adapts to a test line (tune.configure.transductive_space drops them otherwise).
 TRANSDUCTIVE_ONLY = ("lambda_pseudo", "pseudo_fraction")
 
 _DATA = ("data preparation: each distinct value is prepared once per node (a searched peak_repr and "

@@ -56,11 +56,10 @@ from .data import DataSpec, load_trial_data
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # Checkpoints Tune (and Ray Train) keep per trial. A restored sweep restarts each trial from the
-# newest checkpoint its last state snapshot (every second) names; Tune deletes checkpoints beyond
-# this many as new ones arrive, so the named one survives unless the trial wrote this many more
-# in the last second before the crash. With 2, one trial of a fast test sweep (4 epochs, S3
-# storage, driver SIGKILLed, --resume) errored in Tune's restore, the step that fails when the
-# checkpoint is gone from storage.
+# checkpoint named in the sweep's last state snapshot (taken every second), and Tune deletes the
+# oldest checkpoints beyond this many as new ones arrive: the count must cover what a trial can
+# write within one second. Fast trials (a few epochs a second, e.g. the S3 resume test in
+# tests/test_cluster.py) write more than 2.
 KEEP_CHECKPOINTS = 4
 
 

@@ -1,4 +1,4 @@
-"""How a trial ended, in words: shared by trials.csv (tune/sweep.py) and the progress display
+"""How a trial ended, in words: shared by trials.csv (tune/export.py) and the progress display
 (tune/progress.py). No Ray, no torch: the CLI imports it."""
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
-from .. import __version__
+from ..version import __version__
 from ..errors import StoreError
 from ..phases import PHASES, decode_phases
 from .dataset import CellMatrix, _canonical_csr, content_hash, make_matrix

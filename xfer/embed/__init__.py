@@ -96,7 +96,8 @@ def embedder_from_state(state: dict, store=None, argv: list[str] | None = None) 
             raise ConfigError("source_model", "the checkpoint's PCA embedder has no components")
         return PCAEmbedder.from_state(state)
     if isinstance(name, str) and "+" in name:
-        return EnsembleEmbedder.from_state(state, store, argv)
+        members = [embedder_from_state(m, store, argv) for m in state["members"]]
+        return EnsembleEmbedder.from_state(state, members, store)
     if not isinstance(name, str) or "settings" not in state:
         raise ConfigError("source_model", f"the checkpoint names no usable expression embedder ({state!r:.80})")
     if store is None:

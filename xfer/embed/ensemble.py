@@ -68,10 +68,10 @@ class EnsembleEmbedder(Embedder):
         return self.stats_ is not None
 
     @classmethod
-    def from_state(cls, state: dict, store: EmbeddingStore | None, argv: list[str] | None = None) -> "EnsembleEmbedder":
-        from . import embedder_from_state
-
-        emb = cls([embedder_from_state(m, store, argv) for m in state["members"]], store=store)
+    def from_state(cls, state: dict, members: list[Embedder], store: EmbeddingStore | None) -> "EnsembleEmbedder":
+        """The ensemble a checkpoint describes, around its members (already rebuilt from
+        state["members"] by xfer.embed.embedder_from_state) and with its block statistics."""
+        emb = cls(members, store=store)
         emb.stats_ = [(np.asarray(mu, np.float32), np.asarray(sd, np.float32))
                       for mu, sd in zip(state["block_mean"], state["block_std"])]
         return emb

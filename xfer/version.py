@@ -1,0 +1,3 @@
+"""The package version (what stores record as the writer's version)."""
+
+__version__ = "0.1.0"
