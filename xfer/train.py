@@ -274,16 +274,15 @@ class BatchPlan:
 @dataclass
 class EpochSchedule:
     """Each member's adaptation schedule: the warm-up factor of its current epoch (1.0: the
-    adaptation fully on) and the gradient-reversal strength of the current step, as [P] device
+    adaptation fully on) and the gradient-reversal strength of the current step, [P] device
     tensors that the step (and a captured CUDA graph) reads in place."""
 
-    warmup: list[float]
-    warmup_t: torch.Tensor
-    grl_t: torch.Tensor
+    warmup: torch.Tensor
+    grl: torch.Tensor
 
     @classmethod
     def zeros(cls, size: int, dev: torch.device) -> "EpochSchedule":
-        return cls([0.0] * size, torch.zeros(size, device=dev), torch.zeros(size, device=dev))
+        return cls(torch.zeros(size, device=dev), torch.zeros(size, device=dev))
 
 
 # ----------------------------------------------------------------------------- the population
@@ -446,8 +445,7 @@ class Population:
         """Training mode and each member's warm-up factor of its next epoch (1.0: the adaptation fully on)."""
         self.model.train()
         warmup = [L.warmup_factor(ms.epoch, ms.cfg.loss.warmup_epochs) for ms in self.members]
-        self.schedule.warmup = warmup
-        self.schedule.warmup_t.copy_(torch.tensor(warmup, dtype=torch.float32))
+        self.schedule.warmup.copy_(torch.tensor(warmup, dtype=torch.float32))
         return warmup
 
     @torch.no_grad()
@@ -488,10 +486,10 @@ class Population:
         sums: dict[str, torch.Tensor] = {}
         for s in range(plan.steps):
             rows = plan.rows(order, s)
-            schedule.grl_t.copy_(grl[s])
-            if self.graph is not None and self.graph.run(rows, schedule.warmup_t, schedule.grl_t):
+            schedule.grl.copy_(grl[s])
+            if self.graph is not None and self.graph.run(rows, schedule.warmup, schedule.grl):
                 continue
-            for k, v in self.step(rows, schedule.warmup_t, schedule.grl_t).items():
+            for k, v in self.step(rows, schedule.warmup, schedule.grl).items():
                 sums[k] = sums.get(k, 0) + v.float()
         if self.graph is not None:
             for k, v in self.graph.take_sums().items():
