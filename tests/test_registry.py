@@ -117,13 +117,17 @@ def test_the_toy_encoder_builds_and_the_toy_objective_is_computed(toy):
     assert "toy_norm" in unweighted_parts(cfgs[0]) and "toy_norm" not in unweighted_parts(cfgs[1])
     g = torch.Generator().manual_seed(0)
     P, n = 2, 40
-    inputs = dict(y_val=torch.randint(0, 3, (n,), generator=g), p_val=torch.softmax(torch.randn(P, n, 3, generator=g), -1),
-                  z_val=torch.randn(P, n, 4, generator=g), z_train=torch.randn(P, n, 4, generator=g),
-                  p_test=torch.softmax(torch.randn(P, n, 3, generator=g) * 3, -1), z_test=torch.randn(P, n, 4, generator=g))
-    together = candidate_values_members([0.5, 0.6], **inputs)   # the toy has no batched function: member by member
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=g)
+
+    members = dict(p_val=torch.softmax(draw(P, n, 3), -1), z_val=draw(P, n, 4), z_train=draw(P, n, 4),
+                   p_test=torch.softmax(draw(P, n, 3) * 3, -1), z_test=draw(P, n, 4))
+    y_val = torch.randint(0, 3, (n,), generator=g)
+    together = candidate_values_members([0.5, 0.6], y_val=y_val, **members)  # the toy has no batched function
     for m in range(P):
-        alone = candidate_values([0.5, 0.6][m], y_val=inputs["y_val"], **{k: v[m] for k, v in inputs.items() if k != "y_val"})
-        expected = float(inputs["p_test"][m].max(-1).values.mean())
+        alone = candidate_values([0.5, 0.6][m], y_val=y_val, **{k: v[m] for k, v in members.items()})
+        expected = float(members["p_test"][m].max(-1).values.mean())
         assert alone["toy_confidence"] == together[m]["toy_confidence"] == pytest.approx(expected)
         assert list(alone) == list(together[m]) and list(alone)[-1] == "toy_confidence"
 

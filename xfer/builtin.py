@@ -25,7 +25,8 @@ _PREP = "xfer.prepare:"
 
 
 def _float(low, high, log=False) -> dict:
-    return {"type": "float", "low": low, "high": high, "log": log} if log else {"type": "float", "low": low, "high": high}
+    spec = {"type": "float", "low": low, "high": high}
+    return {**spec, "log": True} if log else spec
 
 
 def _choices(*values) -> dict:

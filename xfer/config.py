@@ -180,7 +180,8 @@ class TrainConfig:
         for s in cls.SECTIONS:
             vals = {k: _coerce(k, v, _FIELD_TYPES[s][k], source) for k, v in updates[s].items()}
             if s == "model":  # the base's values of parameters the (new) arch shares, then the given ones
-                own = {k: _coerce(k, v, registry.all_params()[k].type, source) for k, v in updates["arch_params"].items()}
+                types = {k: p.type for k, p in registry.all_params().items()}
+                own = {k: _coerce(k, v, types[k], source) for k, v in updates["arch_params"].items()}
                 vals["arch_params"] = tuple({**base.model.params, **own}.items())
             sections[s] = dataclasses.replace(getattr(base, s), **vals)
         cfg = cls(**sections)
