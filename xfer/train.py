@@ -303,7 +303,7 @@ class Population:
     training line on the device), `adaptation` (the other line's unlabelled cells, or None),
     `candidate_rows` (the cells the selection candidates use, when adapting), `pseudo` (the
     self-training buffers, or None), `batches` (how an epoch is cut into steps), `schedule`
-    (this epoch's warm-up and GRL strengths) and `graph` (the captured step, on a GPU)."""
+    (the warm-up and GRL strengths the step reads) and `graph` (the captured step, on a GPU)."""
 
     def __init__(self, cfgs: Sequence[TrainConfig], data: TrainData, device: str | torch.device | None = None,
                  memory_budget: int | None = None):
@@ -324,7 +324,7 @@ class Population:
         now = time.perf_counter()
         self.members = [MemberState(c, np.random.default_rng(c.optim.seed), number=i, started=now)
                         for i, c in enumerate(cfgs)]
-        self.started = len(cfgs)
+        self.n_started = len(cfgs)             # members started so far (numbers the next one)
         self.loss_scalars = MemberScalars({k: [getattr(c.loss, k) for c in cfgs] for k in LOSS_SCALARS}).to(dev)
         self.optimiser = Optimiser.build(model, cfgs, dev)
         self.finished = False
@@ -387,9 +387,9 @@ class Population:
         for k in LOSS_SCALARS:
             self.loss_scalars.set_member(m, {k: getattr(cfg.loss, k)})
         self.optimiser.reset_member(m, cfg)
-        self.members[m] = MemberState(cfg, np.random.default_rng(seed), number=self.started,
+        self.members[m] = MemberState(cfg, np.random.default_rng(seed), number=self.n_started,
                                       started=time.perf_counter())
-        self.started += 1
+        self.n_started += 1
         if self.adapting:
             self.candidate_rows.redraw(m, seed, self.line.train_rows, len(self.adaptation.peaks), self.dev)
             if self.pseudo is None and not self.loss_scalars.zero["lambda_pseudo"]:
@@ -746,7 +746,8 @@ def _epoch_record(cfg: TrainConfig, state: MemberState, objective: float, val: d
     return {
         "epoch": state.epoch, "objective": objective, "best_epoch": state.best_epoch,
         "best_objective": state.best_metric if state.best_epoch else None,  # None: no epoch chosen yet (warm-up)
-        **{f"gex_val_{k}": val["gex"][k] for k in METRIC_KEYS}, **{f"peak_val_{k}": val["peak"][k] for k in METRIC_KEYS},
+        **{f"gex_val_{k}": val["gex"][k] for k in METRIC_KEYS},
+        **{f"peak_val_{k}": val["peak"][k] for k in METRIC_KEYS},
         **{f"sel/{k}": v for k, v in val["selection"].items()},
         **losses, **({"pseudo_labels": n_pseudo} if n_pseudo is not None else {}),
         "warmup": warm, "adapted_epochs": adapted_epochs(state.epoch, cfg.loss.warmup_epochs),
