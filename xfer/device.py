@@ -1,6 +1,7 @@
 """Where training data lives and how data-parallel ranks share the work.
 
     resolve_device   'auto' | 'cpu' | 'cuda[:N]' -> torch.device (a clear error without a GPU)
+    memory_budget    bytes the resident training matrices may take on a device
     Rows             row access to a (sparse) matrix on a device: the whole matrix is resident
                      on the device when it fits the memory budget, else rows are densified
                      per batch
