@@ -24,7 +24,9 @@ Final-model rules (what best_model.pt holds), from the trials the policy left:
   topk_footing    the top k (2, 3, 4, 6, 8) among the trials judged on the same footing: those that
                   ran the whole budget (all of them under fifo)
   within_se       every same-footing trial whose objective is within one standard error of the
-                  best's (the binomial SE of a balanced accuracy on the test cells), at most 8
+                  best's, at most 8: the SE of the best trial's agreement, a balanced accuracy of
+                  its accessibility head against its expression head's classes, per class
+                  (bench.harness.balanced_accuracy_se)
   greedy          forward selection on the same-footing trials by the ensemble's own objective
                   (the agreement of the averaged heads): start from the best, add the trial that
                   raises it most, stop when none does (at most 8)
@@ -46,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.harness import Asha, pair_data, pairs_cli, write_results
+from bench.harness import Asha, confusion_se, pair_data, pairs_cli, write_results
 from bench.harness.populations import load_population, study_runs_dir
 
 SLOTS = 2               # trials at a time, as `xfer tune --num_cpus 2` runs them
@@ -99,7 +101,6 @@ class Pair:
             self.defaults = m["peak_test"]["balanced_accuracy"]
             self.baseline = max((v["peak_test"]["balanced_accuracy"], k) for k, v in m["baselines"].items()
                                 if "peak_test" in v and k.startswith(("lsi", "joint")))
-        self.se = math.sqrt(0.25 / len(self.labels))
 
     @staticmethod
     def _labels(root: Path, pair: int) -> np.ndarray:
@@ -178,6 +179,12 @@ class Ensembler:
         pred = pk.argmax(1)
         return _balacc(gx.argmax(1), pred), _balacc(self.p.labels, pred)
 
+    def agreement_se(self, member: tuple[str, int]) -> float:
+        """The per-class SE of a member's agreement (its PEAK head's classes against its
+        expression head's, the expression head's classes as the truth)."""
+        pk, gx = self.heads([member])
+        return confusion_se(np.bincount(gx.argmax(1) * 3 + pk.argmax(1), minlength=9).reshape(3, 3).tolist())
+
     def greedy(self, pool: list[tuple[str, int]]) -> list[tuple[str, int]]:
         """Forward selection by the ensemble's agreement, from pool[0] (the best trial)."""
         chosen = [pool[0]]
@@ -201,7 +208,7 @@ class Ensembler:
 
 
 def final_models(pair: Pair, ens: Ensembler, runs: list[dict], upto: dict[int, int], max_t: int,
-                 policy: str) -> dict[str, dict]:
+                 policy: str, rules: list[str] = RULES) -> dict[str, dict]:
     """Each rule's final model (its truth, its objective, members, whether the guard fell back)."""
     trials = []
     for i, n in upto.items():
@@ -215,7 +222,7 @@ def final_models(pair: Pair, ens: Ensembler, runs: list[dict], upto: dict[int, i
     dflt = next((t for t in trials if t["i"] == 0), None)
     footing = [t for t in trials if t["footing"]] or trials[:1]
     out = {}
-    for rule in RULES:
+    for rule in rules:
         if rule == "top4":
             members = trials[:4]
         elif rule == "best":
@@ -228,7 +235,8 @@ def final_models(pair: Pair, ens: Ensembler, runs: list[dict], upto: dict[int, i
         elif rule.endswith("_footing"):
             members = footing[:int(rule[3])]
         elif rule == "within_se":
-            members = [t for t in footing if t["value"] >= footing[0]["value"] - pair.se][:MAX_MEMBERS]
+            se = ens.agreement_se((footing[0]["key"], footing[0]["epoch"]))
+            members = [t for t in footing if t["value"] >= footing[0]["value"] - se][:MAX_MEMBERS]
         elif rule == "greedy":
             chosen = ens.greedy([(t["key"], t["epoch"]) for t in footing])
             members = [next(t for t in footing if (t["key"], t["epoch"]) == c) for c in chosen]
@@ -276,7 +284,7 @@ def _curves(runs: list[dict], epochs: int) -> list[dict]:
     return [{**r, "history": r["history"][:epochs]} for r in runs]
 
 
-def replay_pair(pair: Pair, sweeps: int, rules_seed: int = 0) -> dict:
+def replay_pair(pair: Pair, sweeps: int, rules: list[str] = RULES) -> dict:
     """{design key: [{"wall", "epochs", rule: final model}] per replayed sweep}."""
     ens = Ensembler(pair)
     out: dict[str, list] = {}
@@ -295,7 +303,7 @@ def replay_pair(pair: Pair, sweeps: int, rules_seed: int = 0) -> dict:
                 for order in orders:
                     runs = [runs_E[i] for i in order]
                     played = play(runs, policy, g, rf, E)
-                    fm = final_models(pair, ens, runs, played["upto"], E, policy)
+                    fm = final_models(pair, ens, runs, played["upto"], E, policy, rules)
                     res.append({"wall": played["wall"], "epochs": sum(played["upto"].values()),
                                 "ranked": sum(1 for i, u in played["upto"].items() if _best(runs[i]["history"], u, E)),
                                 **{r: (None if v is None else {"truth": v["truth"], "agreement": v["agreement"],
@@ -306,7 +314,7 @@ def replay_pair(pair: Pair, sweeps: int, rules_seed: int = 0) -> dict:
     return out
 
 
-def summarise(per_pair: dict[int, dict], pairs: dict[int, Pair]) -> list[dict]:
+def summarise(per_pair: dict[int, dict], pairs: dict[int, Pair], rules: list[str] = RULES) -> list[dict]:
     """One row per (design, rule): mean over pairs of (mean final truth - shipped defaults), the
     per-pair values, the mean replayed cost (FIXED_S + the sweep's makespan + the rule's extra
     training) and epochs. `coverage`: the share of replayed sweeps the rule could be built for
@@ -317,7 +325,7 @@ def summarise(per_pair: dict[int, dict], pairs: dict[int, Pair]) -> list[dict]:
     rows = []
     for key in sorted(designs):
         space, policy, g, rf, n, E = json.loads(key)
-        for rule in RULES:
+        for rule in rules:
             per, walls, epochs, guarded, ks, cover, paired = {}, [], [], [], [], [], []
             for p, res in per_pair.items():
                 sweeps = [r for r in res[key] if r[rule] is not None]
@@ -354,13 +362,21 @@ def choose(rows: list[dict], cap: float = 2.0) -> tuple[dict, dict]:
     return pick, today
 
 
-def cmd_replay(root: Path, pairs: list[int], sweeps: int, out_json: Path) -> None:
+def cmd_replay(root: Path, pairs: list[int], sweeps: int, out_json: Path, rules: list[str] = RULES) -> None:
+    """Every design replayed on every pair, the rows and the rule's pick. With some `rules` only
+    (top4_footing is always built: the rows compare with it), their rows replace those of the
+    same rules in an existing out_json of the same pairs and sweeps, and the pick is made again."""
     loaded = {p: Pair(root, p) for p in pairs}
     per_pair = {}
     for p, pair in loaded.items():
-        per_pair[p] = replay_pair(pair, sweeps)
+        per_pair[p] = replay_pair(pair, sweeps, sorted(set(rules) | {"top4_footing"}, key=RULES.index))
         print(f"pair {p}: replayed", flush=True)
-    rows = summarise(per_pair, loaded)
+    rows = summarise(per_pair, loaded, rules)
+    if set(rules) != set(RULES):
+        old = json.loads(out_json.read_text())
+        if old["pairs"] != pairs or old["sweeps"] != sweeps:
+            raise SystemExit(f"{out_json} replayed pairs {old['pairs']} x {old['sweeps']} sweeps: run every rule")
+        rows = [r for r in old["rows"] if r["rule"] not in rules] + rows
     pick, today = choose(rows)
     out = {"pairs": pairs, "sweeps": sweeps, "defaults": {p: v.defaults for p, v in loaded.items()},
            "baselines": {p: v.baseline for p, v in loaded.items()}, "rows": rows, "pick": pick, "today": today}
@@ -410,10 +426,12 @@ def main() -> None:
     def options(r):
         r.add_argument("--sweeps", type=int, default=100)
         r.add_argument("--json", default="bench/results/sweep_design_study.json")
+        r.add_argument("--rules", nargs="+", choices=RULES, default=RULES,
+                       help="replay only these final-model rules, their rows replacing those in --json")
 
     args = pairs_cli(__doc__, options)
     if args.cmd == "run":
-        cmd_replay(Path(args.root).resolve(), args.pairs, args.sweeps, Path(args.json))
+        cmd_replay(Path(args.root).resolve(), args.pairs, args.sweeps, Path(args.json), args.rules)
     else:
         print(report(json.loads(Path(args.json).read_text())))
 
