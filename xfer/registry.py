@@ -111,8 +111,10 @@ class EncoderSpec:
 
 @dataclass(frozen=True)
 class ObjectiveSpec:
-    """A selection candidate (higher is better). needs: what of the test line it reads (NEEDS;
-    every candidate needs "test_peaks"). value(x) -> float scores one member, x a
+    """A selection candidate (higher is better). needs: what of the test line it reads (NEEDS; a
+    registered candidate needs at least "test_peaks": the trainer computes the candidates when a
+    run adapts to a test line, and a run without one has source_val alone). value(x) -> float
+    scores one member, x a
     xfer.selection.SelectionInputs; members(x) -> [P] scores every member of a population at once
     (x with a leading member axis; optional: without it, value runs member by member). Or, instead
     of functions, mean_of: the mean of these registered candidates (its needs are theirs)."""
@@ -162,7 +164,7 @@ def _given_source_val(x):
 
 _ENCODERS: dict[str, EncoderSpec] = {}
 # source_val is the training line's own validation metric, which the trainer gives every run
-# (xfer.train): the one candidate that needs nothing of the test line.
+# (xfer.training): the one candidate that needs nothing of the test line.
 _OBJECTIVES: dict[str, ObjectiveSpec] = {
     "source_val": ObjectiveSpec("source_val", needs=frozenset(), value=_given_source_val, members=_given_source_val)}
 _PEAK_REPRS: dict[str, PeakReprSpec] = {}
