@@ -197,7 +197,7 @@ def test_the_centred_space_narrows_the_broad_one_around_each_default():
 
 
 def test_a_sweep_ships_the_studys_pick():
-    """`xfer tune` with no design flags runs the design bench/bench_sweep_study.py's rule picked on
+    """`xfer tune` with no design flags runs the design bench/sweep_design_study.py's rule picked on
     development pairs (BENCHMARKS.md, "A sweep that pays"): the centred space, 24 trials of 20
     epochs, ASHA on adapted epochs with grace 5 and reduction factor 2, the greedy final model of
     at most 8 trials."""

@@ -81,7 +81,7 @@ _BROAD_COMMON: dict[str, Any] = {
 # The centred space (`--space centred`): every searched parameter of the broad space in a narrow range
 # around its shipped default (xfer/config.py: log ranges about x/÷3, linear ones about ±half the
 # default's span); the architecture (dae), divergence (mmd), conditioning and the coverage channel
-# are the defaults'. bench/bench_sweep_study.py compares the two. The encoder's own parameters
+# are the defaults'. bench/sweep_design_study.py compares the two. The encoder's own parameters
 # follow these (`builtin_space`).
 _CENTRED_COMMON: dict[str, Any] = {
     "lr": {"type": "float", "low": 1e-4, "high": 1e-3, "log": True},
@@ -139,7 +139,7 @@ def _materialise(spec):
 BROAD_SPACE: Mapping[str, Any] = registry.LiveMapping(lambda: builtin_space("broad"))
 CENTRED_SPACE: Mapping[str, Any] = registry.LiveMapping(lambda: builtin_space("centred"))
 SPACES: dict[str, Mapping[str, Any]] = {"broad": BROAD_SPACE, "centred": CENTRED_SPACE}
-DEFAULT_SPACE_NAME = "centred"   # the pick of bench/bench_sweep_study.py (BENCHMARKS.md, "A sweep that pays")
+DEFAULT_SPACE_NAME = "centred"   # the pick of bench/sweep_design_study.py (BENCHMARKS.md, "A sweep that pays")
 
 # Keys that never belong in a search space (they are sweep settings, not trial parameters).
 NOT_SEARCHABLE = {"epochs", "seed", "metric", "objective"}

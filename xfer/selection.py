@@ -34,7 +34,7 @@ Newton solve for every member's domain classifier), so validating P members cost
 and host round trips per candidate rather than P times as many. The means (source_val_<x>) are
 computed from the others' values on the host.
 
-`objective=transfer` is the candidate the study `bench/bench_selection.py` chose on
+`objective=transfer` is the candidate the study `bench/selection_objective.py` chose on
 development pairs by its fixed rule (TRANSFER: `agreement`, and `iwcv` when the test line's
 expression is not given); `auto` (the default) is `transfer` when training adapts to a test line and
 `source_val` otherwise.
@@ -64,7 +64,7 @@ from .errors import ConfigError
 # The candidates that need the test line's expression (from their registrations).
 NEEDS_TEST_GEX = registry.LiveSet(lambda: frozenset(n for n, s in registry.objectives().items()
                                                     if "test_gex" in s.needs))
-# The study's picks (bench/bench_selection.py, BENCHMARKS.md): the lowest mean selection regret
+# The study's picks (bench/selection_objective.py, BENCHMARKS.md): the lowest mean selection regret
 # on the development pairs, among all candidates and among those that need no test expression.
 TRANSFER = {"with_expression": "agreement", "peaks_only": "iwcv"}
 
