@@ -13,7 +13,7 @@ line's expression and accessibility given, so the sweep's default objective is `
   fifo  every trial of that sweep run for all E epochs with no scheduler: the trial's own
         parameters (ray_results/<trial>/params.json) and the sweep's base config and data
         (sweep.json) through what a trial runs (tune.trainable: `trial_config`,
-        `load_trial_data`, `xfer.train.fit`, one torch thread on the CPU), minus Ray and
+        `load_trial_data`, `xfer.training.fit`, one torch thread on the CPU), minus Ray and
         checkpoint writing (which do not touch the training). Early stopping by patience is
         the trial's own (`patience` of the base config, 20, not searched) in both: a trial that
         stops itself in one stops at the same epoch in the other. A trial that ASHA let end by
@@ -75,7 +75,7 @@ GOAL = 0.35                    # the fraction the issue asks for
 GRID_GRACE = (1, 2, 3, 4, 5)
 GRID_RF = (2, 3, 4)
 KEEP = ("epoch", "objective", "best_objective", "best_epoch", "stopped_early", "epoch_seconds")
-WATCHED = ("xfer/train.py", "xfer/checkpoint.py", "tune/trainable.py", "tune/driver.py", "xfer/selection.py")
+WATCHED = ("xfer/training.py", "xfer/checkpoint.py", "tune/trainable.py", "tune/driver.py", "xfer/selection.py")
 
 
 # ----------------------------------------------------------------------------- ASHA, replayed
@@ -274,7 +274,7 @@ def _fifo_trial(job: tuple[str, dict, dict, dict]) -> tuple[str, dict]:
     torch.set_num_threads(1)
     from tune.data import DataSpec, load_trial_data
     from tune.trainable import trial_config
-    from xfer.train import fit
+    from xfer.training import fit
 
     cfg = trial_config(base, params)
     data = load_trial_data(DataSpec(**spec), cfg)

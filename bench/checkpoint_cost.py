@@ -3,7 +3,7 @@
     python -m bench.checkpoint_cost [--size small] [--epochs 50] [--out bench/results/checkpoint_cost.json]
     python -m bench.checkpoint_cost --replay bench/results/checkpoint_cost.json   # the policies again, no training
 
-One real training run (`xfer.train.fit`, the shipped defaults, one member, the training line
+One real training run (`xfer.training.fit`, the shipped defaults, one member, the training line
 of a simulated pair, adapting to the other line as a sweep's trials do) of `--epochs` epochs.
 At every epoch either policy would checkpoint, the real checkpoint is built and written with
 torch.save (timed, sized). Then for a trial that ASHA stops at each rung (grace
@@ -43,7 +43,7 @@ from xfer.data.simulate import simulate_pair
 from xfer.embed import PCAEmbedder, embed_lines
 from xfer.prepare import prepare_line, prepare_training
 from xfer.sweep_files import asha_rungs
-from xfer.train import fit
+from xfer.training import fit
 
 
 def _nbytes(obj) -> int:

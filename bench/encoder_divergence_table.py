@@ -20,7 +20,7 @@ import time
 from bench.harness import write_results
 from bench.harness.prepared import prepare_simulated_pair, score_splits
 from xfer.config import ARCHS, DIVERGENCES, TrainConfig
-from xfer.train import fit
+from xfer.training import fit
 
 SPLITS = ("gex_val", "gex_test", "peak_val", "peak_test")
 

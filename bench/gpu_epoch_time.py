@@ -7,7 +7,7 @@ Shapes of the issue: 7,728 training cells x 25,027 peaks (the peaks channel, i.e
 `peak_repr="peaks"`), a 1,152-D source embedding, batch 1,024, encoder
 25,027 -> 1,024 -> 512, the DAE decoder back, classifier and CDAN
 discriminator on the multilinear map; the whole training set resident on the
-GPU, bf16 autocast. Variants, all through `xfer.train.fit`:
+GPU, bf16 autocast. Variants, all through `xfer.training.fit`:
 
   paired   the training line alone (encoder and decoder once per step)
   adapt    the shipped default: plus a 7,432-cell unlabelled adaptation line (encoder
@@ -47,7 +47,7 @@ import torch
 from bench.harness import write_results
 from xfer.config import TrainConfig
 from xfer.prepare import LineInputs, TrainData
-from xfer.train import fit
+from xfer.training import fit
 
 
 def synthetic(n_cells: int, n_peaks: int, emb_dim: int, density: float, seed: int = 0) -> TrainData:
@@ -87,7 +87,7 @@ def validate_breakdown(cfg: TrainConfig, data: TrainData, dev: str, reps: int = 
     left out (weights of 1: timing only, never shipped); and the self-training refresh. Medians
     of `reps` calls after one warm-up, on the model after one epoch."""
     from xfer import selection
-    from xfer.train import Population
+    from xfer.training import Population
 
     tr = Population([cfg], data, dev)
     tr.begin_epoch()

@@ -4,7 +4,7 @@
     python -m bench.population_trainer_speed --sizes small --populations 1 8 --epochs 2   # a quick look
     python -m bench.population_trainer_speed --device cuda --sizes research --populations 1 4 16 64   # a GPU (gpu_run.sh)
 
-What is timed: `xfer.train.fit_population` on simulated data (the shipped defaults: DAE, MMD,
+What is timed: `xfer.training.fit_population` on simulated data (the shipped defaults: DAE, MMD,
 LSI + coverage inputs, adapting to the test line's unlabelled cells with self-training and
 every selection candidate), members of one shape that differ in their scalars (seeds, learning
 rates, lambdas, dropout, warm-up: drawn from the centred space's ranges). Per P, the median
@@ -35,7 +35,7 @@ from xfer.config import TrainConfig
 from xfer.data.simulate import simulate_pair
 from xfer.embed import PCAEmbedder, embed_lines
 from xfer.prepare import prepare_line, prepare_training
-from xfer.train import fit_population
+from xfer.training import fit_population
 
 
 def members(base: TrainConfig, n: int, seed: int = 0) -> list[TrainConfig]:

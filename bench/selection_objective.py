@@ -10,7 +10,7 @@ stores with A_GEX/A_PEAK, the training line, and B_GEX/B_PEAK, the test line).
 `run` trains a population of N configurations (default 48) on every pair: configuration 0
 is the shipped defaults, the others are drawn from the default search space
 (`tune.space.BROAD_SPACE`, the default space then, Optuna's RandomSampler, seed 12) — the same N on every pair.
-Each run is the one training loop (`xfer.train.fit`) exactly as a transductive trial
+Each run is the one training loop (`xfer.training.fit`) exactly as a transductive trial
 trains (`xfer.pipeline.prepare_member` + `training_data`: the test line's cells
 unlabelled), for E epochs (default 30, the search budget) with no early stopping. Every
 epoch records each selection candidate (`sel/<name>`, what the trial reports) and, for
@@ -65,7 +65,7 @@ def _run(job: tuple) -> dict:
     from xfer.checkpoint import build_model
     from xfer.config import ALL_ARCH_PARAMS, TrainConfig
     from xfer.evaluate import classification_metrics
-    from xfer.train import fit
+    from xfer.training import fit
 
     base = {k: v for k, v in TrainConfig().to_flat().items() if k not in ALL_ARCH_PARAMS}
     cfg = TrainConfig.from_dict({**base, **params, "epochs": epochs, "patience": epochs + 1, "ensemble": 1,

@@ -13,7 +13,7 @@ fresh pairs.
 
 `population` trains N configurations of a search space on every pair, each exactly as a
 transductive trial trains (`xfer.pipeline.prepare_member` + `training_data`: the test line's
-cells unlabelled; `xfer.train.fit`, one torch thread), for E epochs (30, today's
+cells unlabelled; `xfer.training.fit`, one torch thread), for E epochs (30, today's
 `--search_epochs` of the studies) with no early stopping. Configuration 0 is the shipped
 defaults; the others are drawn from the space (Optuna's RandomSampler). `--space default` is
 the broad space (`tune.space.BROAD_SPACE`, the default space before this study) drawn with
@@ -96,7 +96,7 @@ def _train(job: tuple) -> str:
     from xfer.checkpoint import build_model
     from xfer.config import ALL_ARCH_PARAMS, TrainConfig
     from xfer.evaluate import classification_metrics
-    from xfer.train import fit
+    from xfer.training import fit
 
     base = {k: v for k, v in TrainConfig().to_flat().items() if k not in ALL_ARCH_PARAMS}
     cfg = TrainConfig.from_dict({**base, **params, "epochs": epochs, "patience": epochs + 1, "ensemble": 1,
@@ -157,7 +157,7 @@ def cmd_population(root: Path, pairs: list[int], space: str, n: int, workers: in
 
 def eligible(history: list[dict], upto: int, max_t: int) -> list[int]:
     """Epochs (1-based) a trial that ran `upto` epochs may choose: fully warmed, or its last
-    epoch of the budget (xfer.train: `warmed or epoch == epochs`)."""
+    epoch of the budget (xfer.training: `warmed or epoch == epochs`)."""
     return [e for e in range(1, upto + 1) if history[e - 1]["warmup"] >= 1.0 or e == max_t]
 
 

@@ -10,7 +10,7 @@
 DIR/pair<seed>_baselines.json (every plain baseline's metrics on that pair).
 
 `run` (GPU or CPU; needs only torch, numpy, scikit-learn, pandas) trains with
-`xfer.train.fit` in four stages, writing the JSON after every run so that a
+`xfer.training.fit` in four stages, writing the JSON after every run so that a
 run cut short keeps what it finished:
 
   1. every candidate in CANDIDATES (DAE-MMD) on the development pairs, once
@@ -40,7 +40,7 @@ from bench.harness import write_results
 from bench.harness.prepared import prepare_simulated_pair, score_splits
 from xfer.config import ARCHS, DIVERGENCES, TrainConfig
 from xfer.prepare import LineInputs, TrainData
-from xfer.train import fit
+from xfer.training import fit
 
 SPLITS = ("gex_val", "gex_test", "peak_val", "peak_test")
 

@@ -10,7 +10,7 @@ import torch
 
 from xfer.config import TrainConfig
 from xfer.prepare import LineInputs, TrainData
-from xfer.train import fit
+from xfer.training import fit
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -68,7 +68,7 @@ def test_a_population_trains_through_one_cuda_graph():
     """Eight members of one shape, their scalars different, through one captured step; a member
     stopped after its first epoch is replaced by a fresh configuration (the graph is captured
     again only where the step's operations change), and every member learns the easy classes."""
-    from xfer.train import FINISHED, HALTED, fit_population
+    from xfer.training import FINISHED, HALTED, fit_population
 
     data = _data().with_adaptation(_data(seed=1).line)
     base = TrainConfig.from_dict({"arch": "dae", "hidden_dim": 64, "latent_dim": 32, "batch_size": 128, "epochs": 10,

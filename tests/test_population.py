@@ -1,4 +1,4 @@
-"""Populations: P same-shape configurations trained as one batched model (xfer.train.fit_population).
+"""Populations: P same-shape configurations trained as one batched model (xfer.training.fit_population).
 
 The equivalence this rests on: on the CPU in float32, a member trained in a population of 8
 learns what it learns alone with the same seed. Exact bit equality is not promised: the
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from xfer.errors import ConfigError
-from xfer.train import FINISHED, HALTED, fit, fit_population
+from xfer.training import FINISHED, HALTED, fit, fit_population
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_a_diverging_member_stops_alone(adapting):
     """A member whose losses are not finite is stopped as diverged; the others finish. (Alone, the
     same run raises, as `xfer train` always has.)"""
     from xfer.errors import XferError
-    from xfer.train import DIVERGED
+    from xfer.training import DIVERGED
 
     cfg, data = adapting
     cfgs = _members(cfg, 2)

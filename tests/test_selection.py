@@ -129,7 +129,7 @@ def test_candidates_and_their_needs_come_from_the_registry():
 
 
 def test_every_candidate_is_reported_each_epoch_and_chooses_the_best_epoch(tiny_train):
-    from xfer.train import fit
+    from xfer.training import fit
 
     cfg, data, _, test = tiny_train
     cfg = cfg.replace(objective="entropy", epochs=4)

@@ -247,12 +247,12 @@ def test_asha_after_warmup_judges_a_trial_only_once_warmed_and_the_policy_knows_
 def _ray_adapted_judgements(warmup_epochs: int, rungs=(3, 6, 12, 24), max_t: int = 30) -> tuple:
     """(epochs at which the sweep's default scheduler, `--rungs adapted`, recorded a trial with this
     warm-up at a rung, epochs it said STOP, epochs whose report had an eligible objective) for one
-    poor trial reporting every epoch as xfer.train reports it, beside rivals that set high cutoffs."""
+    poor trial reporting every epoch as xfer.training reports it, beside rivals that set high cutoffs."""
     from ray.tune.schedulers import TrialScheduler
 
     from tune.searcher import make_scheduler
     from xfer.losses import warmup_factor
-    from xfer.train import adapted_epochs
+    from xfer.training import adapted_epochs
 
     class _T:
         def __init__(self, tid):
@@ -288,7 +288,7 @@ def test_adapted_rungs_judge_every_trial_after_the_same_epochs_past_its_own_warm
     on, whatever its searched warm-up, so never before it has an objective value (an eligible
     epoch); CheckpointPolicy.judged predicts those epochs (where its best weights must be stored)."""
     from tune.trainable import CheckpointPolicy
-    from xfer.train import adapted_epochs
+    from xfer.training import adapted_epochs
 
     for w in (0, 1, 4, 10, 20, 26, 29):
         judged, stops, eligible = _ray_adapted_judgements(w)
@@ -354,7 +354,7 @@ def test_reports_held_back_leave_every_asha_decision_where_it_was():
 
     from tune.trainable import CheckpointPolicy, ReportGate
     from xfer.losses import warmup_factor
-    from xfer.train import adapted_epochs
+    from xfer.training import adapted_epochs
 
     rng = random.Random(3)
     max_t, rungs = 30, (3, 6, 12, 24)

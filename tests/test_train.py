@@ -11,7 +11,7 @@ import torch
 from xfer.config import DIVERGENCES
 from xfer.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from xfer.predict import predict_probs
-from xfer.train import fit
+from xfer.training import fit
 
 
 def _same_state(a: dict, b: dict) -> bool:

@@ -1,7 +1,7 @@
 """Sweeps on populations (`xfer tune --population P`): the parts that need no Ray.
 
 A population is P configurations of one shape (xfer.config.shape_of) that one trial trains as
-one batched model (xfer.train.fit_population). Each member is still one Optuna trial and is
+one batched model (xfer.training.fit_population). Each member is still one Optuna trial and is
 judged on its own:
 
     ask_population  P Optuna trials at once: the first samples the whole space, the others

@@ -50,7 +50,7 @@ import torch
 
 from xfer.checkpoint import read_checkpoint
 from xfer.config import TrainConfig
-from xfer.train import fit
+from xfer.training import fit
 
 from .data import DataSpec, load_trial_data
 
@@ -434,7 +434,7 @@ def _at_best(i: int, ms, metric: str) -> dict:
 
 def _member_summary(i: int, ms, number: int, metric: str) -> dict:
     """Member i's summary under `m<i>/` (its status, epochs, Optuna trial number, best and last
-    objective, its record at its best epoch) from its state in xfer.train's population."""
+    objective, its record at its best epoch) from its state in xfer.training's population."""
     m = {f"m{i}/status": ms.status, f"m{i}/epochs_run": ms.epoch, f"m{i}/trial": number,
          f"m{i}/best_objective": ms.best_metric if ms.best_epoch else None, f"m{i}/best_epoch": ms.best_epoch,
          f"m{i}/last_objective": ms.history[-1]["objective"] if ms.history else None,
@@ -474,7 +474,7 @@ def _report_with_checkpoint(pop, m: dict, policy: CheckpointPolicy) -> None:
 def population_trial(config: dict, *, spec: dict, base: dict, checkpoint_every: int = 0, rungs=(),
                      clock: str = "adapted", board: str = "", report_every: int = 0) -> None:
     """Tune function trainable of a population: its members (config["population"], one Optuna
-    trial each, config["numbers"]) train together (xfer.train.fit_population) with the trial's
+    trial each, config["numbers"]) train together (xfer.training.fit_population) with the trial's
     CPU / GPU share. Each population epoch is one report: every member's record under `m<i>/`,
     its status, and `objective` (the best member's, for Tune's own bookkeeping). At each of a
     member's epochs the sweep's board actor (tune.population.RungBoard) may stop it (ASHA, member
@@ -484,7 +484,7 @@ def population_trial(config: dict, *, spec: dict, base: dict, checkpoint_every: 
     import ray
     from ray import tune
 
-    from xfer.train import TRAINING, fit_population
+    from xfer.training import TRAINING, fit_population
 
     device, node_id, ctx = _trial_setup(config)
     trial_id = ctx.get_trial_id()

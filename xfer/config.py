@@ -46,7 +46,7 @@ PEAK_TRANSFORMS = ("tfidf", "binary", "log1p")
 
 
 # Settings each member of a population has for itself: the scalars of the model, the losses and
-# the optimiser (xfer.train trains P configurations that differ only in these as one batched
+# the optimiser (xfer.training trains P configurations that differ only in these as one batched
 # model). Every other setting is the population's shape, the same for all of its members
 # (`shape_of`, `check_population`). An encoder's parameters are members' own when declared so
 # (xfer.registry.Param.member).

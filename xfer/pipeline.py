@@ -212,7 +212,7 @@ def _epoch_logger(cfg: TrainConfig):
 
 
 def _fit_member(loaded: Loaded, cfg: TrainConfig, device: str, out: Path | None):
-    from .train import fit
+    from .training import fit
 
     p = prepare_member(loaded, cfg)
     if out is not None:

@@ -28,7 +28,7 @@ reaches any of them. Higher is better for all.
     source_val_agreement  the mean of source_val and agreement
 
 Each candidate has two functions: `<name>_value` scores one member (`candidate_values`, the
-formulas as written) and `<name>_members` every member of a population (xfer.train.Population)
+formulas as written) and `<name>_members` every member of a population (xfer.training.Population)
 at once (`candidate_values_members`: the same formulas batched over a leading member axis, one
 Newton solve for every member's domain classifier), so validating P members costs a few kernels
 and host round trips per candidate rather than P times as many. The means (source_val_<x>) are
@@ -170,7 +170,7 @@ def candidate_values_members(source_val: list[float], *, y_val: Tensor | None = 
                              p_test: Tensor | None = None, z_test: Tensor | None = None,
                              p_test_gex: Tensor | None = None, snd_rows: Tensor | None = None,
                              chunk: int = 8) -> list[dict[str, float]]:
-    """`candidate_values` for P members at once (a population, xfer.train.Population): every
+    """`candidate_values` for P members at once (a population, xfer.training.Population): every
     tensor has a leading member axis ([P, ...]; y_val [n] is shared), snd_rows [P, k] each
     member's fixed subset of test rows. The same formulas on the same numbers, batched (a
     candidate registered without a batched function runs member by member); tests/test_selection.py

@@ -48,7 +48,7 @@ def plain_optuna(store: Path, epochs: int, n_trials: int, fixed: dict) -> dict:
     from tune.space import load_space
     from xfer.config import TrainConfig
     from xfer.data.store import CellStore
-    from xfer.train import fit
+    from xfer.training import fit
 
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
