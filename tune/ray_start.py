@@ -43,6 +43,10 @@ def start_ray(address: str | None, num_cpus: int | None, num_gpus: int | None, s
     # the sweep's name goes into the job's metadata (the dashboard's job view; a submitted job's own
     # metadata wins); set variables stay as they are (a submitted job's runtime env must not conflict)
     env = {k: v for k, v in TRIAL_ENV.items() if k not in os.environ}
+    # xfer extensions named in the driver's environment (xfer.registry) are imported by every trial
+    # process; a submitted job's own runtime env already carries them to its workers
+    if os.environ.get("XFER_EXTENSIONS") and "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
+        env["XFER_EXTENSIONS"] = os.environ["XFER_EXTENSIONS"]
     kw = {"log_to_driver": False, "job_config": JobConfig(metadata={"xfer_sweep": sweep}),
           "runtime_env": {"env_vars": env} if env else None,
           "logging_level": logging.WARNING if quiet else logging.INFO}

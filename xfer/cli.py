@@ -277,7 +277,11 @@ def _plugins():
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()  # reads the registries: an extension that fails to load is a user error
+    except XferError as e:
+        print(f"xfer: error: {e}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     try:
