@@ -207,8 +207,8 @@ def test_search_epochs_inside_every_warmup_fail_before_anything_starts(tmp_path,
 
 
 def test_no_trial_is_judged_inside_its_warmup_and_the_final_model_holds_only_judged_trials(tmp_path, store):
-    """Issue 23: every trial warms up for 1-3 epochs and ASHA's first rung is 1, so rungs counted
-    in plain epochs (1, 2, 4: `--rungs epochs`, before issue 23) would judge every trial at epoch 1,
+    """Every trial warms up for 1-3 epochs and ASHA's first rung is 1, so rungs counted in plain
+    epochs (1, 2, 4: `--rungs epochs`) would judge every trial at epoch 1,
     inside its warm-up, with no objective value yet. The default rungs count the epochs after each
     trial's own warm-up: no trial is stopped without an objective value, and every member of the
     final model has one and ran the whole budget (the same footing)."""
