@@ -362,6 +362,10 @@ def choose(rows: list[dict], cap: float = 2.0) -> tuple[dict, dict]:
     return pick, today
 
 
+def _row_key(r: dict) -> tuple:
+    return r["space"], r["policy"], r["grace"], r["rf"], r["n_trials"], r["epochs"], r["rule"]
+
+
 def cmd_replay(root: Path, pairs: list[int], sweeps: int, out_json: Path, rules: list[str] = RULES) -> None:
     """Every design replayed on every pair, the rows and the rule's pick. With some `rules` only
     (top4_footing is always built: the rows compare with it), their rows replace those of the
@@ -376,7 +380,8 @@ def cmd_replay(root: Path, pairs: list[int], sweeps: int, out_json: Path, rules:
         old = json.loads(out_json.read_text())
         if old["pairs"] != pairs or old["sweeps"] != sweeps:
             raise SystemExit(f"{out_json} replayed pairs {old['pairs']} x {old['sweeps']} sweeps: run every rule")
-        rows = [r for r in old["rows"] if r["rule"] not in rules] + rows
+        new = {_row_key(r): r for r in rows}
+        rows = [new.pop(_row_key(r), r) for r in old["rows"]] + list(new.values())
     pick, today = choose(rows)
     out = {"pairs": pairs, "sweeps": sweeps, "defaults": {p: v.defaults for p, v in loaded.items()},
            "baselines": {p: v.baseline for p, v in loaded.items()}, "rows": rows, "pick": pick, "today": today}
