@@ -78,7 +78,7 @@ def run(cmd: list[str], *, log: Path | None = None, env: dict | None = None, cwd
 
 def _short(cmd: list[str]) -> str:
     if cmd[:3] == XFER:
-        return "xfer " + " ".join(cmd[3:5])
+        return "xfer " + cmd[3]
     return " ".join(cmd[:3])
 
 
