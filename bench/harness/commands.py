@@ -10,6 +10,7 @@ a study cut short resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -59,11 +60,11 @@ def run(cmd: list[str], *, log: Path | None = None, env: dict | None = None, cwd
             stdout, stderr = p.communicate(timeout=timeout)
             rc: int | str = p.returncode
         except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
+            _kill_group(p.pid)
             stdout, stderr = p.communicate()
             rc = "timeout"
         except BaseException:  # Ctrl-C included: the command's group does not outlive the benchmark
-            os.killpg(p.pid, signal.SIGKILL)
+            _kill_group(p.pid)
             p.wait()
             raise
     finally:
@@ -74,6 +75,11 @@ def run(cmd: list[str], *, log: Path | None = None, env: dict | None = None, cwd
         where = f"see {log}" if log is not None else (ran.stderr or ran.stdout)[-3000:]
         raise SystemExit(f"{_short(ran.cmd)} failed ({rc}): {where}")
     return ran
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 def _short(cmd: list[str]) -> str:
