@@ -66,7 +66,14 @@ def _is_path(x) -> bool:
 
 @dataclass(frozen=True)
 class DataSources:
-    """Where each role's cells come from (None: not given), its labels CSV, and how to read them."""
+    """Where each role's cells come from (None: not given), its labels CSV, and how to read them
+    (the Python API's `xfer.Inputs`).
+
+        >>> inputs = xfer.Inputs(src="REH_GEX.csv", tgt="REH_PEAK.csv", src_labels="REH_labels.csv",
+        ...                      sup_peak=mdata_sup)                   # doctest: +SKIP
+        >>> inputs.load()["tgt"].n_cells                               # doctest: +SKIP
+        7432
+    """
 
     src: object = None
     tgt: object = None
