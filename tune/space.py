@@ -172,6 +172,7 @@ NOT_SEARCHED: dict[str, str] = {
                           "line_norm")},
     **{k: _TEST_LINE for k in ("use_peak_mapper", "peak_mapper_method", "peak_impute_strategy",
                                "peak_max_distance")},
+    "peak_mapper": "a file (the mapper.pt of `xfer map-peaks`), fixed with --peak_mapper",
 }
 
 

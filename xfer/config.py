@@ -40,7 +40,8 @@ METRICS = ("balanced_accuracy", "accuracy", "macro_f1")
 # candidates (SELECTION_CANDIDATES; xfer.selection computes them).
 OBJECTIVES = LiveNames(lambda: (*registry.META_OBJECTIVES, *SELECTION_CANDIDATES))
 SOURCE_MODELS_BUILTIN = ("pca",)
-MAPPER_METHODS = ("exact", "overlap", "overlap_50pct", "nearest")
+# "neural": a mapper trained by `xfer map-peaks` (xfer.data.neural_mapper), named by `peak_mapper`
+MAPPER_METHODS = ("exact", "overlap", "overlap_50pct", "nearest", "neural")
 IMPUTE = ("zero", "mean")
 PEAK_TRANSFORMS = ("tfidf", "binary", "log1p")
 
@@ -148,6 +149,7 @@ class DataConfig:
     peak_mapper_method: str = "overlap_50pct"
     peak_impute_strategy: str = "zero"
     peak_max_distance: int = 1000
+    peak_mapper: str = ""            # peak_mapper_method "neural": the mapper.pt of `xfer map-peaks`
 
 
 @dataclass(frozen=True)
@@ -239,6 +241,10 @@ class TrainConfig:
              f"unknown {d.peak_transform!r}; choose from {', '.join(PEAK_TRANSFORMS)}")
         need(d.peak_mapper_method in MAPPER_METHODS, "peak_mapper_method",
              f"unknown {d.peak_mapper_method!r}; choose from {', '.join(MAPPER_METHODS)}")
+        need(d.peak_mapper_method != "neural" or bool(d.peak_mapper), "peak_mapper",
+             "peak_mapper_method 'neural' needs the mapper: --peak_mapper DIR/mapper.pt (from `xfer map-peaks`)")
+        need(d.peak_mapper_method != "neural" or d.use_peak_mapper, "use_peak_mapper",
+             "peak_mapper_method 'neural' maps the test line's peaks: not with --no-use_peak_mapper")
         need(d.peak_impute_strategy in IMPUTE, "peak_impute_strategy",
              f"unknown {d.peak_impute_strategy!r}; choose from {', '.join(IMPUTE)}")
         for key in ("latent_dim", "hidden_dim", "n_layers", "proj_hidden", "cls_hidden", "disc_hidden",

@@ -20,7 +20,7 @@ CONFIG_FLAGS = {
     "use_cdann": "use_cdann", "batch_size": "batch_size", "lr": "lr", "patience": "patience",
     "lambda_balance": "lambda_balance", "lambda_entropy": "lambda_entropy",
     "lambda_target_class": "lambda_target_class", "lambda_pseudo": "lambda_pseudo", "metric": "metric",
-    "objective": "objective",
+    "objective": "objective", "peak_mapper": "peak_mapper",
 }
 
 
@@ -89,7 +89,10 @@ def add_train_arguments(parser, sweep: bool = False) -> None:
                    help="class-conditional adversary (default on); --no-use_cdann: plain DANN")
     g.add_argument("--use_peak_mapper", action=argparse.BooleanOptionalAction, default=None,
                    help="map the test line's peaks by genomic coordinates (default on)")
-    g.add_argument("--peak_mapper_method", help="exact | overlap | overlap_50pct | nearest")
+    g.add_argument("--peak_mapper_method", help="exact | overlap | overlap_50pct | nearest | neural (with --peak_mapper)")
+    g.add_argument("--peak_mapper", metavar="MAPPER_PT",
+                   help="--peak_mapper_method neural: the mapper.pt written by `xfer map-peaks` (the trained model's "
+                        "checkpoint then carries it)")
     g.add_argument("--peak_impute_strategy", help="zero | mean")
     g.add_argument("--peak_filter", type=float, help="keep peaks non-zero in >= this fraction of training cells")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -113,6 +116,10 @@ def config_overrides(args, skip: tuple[str, ...] = ()) -> dict:
                                                     getattr(args, "ensemble_model2", None))
     if "set" not in skip:
         over.update(parse_set(getattr(args, "set", None)))
+    if over.get("peak_mapper") and "://" not in str(over["peak_mapper"]):
+        from pathlib import Path
+
+        over["peak_mapper"] = str(Path(over["peak_mapper"]).resolve())  # trials run elsewhere: an absolute path
     return over
 
 

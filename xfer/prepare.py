@@ -205,6 +205,7 @@ class PeakPreprocessor:
     bin_components: np.ndarray | None = None  # (k, n_bins) or None for raw bins
     n_peaks_before: int = 0
     mapping_stats: dict = field(default_factory=dict)
+    neural_mapper: object = None              # peak_mapper_method "neural": xfer.data.neural_mapper.NeuralPeakMapper
 
     def fit(self, tgt: CellMatrix, train_idx: np.ndarray, other: CellMatrix | None = None) -> "PeakPreprocessor":
         """Fit on the training line's training cells; `other`: another line's peaks (unlabelled),
@@ -226,6 +227,8 @@ class PeakPreprocessor:
         self.col_mean = np.asarray(kept.mean(axis=0)).ravel().astype(np.float32)
         log.info("peak filter %.3f kept %d of %d peaks (training cells only)", c.peak_filter, len(self.kept_idx),
                  tgt.n_features)
+        if c.use_peak_mapper and c.peak_mapper_method == "neural":
+            self.neural_mapper = _load_neural_mapper(c.peak_mapper, self.peak_names)
         self.channel = peak_repr_class(c.peak_repr)(c)
         other_counts = self.map_counts(other) if other is not None and self.channel.transductive else None
         self.channel.fit(self, kept, other_counts)
@@ -281,6 +284,8 @@ class PeakPreprocessor:
         that differ only by a "chr" prefix are matched (the mapper strips it on both sides).
         A line that shares no peak with the kept peaks is an error."""
         ref = parse_peak_names(self.peak_names, "training line peaks", "features")
+        if self.neural_mapper is not None:
+            return self._map_neural(peaks)
         if self.cfg.use_peak_mapper:
             query = parse_peak_names(peaks.features, peaks.source, "features")
             normalise = chrom_prefix_differs(np.unique(ref.chrom.astype(str)), np.unique(query.chrom.astype(str)))
@@ -312,6 +317,23 @@ class PeakPreprocessor:
                               "fraction_ref_mapped": float(found.mean())}
         return (peaks.X @ M).tocsr()
 
+    def _map_neural(self, peaks: CellMatrix) -> sp.csr_matrix:
+        """Another line's counts on the kept peaks through the neural mapper: every kept peak is one
+        of the mapper's training-line peaks (checked when it was loaded)."""
+        out, stats = self.neural_mapper.map(peaks)
+        pos = {n: i for i, n in enumerate(map(str, self.neural_mapper.ref_peaks))}
+        cols = np.array([pos.get(str(n), -1) for n in self.peak_names], dtype=np.int64)
+        have = cols >= 0
+        mapped = sp.csr_matrix(out)[:, np.where(have, cols, 0)].tocsr()
+        if not have.all():  # kept peaks the mapper does not predict (rare: its own peak filter): by coordinates
+            coord, _ = map_dataset(peaks, parse_peak_names(self.peak_names, "training line peaks", "features"),
+                                   method="overlap_50pct", impute="zero", max_distance=self.cfg.peak_max_distance)
+            keep = sp.diags(have.astype(np.float32))
+            mapped = (mapped @ keep + coord.X @ sp.diags((~have).astype(np.float32))).tocsr()
+        self.mapping_stats = {**stats, "n_ref_kept": len(self.peak_names),
+                              "n_ref_kept_by_coordinates": int((~have).sum())}
+        return mapped
+
     @classmethod
     def from_state(cls, cfg: DataConfig, state: dict) -> "PeakPreprocessor":
         """Rebuild a fitted preprocessor from `state()` (arrays as numpy or tensors)."""
@@ -322,6 +344,10 @@ class PeakPreprocessor:
         if cfg.bin_size > 0:
             pre.bin_keys = np.asarray(st["bin_keys"]).astype(str)
             pre.bin_components = st.get("bin_components")
+        if "neural_mapper" in state:  # the checkpoint carries the mapper: predict needs nothing more
+            from .data.neural_mapper import NeuralPeakMapper
+
+            pre.neural_mapper = NeuralPeakMapper.from_state(state["neural_mapper"], where="checkpoint")
         return pre
 
     def state(self) -> dict:
@@ -332,7 +358,32 @@ class PeakPreprocessor:
             out["bin_keys"] = list(map(str, self.bin_keys))
             if self.bin_components is not None:
                 out["bin_components"] = self.bin_components
+        if self.neural_mapper is not None:
+            out["neural_mapper"] = self.neural_mapper.state()
         return out
+
+
+# A neural mapper serves a training line when it predicts all but this fraction of its kept peaks
+# (those it lacks, left out by the mapper's own peak filter, are mapped by coordinates).
+MAPPER_MISSING_MAX = 0.1
+
+
+def _load_neural_mapper(path: str, kept_peaks: np.ndarray):
+    """The mapper of `xfer map-peaks`, checked against the training line: it must predict every
+    kept peak (it was trained with this line as its source)."""
+    from .data.neural_mapper import load_mapper
+
+    mapper = load_mapper(path)
+    have = set(map(str, mapper.ref_peaks))
+    missing = [str(n) for n in kept_peaks if str(n) not in have]
+    if len(missing) > MAPPER_MISSING_MAX * len(kept_peaks):
+        raise InputError(path, "ref_peaks", f"was trained for other peak sets: {len(missing)} of the training line's "
+                         f"{len(kept_peaks)} kept peaks are not among its {len(have)} source peaks (e.g. "
+                         f"'{missing[0]}'); train it with this line as --source_peaks (`xfer map-peaks`)")
+    if missing:
+        log.info("neural peak mapper: %d of %d kept peaks are not among its source peaks (its own filter); they "
+                 "are mapped by coordinates", len(missing), len(kept_peaks))
+    return mapper
 
 
 def _examples(chroms, n: int = 3) -> str:
