@@ -6,6 +6,7 @@
     xfer train      train the CDANN and score it beside plain baselines
     xfer baseline   the plain baselines alone
     xfer predict    label new cells with a trained model (a checkpoint)
+    xfer map-peaks  train the neural peak mapper between two lines' peak sets
     xfer store      list the datasets and embeddings in a store
     xfer results    one CSV row (and a Markdown table row) per trained model folder
     xfer report     report.html of a sweep or a training run (plotly, offline)
@@ -151,6 +152,31 @@ def cmd_predict(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- map-peaks
+
+def cmd_map_peaks(args) -> int:
+    from .data.inputs import DataSources
+    from .data.neural_mapper import MAPPER_FILE, fit_mapper, write_mapper_folder
+
+    sources = DataSources(tgt=args.source_peaks, sup_peak=args.target_peaks, store=args.store,
+                          peak_modality=args.peak_modality, orient=args.orient)
+    data = sources.load(["tgt", "sup_peak"])   # both read and checked before anything is fitted or written
+    mapper, stats = fit_mapper(data["tgt"], data["sup_peak"], design=args.design, dim=args.dim, epochs=args.epochs,
+                               seed=args.seed, device=args.device, fill=args.fill, min_fraction=args.min_fraction)
+    write_mapper_folder(mapper, stats, args.output_folder)    # computed first, then each file atomically
+    o, q = stats["overlap"], stats["quality"]["unmapped"]
+    print(f"{o['n_ref_mapped']} of {o['n_ref']} source peaks have a coordinate partner in the target line; the "
+          f"network predicts {stats['n_network_outputs']} ({stats['design']}, fill {stats['fill']}), "
+          f"{stats['fit_seconds']:.1f} s, {stats['file_bytes'] / 2**20:.1f} MiB")
+    if q["n_peaks"]:
+        f1 = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+        print(f"held-out source cells, peaks without a partner: F1 {f1(q['neural']['f1'])} (zero fill "
+              f"{f1(q['zero']['f1'])}, mean fill {f1(q['mean']['f1'])}), AUROC {f1(q['neural']['auroc'])}")
+    print(f"outputs: {args.output_folder}/ ({MAPPER_FILE}, mapper_stats.json, mapper_report.md); use it with "
+          f"--peak_mapper_method neural --peak_mapper {args.output_folder}/{MAPPER_FILE}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- store
 
 def cmd_store(args) -> int:
@@ -247,6 +273,38 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_arguments(s)
     add_predict_arguments(s)
     s.set_defaults(func=cmd_predict)
+
+    from .data.neural_mapper import DEFAULT_DESIGN, DESIGNS, FILLS
+    from .data.readers import ORIENTATIONS
+
+    s = sub.add_parser("map-peaks", help="train the neural peak mapper: a small network that puts a target line's "
+                       "peaks on a source (training) line's peaks, without labels (the original research code's "
+                       "train_peak_mapper.py)")
+    g = s.add_argument_group("data (a file: .csv/.tsv[.gz], .h5ad, .h5mu, 10x .h5; or store:NAME)")
+    g.add_argument("--source_peaks", required=True, metavar="FILE|store:NAME",
+                   help="the source (training) line's accessibility: the peaks the mapper predicts")
+    g.add_argument("--target_peaks", required=True, metavar="FILE|store:NAME",
+                   help="the target (test) line's accessibility: the peaks the mapper reads")
+    g.add_argument("--peak_modality", default=None, metavar="NAME", help=".h5mu inputs: the accessibility modality "
+                   "(default atac)")
+    g.add_argument("--orient", choices=ORIENTATIONS, default="auto",
+                   help="CSV orientation (default: detect)")
+    add_store_argument(s)
+    s.add_argument("--output_folder", required=True, help="where mapper.pt, mapper_stats.json and mapper_report.md go")
+    s.add_argument("--design", choices=DESIGNS, default=DEFAULT_DESIGN,
+                   help=f"source_adapter: trained on the source line's cells seen through the target's peaks; joint: "
+                        f"also on the target's cells, on the peaks coordinates fill (default {DEFAULT_DESIGN})")
+    s.add_argument("--fill", choices=FILLS, default="unmapped",
+                   help="unmapped: coordinate counts where a source peak has a partner, the network's calls on the "
+                        "others (default); all: the network's calls on every source peak")
+    s.add_argument("--dim", type=int, default=256, help="hidden width (default 256)")
+    s.add_argument("--epochs", type=int, default=None,
+                   help="at most this many epochs (default 60); early stopping on held-out source cells decides")
+    s.add_argument("--min_fraction", type=float, default=0.05,
+                   help="peaks non-zero in at least this share of a line's cells are fitted (default 0.05)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    s.set_defaults(func=cmd_map_peaks)
 
     s = sub.add_parser("store", help="list the datasets and embeddings in a store")
     add_store_argument(s)
