@@ -218,3 +218,9 @@ def test_map_peaks_bad_inputs(tiny_pair, tmp_path, capsys):
     # a missing file
     assert _map_peaks(tmp_path / "s", out, tmp_path / "A.h5ad", tmp_path / "missing.h5ad") == 2
     _refused(capsys, out, "missing.h5ad")
+
+
+def test_map_peaks_names_its_own_flags(tiny_store, tmp_path, capsys):
+    """A store dataset of expression given as --source_peaks: the message names that flag."""
+    assert _map_peaks(tiny_store, tmp_path / "out", "store:A_GEX", "store:B_PEAK") == 2
+    _refused(capsys, tmp_path / "out", "store:A_GEX", "[--source_peaks]", "expects peak")

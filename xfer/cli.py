@@ -157,10 +157,18 @@ def cmd_predict(args) -> int:
 def cmd_map_peaks(args) -> int:
     from .data.inputs import DataSources
     from .data.neural_mapper import MAPPER_FILE, fit_mapper, write_mapper_folder
+    from .errors import InputError
 
     sources = DataSources(tgt=args.source_peaks, sup_peak=args.target_peaks, store=args.store,
                           peak_modality=args.peak_modality, orient=args.orient)
-    data = sources.load(["tgt", "sup_peak"])   # both read and checked before anything is fitted or written
+    try:
+        data = sources.load(["tgt", "sup_peak"])   # both read and checked before anything is fitted or written
+    except InputError as e:  # the roles' own flag names in a message are this command's flags
+        flags = {"--tgt_csv": "--source_peaks", "--sup_peak_csv": "--target_peaks"}
+        if e.field not in flags:
+            raise
+        path, field, msg = e._args
+        raise InputError(path, flags[field], msg.replace(field, flags[field])) from None
     mapper, stats = fit_mapper(data["tgt"], data["sup_peak"], design=args.design, dim=args.dim, epochs=args.epochs,
                                seed=args.seed, device=args.device, fill=args.fill, min_fraction=args.min_fraction)
     write_mapper_folder(mapper, stats, args.output_folder)    # computed first, then each file atomically

@@ -130,7 +130,7 @@ PREDICT_BATCH = 1024               # cells per forward pass when mapping
 
 # ----------------------------------------------------------------------------- the mapper
 
-@dataclass
+@dataclass(eq=False)
 class NeuralPeakMapper:
     """A fitted mapper (see the module docstring). Index arrays are into `query_peaks` /
     `ref_peaks`; `weights` are float32 numpy arrays: enc (n_in x dim), enc_bias, norm_w,
@@ -214,6 +214,8 @@ class NeuralPeakMapper:
         """1.0 where p >= threshold, on the reference peaks (cells x n_ref)."""
         import torch
 
+        if not len(self.out_idx):  # every reference peak has a coordinate partner: nothing to fill
+            return sp.csr_matrix((Xq.shape[0], len(self.ref_peaks)), dtype=np.float32)
         net = _Net().from_weights(self.weights)
         X_in = _binary(Xq[:, self.input_idx])
         rows, cols = [], []
@@ -574,7 +576,8 @@ def fit_mapper(source: CellMatrix, target: CellMatrix, *, design: str = DEFAULT_
     data = _Data(src=sp.csr_matrix(source.X, dtype=np.float32), split=_split(source.n_cells, rng), view=plan.view,
                  ref_cols=plan.ref_cols, tgt_q=X_t[:, plan.query_cols].tocsr() if design == "joint"
                  else None, coord=plan.coord, mapped=plan.mapped)
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+    cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
         net, centre, history = _train(data, plan, dim, epochs, rng, dev,
                                       ~plan.mapped if fill == "unmapped" else np.ones(len(plan.ref_cols), bool))
