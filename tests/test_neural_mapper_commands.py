@@ -84,3 +84,38 @@ def test_neural_without_a_mapper_is_a_config_error(tiny_store, tmp_path, capsys)
                  "--peak_mapper_method", "neural", "--output_folder", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "peak_mapper" in err and "xfer map-peaks" in err and not (tmp_path / "r").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.xdist_group("ray")
+def test_a_sweep_searches_the_mapping_method(mapped, tiny_store, tmp_path):
+    """A space may search peak_mapper_method with the neural mapper among its choices (the mapper
+    fixed with --peak_mapper); each trial's row says which method it drew."""
+    import os
+    import subprocess
+    import sys
+
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"peak_mapper_method": {"type": "categorical", "choices": ["overlap_50pct", "neural"]},
+                                 "warmup_epochs": 1}))
+    out = tmp_path / "sweep"
+    argv = [sys.executable, "-m", "xfer.cli", "tune", "--store", str(tiny_store), "--src_csv", "store:A_GEX",
+            "--tgt_csv", "store:A_PEAK", "--test_csv", "store:B_GEX", "--sup_peak_csv", "store:B_PEAK",
+            "--space", str(space), "--peak_mapper", str(mapped / "mapper" / "mapper.pt"), "--n_trials", "4",
+            "--search_epochs", "3", "--scheduler", "fifo", "--num_cpus", "2", "--output_folder", str(out),
+            *[a for a in SETS if "warmup" not in a]]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(trials) == 4 and (trials["status"] == "completed").all()
+    assert set(trials["param.peak_mapper_method"]) <= {"overlap_50pct", "neural"}
+    assert trials["param.peak_mapper_method"].nunique() == 2  # TPE's random start draws both within 4 trials
+
+
+def test_a_space_with_neural_needs_the_mapper(tiny_store, tmp_path, capsys):
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"peak_mapper_method": {"type": "categorical", "choices": ["overlap_50pct", "neural"]}}))
+    assert main(["tune", "--store", str(tiny_store), "--src_csv", "store:A_GEX", "--tgt_csv", "store:A_PEAK",
+                 "--space", str(space), "--output_folder", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "--peak_mapper" in err and not (tmp_path / "s").exists()

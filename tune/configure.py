@@ -71,6 +71,10 @@ def _check_settings(r: SweepRequest, space: SearchSpace, base: dict) -> None:
                           "--num_workers > 1")
     if r.report_every < 0:
         raise ConfigError("report_every", f"must be >= 0 (0: at most one report a second), got {r.report_every}")
+    method = space.params.get("peak_mapper_method")
+    if method is not None and "neural" in method.values() and not base.get("peak_mapper"):
+        raise ConfigError("peak_mapper", "the space can draw peak_mapper_method 'neural': give the mapper with "
+                          "--peak_mapper DIR/mapper.pt (from `xfer map-peaks`)")
     # every value a trial can get must make a valid config with the base
     TrainConfig.from_dict({**base, **{k: p.value for k, p in space.params.items() if p.kind == "fixed"
                                       and k not in ALL_ARCH_PARAMS and k != "arch"}})

@@ -328,10 +328,15 @@ def parse_space(raw: dict, source: str = "search space") -> SearchSpace:
     return space
 
 
+# Values that are valid only beside another setting, and a stand-in for it when a value is checked
+# on its own (the sweep checks the real one: tune.configure).
+_NEEDS_BESIDE = {("peak_mapper_method", "neural"): {"peak_mapper": "mapper.pt"}}
+
+
 def _check_values(key: str, values: list, source: str) -> None:
     """Each value must make a valid config on its own (type and range)."""
     for v in values:
-        cfg = {key: v}
+        cfg = {key: v, **_NEEDS_BESIDE.get((key, v), {})}
         if key in ALL_ARCH_PARAMS:
             cfg["arch"] = registry.param_owners(key)[0]
         try:
