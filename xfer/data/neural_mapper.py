@@ -68,7 +68,11 @@ fill "unmapped" when there are >= MIN_WATCHED of them, else all; and the calibra
 test (the reported quality, `quality` in the statistics; see `_quality`). The network starts
 as the depth-only model (output weights 0, biases at the peaks' logit rates, depth slopes 1),
 so that what it learns beyond depth has to lower the held-out loss to be kept. Minibatches of
-up to 256 cells (smaller for small lines, so that an epoch has >= MIN_STEPS steps), Adam.
+up to 256 cells (smaller for small lines, so that an epoch has >= MIN_STEPS steps), Adam; a
+step's loss covers every peak the network fills and a fresh random sample of the others, up to
+OUTPUT_SAMPLE peaks in all (under fill "unmapped" the others only shape the shared layers, so
+their own outputs, scored as "neural_all" in `quality`, are undertrained there; fit with fill
+"all" to judge predicting every peak).
 
 What it achieves on simulated pairs (`bench/`, the study, has the numbers that matter): the
 simulator's peaks are nearly independent given the cell's depth, so on held-out source cells the
@@ -77,7 +81,9 @@ fill's 0 and the mean fill's, log loss below the mean fill's); on the peaks with
 coordinate counts are observations and the network's calls (fill "all") are far worse.
 
 File (`mapper.pt`, `torch.load(weights_only=True)`): `NeuralPeakMapper.state()`, a dict of
-tensors, numbers, strings and lists with "format" = FORMAT, and the fit's statistics.
+tensors, numbers, strings and lists with "format" = FORMAT, and the fit's statistics. The two
+large matrices (input vectors, output weights) are stored as float16; the fit rounds them so
+before calibrating, so a loaded mapper computes exactly what the fitted one did.
 """
 
 from __future__ import annotations
@@ -118,6 +124,7 @@ BATCH = 256                        # cells per step at most
 MIN_STEPS = 8                      # steps per epoch at least (smaller batches for small lines)
 LR = 1e-3
 MIN_WATCHED = 20                   # early stopping watches the network's output peaks when this many
+OUTPUT_SAMPLE = 4096               # reference peaks in one step's loss (all filled ones, others sampled)
 HIDDEN_DROPOUT = 0.1
 DEPTH_KEEP = (0.4, 1.0)            # per-cell thinning of the whole cell (input and output)
 ENTRY_KEEP = 0.8                   # input-only thinning per entry (shifted boundaries)
@@ -264,7 +271,8 @@ class NeuralPeakMapper:
             "ref_peaks": [str(x) for x in self.ref_peaks], "query_peaks": [str(x) for x in self.query_peaks],
             **{k: torch.from_numpy(getattr(self, k).copy()) for k in _INDEX_KEYS},
             "thresholds": torch.from_numpy(self.thresholds.copy()),
-            "weights": {k: torch.from_numpy(v.copy()) for k, v in self.weights.items()},
+            "weights": {k: torch.from_numpy(v.astype(np.float16 if k in _HALF_KEYS else np.float32))
+                        for k, v in self.weights.items()},
             "fit_stats": _plain(self.fit_stats),
         }
 
@@ -317,6 +325,7 @@ class NeuralPeakMapper:
 
 _INDEX_KEYS = ("input_idx", "coord_q", "coord_r", "out_idx")
 _WEIGHT_KEYS = ("enc", "enc_bias", "norm_w", "norm_b", "dec", "dec_bias", "depth")
+_HALF_KEYS = ("enc", "dec")   # stored as float16 (the fit rounds them so: `round_weights`)
 _STATE_KEYS = ("design", "fill", "dim", "min_fraction", "method", "depth_centre", "ref_peaks", "query_peaks",
                *_INDEX_KEYS, "thresholds", "weights")
 
@@ -363,9 +372,19 @@ def _net_class():
             self.depth = nn.Parameter(torch.ones(n_out))
             nn.init.normal_(self.enc.weight, 0.0, 1.0 / math.sqrt(dim))
 
-        def forward(self, idx, offsets, z):
+        def forward(self, idx, offsets, z, rows=None):
+            """Logits of every output, or of the outputs `rows` (a LongTensor) only."""
             h = self.drop(torch.relu(self.norm(self.enc(idx, offsets) + self.enc_bias)))
-            return self.dec(h) + self.depth * z[:, None]
+            if rows is None:
+                return self.dec(h) + self.depth * z[:, None]
+            return h @ self.dec.weight[rows].T + self.dec.bias[rows] + self.depth[rows] * z[:, None]
+
+        def round_weights(self) -> None:
+            """Round the two large matrices to float16 precision: what the file stores, so that
+            a loaded mapper computes what this one does."""
+            with torch.no_grad():
+                for t in (self.enc.weight, self.dec.weight):
+                    t.copy_(t.half().float())
 
         def weights(self, rows=None) -> dict:
             """float32 numpy weights; `rows`: the output rows kept."""
@@ -508,21 +527,23 @@ class _Data:
     coord: sp.csr_matrix
     mapped: np.ndarray
 
-    def source_batch(self, rows, rng, augment: bool):
+    def source_batch(self, rows, rng, augment: bool, out=None):
+        """Source cells: their input (binary CSR) and their reference peaks (all, or `out`: dense binary)."""
         X = self.src[rows]
         X = _thin(X, rng.uniform(*DEPTH_KEEP, len(rows)), rng) if augment else _binary(X)
         X_in = (X @ self.view).tocsr()
         X_in = _input_noise(X_in, rng) if augment else _binary(X_in)
-        return X_in, _binary(X[:, self.ref_cols]).toarray()
+        return X_in, _binary(X[:, self.ref_cols if out is None else self.ref_cols[out]]).toarray()
 
     def rates(self, rows) -> np.ndarray:
         """Per reference peak, the share of these source cells where it is non-zero."""
         X = self.src[rows][:, self.ref_cols]
         return np.bincount(X.indices[X.data != 0], minlength=len(self.ref_cols)) / max(len(rows), 1)
 
-    def target_batch(self, rows, rng, input_idx):
+    def target_batch(self, rows, rng, input_idx, out):
+        """Target cells: their input and their reference peaks `out` (those with a partner), dense binary."""
         X = _thin(self.tgt_q[rows], rng.uniform(*DEPTH_KEEP, len(rows)), rng)
-        y = _binary((X @ self.coord).tocsr()).toarray()
+        y = _binary((X @ self.coord[:, out]).tocsr()).toarray()
         return _input_noise(X[:, input_idx], rng), y
 
 
@@ -582,6 +603,7 @@ def fit_mapper(source: CellMatrix, target: CellMatrix, *, design: str = DEFAULT_
         net, centre, history = _train(data, plan, dim, epochs, rng, dev,
                                       ~plan.mapped if fill == "unmapped" else np.ones(len(plan.ref_cols), bool))
     net = net.cpu().eval()
+    net.round_weights()
     thresholds_all = _calibrate(net, data, centre)
     quality = _quality(net, data, plan, centre, thresholds_all)
     out_idx = np.flatnonzero(~plan.mapped) if fill == "unmapped" else np.arange(len(plan.ref_cols))
@@ -616,7 +638,19 @@ def _init_net(data: _Data, plan: _Plan, dim: int, dev):
     return net, centre
 
 
-def _epoch(net, opt, data: _Data, plan: _Plan, centre: float, rng: np.random.Generator, dev) -> float:
+def _outputs(filled: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The reference peaks one step's loss covers: every one the network fills and, of the
+    others, a random sample up to OUTPUT_SAMPLE in all (they train the shared layers; scoring
+    all 50,000 research-sized peaks in every step would cost ten times the time)."""
+    w, others = np.flatnonzero(filled), np.flatnonzero(~filled)
+    k = max(0, OUTPUT_SAMPLE - len(w))
+    if len(others) > k:
+        others = rng.choice(others, k, replace=False)
+    return np.sort(np.concatenate([w, others]))
+
+
+def _epoch(net, opt, data: _Data, plan: _Plan, centre: float, rng: np.random.Generator, dev,
+           filled: np.ndarray) -> float:
     """One pass over the training cells (augmented); joint: each step also a batch of target cells,
     loss on the reference peaks their coordinate partners fill. The mean step loss."""
     import torch
@@ -625,15 +659,17 @@ def _epoch(net, opt, data: _Data, plan: _Plan, centre: float, rng: np.random.Gen
     train = rng.permutation(data.split[0])
     bs = _batch_size(len(train))
     n_tgt = 0 if data.tgt_q is None else data.tgt_q.shape[0]
-    known = torch.from_numpy(data.mapped).to(dev)
     net.train()
     losses = []
     for lo in range(0, len(train), bs):
-        X, y = data.source_batch(train[lo:lo + bs], rng, augment=True)
-        loss = bce(net(*_bag(X, centre, dev)), torch.from_numpy(y).to(dev))
-        if n_tgt:
-            Xt, yt = data.target_batch(rng.integers(0, n_tgt, bs), rng, plan.input_idx)
-            loss = loss + bce(net(*_bag(Xt, centre, dev))[:, known], torch.from_numpy(yt[:, data.mapped]).to(dev))
+        out = _outputs(filled, rng)
+        X, y = data.source_batch(train[lo:lo + bs], rng, augment=True, out=out)
+        loss = bce(net(*_bag(X, centre, dev), torch.from_numpy(out).to(dev)), torch.from_numpy(y).to(dev))
+        known = out[data.mapped[out]]
+        if n_tgt and len(known):
+            Xt, yt = data.target_batch(rng.integers(0, n_tgt, bs), rng, plan.input_idx, known)
+            loss = loss + bce(net(*_bag(Xt, centre, dev), torch.from_numpy(known).to(dev)),
+                              torch.from_numpy(yt).to(dev))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -642,25 +678,25 @@ def _epoch(net, opt, data: _Data, plan: _Plan, centre: float, rng: np.random.Gen
 
 
 def _train(data: _Data, plan: _Plan, dim: int, epochs: int | None, rng: np.random.Generator, dev,
-           watched: np.ndarray):
+           filled: np.ndarray):
     """Adam with early stopping on the validation cells' loss (no augmentation) over the
-    `watched` reference peaks (all of them when fewer than MIN_WATCHED); returns the best
-    epoch's network, the depth centre and the history."""
+    `filled` reference peaks, the network's outputs (all peaks when fewer than MIN_WATCHED);
+    returns the best epoch's network, the depth centre and the history."""
     import torch
 
     net, centre = _init_net(data, plan, dim, dev)
     opt = torch.optim.Adam(net.parameters(), lr=LR)
-    X_val, y_val = data.source_batch(data.split[1], rng, augment=False)
-    watch = torch.from_numpy(watched if watched.sum() >= MIN_WATCHED else np.ones(y_val.shape[1], bool))
-    val_in, y_val = _bag(X_val, centre, dev), torch.from_numpy(y_val[:, watch.numpy()]).to(dev)
-    watch = watch.to(dev)
+    watch = np.flatnonzero(filled) if filled.sum() >= MIN_WATCHED else np.arange(len(filled))
+    X_val, y_val = data.source_batch(data.split[1], rng, augment=False, out=watch)
+    val_in, y_val = _bag(X_val, centre, dev), torch.from_numpy(y_val).to(dev)
+    watch = torch.from_numpy(watch).to(dev)
     best, best_state, history, wait = math.inf, None, [], 0
     for epoch in range(1, (epochs or MAX_EPOCHS) + 1):
         t_ep = time.perf_counter()
-        train_loss = _epoch(net, opt, data, plan, centre, rng, dev)
+        train_loss = _epoch(net, opt, data, plan, centre, rng, dev, filled)
         net.eval()
         with torch.no_grad():
-            v = float(torch.nn.functional.binary_cross_entropy_with_logits(net(*val_in)[:, watch], y_val))
+            v = float(torch.nn.functional.binary_cross_entropy_with_logits(net(*val_in, watch), y_val))
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": v,
                         "seconds": time.perf_counter() - t_ep})
         if v < best - 1e-5:
