@@ -236,21 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("simulate", help="write a simulated paired-multiome pair of cell lines")
-    s.add_argument("--size", default="small",
-                   help="tiny | small | medium | research (default small); research: the size of the original "
-                        "research code's data, 7,432 and 7,728 cells, 28,105 genes, 92,328 peaks (old name: seed)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--vary", action="store_true",
-                   help="draw the pair's assumptions and cells per line from the documented ranges "
-                        "(xfer.data.simulate.VARIED_RANGES) with --seed; genes and peaks from --size; "
-                        "writes settings.json")
-    s.add_argument("--out", default="sim_data", help="output directory for files (default ./sim_data)")
-    s.add_argument("--formats", default="csv,h5ad,10x,store",
-                   help="comma list of csv, h5ad, 10x, store (default: all)")
-    s.add_argument("--overwrite", action="store_true", help="replace store datasets of the same name")
-    add_store_argument(s)
-    s.set_defaults(func=cmd_simulate)
+    _add_simulate_parser(sub, add_store_argument)
 
     s = sub.add_parser("ingest", help="validate inputs and write them to the Parquet cell store")
     add_data_arguments(s)
@@ -282,6 +268,49 @@ def build_parser() -> argparse.ArgumentParser:
     add_predict_arguments(s)
     s.set_defaults(func=cmd_predict)
 
+    _add_map_peaks_parser(sub, add_store_argument)
+
+    s = sub.add_parser("store", help="list the datasets and embeddings in a store")
+    add_store_argument(s)
+    s.set_defaults(func=cmd_store)
+
+    s = sub.add_parser("results", help="one row per model folder (xfer train / xfer tune outputs): the four splits, "
+                       "the majority-class rate and the best plain baseline "
+                       "(the original research code's comprehensive results)")
+    s.add_argument("--model_dirs", nargs="+", required=True, metavar="DIR", help="folders holding metrics.json")
+    s.add_argument("--output_csv", default="comprehensive_results.csv",
+                   help="the CSV to write (default comprehensive_results.csv)")
+    s.set_defaults(func=cmd_results)
+
+    s = sub.add_parser("report", help="write report.html (self-contained, offline) for a sweep or training folder")
+    s.add_argument("--output_folder", required=True, help="an `xfer tune` or `xfer train` output folder")
+    s.set_defaults(func=cmd_report)
+
+    for ep in _plugins():
+        ep.load()(sub)  # e.g. `xfer tune` from the tune package (Ray stays out of xfer)
+
+    return p
+
+
+def _add_simulate_parser(sub, add_store_argument) -> None:
+    s = sub.add_parser("simulate", help="write a simulated paired-multiome pair of cell lines")
+    s.add_argument("--size", default="small",
+                   help="tiny | small | medium | research (default small); research: the size of the original "
+                        "research code's data, 7,432 and 7,728 cells, 28,105 genes, 92,328 peaks (old name: seed)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--vary", action="store_true",
+                   help="draw the pair's assumptions and cells per line from the documented ranges "
+                        "(xfer.data.simulate.VARIED_RANGES) with --seed; genes and peaks from --size; "
+                        "writes settings.json")
+    s.add_argument("--out", default="sim_data", help="output directory for files (default ./sim_data)")
+    s.add_argument("--formats", default="csv,h5ad,10x,store",
+                   help="comma list of csv, h5ad, 10x, store (default: all)")
+    s.add_argument("--overwrite", action="store_true", help="replace store datasets of the same name")
+    add_store_argument(s)
+    s.set_defaults(func=cmd_simulate)
+
+
+def _add_map_peaks_parser(sub, add_store_argument) -> None:
     from .data.neural_mapper import DEFAULT_DESIGN, DESIGNS, FILLS
     from .data.readers import ORIENTATIONS
 
@@ -313,27 +342,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     s.set_defaults(func=cmd_map_peaks)
-
-    s = sub.add_parser("store", help="list the datasets and embeddings in a store")
-    add_store_argument(s)
-    s.set_defaults(func=cmd_store)
-
-    s = sub.add_parser("results", help="one row per model folder (xfer train / xfer tune outputs): the four splits, "
-                       "the majority-class rate and the best plain baseline "
-                       "(the original research code's comprehensive results)")
-    s.add_argument("--model_dirs", nargs="+", required=True, metavar="DIR", help="folders holding metrics.json")
-    s.add_argument("--output_csv", default="comprehensive_results.csv",
-                   help="the CSV to write (default comprehensive_results.csv)")
-    s.set_defaults(func=cmd_results)
-
-    s = sub.add_parser("report", help="write report.html (self-contained, offline) for a sweep or training folder")
-    s.add_argument("--output_folder", required=True, help="an `xfer tune` or `xfer train` output folder")
-    s.set_defaults(func=cmd_report)
-
-    for ep in _plugins():
-        ep.load()(sub)  # e.g. `xfer tune` from the tune package (Ray stays out of xfer)
-
-    return p
 
 
 def _plugins():
