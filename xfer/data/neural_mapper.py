@@ -903,8 +903,13 @@ def mapper_report(stats: dict) -> str:
         f"validation loss {stats['best_val_loss']:.4f}), batch {stats['batch_size']}, source cells "
         f"{stats['split']['train']} / {stats['split']['val']} / {stats['split']['test']} (train / val / test)",
         "", f"## Held-out quality ({q['n_test_cells']} test cells of the source line)", "",
-        "Calls against the binarised truth; probabilities by log loss and per-peak AUROC "
-        "(the mean fill as a probability is each peak's rate).", "",
+        "Each source cell is seen through the target line's peaks, as the target's cells are; the "
+        "network calls a peak where its probability reaches the peak's threshold (set on validation cells so "
+        "that its call rate matches the peak's training rate). Calls are scored against the cell's own "
+        "binarised peaks; probabilities by log loss and per-peak AUROC (the mean fill as a probability is "
+        "each peak's rate). `zero` / `mean`: the coordinate mapper with that fill; on peaks with a partner "
+        "(`coordinates`) a source cell's counts come back unchanged (the same fragments), so those rows "
+        "show how far the network's calls are from observed values.", "",
         "| peaks | n | fill | precision | recall | F1 | rate called (true) | log loss | AUROC |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
