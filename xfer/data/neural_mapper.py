@@ -119,7 +119,7 @@ DEFAULT_DESIGN = "source_adapter"
 COORD_METHOD = "overlap_50pct"     # the coordinate pairs (the pipeline's default method)
 MIN_SHARED = 0.5                   # a query must hold at least this share of the mapper's query peaks
 MAX_EPOCHS = 60                    # epochs=None: at most this many, early stopping decides
-PATIENCE = 5                       # epochs without a better validation loss before stopping
+PATIENCE = 3                       # epochs without a better validation loss before stopping
 BATCH = 256                        # cells per step at most
 MIN_STEPS = 8                      # steps per epoch at least (smaller batches for small lines)
 LR = 1e-3
