@@ -10,6 +10,7 @@ The model and its defaults
   training_defaults          how were the training defaults chosen, and what do they give?
   encoder_divergence_table   every encoder x divergence with the defaults, beside the baselines
   sim_difficulty             how hard is the simulated task for plain baselines?
+  peak_mapper_methods        does the neural peak mapper beat the coordinate mapper and joint LSI?
 Sweeps: what they should rank by, run and return
   selection_objective        which label-free objective picks the configuration that transfers?
   sweep_objective_eval       does a sweep ranked by that objective find a better model?
