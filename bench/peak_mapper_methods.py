@@ -3,7 +3,7 @@
     python -m bench.peak_mapper_methods run [--root bench/_data/peak_mapper] [--dev 2601:hard,2602:varied]
                                            [--eval 2611:hard,2612:hard,2613:varied,2614:varied] [--epochs 40]
                                            [--workers 2] [--quick] [--json bench/results/peak_mapper_methods.json]
-    python -m bench.peak_mapper_methods research [--root bench/_data/peak_mapper_research]   # fit at research size
+    python -m bench.peak_mapper_methods research [--root bench/_data/peak_mapper_research] [--flags --design joint --fill all]
     python -m bench.peak_mapper_methods report [bench/results/peak_mapper_methods.json]    # BENCHMARKS.md tables
 
 Pairs (size `small`: 3,000 genes, 10,000 peaks in the training line; cells per line drawn):
@@ -35,12 +35,14 @@ Every run is exactly `xfer train` on the pair's store, the test line given as --
 --sup_peak_csv (its labels only score), with the shipped defaults except what the 2-core CPU
 budget forces: `--epochs E` (default 40, shipped 100) and `--set ensemble=1` (shipped 3). Runs
 whose metrics.json exists are read, not repeated (a cut run resumes); a mapper whose mapper.pt
-exists is not refitted (its first fit's time is kept in fit.json). Every command runs in a copy
+exists is not refitted (its first fit's time is kept in fit.json). A run `xfer train` refuses
+(`exact` where no boundary is shared) is recorded with its one-line error. Every command runs in a copy
 of the committed xfer package (ROOT/xfer_<commit>/, `snapshot`), so that work-tree edits during
 the study (others' work) cannot mix versions; the commit and neural_mapper.py's blob are recorded.
 
-`research`: `xfer map-peaks` of the chosen design on the research-sized pair (92,328 peaks per
-line; simulated once into ROOT/store): its wall time and peak memory (/usr/bin/time -v).
+`research`: `xfer map-peaks` of the chosen design (or --flags) on the research-sized pair
+(92,328 peaks in the training line; simulated into ROOT/store, deleted afterwards unless --keep),
+in the study's copy of the package: its wall time and peak memory (/usr/bin/time -v).
 """
 
 from __future__ import annotations
