@@ -42,7 +42,7 @@ from pathlib import Path
 
 from bench.harness import pairs_cli, write_results
 from bench.harness.populations import population as draw_population
-from bench.harness.populations import transductive_data
+from bench.harness.populations import EpochPredictions, transductive_data
 
 POPULATION_SEED = 12
 
@@ -62,7 +62,6 @@ def _run(job: tuple) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from xfer.checkpoint import build_model
     from xfer.config import ALL_ARCH_PARAMS, TrainConfig
     from xfer.evaluate import classification_metrics
     from xfer.training import fit
@@ -72,20 +71,11 @@ def _run(job: tuple) -> dict:
                                  "objective": "source_val"})
     t0 = time.perf_counter()
     train, test = transductive_data(Path(pair_dir), cfg)
-    stats = {k: tuple(torch.as_tensor(a) for a in v) for k, v in test.stats().items()}
-    x_test = torch.as_tensor(test.peaks.toarray() if hasattr(test.peaks, "toarray") else test.peaks,
-                             dtype=torch.float32)
-    holder = {}
+    predictions = EpochPredictions(test, cfg)
     history = []
 
     def report(m, make_checkpoint):
-        ck = make_checkpoint()
-        if "model" not in holder:
-            holder["model"] = build_model(ck, "cpu")[0]
-        model = holder["model"]
-        model.load_state_dict(ck["model"])
-        model.eval()
-        probs = model.predict_peaks(x_test, stats["peaks"] if cfg.data.line_norm else None)[0].numpy()
+        probs = predictions(make_checkpoint)["peak"]
         truth = classification_metrics(test.labels, probs.argmax(1))["balanced_accuracy"]
         history.append({"epoch": m["epoch"], "warmup": m["warmup"], "truth": truth,
                         **{k[4:]: v for k, v in m.items() if k.startswith("sel/")}})

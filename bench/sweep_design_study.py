@@ -70,7 +70,8 @@ import numpy as np
 
 from bench.harness import pair_flags, pairs_cli, run_xfer
 from bench.harness.populations import STUDY_EPOCHS as EPOCHS
-from bench.harness.populations import load_population, run_key, study_runs_dir, transductive_data
+from bench.harness.populations import (EpochPredictions, load_population, run_key, study_runs_dir,
+                                       transductive_data)
 from bench.harness.populations import population as draw_population
 
 # "default": the broad space (tune.space.BROAD_SPACE, the default space until this study); "centred":
@@ -93,7 +94,6 @@ def _train(job: tuple) -> str:
     import torch
 
     torch.set_num_threads(1)
-    from xfer.checkpoint import build_model
     from xfer.config import ALL_ARCH_PARAMS, TrainConfig
     from xfer.evaluate import classification_metrics
     from xfer.training import fit
@@ -103,22 +103,12 @@ def _train(job: tuple) -> str:
                                  "seed": seed, "objective": "transfer"})
     t0 = time.perf_counter()
     train, test = transductive_data(Path(pair_dir), cfg)
-    stats = test.stats_tensors("cpu")
-    x_peak = torch.as_tensor(test.peaks.toarray() if hasattr(test.peaks, "toarray") else test.peaks,
-                             dtype=torch.float32)
-    x_gex = torch.as_tensor(test.emb, dtype=torch.float32)
-    holder, history, peak, gex = {}, [], [], []
+    predictions = EpochPredictions(test, cfg)
+    history, peak, gex = [], [], []
 
     def report(m, make_checkpoint):
-        ck = make_checkpoint()
-        if "model" not in holder:
-            holder["model"] = build_model(ck, "cpu")[0]
-        model = holder["model"]
-        model.load_state_dict(ck["model"])
-        model.eval()
-        with torch.no_grad():
-            pp = model.predict_peaks(x_peak, stats["peaks"] if cfg.data.line_norm else None)[0].numpy()
-            pg = model.predict_source(x_gex, stats["emb"] if cfg.data.line_norm else None)[0].numpy()
+        probs = predictions(make_checkpoint, heads=("peak", "gex"))
+        pp, pg = probs["peak"], probs["gex"]
         peak.append(pp.astype(np.float16))
         gex.append(pg.astype(np.float16))
         truth = classification_metrics(test.labels, pp.argmax(1))["balanced_accuracy"]

@@ -52,6 +52,27 @@ def transductive_data(pair_dir: Path, cfg):
     return _DATA[key]
 
 
+class EpochPredictions:
+    """The test line's class probabilities under each epoch's checkpoint (a fit's report callback
+    hands them out): the network is built once, then loaded with each epoch's weights, and predicts
+    through `xfer.predict.predict_probs` with the test line's own statistics (LineNorm)."""
+
+    def __init__(self, test, cfg):
+        self.test, self.stats = test, (test.stats_tensors("cpu") if cfg.data.line_norm else None)
+        self.model = None
+
+    def __call__(self, make_checkpoint, heads=("peak",)) -> dict:
+        from xfer.checkpoint import build_model
+        from xfer.predict import predict_probs
+
+        ck = make_checkpoint()
+        if self.model is None:
+            self.model = build_model(ck, "cpu")[0]
+        self.model.load_state_dict(ck["model"])
+        return predict_probs(self.model, self.test.emb if "gex" in heads else None,
+                             self.test.peaks if "peak" in heads else None, stats=self.stats)
+
+
 def run_key(params: dict, seed: int) -> str:
     """A run's file name: the same configuration and seed is one run, whichever population drew it."""
     return hashlib.sha1(json.dumps({"p": params, "s": seed}, sort_keys=True).encode()).hexdigest()[:12]
