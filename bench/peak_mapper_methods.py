@@ -68,13 +68,16 @@ HARD_PEAK_CALLING = {"shared_identical": "lo", "boundary_jitter_sd": "hi", "site
                      "split_fraction_b": "hi", "site_line_sd": "hi", "peaks_b_ratio": "lo"}
 # Neural candidates, simplest first: (name, `xfer map-peaks` flags): every design x fill of
 # xfer.data.neural_mapper (DESIGNS, FILLS). Simpler: the source adapter (trained on the training
-# line alone) before the joint design (target cells in every step), and "unmapped" (the network
-# fills only the reference peaks without a coordinate partner) before "all" (it predicts every one).
+# line alone) before the joint design (target cells in every step) before the shared design (a second
+# encoder, pair and MMD terms), and "unmapped" (the network fills only the reference peaks without a
+# coordinate partner) before "all" (it predicts every one).
 NEURAL_CANDIDATES: list[tuple[str, list[str]]] = [
     ("source_adapter_unmapped", ["--design", "source_adapter", "--fill", "unmapped"]),
     ("source_adapter_all", ["--design", "source_adapter", "--fill", "all"]),
     ("joint_unmapped", ["--design", "joint", "--fill", "unmapped"]),
     ("joint_all", ["--design", "joint", "--fill", "all"]),
+    ("shared_unmapped", ["--design", "shared", "--fill", "unmapped"]),
+    ("shared_all", ["--design", "shared", "--fill", "all"]),
 ]
 TIE = 0.002  # within this of the best mean, the simpler candidate is chosen
 # The methods compared on the evaluation pairs: name -> `xfer train` flags ("neural" is the choice).
@@ -252,7 +255,7 @@ def module_blob(cwd: Path | None) -> str:
 
 def run_study(root: Path, out_json: Path, dev: dict[int, str], evl: dict[int, str], epochs: int, workers: int,
               size: str = "small", mapper_epochs: int | None = None, use_snapshot: bool = True,
-              fresh_snapshot: bool = False) -> dict:
+              fresh_snapshot: bool = False, dev_only: bool = False) -> dict:
     if set(dev) & set(evl):
         raise SystemExit(f"development and evaluation pairs share seeds {sorted(set(dev) & set(evl))}")
     cands = [name for name, _ in NEURAL_CANDIDATES]
@@ -301,6 +304,11 @@ def run_study(root: Path, out_json: Path, dev: dict[int, str], evl: dict[int, st
                              f"pairs; within {TIE} of the best, the simpler candidate (order: {', '.join(cands)})"}
     save()
     print(f"choice: {pick} (development means {json.dumps({k: round(v, 4) for k, v in mean.items()})})", flush=True)
+    if dev_only:
+        res["dev_only"] = True
+        res.setdefault("invocation_wall_s", []).append(time.perf_counter() - t0)
+        save()
+        return res
     # 3. evaluation pairs: every method
     jobs = []
     for seed, kind in evl.items():
@@ -389,6 +397,24 @@ def _mean(xs: list[float], sign: str = "") -> str:
         return "–"
     m, se = mean_se(xs)
     return f"{m:{sign}.3f}" if len(xs) < 2 else f"{m:{sign}.3f} ± {se:.3f}"
+
+
+def reproduced(path: Path, reference: Path) -> str:
+    """The development runs both studies made (same candidate and pair), side by side."""
+    a, b = read_results(path), read_results(reference)
+    ref = {(r["method"], r["pair"]): r for r in b.get("dev_runs", [])}
+    rows, same = [], 0
+    for r in a.get("dev_runs", []):
+        o = ref.get((r["method"], r["pair"]))
+        if o is None:
+            continue
+        eq = r.get("peak_test") == o.get("peak_test") and r.get("class_correct") == o.get("class_correct")
+        same += eq
+        rows.append(f"| {r['method']} | {r['pair']} | {_cell(r)} | {_cell(o)} | {'yes' if eq else 'no'} |")
+    head = [f"Development runs in both studies (this: xfer {a.get('xfer_commit', '?')[:12]}; reference "
+            f"{reference.name}: xfer {b.get('xfer_commit', '?')[:12]}): {same} of {len(rows)} identical.", "",
+            "| method | pair | PEAK-test BA here | in the reference | identical |", "|---|---|---|---|---|"]
+    return "\n".join(head + rows)
 
 
 def report(path: Path) -> str:
@@ -532,6 +558,9 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--no-snapshot", dest="snapshot", action="store_false",
                    help="run the work tree's xfer, not a copy of the committed package (see snapshot())")
     r.add_argument("--fresh-snapshot", action="store_true", help="a resumed study: copy the current HEAD instead")
+    r.add_argument("--dev-only", action="store_true",
+                   help="the development pairs and the choice only (a design study; --json elsewhere, and "
+                        "`report JSON --reference bench/results/peak_mapper_methods.json` compares)")
     r.add_argument("--quick", action="store_true",
                    help="smoke test: size tiny, one pair of each, 2 epochs (mapper too), under ROOT/quick, its own JSON")
     q = sub.add_parser("research")
@@ -541,6 +570,9 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--keep", action="store_true", help="keep the research-sized store")
     p = sub.add_parser("report")
     p.add_argument("json", nargs="?", default=str(DEFAULT_JSON))
+    p.add_argument("--reference", default=None,
+                   help="another study's JSON: its development runs beside these (the same candidate, pair and "
+                        "settings at another commit: do they reproduce?)")
     args = ap.parse_args(argv)
     if args.cmd == "run":
         root = Path(args.root).resolve()
@@ -552,12 +584,14 @@ def main(argv: list[str] | None = None) -> None:
         else:
             out = Path(args.json)
             run_study(root, out, pair_kinds(args.dev), pair_kinds(args.eval), args.epochs, args.workers,
-                      use_snapshot=args.snapshot, fresh_snapshot=args.fresh_snapshot)
+                      use_snapshot=args.snapshot, fresh_snapshot=args.fresh_snapshot, dev_only=args.dev_only)
         print(report(out))
     elif args.cmd == "research":
         research(Path(args.root).resolve(), Path(args.json), args.flags, args.keep)
     else:
         print(report(Path(args.json)))
+        if args.reference:
+            print("\n" + reproduced(Path(args.json), Path(args.reference)))
 
 
 if __name__ == "__main__":

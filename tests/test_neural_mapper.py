@@ -114,7 +114,7 @@ def test_filled_peaks_beat_the_zero_and_mean_fills(hard_pair):
     coordinate mapper's fills: F1 above zero fill's (0) and mean fill's (everything called),
     log loss below the peak rate's, per-peak AUROC above chance, calls at about the true rate."""
     A, B = hard_pair
-    for design in ("source_adapter", "joint"):
+    for design in ("source_adapter", "joint", "shared"):
         _, stats = fit_mapper(A.peak, B.peak, design=design, device="cpu")
         q = stats["quality"]["unmapped"]
         assert q["n_peaks"] > 100
@@ -132,6 +132,21 @@ def test_fill_all_predicts_every_peak(tiny_pair):
     Y, mstats = mapper.map(B.peak)
     assert set(np.unique(Y.data)) == {1.0} and mstats["n_ref_by_network"] == len(mapper.ref_peaks)
     assert mstats["n_ref_by_coordinates"] == 0 and mapper.weights["enc"].shape[1] == 32
+
+
+def test_shared_design_keeps_only_the_target_encoder(tiny_pair, tmp_path):
+    """The shared design trains a source encoder too, but mapping reads the target's: the file
+    holds the same arrays as the other designs', and a loaded mapper maps as the fitted one."""
+    A, B = tiny_pair
+    mapper, stats = fit_mapper(A.peak, B.peak, design="shared", dim=32, epochs=2, device="cpu")
+    assert stats["design"] == "shared" and mapper.weights["enc"].shape == (len(mapper.input_idx), 32)
+    assert len(mapper.input_idx) > 0 and stats["target"]["n_input_peaks"] == len(mapper.input_idx)
+    save_mapper(mapper, stats, tmp_path)
+    again = load_mapper(tmp_path)
+    assert again.design == "shared"
+    Y1, _ = mapper.map(B.peak)
+    Y2, _ = again.map(B.peak)
+    assert (Y1 != Y2).nnz == 0
 
 
 def test_cells_of_other_peak_sets_are_refused(tiny_pair, fitted):

@@ -330,7 +330,8 @@ def _add_map_peaks_parser(sub, add_store_argument) -> None:
     s.add_argument("--output_folder", required=True, help="where mapper.pt, mapper_stats.json and mapper_report.md go")
     s.add_argument("--design", choices=DESIGNS, default=DEFAULT_DESIGN,
                    help=f"source_adapter: trained on the source line's cells seen through the target's peaks; joint: "
-                        f"also on the target's cells, on the peaks coordinates fill (default {DEFAULT_DESIGN})")
+                        f"also on the target's cells, on the peaks coordinates fill; shared: one encoder per line "
+                        f"into a shared space, aligned on the overlapping peaks and by MMD (default {DEFAULT_DESIGN})")
     s.add_argument("--fill", choices=FILLS, default="unmapped",
                    help="unmapped: coordinate counts where a source peak has a partner, the network's calls on the "
                         "others (default); all: the network's calls on every source peak")

@@ -37,7 +37,17 @@ Designs (`design=`)
 - "joint": the same, and in every step also a batch of the target line's own cells: input
   their real target peaks, loss only on the reference peaks the coordinate pairs fill for
   them (their values known), so the target's own peak structure shapes the shared layers.
-Augmentation (both, training only), simulated peak-calling and depth differences:
+- "shared": each line has its own encoder into one shared 256-D space (the decoder reads that
+  space); the source encoder reads a source cell's own reference peaks (with the input noise
+  below), the target encoder the target's peaks. Every step: the source cells decoded from
+  both encoders (the target encoder reading them through the target's peak set, as the
+  source adapter); aligned on the overlapping peaks, the squared distance between the two
+  encodings of the same source cell (PAIR_WEIGHT) and the target cells' loss on their known
+  reference peaks (as joint); and aligned by a divergence between the lines, the MMD between
+  the target cells' and the source cells' batches in the shared space (MMD_WEIGHT,
+  `xfer.losses.mmd`). Mapping reads the target encoder and the decoder only, so the file is
+  the same as the other designs'; the source encoder is not kept.
+Augmentation (every design, training only), simulated peak-calling and depth differences:
   * depth: each cell is thinned as a whole, input and output alike (an entry of count n
     survives with probability 1 - (1 - k)^n, k ~ U(DEPTH_KEEP) per cell), so the network
     predicts a cell's peaks at that cell's own depth, not at the source line's;
@@ -113,7 +123,7 @@ MAPPER_FILE = "mapper.pt"
 STATS_FILE = "mapper_stats.json"
 REPORT_FILE = "mapper_report.md"
 FORMAT = "xfer.neural_mapper/1"
-DESIGNS = ("source_adapter", "joint")
+DESIGNS = ("source_adapter", "joint", "shared")
 FILLS = ("unmapped", "all")
 DEFAULT_DESIGN = "source_adapter"
 COORD_METHOD = "overlap_50pct"     # the coordinate pairs (the pipeline's default method)
@@ -133,6 +143,8 @@ SPLIT = (0.8, 0.1, 0.1)            # source cells: training, validation, test
 MIN_CELLS = 20                     # per line
 NEVER = 2.0                        # threshold of a peak never called (p <= 1)
 PREDICT_BATCH = 1024               # cells per forward pass when mapping
+PAIR_WEIGHT = 1.0                  # shared: the same source cell through both encoders, mean squared distance
+MMD_WEIGHT = 1.0                   # shared: MMD between the lines' batches in the shared space
 
 
 # ----------------------------------------------------------------------------- the mapper
@@ -374,7 +386,16 @@ def _net_class():
         def forward(self, x, z, rows=None):
             """Logits of every output, or of the outputs `rows` (a LongTensor) only; x: presence
             divided by the cell's count of present peaks (dense), z: centred log depth."""
-            h = self.drop(torch.relu(self.norm(x @ self.enc + self.enc_bias)))
+            return self.head(self.hidden(x), z, rows)
+
+        def hidden(self, x, enc=None, enc_bias=None):
+            """The shared space: x through this network's input vectors (or `enc`, `enc_bias`:
+            another line's encoder, the `shared` design), LayerNorm, ReLU, dropout."""
+            enc, enc_bias = (self.enc, self.enc_bias) if enc is None else (enc, enc_bias)
+            return self.drop(torch.relu(self.norm(x @ enc + enc_bias)))
+
+        def head(self, h, z, rows=None):
+            """Logits from the shared space (`forward`)."""
             if rows is None:
                 return self.dec(h) + self.depth * z[:, None]
             return h @ self.dec.weight[rows].T + self.dec.bias[rows] + self.depth[rows] * z[:, None]
@@ -455,6 +476,7 @@ def _probabilities(net, X_bin: sp.csr_matrix, depth_centre: float) -> np.ndarray
 class _Plan:
     """The peak sets of a fit (see the module docstring)."""
 
+    design: str
     ref_cols: np.ndarray        # reference peaks: columns of source.X
     query_cols: np.ndarray      # query peaks: columns of target.X
     input_idx: np.ndarray       # into query_cols
@@ -496,7 +518,7 @@ def _plan(source: CellMatrix, target: CellMatrix, design: str, min_fraction: flo
                          "peaks; the mapper has nothing to read")
     partners = np.diff(fwd.matrix.indptr) > 0
     query_cols = np.flatnonzero(inputs | partners)
-    return _Plan(ref_cols=ref_cols, query_cols=query_cols,
+    return _Plan(design=design, ref_cols=ref_cols, query_cols=query_cols,
                  input_idx=np.flatnonzero(inputs[query_cols]), coord=fwd.matrix[query_cols].tocsr(),
                  view=back.matrix[:, np.flatnonzero(inputs)].tocsr(), view_all=back.matrix, coord_all=fwd.matrix,
                  mapped=fwd.mapped, normalise_chrom=normalise, overlap=dict(fwd.stats))
@@ -531,13 +553,18 @@ class _Data:
     coord: sp.csr_matrix
     mapped: np.ndarray
 
-    def source_batch(self, rows, rng, augment: bool, out=None):
-        """Source cells: their input (binary CSR) and their reference peaks (all, or `out`: dense binary)."""
+    def source_batch(self, rows, rng, augment: bool, out=None, own: bool = False):
+        """Source cells: their input (binary CSR) and their reference peaks (all, or `out`: dense
+        binary); `own` (the shared design, augmented): also their own reference peaks with the
+        input noise, the source encoder's input."""
         X = self.src[rows]
         X = _thin(X, rng.uniform(*DEPTH_KEEP, len(rows)), rng) if augment else _binary(X)
         X_in = (X @ self.view).tocsr()
         X_in = _input_noise(X_in, rng) if augment else _binary(X_in)
-        return X_in, _binary(X[:, self.ref_cols if out is None else self.ref_cols[out]]).toarray()
+        y = _binary(X[:, self.ref_cols if out is None else self.ref_cols[out]]).toarray()
+        if own:
+            return X_in, y, _input_noise(X[:, self.ref_cols].tocsr(), rng)
+        return X_in, y
 
     def rates(self, rows) -> np.ndarray:
         """Per reference peak, the share of these source cells where it is non-zero."""
@@ -576,7 +603,7 @@ def fit_mapper(source: CellMatrix, target: CellMatrix, *, design: str = DEFAULT_
                min_fraction: float = 0.05, method: str = COORD_METHOD) -> tuple[NeuralPeakMapper, dict]:
     """Fit a mapper from the target line's peaks onto the source line's (no labels are read).
 
-    design  "source_adapter" | "joint" (module docstring); fill "unmapped" | "all"
+    design  "source_adapter" | "joint" | "shared" (module docstring); fill "unmapped" | "all"
     dim     the hidden width; epochs: at most this many (None: MAX_EPOCHS), early stopping on
             held-out source cells either way; min_fraction: the peak filter of both lines;
     method  the coordinate pairs' method (xfer.data.mapper.METHODS)
@@ -599,7 +626,7 @@ def fit_mapper(source: CellMatrix, target: CellMatrix, *, design: str = DEFAULT_
     rng = np.random.default_rng(seed)
     X_t = sp.csr_matrix(target.X, dtype=np.float32)
     data = _Data(src=sp.csr_matrix(source.X, dtype=np.float32), split=_split(source.n_cells, rng), view=plan.view,
-                 ref_cols=plan.ref_cols, tgt_q=X_t[:, plan.query_cols].tocsr() if design == "joint"
+                 ref_cols=plan.ref_cols, tgt_q=X_t[:, plan.query_cols].tocsr() if design != "source_adapter"
                  else None, coord=plan.coord, mapped=plan.mapped)
     cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
@@ -657,9 +684,11 @@ def _outputs(filled: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _epoch(net, opt, data: _Data, plan: _Plan, centre: float, rng: np.random.Generator, dev,
-           filled: np.ndarray) -> float:
-    """One pass over the training cells (augmented); joint: each step also a batch of target cells,
-    loss on the reference peaks their coordinate partners fill. The mean step loss."""
+           filled: np.ndarray, src_enc=None) -> float:
+    """One pass over the training cells (augmented); joint and shared: each step also a batch of
+    target cells, loss on the reference peaks their coordinate partners fill; shared (`src_enc`,
+    the source line's encoder): the source cells also through their own encoder, the pair and
+    MMD terms (the module docstring). The mean step loss."""
     import torch
 
     bce = torch.nn.functional.binary_cross_entropy_with_logits
@@ -670,18 +699,44 @@ def _epoch(net, opt, data: _Data, plan: _Plan, centre: float, rng: np.random.Gen
     losses = []
     for lo in range(0, len(train), bs):
         out = _outputs(filled, rng)
-        X, y = data.source_batch(train[lo:lo + bs], rng, augment=True, out=out)
-        loss = bce(net(*_inputs(X, centre, dev), torch.from_numpy(out).to(dev)), torch.from_numpy(y).to(dev))
+        out_t = torch.from_numpy(out).to(dev)
+        loss, h_s = _source_loss(net, src_enc, data, train[lo:lo + bs], out, out_t, centre, rng, dev)
         known = out[data.mapped[out]]
-        if n_tgt and len(known):
+        if n_tgt and (len(known) or h_s is not None):
             Xt, yt = data.target_batch(rng.integers(0, n_tgt, bs), rng, plan.input_idx, known)
-            loss = loss + bce(net(*_inputs(Xt, centre, dev), torch.from_numpy(known).to(dev)),
-                              torch.from_numpy(yt).to(dev))
+            x_t, z_t = _inputs(Xt, centre, dev)
+            h_t = net.hidden(x_t)
+            if len(known):
+                loss = loss + bce(net.head(h_t, z_t, torch.from_numpy(known).to(dev)), torch.from_numpy(yt).to(dev))
+            if h_s is not None:
+                from ..losses import mmd
+
+                loss = loss + MMD_WEIGHT * mmd(h_t, h_s)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
     return float(np.mean(losses))
+
+
+def _source_loss(net, src_enc, data: _Data, rows: np.ndarray, out: np.ndarray, out_t, centre: float,
+                 rng: np.random.Generator, dev):
+    """The source cells' loss on the reference peaks `out`, seen through the target's peaks;
+    shared: also through the source encoder, and the pair term. Returns (loss, the source
+    encoder's batch in the shared space, or None)."""
+    import torch
+
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    if src_enc is None:
+        X, y = data.source_batch(rows, rng, augment=True, out=out)
+        return bce(net(*_inputs(X, centre, dev), out_t), torch.from_numpy(y).to(dev)), None
+    X, y, X_own = data.source_batch(rows, rng, augment=True, out=out, own=True)
+    x, z = _inputs(X, centre, dev)
+    y = torch.from_numpy(y).to(dev)
+    h = net.hidden(x)
+    h_s = net.hidden(_inputs(X_own, centre, dev)[0], src_enc["enc"], src_enc["bias"])
+    loss = bce(net.head(h, z, out_t), y) + bce(net.head(h_s, z, out_t), y)
+    return loss + PAIR_WEIGHT * (h - h_s).pow(2).mean(), h_s
 
 
 def _loss(net, X: sp.csr_matrix, y: np.ndarray, rows: np.ndarray, centre: float) -> float:
@@ -706,13 +761,20 @@ def _train(data: _Data, plan: _Plan, dim: int, epochs: int | None, rng: np.rando
     import torch
 
     net, centre = _init_net(data, plan, dim, dev)
-    opt = torch.optim.Adam(net.parameters(), lr=LR)
+    params = list(net.parameters())
+    src_enc = None
+    if plan.design == "shared":   # the source line's own encoder, training only (mapping reads the target's)
+        src_enc = torch.nn.ParameterDict({
+            "enc": torch.nn.Parameter(torch.randn(len(plan.ref_cols), int(dim)) / math.sqrt(dim)),
+            "bias": torch.nn.Parameter(torch.zeros(int(dim)))}).to(dev)
+        params += list(src_enc.parameters())
+    opt = torch.optim.Adam(params, lr=LR)
     watch = np.flatnonzero(filled) if filled.sum() >= MIN_WATCHED else np.arange(len(filled))
     X_val, y_val = data.source_batch(data.split[1], rng, augment=False, out=watch)
     best, best_state, history, wait = math.inf, None, [], 0
     for epoch in range(1, (epochs or MAX_EPOCHS) + 1):
         t_ep = time.perf_counter()
-        train_loss = _epoch(net, opt, data, plan, centre, rng, dev, filled)
+        train_loss = _epoch(net, opt, data, plan, centre, rng, dev, filled, src_enc)
         net.eval()
         v = _loss(net, X_val, y_val, watch, centre)
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": v,
