@@ -194,7 +194,7 @@ def test_the_sweep_stores_file_test_inputs_without_labels(tmp_path, tiny_pair):
         from xfer.phases import decode_phases
         files[role] = str(write_csv(tmp_path / f"{role}.csv", ds.barcodes, ds.features, ds.X.toarray(),
                                     phase=decode_phases(ds.labels)))
-    spec = ingest_for_trials(DataSources(store=str(tmp_path / "store"), **files))
+    spec = ingest_for_trials(DataSources(store=str(tmp_path / "store"), **files), 0.2)
     store = CellStore(str(tmp_path / "store"))
     assert store.manifest(spec["src"]).has_labels
     for role in ("test", "sup_peak"):

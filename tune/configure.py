@@ -96,7 +96,7 @@ def new_sweep(r: SweepRequest) -> Sweep:
     objective = resolve_for(TrainConfig.from_dict(base), sources.sup_peak is not None, sources.test is not None)
     storage = _check_storage(r.storage)
     sources = sources.persist()  # in-memory data (the Python API) into the store, so that sweep.json names it
-    spec = ingest_for_trials(sources)
+    spec = ingest_for_trials(sources, TrainConfig.from_dict(base).data.val_fraction)
     space = transductive_space(space, spec["sup_peak"] != "" and base["adapt_test_peaks"])
     out.mkdir(parents=True, exist_ok=True)
     return Sweep(

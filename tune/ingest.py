@@ -4,16 +4,19 @@ and content hash (tune.data.DataSpec), the test line's without its labels."""
 from __future__ import annotations
 
 
-def ingest_for_trials(sources) -> dict:
+def ingest_for_trials(sources, val_fraction: float) -> dict:
     """Put the sweep's datasets (xfer.data.inputs.DataSources) into the store (file inputs are
     ingested; the test line's without its labels, which only the final scoring reads from the
-    given files) and return the DataSpec."""
+    given files) and return the DataSpec. The training labels are checked first
+    (`check_training_labels`: every phase, enough cells for the validation split)."""
     from xfer.data.store import CellStore
+    from xfer.prepare import check_training_labels
 
     from .data import DataSpec
 
     roles = ["src", "tgt"] + [r for r in ("test", "sup_peak") if sources.matrix(r) is not None]
     data = sources.load(roles, require=("src", "tgt"))
+    check_training_labels(data["src"], val_fraction)
     store = CellStore(sources.store)
     names, hashes = {}, {}
     for role in roles:

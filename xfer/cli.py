@@ -360,6 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     try:
+        if getattr(args, "output_folder", None) and not getattr(args, "resume", False):
+            from .data.fs import check_output_folder
+
+            check_output_folder(args.output_folder)   # before any work: a file there, or an unwritable parent
         return args.func(args)
     except XferError as e:
         print(f"xfer {args.command}: error: {e}", file=sys.stderr)
@@ -367,6 +371,33 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001  a bug or an environment failure: one line, the traceback kept
+        return _unexpected(args, e)
+
+
+def _unexpected(args, e: BaseException) -> int:
+    """One line naming the command and the exception, and where its full traceback went (a file;
+    with -v, stderr as well). Exit status 1."""
+    import os
+    import tempfile
+    import traceback
+
+    text = "".join(traceback.format_exception(e))
+    where = None
+    try:
+        fd, where = tempfile.mkstemp(prefix=f"xfer-{args.command}-", suffix=".traceback.txt")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"xfer {' '.join(sys.argv[1:])}\n\n{text}")
+    except OSError:
+        where = None
+    if args.verbose:
+        sys.stderr.write(text)
+    first = (str(e).strip().splitlines() or [""])[0]
+    shown = f"full traceback in {where}" if where else "the full traceback: rerun with `xfer -v`"
+    if where and not args.verbose:
+        shown += f" (or rerun with `xfer -v {args.command} ...`)"
+    print(f"xfer {args.command}: unexpected error: {type(e).__name__}: {first} ({shown})", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

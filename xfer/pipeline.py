@@ -20,12 +20,12 @@ from .baselines import run_baselines
 from .config import TrainConfig, drop_other_arch_params
 from .data.dataset import CellMatrix
 from .data.embed_store import EmbeddingStore
-from .data.fs import write_json
+from .data.fs import check_output_folder, write_json
 from .data.inputs import DataSources
 from .embed import embed_lines, make_embedder, predictor_state
 from .evaluate import classification_metrics, predictions_table
 from .predict import Predictor, featurise, predict_probs
-from .prepare import LineInputs, PeakPreprocessor, TrainData, prepare_training
+from .prepare import LineInputs, PeakPreprocessor, TrainData, check_training_labels, prepare_training
 from .results import SPLITS
 from .selection import resolve_for
 
@@ -65,7 +65,9 @@ class Loaded:
 
 
 def load_for_training(sources: DataSources, cfg: TrainConfig) -> Loaded:
-    return embed_inputs(sources.load(require=("src", "tgt")), cfg, EmbeddingStore(sources.store))
+    inputs = sources.load(require=("src", "tgt"))
+    check_training_labels(inputs["src"], cfg.data.val_fraction)   # before anything is embedded or trained
+    return embed_inputs(inputs, cfg, EmbeddingStore(sources.store))
 
 
 def embed_inputs(inputs: dict[str, CellMatrix], cfg: TrainConfig, store: EmbeddingStore) -> Loaded:
@@ -235,7 +237,7 @@ def run_train(sources: DataSources, cfg: TrainConfig, output_folder=None, device
     from .checkpoint import ensemble_checkpoint, save_checkpoint
 
     t0 = time.perf_counter()
-    out = None if output_folder is None else Path(output_folder)
+    out = None if output_folder is None else check_output_folder(output_folder)
     loaded = load_for_training(sources, cfg)
     resolve_for(cfg, "sup_peak" in loaded.inputs, "test" in loaded.inputs)  # the objective must be computable
     configs = member_configs(cfg)

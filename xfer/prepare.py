@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,7 +51,7 @@ from .data.dataset import CellMatrix
 from .data.mapper import chrom_prefix_differs, map_dataset, strip_chr
 from .data.peaks import genomic_bins, parse_peak_names, peak_frequency_mask
 from .errors import InputError
-from .phases import N_PHASES, UNLABELLED
+from .phases import N_PHASES, PHASES, UNLABELLED
 from .standardise import mean_std, standardise
 
 log = logging.getLogger(__name__)
@@ -449,14 +450,27 @@ class TrainData:
         return int(self.line.peaks.shape[1])
 
 
+def check_training_labels(src: CellMatrix, val_fraction: float) -> None:
+    """Every phase in the training line's labels, with enough cells that the stratified validation
+    split holds each (>= max(2, ceil(1 / val_fraction)) per phase); an InputError naming the
+    counts otherwise. Runs before anything is embedded, trained or written."""
+    if src.labels is None or (src.labels == UNLABELLED).all():
+        raise InputError(src.source, "phase", "the training line needs phase labels (--src_label_csv or a phase column)")
+    counts = np.bincount(src.labels[src.labels != UNLABELLED], minlength=N_PHASES)
+    need = max(2, math.ceil(1 / val_fraction - 1e-9))
+    if (counts < need).any():
+        got = ", ".join(f"{ph} {n}" for ph, n in zip(PHASES, counts.tolist()))
+        raise InputError(src.source, "phase", f"the training labels need every phase with at least {need} cells (the "
+                         f"validation split takes {val_fraction:.0%} of each); they hold {got}")
+
+
 def prepare_training(src: CellMatrix, tgt: CellMatrix, src_emb: np.ndarray, cfg: DataConfig, seed: int,
                      embedder_state: dict | None = None,
                      other_peaks: CellMatrix | None = None) -> tuple[TrainData, PeakPreprocessor]:
     """Split, filter and transform the training line. `src` and `tgt` must be paired
     (same barcodes in the same order, see data.inputs.pair_cells). `other_peaks`: the test
     line's peaks (unlabelled), for a transductive input basis (peak_repr='joint_lsi')."""
-    if src.labels is None or (src.labels == UNLABELLED).all():
-        raise InputError(src.source, "phase", "the training line needs phase labels (--src_label_csv or a phase column)")
+    check_training_labels(src, cfg.val_fraction)
     if list(src.barcodes) != list(tgt.barcodes):
         raise InputError(tgt.source, "barcode", "GEX and PEAK of the training line are not paired cell by cell")
     train_idx, val_idx = make_split(src.barcodes, src.labels, cfg.val_fraction, seed)

@@ -41,6 +41,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def check_output_folder(path: str | os.PathLike, flag: str = "--output_folder") -> Path:
+    """A local folder a command may write into, checked before any work: it is a folder or does
+    not exist yet, and its nearest existing ancestor is a writable folder. InputError(path, flag)
+    otherwise. URIs (s3://...) are left to their filesystem."""
+    from ..errors import InputError
+
+    if "://" in str(path):
+        return Path(str(path))
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise InputError(p, flag, "exists and is not a folder; give a folder (new or existing)")
+    up = p
+    while not up.exists() and up != up.parent:
+        up = up.parent
+    if not up.is_dir():
+        raise InputError(p, flag, f"cannot be created: {up} is a file, not a folder")
+    if not os.access(up, os.W_OK | os.X_OK):
+        raise InputError(p, flag, f"cannot be written: {up} is not writable")
+    return p
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
