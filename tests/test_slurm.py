@@ -147,3 +147,65 @@ def test_slurm_script_runs_a_sweep(slurm, tiny_store):
     for f in ("best_params.json", "best_model.pt", "metrics.json", "optuna_study.db", "sweep.json"):
         assert (out / f).exists(), f
     assert (out / "ray_results" / "slurmsweep").is_dir()
+
+
+def test_slurm_script_passes_sigterm_to_the_driver_and_resumes(slurm, tiny_store):
+    """SIGTERM to the batch shell (what `#SBATCH --signal=B:TERM@120` sends before the time limit;
+    here `scancel --batch --signal=TERM`) once a trial finished: the shell passes it to the driver,
+    which saves the sweep and exits with 143, and the job's log says how to resubmit it; the job
+    resubmitted with RESUME=1 finishes the sweep, no trial run twice (tests/test_sigterm.py: the
+    driver's side)."""
+    from conftest import study_states
+
+    env, d = slurm
+    out = d / "sweeps" / "term"
+    fix = [f"--set={k}={v}" for k, v in SMALL_MODEL.items() if k in ("hidden_dim", "latent_dim", "batch_size")]
+    job_env = {**env, "REPO": str(ROOT), "STORE": str(tiny_store), "OUT": str(out), "SRC": "store:A_GEX",
+               "TGT": "store:A_PEAK", "TEST": "store:B_GEX", "SUP_PEAK": "store:B_PEAK", "N_TRIALS": "4",
+               "EPOCHS": "6", "CPUS_PER_TRIAL": "1", "PORT": str(_free_port()), "NAME": "termsweep",
+               "EXTRA": " ".join([*fix, "--space", "broad", "--set=n_layers=1", "--set=n_components=16",
+                                  "--grace_period", "6"]),
+               "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"}
+    for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        job_env.pop(k, None)
+    sbatch = ["sbatch", "--wait", "--nodes=1", f"--cpus-per-task={os.cpu_count() or 2}", "--export=ALL",
+              "--job-name=xfertermtest"]
+    log = d / "term1.out"
+    job = subprocess.Popen([*sbatch, f"--output={log}", str(SBATCH)], env=job_env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, cwd=d)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and job.poll() is None:
+            st = study_states(out / "optuna_study.db")
+            if st.get("COMPLETE", 0) + st.get("PRUNED", 0) >= 1:
+                break
+            time.sleep(0.5)
+        assert job.poll() is None, (log.read_text() if log.exists() else "")[-4000:]
+        t0 = time.time()
+        subprocess.run(["scancel", "--batch", "--signal=TERM", "--name=xfertermtest"], env=env, check=True,
+                       capture_output=True, timeout=30)
+        job.wait(timeout=120)
+        took = time.time() - t0
+    finally:
+        if job.poll() is None:
+            subprocess.run(["scancel", "--name=xfertermtest"], env=env, capture_output=True, timeout=30)
+            job.wait(timeout=120)
+    text = log.read_text()
+    assert job.returncode == 143, text[-4000:]
+    assert took < 30, f"the job ended {took:.0f} s after SIGTERM, past SLURM's default KillWait"
+    assert f"resume with: xfer tune --resume --output_folder {out}" in text
+    assert f"sbatch --export=ALL,OUT={out},RESUME=1 cluster/slurm_ray.sbatch" in text
+    assert not (out / "trials.csv").exists()
+    st = study_states(out / "optuna_study.db")
+    assert 1 <= st.get("COMPLETE", 0) + st.get("PRUNED", 0) < 4
+
+    log2 = d / "term2.out"
+    r = subprocess.run([*sbatch, f"--output={log2}", str(SBATCH)], env={**job_env, "RESUME": "1"},
+                       capture_output=True, text=True, timeout=900, cwd=d)
+    text2 = log2.read_text() if log2.exists() else ""
+    assert r.returncode == 0, r.stdout + r.stderr + text2[-4000:]
+    df = pd.read_csv(out / "trials.csv")
+    assert len(df) == 4 and df["trial_id"].is_unique and (df["status"] != "errored").all()
+    st = study_states(out / "optuna_study.db")
+    assert st.get("COMPLETE", 0) + st.get("PRUNED", 0) == 4 and sum(st.values()) == 4  # nothing run twice
+    assert (out / "metrics.json").exists()

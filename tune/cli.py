@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +143,15 @@ def cmd_tune(args) -> int:
 
     from .final_model import final_model_source
     from .driver import run  # Ray and torch: only when a sweep runs
+    from .stop import EXIT_SIGTERM, SweepStopped
 
-    res = run(None, resume=args.output_folder, options=run_options(args)) if args.resume else \
-        run(sweep_request(args), options=run_options(args))
+    try:
+        res = run(None, resume=args.output_folder, options=run_options(args)) if args.resume else \
+            run(sweep_request(args), options=run_options(args))
+    except SweepStopped as e:  # SIGTERM: the state is saved, Ray is shut down (tune.stop)
+        print(f"xfer tune: stopped by SIGTERM before the sweep finished; resume with: {e.resume_command}",
+              file=sys.stderr)
+        return EXIT_SIGTERM
     sw, df, best = res["sweep"], res["table"], res["best"]
     counts = df["status"].value_counts().to_dict()
     print(f"\nsweep '{sw.name}': {len(df)} trials in {res['wall_seconds']:.1f} s "

@@ -168,3 +168,7 @@ def _pick_trainer(choice: str, num_workers: int) -> str:
     """function (fast path) unless several workers per trial are asked for; see README."""
     if choice == "auto":
         return "torch" if num_workers > 1 else "function"
+    if choice == "function" and num_workers > 1:
+        raise ConfigError("trainer", f"the function trainer runs one worker per trial; --num_workers {num_workers} "
+                          "needs --trainer torch (or auto)")
+    return choice

@@ -22,7 +22,9 @@ read only after the search, to score the best trial's model.
 
 Everything a resume needs is in <output_folder>/sweep.json; `xfer tune --resume
 --output_folder DIR` restores the Tuner and finishes the sweep without
-repeating finished trials.
+repeating finished trials. On SIGTERM (a scheduler's time limit, scancel, an
+eviction) the driver saves the sweep's state, shuts Ray down and raises
+tune.stop.SweepStopped (`xfer tune` exits with 143 and prints the resume line).
 """
 
 from __future__ import annotations
@@ -39,10 +41,11 @@ from xfer.report import try_write_report
 from .configure import new_sweep
 from .data import DataSpec, load_trial_data
 from .export import export
-from .ray_start import ray_environment, start_ray
+from .ray_start import check_cluster, ray_environment, start_ray
 from .request import RunOptions, SweepRequest
 from .score import score_best
 from .settings import Sweep
+from .stop import SweepStopped, TermStop
 from .tuner import make_tuner
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,7 @@ def run(request: SweepRequest | None = None, *, resume=None, options: RunOptions
         raise ValueError("run: give either a new sweep's request or the folder of a sweep to resume")
     options = options or RunOptions()
     ray_environment()
+    check_cluster(options, request, resume)  # before any data work: the cluster answers, takes the token, fits a trial
     sw = Sweep.load(Path(resume).resolve()) if resume is not None else new_sweep(request)
     if resume is None:
         # validates and prepares the training data once before any trial (and warms this node's cache)
@@ -68,13 +72,22 @@ def run(request: SweepRequest | None = None, *, resume=None, options: RunOptions
     t0 = time.perf_counter()
     if not options.verbose:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # its INFO lines ("A new study created ...")
-    tuner = make_tuner(sw, restore=resume is not None, verbose=options.verbose, progress_every=options.progress_every)
-    try:
-        grid = tuner.fit()
-    finally:
-        from .progress import close_all  # imports Ray: after ray_environment
+    # from here SIGTERM stops the sweep as SIGINT would, its state saved (tune.stop); after start_ray, whose
+    # ray.init sets Ray's own SIGTERM handler
+    with TermStop(quiet=not options.verbose) as stop:
+        tuner = make_tuner(sw, restore=resume is not None, verbose=options.verbose,
+                           progress_every=options.progress_every)
+        try:
+            grid = tuner.fit()
+        finally:
+            from .progress import close_all  # imports Ray: after ray_environment
 
-        close_all()  # a live display still drawn when fit() raised
+            close_all()  # a live display still drawn when fit() raised
+        if stop.requested:  # the state is saved, the sweep unfinished: no export, no score
+            import ray
+
+            ray.shutdown()  # a local cluster's processes (the trials' included) end here
+            raise SweepStopped(sw.output)
     wall = time.perf_counter() - t0
     exported = export(grid, sw)
     metrics = None

@@ -7,7 +7,9 @@
   trials.csv uses);
 - the best trial so far: its best objective value, trial id, best epoch and main parameters
   (arch, divergence, the λ weights);
-- the elapsed time and an estimate of the time left (see `SweepProgress.eta`).
+- the elapsed time and an estimate of the time left (see `SweepProgress.eta`);
+- once, a trial Tune created but could not start for PENDING_NOTE_S seconds (it waits for its
+  resources): what it needs and what the cluster has free.
 
 In a terminal it is a small `rich` panel redrawn in place (`rich.live.Live`, at most
 `refresh_per_second` times a second); lines printed meanwhile (a trial that ended, log
@@ -36,10 +38,12 @@ from .trials import trial_status
 log = logging.getLogger(__name__)
 
 PLAIN_INTERVAL_S = 30.0
+PENDING_NOTE_S = 60.0  # a trial still PENDING (created, not started: waiting for its resources) this long is named
 LABELS = {"completed": "completed", "stopped_by_asha": "stopped by ASHA", "errored": "errored"}
 _ENDED = "TERMINATED"
 _ERROR = "ERROR"
 _RUNNING = "RUNNING"
+_PENDING = "PENDING"
 
 _ACTIVE: "set[SweepProgress]" = set()
 
@@ -49,6 +53,24 @@ def close_all() -> None:
     so a sweep that dies before Tune's on_experiment_end leaves the terminal as it was)."""
     for p in list(_ACTIVE):
         p.close()
+
+
+def free_text() -> str:
+    """The cluster's free CPUs and GPUs now, of its totals ("0 of 2 CPU, 0 of 0 GPU"; Ray's GCS, from the driver)."""
+    import ray
+
+    free, total = ray.available_resources(), ray.cluster_resources()
+    return ", ".join(f"{free.get(k, 0.0):g} of {total.get(k, 0.0):g} {k}" for k in ("CPU", "GPU"))
+
+
+def needs_text(trial) -> str:
+    """What a Tune trial asks for (its placement group's bundles, summed): "2 CPU, 1 GPU"."""
+    from .ray_start import resources_text
+
+    pgf = getattr(trial, "placement_group_factory", None) or getattr(trial, "_default_placement_group_factory", None)
+    if pgf is None:
+        return "?"
+    return resources_text({k: v for k, v in pgf.required_resources.items() if v > 0}, keys=())
 
 
 def hms(seconds: float) -> str:
@@ -113,6 +135,8 @@ class SweepProgress(Callback):
         self._rich_on: bool | None = None         # decided at the first output
         self._console = self._live = None
         self._log_streams: list = []
+        self._pending_since: dict[str, float] = {}  # trial id -> when it was first seen PENDING
+        self._pending_named: set[str] = set()       # trials named as pending too long (once each)
 
     def __getstate__(self) -> dict:
         keep = ("n_trials", "search_epochs", "objective", "name", "mode", "interval_s", "refresh_per_second", "unit")
@@ -367,6 +391,28 @@ class SweepProgress(Callback):
             self._trials = trials
         running = sum(1 for t in self._trials if self.status_of(t) == "running")
         self._slots = max(self._slots, running)
+        self._note_pending()
+
+    def _note_pending(self) -> None:
+        """Name, once, each trial PENDING for PENDING_NOTE_S seconds or more (Tune made it but cannot
+        start it: its resources are not free), with what it needs and what is free."""
+        now = self.now()
+        for t in self._trials:
+            tid = t.trial_id
+            if t.status != _PENDING or tid in self._ended:
+                self._pending_since.pop(tid, None)
+                continue
+            waited = now - self._pending_since.setdefault(tid, now)
+            if waited >= PENDING_NOTE_S and tid not in self._pending_named:
+                self._pending_named.add(tid)
+                self._line(self.pending_line(t, waited))
+
+    def pending_line(self, trial, waited: float) -> str:
+        try:
+            free = free_text()
+        except Exception as e:  # noqa: BLE001 - the line still names the trial
+            free = f"unknown ({type(e).__name__})"
+        return f"trial {trial.trial_id} pending for {waited:.0f} s: needs {needs_text(trial)}; free: {free}"
 
     @_safe
     def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):

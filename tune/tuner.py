@@ -8,12 +8,13 @@ from __future__ import annotations
 import logging
 import math
 from functools import partial
+from pathlib import Path
 
 from xfer.errors import XferError
 from xfer.sweep_files import asha_rungs
 
 from .configure import default_point
-from .ray_start import slots
+from .ray_start import TRIAL_CPU, check_trial_fits, slots, worker_resources
 from .settings import Sweep
 from .space import parse_space
 
@@ -45,14 +46,12 @@ def make_trainable(sw: Sweep):
         fn = partial(function_trial, spec=sw.spec, base=sw.base, checkpoint_every=sw.checkpoint_every,
                      rungs=rungs, clock=sw.rungs, report_every=sw.report_every)
         return labelled(tune.with_resources(fn, {"cpu": sw.cpus_per_trial, "gpu": sw.gpus_per_trial}))
-    per_worker = {"CPU": max(0.01, sw.cpus_per_trial / sw.num_workers - 0.01)}
-    if sw.gpus_per_trial > 0:
-        per_worker["GPU"] = sw.gpus_per_trial / sw.num_workers
+    per_worker = worker_resources(sw.cpus_per_trial, sw.gpus_per_trial, sw.num_workers)
     fn = partial(trainer_trial, spec=sw.spec, base=sw.base, checkpoint_every=sw.checkpoint_every, rungs=rungs,
                  clock=sw.rungs,
                  num_workers=sw.num_workers, resources_per_worker=per_worker,
                  train_storage=_train_storage(sw))
-    return labelled(tune.with_resources(fn, {"cpu": 0.01}))
+    return labelled(tune.with_resources(fn, {"cpu": TRIAL_CPU}))
 
 
 def board_name(sw: Sweep) -> str:
@@ -113,6 +112,18 @@ def loggers(sw: Sweep) -> list:
     return [CSVLoggerCallback(), JsonLoggerCallback()] + ([TBXLoggerCallback()] if sw.tensorboard else [])
 
 
+def _study_trials(sw: Sweep) -> int:
+    """How many trials the sweep's Optuna study holds (0 when it was never created)."""
+    import optuna
+
+    if not Path(sw.study_db).exists():
+        return 0
+    try:
+        return len(optuna.load_study(study_name=sw.name, storage=f"sqlite:///{sw.study_db}").trials)
+    except KeyError:
+        return 0
+
+
 def make_tuner(sw: Sweep, restore: bool, verbose: bool = False, progress_every: float = 30.0):
     """The Tuner of a new sweep, or the restored one (restore); verbose: Tune's own tables
     instead of the compact progress display (see `display`)."""
@@ -123,13 +134,18 @@ def make_tuner(sw: Sweep, restore: bool, verbose: bool = False, progress_every: 
     from .searcher import EpochAwareOptunaSearch, SweepSearchGenerator, make_scheduler
     from .trainable import KEEP_CHECKPOINTS
 
+    check_trial_fits(sw)  # one trial fits some node (else its trials would stay pending for ever)
     trainable = make_trainable(sw)
     loc = sw.storage_location()
     fs = None if loc.is_local else loc.fs
     path = f"{loc.path.rstrip('/')}/{sw.name}"
-    if restore:
-        if not tune.Tuner.can_restore(path, storage_filesystem=fs):
+    if restore and not tune.Tuner.can_restore(path, storage_filesystem=fs):
+        if _study_trials(sw):
             raise XferError(f"--resume: no restorable sweep state under {sw.storage} ({sw.name})")
+        # stopped before Tune saved anything (a SIGTERM while Ray started): nothing ran, so start it now
+        log.warning("--resume: the sweep stopped before its first trial; starting it")
+        restore = False
+    if restore:
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                    restart_errored=False, storage_filesystem=fs)
         _redisplay(tuner, sw, verbose, progress_every)
