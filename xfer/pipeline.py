@@ -66,8 +66,9 @@ class Loaded:
 
 def load_for_training(sources: DataSources, cfg: TrainConfig) -> Loaded:
     inputs = sources.load(require=("src", "tgt"))
+    store = EmbeddingStore(sources.store)                          # a store path that cannot be one: first
     check_training_labels(inputs["src"], cfg.data.val_fraction)   # before anything is embedded or trained
-    return embed_inputs(inputs, cfg, EmbeddingStore(sources.store))
+    return embed_inputs(inputs, cfg, store)
 
 
 def embed_inputs(inputs: dict[str, CellMatrix], cfg: TrainConfig, store: EmbeddingStore) -> Loaded:
