@@ -147,3 +147,17 @@ def test_an_unexpected_exception_is_one_line_with_its_traceback_kept(tiny_store,
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and err.strip().splitlines()[-1].startswith(
         "xfer baseline: unexpected error: RuntimeError: something nobody foresaw (full traceback in ")
+
+
+def test_demo_on_an_unreachable_cluster_makes_nothing(tmp_path, capsys):
+    """`xfer demo --address` checks the cluster before it simulates anything (the sweep's own check,
+    tests/test_cluster_checks.py, comes after the demo's data)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]      # free once closed: nothing listens there
+    out = tmp_path / "demo"
+    err = _fails(capsys, ["demo", "--address", f"127.0.0.1:{port}", "--output_folder", str(out)])
+    assert err.startswith("xfer demo: error: ") and f"127.0.0.1:{port}" in err, err
+    assert not out.exists()

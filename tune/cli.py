@@ -186,6 +186,11 @@ def cmd_demo(args) -> int:
     from xfer.data.simulate import simulate_pair, write_simulation
     from xfer.data.store import CellStore
 
+    if getattr(args, "address", None) and args.address != "local":  # the cluster answers before anything is made
+        from .ray_start import cluster_nodes, ray_environment
+
+        ray_environment()
+        cluster_nodes(args.address, f"--address {args.address}", auto_token=args.address == "auto")
     out = Path(args.output_folder).resolve()
     t0 = time.perf_counter()
     lines = simulate_pair(args.size, seed=args.seed)
