@@ -99,6 +99,30 @@ def study_states(db) -> dict:
         return {}
 
 
+
+def free_port_block(n: int = 50) -> int:
+    """A port P with P..P+n free on 127.0.0.1, in 20000-32000 (clear of Ray's worker ports and the
+    ephemeral range): a Ray head's ports start at P."""
+    import random
+    import socket
+
+    for _ in range(200):
+        p = random.randrange(20000, 32000 - n, 10)
+        socks = []
+        try:
+            for q in range(p, p + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", q))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        return p
+    raise RuntimeError("no free port block")
+
+
 def stop_process(proc, timeout: float = 30) -> None:
     """Terminate a server a test started; kill it if it does not exit within `timeout` seconds."""
     import subprocess

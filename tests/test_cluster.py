@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -34,7 +32,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import SMALL_MODEL, stop_process, study_states
+from conftest import SMALL_MODEL, free_port_block, stop_process, study_states
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.cluster]
 moto_server = pytest.importorskip("moto.server")
@@ -47,25 +45,6 @@ FIX = [f"--set={k}={v}" for k, v in SMALL_MODEL.items()
        if k in ("hidden_dim", "latent_dim", "proj_hidden", "batch_size")]
 FIX += ["--set=n_layers=1", "--set=n_components=16", "--set=disc_hidden=64", "--set=cls_hidden=32"]
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def _free_block(n: int = 50) -> int:
-    """A port P with P..P+n free, in 20000-32000 (clear of Ray's worker ports and the ephemeral range)."""
-    for _ in range(200):
-        p = random.randrange(20000, 32000 - n, 10)
-        try:
-            socks = []
-            for q in range(p, p + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", q))
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-        return p
-    raise RuntimeError("no free port block")
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +64,7 @@ def s3():
 def cluster(s3):
     """A head and two worker nodes; yields (env for clients, dashboard URL, cluster dir)."""
     d = Path(tempfile.mkdtemp(prefix="xc", dir="/tmp"))  # short: Ray's socket paths must fit in 107 bytes
-    port = _free_block()
+    port = free_port_block()
     env = {**os.environ, **AWS, "OMP_NUM_THREADS": "1", "XFER_CLUSTER_DIR": str(d)}
     for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "XFER_NODE_CACHE"):
         env.pop(k, None)
@@ -311,7 +290,7 @@ def prometheus(cluster, tmp_path):
     sd = cfg["scrape_configs"][0]["file_sd_configs"][0]
     sd["files"], sd["refresh_interval"] = [str(d / "head" / "prom_metrics_service_discovery.json")], "1s"
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
-    port = _free_block(2)
+    port = free_port_block(2)
     proc = subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
                              f"--web.listen-address=127.0.0.1:{port}", f"--storage.tsdb.path={tmp_path / 'tsdb'}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -26,6 +25,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from conftest import free_port_block
 
 pytest.importorskip("ray.tune")
 
@@ -183,31 +184,13 @@ def test_a_trial_pending_too_long_is_named_once(monkeypatch):
 
 # ----------------------------------------------------------------------------- a cluster with a token
 
-def _free_block(n: int = 30) -> int:
-    """A port P with P..P+n free, in 20000-32000 (clear of Ray's worker ports and the ephemeral range)."""
-    for _ in range(200):
-        p = random.randrange(20000, 32000 - n, 10)
-        socks = []
-        try:
-            for q in range(p, p + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", q))
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-        return p
-    raise RuntimeError("no free port block")
-
 
 @pytest.fixture(scope="module")
 def token_cluster(home):
     """A Ray head (1 CPU, no GPU) with token authentication, started as cluster/local_cluster.sh does;
     yields (address, the client environment of `local_cluster.sh env`, token file)."""
     d = Path(tempfile.mkdtemp(prefix="xk", dir="/tmp"))  # short: Ray's socket paths must fit in 107 bytes
-    port = _free_block()
+    port = free_port_block(30)
     env = {**_env(home), "XFER_CLUSTER_DIR": str(d)}
     try:
         r = subprocess.run([str(SCRIPT), "start", "--workers", "0", "--cpus", "1", "--port", str(port),

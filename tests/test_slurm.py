@@ -124,17 +124,24 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
         _wait(lambda: not sock.exists(), 30, "munged to stop")
 
 
-def test_slurm_script_runs_a_sweep(slurm, tiny_store):
-    env, d = slurm
-    out = d / "sweeps" / "run1"
+def _job_env(env: dict, store, out: Path, name: str, n_trials: int, epochs: int, extra=()) -> dict:
+    """The environment of a cluster/slurm_ray.sbatch job: a small sweep of the tiny store into `out`,
+    with no Ray address or token of this process's (the script makes its own)."""
     fix = [f"--set={k}={v}" for k, v in SMALL_MODEL.items() if k in ("hidden_dim", "latent_dim", "batch_size")]
-    job_env = {**env, "REPO": str(ROOT), "STORE": str(tiny_store), "OUT": str(out), "SRC": "store:A_GEX",
-               "TGT": "store:A_PEAK", "TEST": "store:B_GEX", "SUP_PEAK": "store:B_PEAK", "N_TRIALS": "2",
-               "EPOCHS": "2", "CPUS_PER_TRIAL": "1", "PORT": str(_free_port()), "NAME": "slurmsweep",
-               "EXTRA": " ".join([*fix, "--space", "broad", "--set=n_layers=1", "--set=n_components=16"]),
+    job_env = {**env, "REPO": str(ROOT), "STORE": str(store), "OUT": str(out), "SRC": "store:A_GEX",
+               "TGT": "store:A_PEAK", "TEST": "store:B_GEX", "SUP_PEAK": "store:B_PEAK", "N_TRIALS": str(n_trials),
+               "EPOCHS": str(epochs), "CPUS_PER_TRIAL": "1", "PORT": str(_free_port()), "NAME": name,
+               "EXTRA": " ".join([*fix, "--space", "broad", "--set=n_layers=1", "--set=n_components=16", *extra]),
                "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"}
     for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
         job_env.pop(k, None)
+    return job_env
+
+
+def test_slurm_script_runs_a_sweep(slurm, tiny_store):
+    env, d = slurm
+    out = d / "sweeps" / "run1"
+    job_env = _job_env(env, tiny_store, out, "slurmsweep", n_trials=2, epochs=2)
     log = d / "job.out"
     r = subprocess.run(["sbatch", "--wait", "--nodes=1", f"--cpus-per-task={os.cpu_count() or 2}",
                         "--export=ALL", f"--output={log}", str(SBATCH)], env=job_env, capture_output=True,
@@ -159,15 +166,7 @@ def test_slurm_script_passes_sigterm_to_the_driver_and_resumes(slurm, tiny_store
 
     env, d = slurm
     out = d / "sweeps" / "term"
-    fix = [f"--set={k}={v}" for k, v in SMALL_MODEL.items() if k in ("hidden_dim", "latent_dim", "batch_size")]
-    job_env = {**env, "REPO": str(ROOT), "STORE": str(tiny_store), "OUT": str(out), "SRC": "store:A_GEX",
-               "TGT": "store:A_PEAK", "TEST": "store:B_GEX", "SUP_PEAK": "store:B_PEAK", "N_TRIALS": "4",
-               "EPOCHS": "6", "CPUS_PER_TRIAL": "1", "PORT": str(_free_port()), "NAME": "termsweep",
-               "EXTRA": " ".join([*fix, "--space", "broad", "--set=n_layers=1", "--set=n_components=16",
-                                  "--grace_period", "6"]),
-               "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"}
-    for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
-        job_env.pop(k, None)
+    job_env = _job_env(env, tiny_store, out, "termsweep", n_trials=4, epochs=6, extra=("--grace_period", "6"))
     sbatch = ["sbatch", "--wait", "--nodes=1", f"--cpus-per-task={os.cpu_count() or 2}", "--export=ALL",
               "--job-name=xfertermtest"]
     log = d / "term1.out"
