@@ -140,7 +140,8 @@ def test_plain_lines_counts_best_eta_cadence_and_final_line():
     assert lines[-1] == ("sweep 'demo' finished: 4 of 4 trials (2 completed, 1 stopped by ASHA, 1 errored) in 0:01:15 | "
                          "best agreement 0.8000: trial abc_00003, epoch 2 (arch=dae, divergence=mmd, lambda_class=1, "
                          "lambda_domain=0.25)")
-    assert cb.counts() == {"completed": 2, "stopped_by_asha": 1, "errored": 1, "running": 0, "pending": 0}
+    assert cb.counts() == {"completed": 2, "stopped_by_asha": 1, "errored": 1, "interrupted": 0, "running": 0,
+                           "pending": 0}
     assert cb.eta() == 0.0
 
 
@@ -155,8 +156,48 @@ def test_a_resumed_sweeps_finished_trials_count_from_their_status():
         t.set_status(s)
     trials = [done, asha, err, run]
     cb.on_step_end(iteration=1, trials=trials)
-    assert cb.counts() == {"completed": 1, "stopped_by_asha": 1, "errored": 1, "running": 1, "pending": 1}
+    assert cb.counts() == {"completed": 1, "stopped_by_asha": 1, "errored": 1, "interrupted": 0, "running": 1,
+                           "pending": 1}
     assert cb.best()[1] is asha
+
+
+def test_a_sweep_stopped_on_a_signal_counts_its_cut_trials_as_interrupted():
+    """note_stop (tune.stop.CleanStop on SIGTERM / Ctrl+C): the trials this driver started that had not
+    ended are interrupted, not stopped by ASHA; a resumed sweep's finished trials keep their status; the
+    final line says the sweep was stopped, not that it finished."""
+    from tune.progress import note_stop
+
+    out, clock = io.StringIO(), Clock()
+    cb = SweepProgress(5, SEARCH_EPOCHS, "agreement", "demo", mode="plain", stream=out, clock=clock)
+    old, done, cut, grp = _trial("s_0"), _trial("s_1"), _trial("s_2"), _trial("s_3")
+    trials = [old, done, cut, grp]
+    old.update_last_result({"epoch": 2, "best_objective": 0.5})   # ASHA-stopped before the resume
+    old.set_status(Trial.TERMINATED)
+    cb.setup()
+    for t in (done, cut, grp):
+        t.set_status(Trial.RUNNING)
+        cb.on_trial_start(iteration=0, trials=trials, trial=t)
+    done.update_last_result({"epoch": 4, "best_objective": 0.7})
+    cb.on_trial_complete(iteration=1, trials=trials, trial=done)
+    done.set_status(Trial.TERMINATED)
+    for t in (cut, grp):
+        t.update_last_result({"epoch": 1, "best_objective": 0.6})
+        cb.on_trial_result(iteration=2, trials=trials, trial=t, result=t.last_result)
+    clock.t += 20
+    note_stop("SIGTERM")
+    cb.on_trial_complete(iteration=3, trials=trials, trial=grp)  # its process got the signal too: its loop ended
+    for t in (cut, grp):
+        t.set_status(Trial.TERMINATED)                           # what Tune's cleanup leaves
+    cb.on_experiment_end(trials=trials)
+    assert cb.counts() == {"completed": 1, "stopped_by_asha": 1, "errored": 0, "interrupted": 2, "running": 0,
+                           "pending": 1}
+    lines = out.getvalue().splitlines()
+    assert [ln for ln in lines if ln.startswith("trial ")] == [
+        "trial s_1 completed after 4/4 epochs, best agreement 0.7000 [2/5 done]"]   # none for the cut trials
+    assert lines[-1] == (
+        "sweep 'demo' stopped by SIGTERM after 0:00:20: 2 of 5 trials ended (1 completed, 1 stopped by ASHA, "
+        "0 errored), 2 interrupted, 1 not started | best agreement 0.7000: trial s_1 (arch=dae, divergence=mmd, "
+        "lambda_class=1, lambda_domain=0.25)")
 
 
 def test_rich_mode_renders_the_same_counts():
@@ -195,7 +236,7 @@ def test_pickles_without_its_stream_or_display_and_starts_afresh():
     assert again._stream is None and again._live is None and again._ended == {} and again._clock is None
     fresh = SweepProgress(3, 2)
     assert pickle.loads(pickle.dumps(fresh)).counts([]) == {"completed": 0, "stopped_by_asha": 0, "errored": 0,
-                                                            "running": 0, "pending": 3}
+                                                            "interrupted": 0, "running": 0, "pending": 3}
 
 
 def test_a_failing_hook_never_breaks_the_sweep(caplog):

@@ -1,7 +1,8 @@
 """A clean stop on SIGTERM (what a scheduler sends before SIGKILL: SLURM at its time limit or on
 scancel, Kubernetes on an eviction): `xfer tune` saves the sweep's state, shuts its Ray down and
 exits with 143 within the grace period, printing how to resume; `--resume` then finishes the sweep
-with no trial repeated (tune/stop.py). The SLURM script's forwarding of SIGTERM to the driver is
+with no trial repeated (tune/stop.py). Ctrl+C (SIGINT) stops it the same way, with exit 130, instead
+of exporting the unfinished sweep as if it had finished. The SLURM script's forwarding of SIGTERM to the driver is
 checked here too, with bash on a dummy driver (tests/test_slurm.py runs the script under SLURM).
 """
 
@@ -31,12 +32,12 @@ GRACE_S = 30  # SLURM's default KillWait: SIGKILL this long after SIGTERM
 # ----------------------------------------------------------------------------- tune.stop, no Ray
 
 def test_sigterm_calls_the_handler_tunes_loop_installed():
-    from tune.stop import TermStop
+    from tune.stop import CleanStop
 
     before = signal.getsignal(signal.SIGUSR1)
     calls = []
     try:
-        with TermStop() as stop:
+        with CleanStop() as stop:
             signal.signal(signal.SIGUSR1, lambda s, f: calls.append(s))  # as Tune's loop does
             os.kill(os.getpid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)          # a second one changes nothing
@@ -44,16 +45,45 @@ def test_sigterm_calls_the_handler_tunes_loop_installed():
         assert stop.requested and calls == [signal.SIGUSR1]
     finally:
         signal.signal(signal.SIGUSR1, before)
-    assert signal.getsignal(signal.SIGTERM) is not stop._on_term  # the previous handler is back
+    assert signal.getsignal(signal.SIGTERM) is not stop._on_signal  # the previous handler is back
+
+
+def test_ctrl_c_stops_through_tunes_handler_and_a_second_one_stops_at_once(monkeypatch):
+    """SIGINT stays with CleanStop while it is active (Tune's loop is told not to take it), asks Tune
+    to stop as SIGTERM does, names itself to on_stop; a second Ctrl+C raises KeyboardInterrupt
+    (no last save). Afterwards SIGINT's handler and TUNE_DISABLE_SIGINT_HANDLER are as before."""
+    from tune.stop import CleanStop, SweepStopped
+
+    monkeypatch.delenv("TUNE_DISABLE_SIGINT_HANDLER", raising=False)
+    before = signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGINT)
+    calls, told = [], []
+    try:
+        with CleanStop(on_stop=told.append) as stop:
+            assert os.environ["TUNE_DISABLE_SIGINT_HANDLER"] == "1"
+            signal.signal(signal.SIGUSR1, lambda s, f: calls.append(s))  # as Tune's loop does
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            assert stop.signum == signal.SIGINT and calls == [signal.SIGUSR1] and told == ["Ctrl+C (SIGINT)"]
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.5)
+        assert calls == [signal.SIGUSR1]
+    finally:
+        signal.signal(signal.SIGUSR1, before[0])
+    assert signal.getsignal(signal.SIGINT) is before[1] and "TUNE_DISABLE_SIGINT_HANDLER" not in os.environ
+    e = SweepStopped("/out", signal.SIGINT)
+    assert e.exit_code == 130 and str(e) == ("stopped by Ctrl+C (SIGINT) before the sweep finished; resume with: "
+                                             "xfer tune --resume --output_folder /out")
+    assert SweepStopped("/out").exit_code == 143
 
 
 def test_a_sigterm_before_tunes_loop_waits_for_its_handler():
-    from tune.stop import TermStop
+    from tune.stop import CleanStop
 
     before = signal.getsignal(signal.SIGUSR1)
     calls = []
     try:
-        with TermStop() as stop:
+        with CleanStop() as stop:
             os.kill(os.getpid(), signal.SIGTERM)          # the Tuner is still being made
             time.sleep(0.2)
             assert stop.requested and calls == []
@@ -67,13 +97,13 @@ def test_a_sigterm_before_tunes_loop_waits_for_its_handler():
 
 
 def test_outside_the_main_thread_it_does_nothing():
-    from tune.stop import TermStop
+    from tune.stop import CleanStop
 
     handler = signal.getsignal(signal.SIGTERM)
     seen = {}
 
     def body():
-        with TermStop() as stop:
+        with CleanStop() as stop:
             seen["handler"] = signal.getsignal(signal.SIGTERM)
         seen["requested"] = stop.requested
 
@@ -207,11 +237,12 @@ def _finished_trials(db) -> dict[int, tuple[float, str]]:
     return {n: (v, json.loads(rid)) for n, v, rid in rows}
 
 
-def _run_until_sigterm(argv, out, tmp_path, finished: int, tag: str):
-    """Run `xfer` (argv) in its own session, SIGTERM the driver alone (as a scheduler's batch shell
-    does) once `finished` of the study's trials have finished, and check the clean stop: exit 143
-    within the grace period, the one resume line on stderr, nothing exported, none of the Ray
-    processes below the driver left. Returns the finished trials counted before the signal."""
+def _run_until_stopped(argv, out, tmp_path, finished: int, tag: str, ctrl_c: bool = False):
+    """Run `xfer` (argv) in its own session and, once `finished` of the study's trials have finished,
+    SIGTERM the driver alone (as a scheduler's batch shell does) or, with ctrl_c, SIGINT its whole
+    process group (what Ctrl+C in a terminal does: Ray's processes get it too); check the clean stop:
+    exit 143 (130) within the grace period, the one resume line on stderr, nothing exported, none of
+    the Ray processes below the driver left. Returns the finished trials counted before the signal."""
     log_err = tmp_path / f"{tag}.stderr.txt"
     with open(tmp_path / f"{tag}.stdout.txt", "w") as fo, open(log_err, "w") as fe:
         proc = subprocess.Popen(XFER + argv, env=_env(), stdout=fo, stderr=fe, start_new_session=True)
@@ -228,7 +259,10 @@ def _run_until_sigterm(argv, out, tmp_path, finished: int, tag: str):
         assert proc.poll() is None, f"{tag}: the sweep ended before it could be stopped:\n{log_err.read_text()[-3000:]}"
         ray_procs = _descendants(proc.pid)
         t0 = time.time()
-        proc.send_signal(signal.SIGTERM)
+        if ctrl_c:
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGTERM)
         try:
             rc = proc.wait(timeout=GRACE_S)
         except subprocess.TimeoutExpired:
@@ -239,13 +273,17 @@ def _run_until_sigterm(argv, out, tmp_path, finished: int, tag: str):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     err = log_err.read_text()
-    assert rc is not None, f"{tag}: no exit {GRACE_S} s after SIGTERM (a scheduler would SIGKILL it now):\n{err[-3000:]}"
-    assert rc == 143, err[-3000:]
-    print(f"{tag}: SIGTERM after {finished_before} finished trials -> exit 143 in {took:.1f} s; "
+    what, code = ("Ctrl+C (SIGINT)", 130) if ctrl_c else ("SIGTERM", 143)
+    assert rc is not None, f"{tag}: no exit {GRACE_S} s after {what} (a scheduler would SIGKILL it now):\n{err[-3000:]}"
+    assert rc == code, err[-3000:]
+    print(f"{tag}: {what} after {finished_before} finished trials -> exit {rc} in {took:.1f} s; "
           f"{len(ray_procs)} Ray processes below the driver")
     resume = [ln for ln in err.splitlines() if "--resume" in ln]
-    assert resume == [f"xfer tune: stopped by SIGTERM before the sweep finished; resume with: "
+    assert resume == [f"xfer tune: stopped by {what} before the sweep finished; resume with: "
                       f"xfer tune --resume --output_folder {out}"], err[-3000:]
+    final = (tmp_path / f"{tag}.stdout.txt").read_text().splitlines()
+    assert any(ln.startswith(f"sweep 'sweep' stopped by {what} after ") for ln in final), final[-5:]
+    assert not any(" finished: " in ln for ln in final)
     assert "Tuner.restore" not in err                         # Tune's own hint is muted: one way to resume
     assert not (out / "trials.csv").exists() and not (out / "best_params.json").exists()  # no export of a stopped sweep
     assert len(ray_procs) >= 3                                # GCS, raylet, a trial's worker at least
@@ -265,18 +303,19 @@ def _results(out, done) -> dict[str, bytes]:
 
 @pytest.mark.ray
 @pytest.mark.xdist_group("ray")
-def test_sigterm_stops_the_sweep_cleanly_and_resume_finishes_it(tmp_path, tiny_store):
-    """SIGTERM to a new sweep's driver once 2 of its 6 trials finished, then to the `--resume`
-    once 4 had: each stops cleanly; a last `--resume` finishes the sweep, no trial run twice."""
+def test_sigterm_and_ctrl_c_stop_the_sweep_cleanly_and_resume_finishes_it(tmp_path, tiny_store):
+    """SIGTERM to a new sweep's driver once 2 of its 6 trials finished, then Ctrl+C (SIGINT to its
+    process group) to the `--resume` once 4 had: each stops cleanly; a last `--resume` finishes the
+    sweep, no trial run twice."""
     out = tmp_path / "sweep"
     n = 6
     resume = ["tune", "--resume", "--output_folder", str(out), "--num_cpus", "2"]
-    first = _run_until_sigterm(_tune_args(tiny_store, out, "--n_trials", str(n), "--search_epochs", "6",
+    first = _run_until_stopped(_tune_args(tiny_store, out, "--n_trials", str(n), "--search_epochs", "6",
                                           "--grace_period", "6"), out, tmp_path, 2, "new sweep")
     assert 2 <= first < n
     done = _finished_trials(out / "optuna_study.db")
     results = _results(out, done)
-    second = _run_until_sigterm(resume, out, tmp_path, 4, "resume")
+    second = _run_until_stopped(resume, out, tmp_path, 4, "resume", ctrl_c=True)
     assert 4 <= second < n
     mid = _finished_trials(out / "optuna_study.db")
     assert all(mid[k] == v for k, v in done.items()) and _results(out, done) == results

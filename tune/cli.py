@@ -143,15 +143,14 @@ def cmd_tune(args) -> int:
 
     from .final_model import final_model_source
     from .driver import run  # Ray and torch: only when a sweep runs
-    from .stop import EXIT_SIGTERM, SweepStopped
+    from .stop import SweepStopped
 
     try:
         res = run(None, resume=args.output_folder, options=run_options(args)) if args.resume else \
             run(sweep_request(args), options=run_options(args))
-    except SweepStopped as e:  # SIGTERM: the state is saved, Ray is shut down (tune.stop)
-        print(f"xfer tune: stopped by SIGTERM before the sweep finished; resume with: {e.resume_command}",
-              file=sys.stderr)
-        return EXIT_SIGTERM
+    except SweepStopped as e:  # SIGTERM or Ctrl+C: the state is saved, Ray is shut down (tune.stop)
+        print(f"xfer tune: {e}", file=sys.stderr)
+        return e.exit_code
     sw, df, best = res["sweep"], res["table"], res["best"]
     counts = df["status"].value_counts().to_dict()
     print(f"\nsweep '{sw.name}': {len(df)} trials in {res['wall_seconds']:.1f} s "

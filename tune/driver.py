@@ -23,8 +23,9 @@ read only after the search, to score the best trial's model.
 Everything a resume needs is in <output_folder>/sweep.json; `xfer tune --resume
 --output_folder DIR` restores the Tuner and finishes the sweep without
 repeating finished trials. On SIGTERM (a scheduler's time limit, scancel, an
-eviction) the driver saves the sweep's state, shuts Ray down and raises
-tune.stop.SweepStopped (`xfer tune` exits with 143 and prints the resume line).
+eviction) or Ctrl+C the driver saves the sweep's state, shuts Ray down and raises
+tune.stop.SweepStopped (`xfer tune` exits with 143 or 130 and prints the resume
+line); an unfinished sweep is never exported.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from .ray_start import check_cluster, ray_environment, start_ray
 from .request import RunOptions, SweepRequest
 from .score import score_best
 from .settings import Sweep
-from .stop import SweepStopped, TermStop
+from .stop import CleanStop, SweepStopped
 from .tuner import make_tuner
 
 log = logging.getLogger(__name__)
@@ -72,22 +73,22 @@ def run(request: SweepRequest | None = None, *, resume=None, options: RunOptions
     t0 = time.perf_counter()
     if not options.verbose:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # its INFO lines ("A new study created ...")
-    # from here SIGTERM stops the sweep as SIGINT would, its state saved (tune.stop); after start_ray, whose
+    from .progress import close_all, note_stop  # imports Ray: after ray_environment
+
+    # from here SIGTERM and Ctrl+C stop the sweep with its state saved (tune.stop); after start_ray, whose
     # ray.init sets Ray's own SIGTERM handler
-    with TermStop(quiet=not options.verbose) as stop:
+    with CleanStop(quiet=not options.verbose, on_stop=note_stop) as stop:
         tuner = make_tuner(sw, restore=resume is not None, verbose=options.verbose,
                            progress_every=options.progress_every)
         try:
             grid = tuner.fit()
         finally:
-            from .progress import close_all  # imports Ray: after ray_environment
-
             close_all()  # a live display still drawn when fit() raised
         if stop.requested:  # the state is saved, the sweep unfinished: no export, no score
             import ray
 
             ray.shutdown()  # a local cluster's processes (the trials' included) end here
-            raise SweepStopped(sw.output)
+            raise SweepStopped(sw.output, stop.signum)
     wall = time.perf_counter() - t0
     exported = export(grid, sw)
     metrics = None

@@ -4,7 +4,8 @@
 
 - the trials: completed, stopped by ASHA, errored, running and pending, out of the sweep's
   `n_trials` (a trial that ended is classified by `tune.trials.trial_status`, the rule
-  trials.csv uses);
+  trials.csv uses); once the driver stops the sweep on a signal (SIGTERM, Ctrl+C: tune.stop,
+  `note_stop`), the trials it cut short are counted as interrupted and the final line says so;
 - the best trial so far: its best objective value, trial id, best epoch and main parameters
   (arch, divergence, the λ weights);
 - the elapsed time and an estimate of the time left (see `SweepProgress.eta`);
@@ -29,6 +30,7 @@ import functools
 import logging
 import sys
 import time
+import weakref
 from typing import Callable, TextIO
 
 from ray.tune import Callback
@@ -46,6 +48,8 @@ _RUNNING = "RUNNING"
 _PENDING = "PENDING"
 
 _ACTIVE: "set[SweepProgress]" = set()
+_ALL: "weakref.WeakSet[SweepProgress]" = weakref.WeakSet()
+STATUSES = ("completed", "stopped_by_asha", "errored", "interrupted", "running", "pending")
 
 
 def close_all() -> None:
@@ -53,6 +57,14 @@ def close_all() -> None:
     so a sweep that dies before Tune's on_experiment_end leaves the terminal as it was)."""
     for p in list(_ACTIVE):
         p.close()
+
+
+def note_stop(why: str) -> None:
+    """The driver is stopping the sweep on a signal (`why`: "SIGTERM", "Ctrl+C (SIGINT)"; tune.stop.CleanStop
+    calls this before Tune ends its loop): every display in this process counts the trials it started that
+    have not ended as interrupted, not as stopped by ASHA, and its final line says the sweep was stopped."""
+    for p in list(_ALL):
+        p.stopped_by = why
 
 
 def free_text() -> str:
@@ -137,6 +149,9 @@ class SweepProgress(Callback):
         self._log_streams: list = []
         self._pending_since: dict[str, float] = {}  # trial id -> when it was first seen PENDING
         self._pending_named: set[str] = set()       # trials named as pending too long (once each)
+        self._started: set[str] = set()             # trials that ran in this driver (not a resume's finished ones)
+        self.stopped_by: str | None = None          # the signal the driver stops the sweep on (note_stop)
+        _ALL.add(self)
 
     def __getstate__(self) -> dict:
         keep = ("n_trials", "search_epochs", "objective", "name", "mode", "interval_s", "refresh_per_second", "unit")
@@ -164,23 +179,27 @@ class SweepProgress(Callback):
     # ------------------------------------------------------------------ what is shown
 
     def status_of(self, trial) -> str:
-        """completed / stopped_by_asha / errored for a trial that ended, else running / pending.
-        Tune calls on_trial_complete before it marks the trial TERMINATED, hence `_ended`;
+        """completed / stopped_by_asha / errored for a trial that ended, interrupted for one that ran in
+        this driver and was cut short by the stop on a signal (it continues on --resume), else running /
+        pending. Tune calls on_trial_complete before it marks the trial TERMINATED, hence `_ended`;
         a resumed sweep's finished trials come back TERMINATED / ERROR."""
         tid = trial.trial_id
         if tid in self._ended:
             return self._ended[tid]
         if trial.status == _ERROR:
             return "errored"
+        if self.stopped_by and tid in self._started:
+            return "interrupted"
         if trial.status == _ENDED:
             return trial_status(trial.last_result or {}, self.search_epochs, errored=False)
         return "running" if trial.status == _RUNNING else "pending"
 
     def counts(self, trials=None) -> dict:
-        """{completed, stopped_by_asha, errored, running, pending}: pending counts the trials not
-        yet created as well, so the five add up to n_trials (or more, should Tune run more)."""
+        """{completed, stopped_by_asha, errored, interrupted, running, pending}: pending counts the trials
+        not yet created as well, so the six add up to n_trials (or more, should Tune run more);
+        interrupted is 0 unless the sweep was stopped on a signal."""
         trials = self._trials if trials is None else trials
-        c = dict.fromkeys(("completed", "stopped_by_asha", "errored", "running", "pending"), 0)
+        c = dict.fromkeys(STATUSES, 0)
         for t in trials:
             c[self.status_of(t)] += 1
         c["pending"] += max(0, self.n_trials - len(trials))
@@ -264,6 +283,13 @@ class SweepProgress(Callback):
     def final_line(self) -> str:
         c = self.counts()
         ended = c["completed"] + c["stopped_by_asha"] + c["errored"]
+        if self.stopped_by:  # the sweep is unfinished: its state is saved, --resume finishes it
+            cut = f", {c['interrupted']} interrupted" if c["interrupted"] else ""
+            rest = c["running"] + c["pending"]
+            return (f"sweep '{self.name}' stopped by {self.stopped_by} after {hms(self.elapsed())}: {ended} of "
+                    f"{self.n_trials} {self.unit} ended ({c['completed']} completed, {c['stopped_by_asha']} stopped "
+                    f"by ASHA, {c['errored']} errored){cut}{f', {rest} not started' if rest else ''} | "
+                    f"best {self._best_text()}")
         word = "finished" if c["running"] + c["pending"] == 0 else "ended"
         rest = f", {c['running']} running, {c['pending']} pending" if c["running"] + c["pending"] else ""
         return (f"sweep '{self.name}' {word}: {ended} of {self.n_trials} {self.unit} ({c['completed']} completed, "
@@ -283,7 +309,9 @@ class SweepProgress(Callback):
         # Text objects, not markup strings: the panel is also redrawn inside print(markup=False)
         grid.add_row(self.unit, Text.from_markup(
             f"[green]{c['completed']} completed[/]  [yellow]{c['stopped_by_asha']} stopped by ASHA[/]  "
-            f"[red]{c['errored']} errored[/]  [cyan]{c['running']} running[/]  {c['pending']} pending  "
+            f"[red]{c['errored']} errored[/]  "
+            + (f"[magenta]{c['interrupted']} interrupted by {self.stopped_by}[/]  " if c["interrupted"] else "")
+            + f"[cyan]{c['running']} running[/]  {c['pending']} pending  "
             f"[dim](of {self.n_trials})[/]"))
         grid.add_row("best", Text(self._best_text(rich=True)))   # and a value is never read as markup
         grid.add_row("time", Text(self._time_text()))
@@ -426,12 +454,14 @@ class SweepProgress(Callback):
 
     @_safe
     def on_trial_start(self, iteration, trials, trial, **info):
+        self._started.add(trial.trial_id)
         self._see(trials)
         if self._use_rich():
             self._draw()
 
     @_safe
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._started.add(trial.trial_id)
         self._see(trials)
         epoch = int(result.get("epoch", 0) or 0)
         secs = result.get("time_this_iter_s")
@@ -458,6 +488,11 @@ class SweepProgress(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._see(trials)
         status = trial_status(trial.last_result or {}, self.search_epochs, errored=False)
+        if self.stopped_by and status != "completed":
+            # ended by the stop: a Ctrl+C in a terminal reaches the trials' processes too (one process
+            # group), whose loops end with their last report; Tune runs them again on --resume
+            self._ended[trial.trial_id] = "interrupted"
+            return
         self._ended[trial.trial_id] = status
         self._ended_line(trial, status)
         self._draw(force=self._use_rich())
