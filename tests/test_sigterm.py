@@ -45,7 +45,7 @@ def test_sigterm_calls_the_handler_tunes_loop_installed():
         assert stop.requested and calls == [signal.SIGUSR1]
     finally:
         signal.signal(signal.SIGUSR1, before)
-    assert signal.getsignal(signal.SIGTERM) is not stop._on_signal  # the previous handler is back
+    assert signal.getsignal(signal.SIGTERM) != stop._on_signal  # the previous handler is back
 
 
 def test_ctrl_c_stops_through_tunes_handler_and_a_second_one_stops_at_once(monkeypatch):
@@ -130,11 +130,16 @@ def test_the_sbatch_asks_for_sigterm_before_the_time_limit():
     assert lines.index(sig[0]) < min(i for i, ln in enumerate(lines) if not ln.startswith("#"))
 
 
-@pytest.mark.parametrize("driver_rc", [143, 0])
-def test_the_sbatch_forwards_sigterm_to_the_driver_and_keeps_its_exit_status(tmp_path, driver_rc):
+@pytest.mark.parametrize("driver_rc, saved", [(143, True), (143, False), (0, True)])
+def test_the_sbatch_forwards_sigterm_to_the_driver_and_keeps_its_exit_status(tmp_path, driver_rc, saved):
     """The block runs in bash with a dummy `xfer` that, on SIGTERM, takes a while (saving; a
     second TERM changes nothing, as for the real driver) and exits with driver_rc; the batch shell gets SIGTERM (as from --signal=B:TERM or scancel -b),
-    twice (a second TERM at the time limit must not cut the wait short)."""
+    twice (a second TERM at the time limit must not cut the wait short). The resubmit line only when
+    the sweep's settings were saved (saved: OUT/sweep.json exists), else: submit again."""
+    out = tmp_path / "run1"
+    out.mkdir()
+    if saved:
+        (out / "sweep.json").write_text("{}")
     bindir = tmp_path / "bin"
     bindir.mkdir()
     xfer = bindir / "xfer"
@@ -149,7 +154,7 @@ exit 9
     script = tmp_path / "block.sh"
     script.write_text("#!/bin/bash\nset -euo pipefail\n"
                       "head_ip=127.0.0.1 PORT=6379 STORE=/s NAME=n SRC=a TGT=b TEST= SUP_PEAK= N_TRIALS=2 EPOCHS=2\n"
-                      "CPUS_PER_TRIAL=1 GPUS_PER_TRIAL=0 STORAGE= EXTRA= RESUME= OUT=/out/run1\n"
+                      f"CPUS_PER_TRIAL=1 GPUS_PER_TRIAL=0 STORAGE= EXTRA= RESUME= OUT={out}\n"
                       "REPO=/repo SLURM_JOB_ID=7\n" + _forwarding_block() + 'echo "rc=$rc"\n')
     env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
     p = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -162,18 +167,19 @@ exit 9
         p.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         p.send_signal(signal.SIGTERM)
-        out, err = p.communicate(timeout=20)
+        stdout, err = p.communicate(timeout=20)
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
     assert (tmp_path / "driver").read_text().splitlines() == ["started", "got-term", "saved"], err
-    assert f"rc={driver_rc}" in out, out + err                # the driver's status, not the interrupted wait's
-    assert "--output_folder /out/run1" in (tmp_path / "argv").read_text()
-    if driver_rc == 143:
-        assert "RESUME=1" in err and "OUT=/out/run1" in err  # how to resume the job
+    assert f"rc={driver_rc}" in stdout, stdout + err          # the driver's status, not the interrupted wait's
+    assert f"--output_folder {out}" in (tmp_path / "argv").read_text()
+    if driver_rc == 143 and saved:
+        assert "RESUME=1" in err and f"OUT={out}" in err  # how to resume the job
     else:
-        assert "RESUME=1" not in out + err
+        assert "RESUME=1" not in stdout + err
+        assert ("nothing to resume: submit the job again" in err) == (driver_rc == 143)
 
 
 # ----------------------------------------------------------------------------- a real sweep
@@ -332,3 +338,77 @@ def test_sigterm_and_ctrl_c_stop_the_sweep_cleanly_and_resume_finishes_it(tmp_pa
     assert all(after[k] == v for k, v in done.items())        # finished trials kept their results...
     assert _results(out, done) == results                     # ...and were not trained again
     assert set(df["trial_id"]) == {rid for _, rid in after.values()}
+
+
+# ----------------------------------------------------------------------------- a signal before Tune's loop
+
+_SIGNAL_IN = """
+import os, signal, sys
+import tune.driver as d
+phase, signame = sys.argv[1], sys.argv[2]
+real = getattr(d, phase)
+def wrapped(*a, **k):                       # the signal arrives while the driver is in this phase
+    os.kill(os.getpid(), getattr(signal, signame))
+    return real(*a, **k)
+setattr(d, phase, wrapped)
+from xfer.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def test_a_sigterm_while_the_data_is_prepared_leaves_nothing_to_resume(tmp_path, tiny_store):
+    """SIGTERM during a new sweep's data preparation: exit 143 at once, one line saying there is
+    nothing to resume yet (no sweep.json was written), no Ray started."""
+    out = tmp_path / "sweep"
+    r = subprocess.run([sys.executable, "-c", _SIGNAL_IN, "load_trial_data", "SIGTERM",
+                        *_tune_args(tiny_store, out, "--n_trials", "2", "--search_epochs", "6")],
+                       env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 143, r.stderr[-3000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("xfer tune:")]
+    assert lines == [f"xfer tune: stopped by SIGTERM before the sweep started: nothing to resume yet (no "
+                     f"{out / 'sweep.json'}); run the command again"], r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and not (out / "sweep.json").exists()
+    assert "Ray dashboard" not in r.stdout + r.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.xdist_group("ray")
+def test_ctrl_c_while_ray_starts_waits_for_it_then_resume_runs_the_sweep(tmp_path, tiny_store):
+    """Ctrl+C while ray.init runs: the start is not cut halfway; then Ray is shut down, exit 130 and
+    the resume line (sweep.json was written); `--resume` of that sweep, which has no Tune state and
+    an empty study yet, runs it whole."""
+    out = tmp_path / "sweep"
+    with open(tmp_path / "stdout.txt", "w") as fo, open(tmp_path / "stderr.txt", "w") as fe:
+        proc = subprocess.Popen([sys.executable, "-c", _SIGNAL_IN, "start_ray", "SIGINT",
+                                 *_tune_args(tiny_store, out, "--n_trials", "2", "--search_epochs", "6")],
+                                env=_env(), stdout=fo, stderr=fe, start_new_session=True)
+    seen: dict[int, str] = {}                              # every process seen below the driver
+    try:
+        deadline = time.time() + 180
+        while proc.poll() is None and time.time() < deadline:
+            seen.update(_descendants(proc.pid))
+            time.sleep(0.1)
+        rc = proc.wait(timeout=5)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    err = (tmp_path / "stderr.txt").read_text()
+    assert rc == 130, err[-3000:]
+    assert [ln for ln in err.splitlines() if ln.startswith("xfer tune:")] == [
+        f"xfer tune: stopped by Ctrl+C (SIGINT) before any trial started; resume with: "
+        f"xfer tune --resume --output_folder {out}"], err[-3000:]
+    assert "Traceback" not in err and (out / "sweep.json").exists() and not (out / "trials.csv").exists()
+    assert len(seen) >= 2                                  # Ray did start (GCS, raylet)...
+    deadline = time.time() + 10                            # ...and none of its processes is left
+    left = {p: t for p, t in seen.items() if (_stat(p) or (None,))[0] == t}
+    while left and time.time() < deadline:
+        time.sleep(0.2)
+        left = {p: t for p, t in left.items() if (_stat(p) or (None,))[0] == t}
+    assert not left, {p: Path(f"/proc/{p}/cmdline").read_bytes()[:120] for p in left}
+
+    r = subprocess.run(XFER + ["tune", "--resume", "--output_folder", str(out), "--num_cpus", "2"], env=_env(),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    df = pd.read_csv(out / "trials.csv")
+    assert len(df) == 2 and (df["status"] != "errored").all()

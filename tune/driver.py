@@ -25,7 +25,8 @@ Everything a resume needs is in <output_folder>/sweep.json; `xfer tune --resume
 repeating finished trials. On SIGTERM (a scheduler's time limit, scancel, an
 eviction) or Ctrl+C the driver saves the sweep's state, shuts Ray down and raises
 tune.stop.SweepStopped (`xfer tune` exits with 143 or 130 and prints the resume
-line); an unfinished sweep is never exported.
+line); an unfinished sweep is never exported. Before Tune's loop either signal
+stops the driver at once, saying whether --resume can go on (tune.stop.EarlyStop).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import optuna
 
 from xfer.config import TrainConfig
 from xfer.report import try_write_report
+from xfer.sweep_files import SETTINGS_FILE
 
 from .configure import new_sweep
 from .data import DataSpec, load_trial_data
@@ -46,7 +48,7 @@ from .ray_start import check_cluster, ray_environment, start_ray
 from .request import RunOptions, SweepRequest
 from .score import score_best
 from .settings import Sweep
-from .stop import CleanStop, SweepStopped
+from .stop import CleanStop, EarlyStop, EarlyStopped, SweepStopped
 from .tuner import make_tuner
 
 log = logging.getLogger(__name__)
@@ -60,20 +62,32 @@ def run(request: SweepRequest | None = None, *, resume=None, options: RunOptions
         raise ValueError("run: give either a new sweep's request or the folder of a sweep to resume")
     options = options or RunOptions()
     ray_environment()
-    check_cluster(options, request, resume)  # before any data work: the cluster answers, takes the token, fits a trial
-    sw = Sweep.load(Path(resume).resolve()) if resume is not None else new_sweep(request)
-    if resume is None:
-        # validates and prepares the training data once before any trial (and warms this node's cache)
-        load_trial_data(DataSpec(**sw.spec), TrainConfig.from_dict(sw.base))
-        sw.save()
-    ctx = start_ray(options.address, options.num_cpus, options.num_gpus, sw.name, quiet=not options.verbose)
+    output = Path(resume if resume is not None else request.output_folder).resolve()
+    try:
+        # until Tune's loop: SIGTERM and Ctrl+C stop the driver at once (tune.stop.EarlyStop)
+        with EarlyStop() as early:
+            check_cluster(options, request, resume)  # before any data work: the cluster answers, takes the token, fits a trial
+            sw = Sweep.load(output) if resume is not None else new_sweep(request)
+            if resume is None:
+                # validates and prepares the training data once before any trial (and warms this node's cache)
+                load_trial_data(DataSpec(**sw.spec), TrainConfig.from_dict(sw.base))
+                sw.save()
+            with early.held():  # ray.init is not cut halfway
+                ctx = start_ray(options.address, options.num_cpus, options.num_gpus, sw.name, quiet=not options.verbose)
+            from .progress import close_all, note_stop  # imports Ray: after ray_environment
+    except EarlyStopped as e:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        raise SweepStopped(output, e.signum, started=False,
+                           resumable=(output / SETTINGS_FILE).exists()) from None
     dashboard = getattr(ctx, "dashboard_url", None)
     if dashboard:
         log.info("Ray dashboard: http://%s", dashboard)
     t0 = time.perf_counter()
     if not options.verbose:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # its INFO lines ("A new study created ...")
-    from .progress import close_all, note_stop  # imports Ray: after ray_environment
 
     # from here SIGTERM and Ctrl+C stop the sweep with its state saved (tune.stop); after start_ray, whose
     # ray.init sets Ray's own SIGTERM handler

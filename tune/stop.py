@@ -20,9 +20,13 @@ driver would export the unfinished sweep). A signal that comes before Tune has i
 handler (while the Tuner is made or restored) is held until it has, then delivered as SIGUSR1.
 Without this handler, SIGTERM reaches the failure-signal handler of Ray's core worker, which
 prints a stack and aborts the driver (SIGABRT, status 134) with no last save and no resume hint
-(measured with ray 2.60). The handler is set once Ray is up (ray.init sets Ray's own): a SIGTERM
-before then (the data being prepared, Ray starting) ends the driver with nothing to resume, and
-a Ctrl+C then is a plain KeyboardInterrupt (`xfer` prints "interrupted", exit 130).
+(measured with ray 2.60). CleanStop is set once Ray is up (ray.init sets Ray's own handler).
+
+Before that (the cluster checked, the data ingested and prepared, Ray starting) `EarlyStop` takes
+both signals: the driver stops at once (inside ray.init the signal is held until it returns, then
+Ray is shut down) and `SweepStopped` says whether `--resume` can go on: it can once the sweep's
+settings (sweep.json) are written, or when the driver was itself a resume; else the command is
+run again.
 """
 
 from __future__ import annotations
@@ -31,7 +35,11 @@ import logging
 import os
 import signal
 import threading
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable
+
+from xfer.sweep_files import SETTINGS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +56,21 @@ def signal_text(signum: int) -> str:
 
 class SweepStopped(Exception):
     """The sweep's driver stopped on a signal before the sweep finished; its state is saved and
-    `xfer tune --resume --output_folder <output>` finishes it."""
+    `xfer tune --resume --output_folder <output>` finishes it (resumable), or nothing was saved yet
+    and the command is run again. started: Tune's loop had begun."""
 
-    def __init__(self, output, signum: int = signal.SIGTERM):
+    def __init__(self, output, signum: int = signal.SIGTERM, started: bool = True, resumable: bool = True):
         self.output = output
         self.signum = signum
-        super().__init__(f"stopped by {signal_text(signum)} before the sweep finished; "
-                         f"resume with: {self.resume_command}")
+        self.started = started
+        self.resumable = resumable
+        when = "before the sweep finished" if started else "before any trial started"
+        if resumable:
+            text = f"stopped by {signal_text(signum)} {when}; resume with: {self.resume_command}"
+        else:
+            text = (f"stopped by {signal_text(signum)} before the sweep started: nothing to resume yet (no "
+                    f"{Path(output) / SETTINGS_FILE}); run the command again")
+        super().__init__(text)
 
     @property
     def exit_code(self) -> int:
@@ -151,3 +167,52 @@ class CleanStop:
             if self._tune_handler() is not None:
                 os.kill(os.getpid(), signal.SIGUSR1)
                 return
+
+
+class EarlyStopped(Exception):
+    """A signal came before Tune's loop (EarlyStop)."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(signal_text(signum))
+
+
+class EarlyStop:
+    """Context manager around the driver's work before Tune's loop: SIGTERM or SIGINT raises
+    EarlyStopped at once, or, inside `held()` (ray.init, which must not be cut halfway), as soon as
+    the block ends. On exit the handlers it replaced are back, except where something inside (ray.init)
+    installed its own. Outside the main thread it does nothing."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._held = False
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "EarlyStop":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._on_signal) for s in SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._previous.items():
+            if signal.getsignal(s) == self._on_signal:
+                signal.signal(s, h if h is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+            log.warning("%s: stopping before any trial started", signal_text(signum))
+        if not self._held:
+            raise EarlyStopped(self.signum)
+
+    @contextmanager
+    def held(self):
+        """A signal inside the block waits for its end (then EarlyStopped)."""
+        self._held = True
+        try:
+            yield
+        finally:
+            self._held = False
+        if self.signum is not None:
+            raise EarlyStopped(self.signum)
