@@ -50,6 +50,7 @@ import numpy as np
 
 from bench.harness import Asha, confusion_se, pair_data, pairs_cli, write_results
 from bench.harness.populations import load_population, study_runs_dir
+from xfer.evaluate import confusion
 
 SLOTS = 2               # trials at a time, as `xfer tune --num_cpus 2` runs them
 
@@ -74,7 +75,7 @@ NOT_SHIPPABLE = {"asha", "top4", "top4_epochs3"}
 
 def _balacc(ref: np.ndarray, pred: np.ndarray) -> float:
     """Balanced accuracy over the classes present in `ref` (xfer.selection.agreement, sklearn)."""
-    cm = np.bincount(ref * 3 + pred, minlength=9).reshape(3, 3)
+    cm = confusion(ref, pred)
     rows = cm.sum(1)
     keep = rows > 0
     return float((np.diag(cm)[keep] / rows[keep]).mean())
@@ -183,7 +184,7 @@ class Ensembler:
         """The per-class SE of a member's agreement (its PEAK head's classes against its
         expression head's, the expression head's classes as the truth)."""
         pk, gx = self.heads([member])
-        return confusion_se(np.bincount(gx.argmax(1) * 3 + pk.argmax(1), minlength=9).reshape(3, 3).tolist())
+        return confusion_se(confusion(gx.argmax(1), pk.argmax(1)).tolist())
 
     def greedy(self, pool: list[tuple[str, int]]) -> list[tuple[str, int]]:
         """Forward selection by the ensemble's agreement, from pool[0] (the best trial)."""

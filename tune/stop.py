@@ -48,6 +48,19 @@ _TUNE_LOGGERS = ("ray.tune.tune", "ray.tune.execution.tune_controller", "ray.tun
 _TUNE_SIGINT_ENV = "TUNE_DISABLE_SIGINT_HANDLER"
 
 
+def _take_signals(handler) -> dict[int, object]:
+    """SIGTERM and SIGINT to `handler`; the handlers they had (for _give_back_signals)."""
+    return {s: signal.signal(s, handler) for s in SIGNALS}
+
+
+def _give_back_signals(previous: dict[int, object], handler) -> None:
+    """The handlers `_take_signals` replaced, where `handler` still holds the signal (ray.init may
+    have installed its own meanwhile, which stays)."""
+    for s, h in previous.items():
+        if signal.getsignal(s) == handler:
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
 def signal_text(signum: int) -> str:
     """How a message names the signal: "SIGTERM", "Ctrl+C (SIGINT)"."""
     name = signal.Signals(signum).name
@@ -108,7 +121,7 @@ class CleanStop:
         if threading.current_thread() is not threading.main_thread():
             return self
         self._usr1_before = signal.getsignal(signal.SIGUSR1)
-        self._previous = {s: signal.signal(s, self._on_signal) for s in SIGNALS}
+        self._previous = _take_signals(self._on_signal)
         self._env_before = os.environ.get(_TUNE_SIGINT_ENV)
         os.environ[_TUNE_SIGINT_ENV] = "1"  # read by Tune's loop as it starts: SIGINT stays with _on_signal
         self._active = True
@@ -117,8 +130,7 @@ class CleanStop:
     def __exit__(self, *exc) -> None:
         self._done.set()
         if self._active:
-            for s, h in self._previous.items():
-                signal.signal(s, h if h is not None else signal.SIG_DFL)
+            _give_back_signals(self._previous, self._on_signal)
             if self._env_before is None:
                 os.environ.pop(_TUNE_SIGINT_ENV, None)
             else:
@@ -190,13 +202,11 @@ class EarlyStop:
 
     def __enter__(self) -> "EarlyStop":
         if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._on_signal) for s in SIGNALS}
+            self._previous = _take_signals(self._on_signal)
         return self
 
     def __exit__(self, *exc) -> None:
-        for s, h in self._previous.items():
-            if signal.getsignal(s) == self._on_signal:
-                signal.signal(s, h if h is not None else signal.SIG_DFL)
+        _give_back_signals(self._previous, self._on_signal)
         self._previous = {}
 
     def _on_signal(self, signum, frame) -> None:
