@@ -185,7 +185,10 @@ def test_s3_sweep_spans_nodes_and_resumes_after_the_driver_dies(cluster, s3, s3_
     (member_<i>.pt) go to S3 and come back for the final model."""
     client, _, _ = cluster
     q, endpoint = s3
-    out, n, epochs, name = tmp_path / "sweep", 6, 4, f"s3sweep{population}"
+    # more Ray trials than the three slots, so they end in two waves and the kill lands between them
+    # (6 members in 3 populations of 2 would all run at once and could all end before the kill)
+    n = 6 if population == 1 else 8
+    out, epochs, name = tmp_path / "sweep", 4, f"s3sweep{population}"
     args = _sweep_args(s3_store, out, name, n, epochs, "--storage", f"s3://xfer/sweeps?{q}",
                        "--population", str(population))
     with _driver(args, client, stderr=subprocess.DEVNULL) as proc:
